@@ -1,0 +1,145 @@
+//! The narrow file-IO seam of the log.
+//!
+//! Every byte the log reads or writes goes through [`Storage`] and [`File`]. The real implementation,
+//! [`FsStorage`], maps them onto `std::fs` with positional reads and writes; [`crate::mem::MemStorage`]
+//! keeps files in memory, remembers what has been synced, and can crash or fail at any sync point so
+//! tests can check what survives.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A directory tree that holds the log's files.
+pub trait Storage: Send + Sync + 'static {
+    /// Creates one directory; its parent must exist. Durable once the parent is synced.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Opens a file for reading and writing, creating it (empty) when `create` is set and it is absent.
+    fn open_file(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>>;
+    /// Names of the entries of a directory, sorted.
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Whether a file or directory exists at `path`.
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Atomically replaces `to` with `from` (a file or a directory).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the entries of a directory (creations, renames, removals) durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// An open file with positional IO.
+#[allow(clippy::len_without_is_empty)]
+pub trait File: Send + Sync {
+    /// Fills `buf` from `position`; fails with `UnexpectedEof` when the file is shorter.
+    fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()>;
+    fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes the file's data (and the size needed to read it) durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+struct FsFile(std::fs::File);
+
+impl Storage for FsStorage {
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+
+    fn open_file(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
+        Ok(Arc::new(FsFile(file)))
+    }
+
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::File::open(path)?.sync_all()
+    }
+}
+
+impl File for FsFile {
+    fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, position)
+    }
+
+    fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, position)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+/// Writes a small metadata file so that after a crash it holds either the old or the new content:
+/// temp file, fsync, rename over the target, fsync of the directory.
+pub fn write_atomically(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = parent(path);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let file = storage.open_file(&tmp, true)?;
+    file.set_len(0)?;
+    file.write_all_at(bytes, 0)?;
+    file.sync()?;
+    drop(file);
+    storage.rename(&tmp, path)?;
+    storage.sync_dir(dir)
+}
+
+/// Reads a whole (small) file.
+pub fn read_all(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
+    let file = storage.open_file(path, false)?;
+    let len = file.len()?;
+    let len = usize::try_from(len).map_err(io::Error::other)?;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// The parent directory of a path inside the data directory.
+pub fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("/"))
+}

@@ -1,0 +1,652 @@
+//! A partition: an ordered, append-only sequence of record batches in a directory of segments.
+//!
+//! One writer appends at a time (the `writer` mutex): it assigns offsets, writes to the active
+//! segment and rolls segments. Durability is group commit: after writing, an appender waits until an
+//! fsync covering its batch has completed; the first waiter runs the fsync outside the writer lock
+//! while later appenders keep writing, and the next fsync covers all of them. Readers never take the
+//! writer lock: they read the high watermark (an atomic), take a snapshot of the segment list and read
+//! the files with positional reads.
+//!
+//! The high watermark is the end of what readers may see. Under `FsyncPolicy::Batch` it moves only
+//! after the fsync, so nothing unsynced is ever served; under the relaxed policies it moves on write.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+use crate::batch;
+use crate::config::{FsyncPolicy, LogConfig, TopicConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::io::Storage;
+use crate::segment::Segment;
+
+/// The largest input of one append. Keeps a segment below 4 GiB (positions are u32) whatever the
+/// segment size, and bounds the memory an append holds.
+pub const APPEND_BYTES_MAX: u64 = 256 << 20;
+const _: () = assert!(APPEND_BYTES_MAX + crate::config::SEGMENT_BYTES_MAX <= u32::MAX as u64);
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: u64,
+    pub last_offset: u64,
+}
+
+/// Offsets and sizes of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub log_start_offset: u64,
+    pub log_end_offset: u64,
+    pub high_watermark: u64,
+    pub size_bytes: u64,
+    pub segments: u64,
+}
+
+struct Writer {
+    active: Arc<Segment>,
+    next_offset: u64,
+    /// When the active segment received its first batch (for roll by age).
+    active_since_ms: Option<i64>,
+}
+
+struct SyncState {
+    /// Everything below this offset is durable.
+    durable_offset: u64,
+    syncing: bool,
+}
+
+/// Called with the new high watermark whenever it advances.
+pub type Listener = Box<dyn Fn(u64) + Send + Sync>;
+
+pub struct Partition {
+    pub topic: String,
+    pub id: u32,
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    config: LogConfig,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    writer: Mutex<Writer>,
+    high_watermark: AtomicU64,
+    poisoned: AtomicBool,
+    closed: AtomicBool,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    listeners: RwLock<Vec<Listener>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Partition {
+    /// Creates the directory of a new, empty partition (the caller syncs the parent directory).
+    pub(crate) fn create(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        topic: &str,
+        id: u32,
+        config: LogConfig,
+    ) -> Result<Partition> {
+        storage
+            .create_dir(dir)
+            .ctx("create partition directory", dir)?;
+        let segment = Segment::create(&*storage, dir, 0)?;
+        let file = segment.file.clone();
+        file.sync().ctx("sync segment", &segment.log_path)?;
+        storage.sync_dir(dir).ctx("sync partition directory", dir)?;
+        Ok(Self::assemble(
+            storage,
+            dir,
+            topic,
+            id,
+            config,
+            vec![Arc::new(segment)],
+        ))
+    }
+
+    fn assemble(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        topic: &str,
+        id: u32,
+        config: LogConfig,
+        segments: Vec<Arc<Segment>>,
+    ) -> Partition {
+        let active = segments
+            .last()
+            .expect("a partition has at least one segment")
+            .clone();
+        let next_offset = active.state().next_offset;
+        Partition {
+            topic: topic.to_string(),
+            id,
+            dir: dir.to_path_buf(),
+            storage,
+            config,
+            segments: RwLock::new(segments),
+            writer: Mutex::new(Writer {
+                active,
+                next_offset,
+                active_since_ms: None,
+            }),
+            high_watermark: AtomicU64::new(next_offset),
+            poisoned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            sync: Mutex::new(SyncState {
+                durable_offset: next_offset,
+                syncing: false,
+            }),
+            synced: Condvar::new(),
+            listeners: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Opens a partition directory, recovering the tail of the last segment.
+    pub(crate) fn open(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        topic: &str,
+        id: u32,
+        config: LogConfig,
+    ) -> Result<Partition> {
+        let names = storage.read_dir(dir).ctx("list partition directory", dir)?;
+        let mut bases = Vec::new();
+        for name in &names {
+            let path = dir.join(name);
+            if name.ends_with(".tmp") {
+                storage.remove_file(&path).ctx("remove temp file", &path)?;
+            } else if let Some(stem) = name.strip_suffix(".log") {
+                let base: u64 = stem.parse().map_err(|_| Error::Metadata {
+                    path: path.clone(),
+                    reason: "segment file name is not an offset".into(),
+                })?;
+                bases.push(base);
+            }
+        }
+        // Index files whose segment is gone (a crash during retention) are removed.
+        for name in &names {
+            if let Some((stem, ext)) = name.rsplit_once('.')
+                && (ext == "index" || ext == "timeindex")
+                && !names.contains(&format!("{stem}.log"))
+            {
+                let path = dir.join(name);
+                storage
+                    .remove_file(&path)
+                    .ctx("remove orphan index", &path)?;
+            }
+        }
+        bases.sort_unstable();
+        if bases.is_empty() {
+            tracing::warn!(dir = %dir.display(), "partition has no segment; starting an empty one at offset 0");
+            let segment = Segment::create(&*storage, dir, 0)?;
+            segment.file.sync().ctx("sync segment", &segment.log_path)?;
+            storage.sync_dir(dir).ctx("sync partition directory", dir)?;
+            return Ok(Self::assemble(
+                storage,
+                dir,
+                topic,
+                id,
+                config,
+                vec![Arc::new(segment)],
+            ));
+        }
+        let mut segments = Vec::with_capacity(bases.len());
+        let last = bases.len() - 1;
+        for (i, base) in bases.iter().enumerate() {
+            let segment = Segment::open(&*storage, dir, *base)?;
+            if i == last {
+                Self::recover_active(&segment, &config)?;
+            } else {
+                Self::open_sealed(&*storage, &segment, &config)?;
+            }
+            segments.push(Arc::new(segment));
+        }
+        // Segments must follow each other; a later one may start after a gap (left by a repair).
+        for w in segments.windows(2) {
+            let end = w[0].state().next_offset;
+            if end > w[1].base_offset {
+                return Err(Error::Corrupt {
+                    path: w[1].log_path.clone(),
+                    position: 0,
+                    reason: format!(
+                        "segment starts at offset {} but the previous one ends at {end}",
+                        w[1].base_offset
+                    ),
+                });
+            }
+        }
+        Ok(Self::assemble(storage, dir, topic, id, config, segments))
+    }
+
+    /// Loads a sealed segment's indexes (rebuilding them when missing) and checks its tail.
+    fn open_sealed(storage: &dyn Storage, segment: &Segment, config: &LogConfig) -> Result<()> {
+        let file_len = segment
+            .file
+            .len()
+            .ctx("read the length of", &segment.log_path)?;
+        let loaded = segment.load_indexes(storage, file_len);
+        let rebuilt = loaded.is_none();
+        let start = match loaded {
+            Some((index, time)) => segment.state_at_last_entry(index, time),
+            None => segment.state_at_last_entry(Vec::new(), Vec::new()),
+        };
+        let mut scan = segment.scan(start, config.index_interval_bytes)?;
+        if let Some(stop) = scan.stop.take() {
+            if !config.repair {
+                return Err(Error::Corrupt {
+                    path: segment.log_path.clone(),
+                    position: stop.position,
+                    reason: format!(
+                        "{} (start with --repair to truncate the segment there)",
+                        stop.reason
+                    ),
+                });
+            }
+            tracing::error!(
+                segment = %segment.log_path.display(),
+                position = stop.position,
+                lost_bytes = scan.file_len - stop.position,
+                reason = %stop.reason,
+                "repair: truncating a corrupt sealed segment"
+            );
+            // Rebuild from the start so the indexes cover exactly what stays.
+            let full = segment.scan(
+                segment.state_at_last_entry(Vec::new(), Vec::new()),
+                config.index_interval_bytes,
+            )?;
+            segment.truncate(full.state.size)?;
+            segment.set_state(full.state);
+            segment.write_indexes(storage)?;
+            return Ok(());
+        }
+        segment.set_state(scan.state);
+        if rebuilt {
+            segment.write_indexes(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Scans the active segment, truncating a torn tail and refusing corruption before it.
+    fn recover_active(segment: &Segment, config: &LogConfig) -> Result<()> {
+        let empty = segment.state_at_last_entry(Vec::new(), Vec::new());
+        let scan = segment.scan(empty, config.index_interval_bytes)?;
+        if let Some(stop) = &scan.stop {
+            let follows = segment.valid_batch_after(stop.position, scan.state.next_offset)?;
+            if let Some(valid_at) = follows {
+                if !config.repair {
+                    return Err(Error::Corrupt {
+                        path: segment.log_path.clone(),
+                        position: stop.position,
+                        reason: format!(
+                            "{}; valid batches follow at byte {valid_at}, so this is not a torn tail \
+                             (start with --repair to truncate the segment there)",
+                            stop.reason
+                        ),
+                    });
+                }
+                tracing::error!(
+                    segment = %segment.log_path.display(),
+                    position = stop.position,
+                    lost_bytes = scan.file_len - stop.position,
+                    reason = %stop.reason,
+                    "repair: truncating corrupt data in the active segment"
+                );
+            } else {
+                tracing::warn!(
+                    segment = %segment.log_path.display(),
+                    position = stop.position,
+                    truncated_bytes = scan.file_len - stop.position,
+                    reason = %stop.reason,
+                    "truncating the torn tail of the log"
+                );
+            }
+        }
+        // The recovered tail is made durable before anything is served from it.
+        segment.truncate(scan.state.size)?;
+        segment.set_state(scan.state);
+        Ok(())
+    }
+
+    /// Registers a function called with the new high watermark each time it advances.
+    pub fn add_listener(&self, listener: Listener) {
+        write_lock(&self.listeners).push(listener);
+    }
+
+    fn advance_high_watermark(&self, offset: u64) {
+        let before = self.high_watermark.fetch_max(offset, Ordering::AcqRel);
+        if offset > before {
+            for l in read_lock(&self.listeners).iter() {
+                l(offset);
+            }
+        }
+    }
+
+    fn poisoned_error(&self) -> Error {
+        Error::Poisoned {
+            topic: self.topic.clone(),
+            partition: self.id,
+        }
+    }
+
+    fn poison(&self, e: Error) -> Error {
+        tracing::error!(topic = %self.topic, partition = self.id, error = %e, "partition poisoned");
+        self.poisoned.store(true, Ordering::Release);
+        self.synced.notify_all();
+        e
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Appends one or more whole record batches, assigning offsets. Returns once the batches are
+    /// durable under the fsync policy.
+    pub fn append(
+        &self,
+        batches: &mut [u8],
+        now_ms: i64,
+        topic_config: &TopicConfig,
+    ) -> Result<Appended> {
+        if batches.len() as u64 > APPEND_BYTES_MAX {
+            return Err(Error::BatchTooLarge {
+                size: batches.len() as u64,
+                max: APPEND_BYTES_MAX,
+            });
+        }
+        let headers = batch::split(batches)?;
+        if headers.is_empty() {
+            return Err(Error::InvalidBatch(batch::BatchError::Invalid(
+                "no record batch",
+            )));
+        }
+        for (_, h) in &headers {
+            if h.total_bytes() > topic_config.max_message_bytes {
+                return Err(Error::BatchTooLarge {
+                    size: h.total_bytes(),
+                    max: topic_config.max_message_bytes,
+                });
+            }
+        }
+        let appended = {
+            let mut w = lock(&self.writer);
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::UnknownTopic(self.topic.clone()));
+            }
+            if self.is_poisoned() {
+                return Err(self.poisoned_error());
+            }
+            let size = w.active.state().size;
+            let too_big = size > 0 && size + batches.len() as u64 > topic_config.segment_bytes;
+            let too_old = w.active_since_ms.is_some_and(|since| {
+                now_ms.saturating_sub(since) >= topic_config.segment_ms as i64
+            });
+            let offsets_full = w.next_offset
+                + headers.iter().map(|(_, h)| h.offset_count()).sum::<u64>()
+                - w.active.base_offset
+                > u64::from(u32::MAX);
+            if size > 0 && (too_big || too_old || offsets_full) {
+                self.roll(&mut w)?;
+            }
+            let base_offset = w.next_offset;
+            let mut next = base_offset;
+            for (at, h) in &headers {
+                batch::set_base_offset(&mut batches[*at..], next as i64);
+                next += h.offset_count();
+            }
+            let position = size_of_active(&w);
+            let active = w.active.clone();
+            if let Err(e) = active.file.write_all_at(batches, position) {
+                return Err(self.poison(Error::Io {
+                    action: "append to segment",
+                    path: active.log_path.clone(),
+                    source: e,
+                }));
+            }
+            {
+                let mut st = active.state_mut();
+                let mut next = base_offset;
+                for (at, h) in &headers {
+                    let mut h = *h;
+                    h.base_offset = next as i64;
+                    st.add_batch(
+                        active.base_offset,
+                        &h,
+                        position + *at as u64,
+                        self.config.index_interval_bytes,
+                    );
+                    next += h.offset_count();
+                }
+                debug_assert_eq!(st.next_offset, next);
+            }
+            w.next_offset = next;
+            w.active_since_ms.get_or_insert(now_ms);
+            Appended {
+                base_offset,
+                last_offset: next - 1,
+            }
+        };
+        match self.config.fsync {
+            FsyncPolicy::Batch => self.wait_durable(appended.last_offset + 1)?,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                self.advance_high_watermark(appended.last_offset + 1)
+            }
+        }
+        Ok(appended)
+    }
+
+    /// Seals the active segment (sync, write its indexes) and starts a new one. Writer lock held.
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        let old = w.active.clone();
+        let sync = self.config.fsync != FsyncPolicy::Never;
+        if sync && let Err(e) = old.file.sync() {
+            return Err(self.poison(Error::Io {
+                action: "sync segment",
+                path: old.log_path.clone(),
+                source: e,
+            }));
+        }
+        let new = old
+            .write_indexes(&*self.storage)
+            .and_then(|()| Segment::create(&*self.storage, &self.dir, w.next_offset))
+            .and_then(|s| {
+                self.storage
+                    .sync_dir(&self.dir)
+                    .ctx("sync partition directory", &self.dir)
+                    .map(|()| s)
+            })
+            .map_err(|e| self.poison(e))?;
+        let new = Arc::new(new);
+        write_lock(&self.segments).push(new.clone());
+        w.active = new;
+        w.active_since_ms = None;
+        if sync {
+            // Everything before the new segment is durable now.
+            let mut s = lock(&self.sync);
+            s.durable_offset = s.durable_offset.max(w.next_offset);
+            drop(s);
+            if self.config.fsync == FsyncPolicy::Batch {
+                self.advance_high_watermark(w.next_offset);
+            }
+            self.synced.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits until everything below `offset` is durable, running the fsync if nobody else is.
+    fn wait_durable(&self, offset: u64) -> Result<()> {
+        let mut s = lock(&self.sync);
+        loop {
+            if self.is_poisoned() {
+                return Err(self.poisoned_error());
+            }
+            if s.durable_offset >= offset {
+                return Ok(());
+            }
+            if s.syncing {
+                s = self.synced.wait(s).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            s.syncing = true;
+            drop(s);
+            let (file, path, end) = {
+                let w = lock(&self.writer);
+                (
+                    w.active.file.clone(),
+                    w.active.log_path.clone(),
+                    w.next_offset,
+                )
+            };
+            let result = file.sync();
+            s = lock(&self.sync);
+            s.syncing = false;
+            match result {
+                Ok(()) => {
+                    s.durable_offset = s.durable_offset.max(end);
+                    if self.config.fsync == FsyncPolicy::Batch {
+                        self.advance_high_watermark(end);
+                    }
+                    self.synced.notify_all();
+                }
+                Err(e) => {
+                    drop(s);
+                    return Err(self.poison(Error::Io {
+                        action: "sync segment",
+                        path,
+                        source: e,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Makes everything written so far durable (the interval flusher and shutdown use this).
+    pub fn flush(&self) -> Result<()> {
+        let end = lock(&self.writer).next_offset;
+        self.wait_durable(end)
+    }
+
+    /// Stops accepting appends (the topic is being deleted or the log closed).
+    pub(crate) fn close(&self) {
+        let _w = lock(&self.writer);
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub fn high_watermark(&self) -> u64 {
+        self.high_watermark.load(Ordering::Acquire)
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Segment>> {
+        read_lock(&self.segments).clone()
+    }
+
+    pub fn log_start_offset(&self) -> u64 {
+        read_lock(&self.segments)[0].base_offset
+    }
+
+    pub fn info(&self) -> PartitionInfo {
+        let segments = self.snapshot();
+        PartitionInfo {
+            log_start_offset: segments[0].base_offset,
+            log_end_offset: self.high_watermark(),
+            high_watermark: self.high_watermark(),
+            size_bytes: segments.iter().map(|s| s.state().size).sum(),
+            segments: segments.len() as u64,
+        }
+    }
+
+    /// Reads whole record batches from the one holding `offset`, up to `max_bytes` (the first batch
+    /// is returned whole even when larger). Empty at the high watermark.
+    pub fn read(&self, offset: u64, max_bytes: u64) -> Result<Vec<u8>> {
+        let high_watermark = self.high_watermark();
+        let segments = self.snapshot();
+        let log_start_offset = segments[0].base_offset;
+        if offset < log_start_offset || offset > high_watermark {
+            return Err(Error::OffsetOutOfRange {
+                offset,
+                log_start_offset,
+                high_watermark,
+            });
+        }
+        let first = segments
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
+        for segment in &segments[first..] {
+            if segment.base_offset >= high_watermark {
+                break;
+            }
+            let bytes = segment.read(offset, high_watermark, max_bytes)?;
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp_ms`; `None` when every
+    /// record is older.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let high_watermark = self.high_watermark();
+        for segment in self.snapshot() {
+            if segment.base_offset >= high_watermark {
+                break;
+            }
+            if let Some(offset) = segment.offset_for_timestamp(timestamp_ms, high_watermark)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes sealed segments past the retention limits. Returns how many were deleted.
+    pub fn apply_retention(&self, now_ms: i64, config: &TopicConfig) -> Result<usize> {
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segments = write_lock(&self.segments);
+            let sealed = segments.len() - 1;
+            let mut total: u64 = segments.iter().map(|s| s.state().size).sum();
+            let mut n = 0;
+            while n < sealed {
+                let st = segments[n].state();
+                let too_old = config
+                    .retention_ms
+                    .is_some_and(|ms| st.max_timestamp_ms < now_ms.saturating_sub(ms as i64));
+                let too_big = config
+                    .retention_bytes
+                    .is_some_and(|max| total - st.size >= max);
+                if !(too_old || too_big) {
+                    break;
+                }
+                total -= st.size;
+                n += 1;
+            }
+            segments.drain(..n).collect()
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        for segment in &doomed {
+            tracing::info!(
+                topic = %self.topic,
+                partition = self.id,
+                base_offset = segment.base_offset,
+                "retention: deleting segment"
+            );
+            segment.delete_files(&*self.storage)?;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .ctx("sync partition directory", &self.dir)?;
+        Ok(doomed.len())
+    }
+}
+
+fn size_of_active(w: &Writer) -> u64 {
+    w.active.state().size
+}

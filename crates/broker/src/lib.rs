@@ -1,1 +1,323 @@
-//! placeholder
+//! Spate's broker: what the front ends ask of the log, without sockets.
+//!
+//! It turns CloudEvents into records (and back), places them on partitions with Kafka's partitioner,
+//! runs the log's blocking calls on the runtime's blocking pool, and keeps the log's housekeeping
+//! (interval fsyncs, retention) running. Later features (consumer groups, subscriptions, streams,
+//! projections, detectors) live here too.
+
+pub mod event;
+pub mod partitioner;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spate_log::batch::{self, NewRecord};
+use spate_log::{FsyncPolicy, Log, Topic, TopicConfig};
+use thiserror::Error;
+
+pub use event::{Event, EventError};
+
+/// Broker-wide limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest event (data, key and attributes) accepted.
+    pub max_event_bytes: u64,
+    /// Events returned by one read at most.
+    pub read_events_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: 1 << 20,
+            read_events_max: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Log(#[from] spate_log::Error),
+    #[error("event {index}: {error}")]
+    InvalidEvent { index: usize, error: EventError },
+    #[error("event {index} takes {size} bytes, over the limit of {max} bytes")]
+    EventTooLarge { index: usize, size: u64, max: u64 },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Where an event was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Placement {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    Offset(u64),
+    /// The first event stored at or after this time (ms since the epoch).
+    Time(i64),
+}
+
+/// An event read from the log.
+#[derive(Debug, Clone)]
+pub struct ReadEvent {
+    pub partition: u32,
+    pub offset: u64,
+    pub event: Event,
+}
+
+/// A page of events and where the next page starts.
+#[derive(Debug, Clone)]
+pub struct ReadPage {
+    pub events: Vec<ReadEvent>,
+    pub next_offset: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// Bytes a batch may carry beyond its records' estimated sizes (header and varints).
+const BATCH_SLACK_BYTES: u64 = 256;
+
+pub struct Broker {
+    log: Arc<Log>,
+    limits: Limits,
+    /// Picks the partition of unkeyed events, one request at a time.
+    spread: AtomicU32,
+}
+
+impl Broker {
+    pub fn new(log: Arc<Log>, limits: Limits) -> Broker {
+        Broker {
+            log,
+            limits,
+            spread: AtomicU32::new(0),
+        }
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub async fn create_topic(&self, name: String, config: TopicConfig) -> Result<Arc<Topic>> {
+        let log = self.log.clone();
+        blocking(move || Ok(log.create_topic(&name, config, now_ms())?)).await
+    }
+
+    pub async fn delete_topic(&self, name: String) -> Result<()> {
+        let log = self.log.clone();
+        blocking(move || Ok(log.delete_topic(&name)?)).await
+    }
+
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        Ok(self.log.topic(name)?)
+    }
+
+    /// Stores events, returning where each went, in order. Nothing is written unless every event
+    /// is valid; returns once all are durable under the fsync policy.
+    pub async fn publish(&self, topic: &str, mut events: Vec<Event>) -> Result<Vec<Placement>> {
+        let topic = self.topic(topic)?;
+        for (index, e) in events.iter().enumerate() {
+            let size = e.record_bytes();
+            if size > self.limits.max_event_bytes {
+                return Err(BrokerError::EventTooLarge {
+                    index,
+                    size,
+                    max: self.limits.max_event_bytes,
+                });
+            }
+        }
+        let now = now_ms();
+        let n = topic.config.partitions;
+        let sticky = self.spread.fetch_add(1, Ordering::Relaxed) % n;
+        let mut by_partition: BTreeMap<u32, Vec<(usize, NewRecord)>> = BTreeMap::new();
+        for (index, e) in events.iter_mut().enumerate() {
+            e.fill_defaults(now);
+            let partition = match e.partition_key() {
+                Some(key) => partitioner::partition_for_key(key.as_bytes(), n),
+                None => sticky,
+            };
+            by_partition
+                .entry(partition)
+                .or_default()
+                .push((index, e.to_record(now)));
+        }
+        let mut placements = vec![
+            Placement {
+                partition: 0,
+                offset: 0
+            };
+            events.len()
+        ];
+        let mut tasks = Vec::new();
+        for (partition, records) in by_partition {
+            let p = topic.partition(partition)?.clone();
+            let config = topic.config.clone();
+            let limit = config.max_message_bytes.saturating_sub(BATCH_SLACK_BYTES);
+            let sizes: Vec<u64> = records
+                .iter()
+                .map(|(i, _)| events[*i].record_bytes())
+                .collect();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::new();
+                let mut chunk: Vec<NewRecord> = Vec::new();
+                let mut chunk_bytes = 0;
+                let indexes: Vec<usize> = records.iter().map(|(i, _)| *i).collect();
+                for ((_, record), size) in records.into_iter().zip(sizes) {
+                    if !chunk.is_empty() && chunk_bytes + size > limit {
+                        buf.extend(batch::encode(&chunk).expect("chunk is not empty"));
+                        chunk.clear();
+                        chunk_bytes = 0;
+                    }
+                    chunk_bytes += size;
+                    chunk.push(record);
+                }
+                buf.extend(batch::encode(&chunk).expect("every partition has a record"));
+                let appended = p.append(&mut buf, now, &config)?;
+                Ok::<_, BrokerError>((partition, appended.base_offset, indexes))
+            }));
+        }
+        for task in tasks {
+            let (partition, base_offset, indexes) = task
+                .await
+                .map_err(|e| BrokerError::Internal(format!("append task failed: {e}")))??;
+            for (k, index) in indexes.into_iter().enumerate() {
+                placements[index] = Placement {
+                    partition,
+                    offset: base_offset + k as u64,
+                };
+            }
+        }
+        Ok(placements)
+    }
+
+    /// Reads up to `limit` events of one partition.
+    pub async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: Start,
+        limit: usize,
+    ) -> Result<ReadPage> {
+        let topic = self.topic(topic)?;
+        let p = topic.partition(partition)?.clone();
+        let limit = limit.clamp(1, self.limits.read_events_max);
+        let name = topic.name.clone();
+        blocking(move || {
+            let mut offset = match start {
+                Start::Offset(o) => o,
+                Start::Time(t) => p.offset_for_timestamp(t)?.unwrap_or_else(|| p.high_watermark()),
+            };
+            let mut events = Vec::new();
+            'outer: while events.len() < limit {
+                let bytes = p.read(offset, 1 << 20)?;
+                if bytes.is_empty() {
+                    break;
+                }
+                let batches = batch::split(&bytes).map_err(spate_log::Error::from)?;
+                for (at, h) in batches {
+                    let whole = &bytes[at..at + h.total_bytes() as usize];
+                    let records = match batch::decode(whole) {
+                        Ok(r) => r,
+                        Err(batch::BatchError::Compressed(c)) => {
+                            return Err(BrokerError::Unsupported(format!(
+                                "offset {} is in a batch compressed with codec {c}, which this server cannot decode yet",
+                                h.base_offset
+                            )));
+                        }
+                        Err(e) => return Err(spate_log::Error::from(e).into()),
+                    };
+                    for r in records {
+                        if (r.offset as u64) < offset {
+                            continue;
+                        }
+                        events.push(ReadEvent {
+                            partition,
+                            offset: r.offset as u64,
+                            event: Event::from_record(&r, (&name, partition)),
+                        });
+                        offset = r.offset as u64 + 1;
+                        if events.len() == limit {
+                            break 'outer;
+                        }
+                    }
+                    offset = offset.max(h.base_offset as u64 + h.offset_count());
+                }
+            }
+            Ok(ReadPage {
+                events,
+                next_offset: offset,
+            })
+        })
+        .await
+    }
+
+    /// Runs the log's housekeeping until `shutdown` resolves: interval fsyncs under
+    /// `FsyncPolicy::Interval`, and retention every `retention_check`.
+    pub async fn maintain(
+        self: Arc<Self>,
+        retention_check: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let flush_every = match self.log.config().fsync {
+            FsyncPolicy::Interval(d) => d,
+            // Not used: the branch below is disabled for the other policies.
+            FsyncPolicy::Batch | FsyncPolicy::Never => Duration::from_secs(3600),
+        };
+        let flushing = matches!(self.log.config().fsync, FsyncPolicy::Interval(_));
+        let mut flush = tokio::time::interval(flush_every);
+        let mut retention = tokio::time::interval(retention_check);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = flush.tick(), if flushing => {
+                    let log = self.log.clone();
+                    if let Err(e) = blocking(move || Ok(log.flush()?)).await {
+                        tracing::error!(error = %e, "interval fsync failed");
+                    }
+                }
+                _ = retention.tick() => {
+                    let log = self.log.clone();
+                    match blocking(move || Ok(log.apply_retention(now_ms())?)).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(segments = n, "retention deleted segments"),
+                        Err(e) => tracing::error!(error = %e, "retention failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes everything durable; called on shutdown.
+    pub async fn flush(&self) -> Result<()> {
+        let log = self.log.clone();
+        blocking(move || Ok(log.flush()?)).await
+    }
+}

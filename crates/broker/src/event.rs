@@ -1,0 +1,520 @@
+//! CloudEvents 1.0 and how they ride on Kafka records.
+//!
+//! An [`Event`] is parsed from the HTTP structured form (a JSON object) or the HTTP binary form
+//! (`ce-*` headers and a body). It is stored per the CloudEvents Kafka binding in binary mode: each
+//! attribute becomes a `ce_<name>` record header, `datacontenttype` the `content-type` header, the
+//! data the record value, and the `partitionkey` extension the record key. Reading turns a record
+//! back into the structured JSON form; a record produced without `ce_` headers (by a plain Kafka
+//! producer) reads as an event of type `spate.record` whose data is the value (see `docs/http.md`).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Map, Value};
+use spate_log::batch::{NewRecord, Record};
+use thiserror::Error;
+
+/// Attribute names: lowercase ASCII letters and digits; the spec asks for at most 20 characters.
+const ATTRIBUTE_NAME_BYTES_MAX: usize = 20;
+/// Attribute values (other than data) are short strings; this bounds header bytes per attribute.
+pub const ATTRIBUTE_VALUE_BYTES_MAX: usize = 4096;
+/// Extensions per event: more would be a misuse of attributes for data.
+pub const EXTENSIONS_MAX: usize = 64;
+
+/// Why an event is invalid. Messages are shown to the client.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EventError {
+    #[error("event must be a JSON object")]
+    NotAnObject,
+    #[error("required attribute `type` is missing")]
+    MissingType,
+    #[error("attribute `{0}` must be a non-empty string")]
+    NotAString(String),
+    #[error("unsupported specversion {0:?}: only \"1.0\" is supported")]
+    SpecVersion(String),
+    #[error("attribute `time` is not an RFC 3339 timestamp: {0:?}")]
+    Time(String),
+    #[error("invalid attribute name {0:?}: names are 1-20 lowercase ASCII letters or digits")]
+    AttributeName(String),
+    #[error("extension `{0}` must be a string, a boolean or an integer")]
+    ExtensionValue(String),
+    #[error("attribute `{0}` is longer than 4096 bytes")]
+    AttributeTooLong(String),
+    #[error("an event has at most 64 extension attributes")]
+    TooManyExtensions,
+    #[error("`data` and `data_base64` are mutually exclusive")]
+    BothData,
+    #[error("`data_base64` is not valid base64: {0}")]
+    Base64(String),
+}
+
+/// A CloudEvent. Optional attributes are `None` when absent; `id`, `source` and `time` are filled by
+/// [`Event::fill_defaults`] before storing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: Option<String>,
+    pub source: Option<String>,
+    pub event_type: String,
+    pub subject: Option<String>,
+    pub time: Option<String>,
+    pub datacontenttype: Option<String>,
+    pub dataschema: Option<String>,
+    /// Extension attributes as strings (their canonical string form, as in binary mode).
+    pub extensions: BTreeMap<String, String>,
+    pub data: Option<Vec<u8>>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= ATTRIBUTE_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Whether a media type carries JSON (`application/json`, `text/json`, `*/*+json`).
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+fn check_time(t: &str) -> Result<(), EventError> {
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .map(|_| ())
+        .map_err(|_| EventError::Time(t.to_string()))
+}
+
+fn check_len(name: &str, v: &str) -> Result<(), EventError> {
+    if v.len() > ATTRIBUTE_VALUE_BYTES_MAX {
+        return Err(EventError::AttributeTooLong(name.to_string()));
+    }
+    Ok(())
+}
+
+/// Current time as RFC 3339 with millisecond precision.
+pub fn now_rfc3339(now_ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("a valid time formats")
+}
+
+impl Event {
+    /// Parses the structured JSON form of one event.
+    pub fn from_json(value: Value) -> Result<Event, EventError> {
+        let Value::Object(map) = value else {
+            return Err(EventError::NotAnObject);
+        };
+        let mut event = Event {
+            id: None,
+            source: None,
+            event_type: String::new(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            extensions: BTreeMap::new(),
+            data: None,
+        };
+        let mut data: Option<Value> = None;
+        let mut data_base64: Option<String> = None;
+        let mut has_type = false;
+        for (name, v) in map {
+            if v.is_null() {
+                continue;
+            }
+            let string = |name: &str, v: Value| -> Result<String, EventError> {
+                match v {
+                    Value::String(s) if !s.is_empty() => {
+                        check_len(name, &s)?;
+                        Ok(s)
+                    }
+                    _ => Err(EventError::NotAString(name.to_string())),
+                }
+            };
+            match name.as_str() {
+                "data" => data = Some(v),
+                "data_base64" => data_base64 = Some(string("data_base64", v)?),
+                "specversion" => {
+                    let s = string("specversion", v)?;
+                    if s != "1.0" {
+                        return Err(EventError::SpecVersion(s));
+                    }
+                }
+                "id" => event.id = Some(string("id", v)?),
+                "source" => event.source = Some(string("source", v)?),
+                "type" => {
+                    event.event_type = string("type", v)?;
+                    has_type = true;
+                }
+                "subject" => event.subject = Some(string("subject", v)?),
+                "time" => {
+                    let s = string("time", v)?;
+                    check_time(&s)?;
+                    event.time = Some(s);
+                }
+                "datacontenttype" => event.datacontenttype = Some(string("datacontenttype", v)?),
+                "dataschema" => event.dataschema = Some(string("dataschema", v)?),
+                _ => {
+                    if !valid_name(&name) {
+                        return Err(EventError::AttributeName(name));
+                    }
+                    let s = match v {
+                        Value::String(s) => s,
+                        Value::Bool(b) => b.to_string(),
+                        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                        _ => return Err(EventError::ExtensionValue(name)),
+                    };
+                    check_len(&name, &s)?;
+                    event.extensions.insert(name, s);
+                    if event.extensions.len() > EXTENSIONS_MAX {
+                        return Err(EventError::TooManyExtensions);
+                    }
+                }
+            }
+        }
+        if !has_type {
+            return Err(EventError::MissingType);
+        }
+        match (data, data_base64) {
+            (Some(_), Some(_)) => return Err(EventError::BothData),
+            (None, Some(b64)) => {
+                event.data = Some(
+                    BASE64
+                        .decode(b64.as_bytes())
+                        .map_err(|e| EventError::Base64(e.to_string()))?,
+                );
+            }
+            (Some(d), None) => {
+                let json = event
+                    .datacontenttype
+                    .as_deref()
+                    .is_none_or(is_json_media_type);
+                event.data = Some(match d {
+                    // A string under a non-JSON content type is the data itself (e.g. text/plain).
+                    Value::String(s) if !json => s.into_bytes(),
+                    d => {
+                        if event.datacontenttype.is_none() {
+                            event.datacontenttype = Some("application/json".into());
+                        }
+                        serde_json::to_vec(&d).expect("a JSON value serializes")
+                    }
+                });
+            }
+            (None, None) => {}
+        }
+        Ok(event)
+    }
+
+    /// Builds an event from the HTTP binary form: `ce-*` headers (names without the prefix,
+    /// lowercase), the body's content type and the body.
+    pub fn from_binary(
+        attributes: Vec<(String, String)>,
+        content_type: Option<String>,
+        body: Vec<u8>,
+    ) -> Result<Event, EventError> {
+        let mut map = Map::new();
+        for (name, value) in attributes {
+            map.insert(name, Value::String(value));
+        }
+        let mut event = Event::from_json(Value::Object(map))?;
+        event.datacontenttype = content_type;
+        event.data = Some(body);
+        Ok(event)
+    }
+
+    /// Fills `id` (UUIDv7), `source` (`/spate`) and `time` (now) when absent.
+    pub fn fill_defaults(&mut self, now_ms: i64) {
+        if self.id.is_none() {
+            self.id = Some(uuid::Uuid::now_v7().to_string());
+        }
+        if self.source.is_none() {
+            self.source = Some("/spate".into());
+        }
+        if self.time.is_none() {
+            self.time = Some(now_rfc3339(now_ms));
+        }
+    }
+
+    /// The record key: the `partitionkey` extension.
+    pub fn partition_key(&self) -> Option<&str> {
+        self.extensions.get("partitionkey").map(String::as_str)
+    }
+
+    /// The record for this event per the Kafka binding, binary mode.
+    pub fn to_record(&self, timestamp_ms: i64) -> NewRecord {
+        let mut headers = Vec::with_capacity(8 + self.extensions.len());
+        let mut put = |name: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                headers.push((format!("ce_{name}"), Some(v.clone().into_bytes())));
+            }
+        };
+        put("specversion", &Some("1.0".into()));
+        put("id", &self.id);
+        put("source", &self.source);
+        put("type", &Some(self.event_type.clone()));
+        put("subject", &self.subject);
+        put("time", &self.time);
+        put("dataschema", &self.dataschema);
+        for (name, v) in &self.extensions {
+            if name != "partitionkey" {
+                headers.push((format!("ce_{name}"), Some(v.clone().into_bytes())));
+            }
+        }
+        if let Some(ct) = &self.datacontenttype {
+            headers.push(("content-type".into(), Some(ct.clone().into_bytes())));
+        }
+        NewRecord {
+            timestamp_ms,
+            key: self.partition_key().map(|k| k.as_bytes().to_vec()),
+            value: self.data.clone(),
+            headers,
+        }
+    }
+
+    /// Bytes this event takes in a record (value, key and headers), for size limits.
+    pub fn record_bytes(&self) -> u64 {
+        let attrs = [
+            &self.id,
+            &self.source,
+            &self.subject,
+            &self.time,
+            &self.dataschema,
+            &self.datacontenttype,
+        ];
+        let a: usize = attrs
+            .iter()
+            .filter_map(|a| a.as_ref())
+            .map(|s| s.len() + 16)
+            .sum();
+        let e: usize = self
+            .extensions
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum();
+        (self.data.as_ref().map_or(0, Vec::len) + self.event_type.len() + a + e + 64) as u64
+    }
+
+    /// The event a stored record carries. `origin` names the record for events synthesized from
+    /// records without CloudEvents headers: (topic, partition).
+    pub fn from_record(record: &Record, origin: (&str, u32)) -> Event {
+        let mut event = Event {
+            id: None,
+            source: None,
+            event_type: String::new(),
+            subject: None,
+            time: None,
+            datacontenttype: None,
+            dataschema: None,
+            extensions: BTreeMap::new(),
+            data: record.value.clone(),
+        };
+        let mut has_ce = false;
+        for (name, value) in &record.headers {
+            let Some(value) = value
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+            else {
+                continue;
+            };
+            if name.eq_ignore_ascii_case("content-type") {
+                event.datacontenttype = Some(value);
+                continue;
+            }
+            let Some(attr) = name.strip_prefix("ce_") else {
+                continue;
+            };
+            has_ce = true;
+            match attr {
+                "specversion" => {}
+                "id" => event.id = Some(value),
+                "source" => event.source = Some(value),
+                "type" => event.event_type = value,
+                "subject" => event.subject = Some(value),
+                "time" => event.time = Some(value),
+                "dataschema" => event.dataschema = Some(value),
+                other => {
+                    event.extensions.insert(other.to_string(), value);
+                }
+            }
+        }
+        let (topic, partition) = origin;
+        if !has_ce || event.event_type.is_empty() {
+            event.event_type = "spate.record".into();
+        }
+        if event.id.is_none() {
+            event.id = Some(format!("{topic}-{partition}-{}", record.offset));
+        }
+        if event.source.is_none() {
+            event.source = Some(format!("/spate/topics/{topic}"));
+        }
+        if event.time.is_none() {
+            event.time = Some(now_rfc3339(record.timestamp_ms));
+        }
+        if let Some(key) = &record.key {
+            event.extensions.insert(
+                "partitionkey".into(),
+                String::from_utf8_lossy(key).into_owned(),
+            );
+        }
+        event
+    }
+
+    /// The structured JSON form. JSON data stays JSON; other data becomes `data_base64`.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("specversion".into(), "1.0".into());
+        let mut put = |name: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                m.insert(name.into(), Value::String(v.clone()));
+            }
+        };
+        put("id", &self.id);
+        put("source", &self.source);
+        put("type", &Some(self.event_type.clone()));
+        put("subject", &self.subject);
+        put("time", &self.time);
+        put("datacontenttype", &self.datacontenttype);
+        put("dataschema", &self.dataschema);
+        for (k, v) in &self.extensions {
+            m.insert(k.clone(), Value::String(v.clone()));
+        }
+        if let Some(data) = &self.data {
+            let json = self
+                .datacontenttype
+                .as_deref()
+                .is_none_or(is_json_media_type);
+            match serde_json::from_slice::<Value>(data) {
+                Ok(v) if json => {
+                    m.insert("data".into(), v);
+                }
+                _ => {
+                    m.insert("data_base64".into(), Value::String(BASE64.encode(data)));
+                }
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn roundtrip(e: &Event) -> Event {
+        let nr = e.to_record(5);
+        let r = Record {
+            offset: 7,
+            timestamp_ms: nr.timestamp_ms,
+            key: nr.key,
+            value: nr.value,
+            headers: nr.headers,
+        };
+        Event::from_record(&r, ("t", 0))
+    }
+
+    #[test]
+    fn structured_event_survives_the_record_mapping() {
+        let mut e = Event::from_json(json!({
+            "type": "order.created", "subject": "o-1", "partitionkey": "order-42",
+            "priority": 3, "urgent": true, "data": {"amount": 12.5}
+        }))
+        .unwrap();
+        e.fill_defaults(0);
+        let back = roundtrip(&e);
+        assert_eq!(
+            back,
+            Event {
+                extensions: [
+                    ("partitionkey".into(), "order-42".into()),
+                    ("priority".into(), "3".into()),
+                    ("urgent".into(), "true".into())
+                ]
+                .into(),
+                ..e.clone()
+            }
+        );
+        let j = back.to_json();
+        assert_eq!(j["data"], json!({"amount": 12.5}));
+        assert_eq!(j["datacontenttype"], "application/json");
+        assert_eq!(j["time"], "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn non_json_data_reads_back_as_base64() {
+        let e =
+            Event::from_json(json!({"type": "t", "datacontenttype": "text/plain", "data": "hi"}))
+                .unwrap();
+        assert_eq!(e.data.as_deref(), Some(&b"hi"[..]));
+        assert_eq!(roundtrip(&e).to_json()["data_base64"], "aGk=");
+        let e = Event::from_json(json!({"type": "t", "data_base64": "AAEC"})).unwrap();
+        assert_eq!(e.data.as_deref(), Some(&[0u8, 1, 2][..]));
+        assert_eq!(roundtrip(&e).to_json()["data_base64"], "AAEC");
+    }
+
+    #[test]
+    fn invalid_events_are_named() {
+        let cases = [
+            (json!([1]), EventError::NotAnObject),
+            (json!({"id": "x"}), EventError::MissingType),
+            (json!({"type": ""}), EventError::NotAString("type".into())),
+            (json!({"type": 3}), EventError::NotAString("type".into())),
+            (
+                json!({"type": "t", "specversion": "0.3"}),
+                EventError::SpecVersion("0.3".into()),
+            ),
+            (
+                json!({"type": "t", "time": "yesterday"}),
+                EventError::Time("yesterday".into()),
+            ),
+            (
+                json!({"type": "t", "Bad": "x"}),
+                EventError::AttributeName("Bad".into()),
+            ),
+            (
+                json!({"type": "t", "x": {"a": 1}}),
+                EventError::ExtensionValue("x".into()),
+            ),
+            (
+                json!({"type": "t", "x": 1.5}),
+                EventError::ExtensionValue("x".into()),
+            ),
+            (
+                json!({"type": "t", "data": 1, "data_base64": "AA=="}),
+                EventError::BothData,
+            ),
+        ];
+        for (input, err) in cases {
+            assert_eq!(Event::from_json(input.clone()).unwrap_err(), err, "{input}");
+        }
+        assert!(matches!(
+            Event::from_json(json!({"type": "t", "data_base64": "!!"})),
+            Err(EventError::Base64(_))
+        ));
+    }
+
+    #[test]
+    fn plain_records_read_as_spate_record_events() {
+        let r = Record {
+            offset: 9,
+            timestamp_ms: 1000,
+            key: Some(b"k".to_vec()),
+            value: Some(b"{\"a\":1}".to_vec()),
+            headers: vec![("trace".into(), Some(b"x".to_vec()))],
+        };
+        let j = Event::from_record(&r, ("orders", 2)).to_json();
+        assert_eq!(j["type"], "spate.record");
+        assert_eq!(j["id"], "orders-2-9");
+        assert_eq!(j["source"], "/spate/topics/orders");
+        assert_eq!(j["partitionkey"], "k");
+        assert_eq!(j["data"], json!({"a": 1}));
+        assert_eq!(j["time"], "1970-01-01T00:00:01Z");
+    }
+}

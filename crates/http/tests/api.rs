@@ -1,0 +1,649 @@
+//! The HTTP API, driven through the router: every success and every error case of the v1 surface.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use spate_broker::{Broker, Limits};
+use spate_http::{AppState, HttpLimits, router};
+use spate_log::mem::MemStorage;
+use spate_log::{Log, LogConfig};
+use tower::ServiceExt;
+
+struct App {
+    router: axum::Router,
+    disk: MemStorage,
+}
+
+fn app_with(limits: HttpLimits, max_event_bytes: u64) -> App {
+    let disk = MemStorage::new();
+    let log = Log::open(
+        Arc::new(disk.clone()),
+        Path::new("/data"),
+        LogConfig::default(),
+    )
+    .unwrap();
+    let broker = Arc::new(Broker::new(
+        Arc::new(log),
+        Limits {
+            max_event_bytes,
+            ..Limits::default()
+        },
+    ));
+    App {
+        router: router(AppState { broker, limits }),
+        disk,
+    }
+}
+
+fn app() -> App {
+    app_with(HttpLimits::default(), 1 << 20)
+}
+
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    body: Value,
+}
+
+impl App {
+    async fn send(&self, req: Request<Body>) -> Reply {
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let content_type = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(uri);
+        if !content_type.is_empty() {
+            req = req.header(header::CONTENT_TYPE, content_type);
+        }
+        self.send(req.body(body.into()).unwrap()).await
+    }
+
+    async fn get(&self, uri: &str) -> Reply {
+        self.call("GET", uri, "", Body::empty()).await
+    }
+
+    async fn create(&self, body: Value) -> Reply {
+        self.call("POST", "/v1/topics", "application/json", body.to_string())
+            .await
+    }
+
+    async fn publish(&self, topic: &str, content_type: &str, body: Value) -> Reply {
+        self.call(
+            "POST",
+            &format!("/v1/topics/{topic}/events"),
+            content_type,
+            body.to_string(),
+        )
+        .await
+    }
+
+    async fn end_offsets(&self, topic: &str) -> Vec<u64> {
+        let r = self.get(&format!("/v1/topics/{topic}")).await;
+        r.body["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["log_end_offset"].as_u64().unwrap())
+            .collect()
+    }
+}
+
+/// Asserts a problem+json reply with this status whose detail mentions `needle`.
+fn assert_problem(r: &Reply, status: StatusCode, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.content_type, "application/problem+json");
+    assert_eq!(r.body["status"], status.as_u16());
+    assert!(
+        r.body["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:spate:problem:")
+    );
+    assert!(r.body["title"].is_string());
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(needle),
+        "detail {detail:?} should mention {needle:?}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    let app = app();
+    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+    assert_problem(
+        &app.get("/v1/nothing").await,
+        StatusCode::NOT_FOUND,
+        "no such endpoint",
+    );
+}
+
+#[tokio::test]
+async fn topics_are_created_listed_described_and_deleted() {
+    let app = app();
+    let r = app
+        .create(json!({"name": "orders", "partitions": 3, "retention_ms": 604800000, "retention_bytes": null}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["name"], "orders");
+    assert_eq!(r.body["config"]["partitions"], 3);
+    assert_eq!(r.body["config"]["retention_ms"], 604800000);
+    assert_eq!(r.body["config"]["retention_bytes"], Value::Null);
+    assert_eq!(r.body["partitions"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        r.body["partitions"][2],
+        json!({"partition": 2, "log_start_offset": 0, "log_end_offset": 0, "size_bytes": 0, "segments": 1})
+    );
+
+    let r = app
+        .create(json!({"name": "audit", "retention_ms": null}))
+        .await;
+    assert_eq!(r.body["config"]["partitions"], 1);
+    assert_eq!(r.body["config"]["retention_ms"], Value::Null);
+
+    let r = app.get("/v1/topics").await;
+    let names: Vec<&str> = r.body["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["audit", "orders"]);
+    assert_eq!(
+        app.get("/v1/topics/orders").await.body["config"]["partitions"],
+        3
+    );
+
+    let r = app
+        .call("DELETE", "/v1/topics/orders", "", Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_problem(
+        &app.get("/v1/topics/orders").await,
+        StatusCode::NOT_FOUND,
+        "orders",
+    );
+    assert_problem(
+        &app.call("DELETE", "/v1/topics/orders", "", Body::empty())
+            .await,
+        StatusCode::NOT_FOUND,
+        "orders",
+    );
+}
+
+#[tokio::test]
+async fn bad_topic_requests_are_refused_and_change_nothing() {
+    let app = app();
+    assert_eq!(
+        app.create(json!({"name": "orders"})).await.status,
+        StatusCode::CREATED
+    );
+    assert_problem(
+        &app.create(json!({"name": "orders", "partitions": 2})).await,
+        StatusCode::CONFLICT,
+        "already exists",
+    );
+    assert_problem(
+        &app.create(json!({"name": "bad name"})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid topic name",
+    );
+    assert_problem(
+        &app.create(json!({"name": "a".repeat(250)})).await,
+        StatusCode::BAD_REQUEST,
+        "249",
+    );
+    assert_problem(
+        &app.create(json!({"name": ""})).await,
+        StatusCode::BAD_REQUEST,
+        "empty",
+    );
+    assert_problem(
+        &app.create(json!({"name": "x", "partitions": 0})).await,
+        StatusCode::BAD_REQUEST,
+        "1..=1024",
+    );
+    assert_problem(
+        &app.create(json!({"name": "x", "partitions": 1025})).await,
+        StatusCode::BAD_REQUEST,
+        "1..=1024",
+    );
+    assert_problem(
+        &app.create(json!({"name": "x", "partitions": -1})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid",
+    );
+    assert_problem(
+        &app.create(json!({"name": "x", "color": "red"})).await,
+        StatusCode::BAD_REQUEST,
+        "unknown field",
+    );
+    assert_problem(
+        &app.create(json!({"partitions": 1})).await,
+        StatusCode::BAD_REQUEST,
+        "missing field `name`",
+    );
+    assert_problem(
+        &app.create(json!({"name": "x", "retention_ms": 0})).await,
+        StatusCode::BAD_REQUEST,
+        "retention_ms",
+    );
+    let r = app
+        .call("POST", "/v1/topics", "application/json", "{not json")
+        .await;
+    assert_problem(&r, StatusCode::BAD_REQUEST, "invalid JSON");
+    let names: Vec<Value> = app.get("/v1/topics").await.body["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("orders")]);
+    assert_eq!(app.end_offsets("orders").await, [0]);
+}
+
+#[tokio::test]
+async fn events_are_published_in_all_three_modes_and_read_back() {
+    let app = app();
+    app.create(json!({"name": "orders"})).await;
+
+    // Structured.
+    let r = app
+        .publish(
+            "orders",
+            "application/cloudevents+json",
+            json!({"type": "order.created", "source": "/shop", "id": "e1", "data": {"amount": 10}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body, json!({"offsets": [{"partition": 0, "offset": 0}]}));
+
+    // Batched, offsets in request order.
+    let r = app
+        .publish(
+            "orders",
+            "application/cloudevents-batch+json",
+            json!([{"type": "a", "data": [1, 2]}, {"type": "b", "datacontenttype": "text/plain", "data": "plain text"}, {"type": "c"}]),
+        )
+        .await;
+    assert_eq!(
+        r.body,
+        json!({"offsets": [{"partition": 0, "offset": 1}, {"partition": 0, "offset": 2}, {"partition": 0, "offset": 3}]})
+    );
+
+    // Binary: attributes in ce- headers (percent-encoded), data in the body.
+    let req = Request::post("/v1/topics/orders/events")
+        .header("ce-specversion", "1.0")
+        .header("ce-type", "sensor.reading")
+        .header("ce-source", "/sensors/7")
+        .header("ce-subject", "caf%C3%A9")
+        .header("ce-region", "eu")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from(vec![0u8, 1, 2, 255]))
+        .unwrap();
+    let r = app.send(req).await;
+    assert_eq!(r.body, json!({"offsets": [{"partition": 0, "offset": 4}]}));
+
+    let r = app
+        .get("/v1/topics/orders/events?partition=0&offset=0&limit=100")
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let events = r.body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 5);
+    assert_eq!(r.body["next_offset"], 5);
+    let e0 = &events[0];
+    assert_eq!(
+        (e0["partition"].as_u64(), e0["offset"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(e0["event"]["specversion"], "1.0");
+    assert_eq!(e0["event"]["id"], "e1");
+    assert_eq!(e0["event"]["source"], "/shop");
+    assert_eq!(e0["event"]["type"], "order.created");
+    assert_eq!(e0["event"]["data"], json!({"amount": 10}));
+    assert_eq!(e0["event"]["datacontenttype"], "application/json");
+    // The server filled id (UUIDv7), source and time.
+    let e3 = &events[3]["event"];
+    assert_eq!(e3["source"], "/spate");
+    assert_eq!(uuid_version(e3["id"].as_str().unwrap()), 7);
+    assert!(
+        time::OffsetDateTime::parse(
+            e3["time"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok()
+    );
+    assert!(e3.get("data").is_none() && e3.get("data_base64").is_none());
+    // JSON stays JSON, anything else comes back as base64.
+    assert_eq!(events[1]["event"]["data"], json!([1, 2]));
+    assert_eq!(events[2]["event"]["data_base64"], "cGxhaW4gdGV4dA==");
+    let bin = &events[4]["event"];
+    assert_eq!(bin["data_base64"], "AAEC/w==");
+    assert_eq!(bin["subject"], "café");
+    assert_eq!(bin["region"], "eu");
+    assert_eq!(bin["datacontenttype"], "application/octet-stream");
+
+    // Paging.
+    let r = app.get("/v1/topics/orders/events?offset=1&limit=2").await;
+    let offsets: Vec<u64> = r.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2]);
+    assert_eq!(r.body["next_offset"], 3);
+    let r = app.get("/v1/topics/orders/events?offset=5").await;
+    assert_eq!(r.body, json!({"events": [], "next_offset": 5}));
+}
+
+fn uuid_version(id: &str) -> u32 {
+    id.chars().nth(14).and_then(|c| c.to_digit(16)).unwrap()
+}
+
+#[tokio::test]
+async fn partition_key_picks_the_partition_with_kafkas_partitioner() {
+    let app = app();
+    app.create(json!({"name": "orders", "partitions": 3})).await;
+    let expected = spate_broker::partitioner::partition_for_key(b"order-42", 3);
+    for _ in 0..3 {
+        let r = app
+            .publish(
+                "orders",
+                "application/cloudevents+json",
+                json!({"type": "t", "partitionkey": "order-42"}),
+            )
+            .await;
+        assert_eq!(r.body["offsets"][0]["partition"], expected);
+    }
+    let r = app
+        .get(&format!("/v1/topics/orders/events?partition={expected}"))
+        .await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 3);
+    assert_eq!(r.body["events"][0]["event"]["partitionkey"], "order-42");
+    // Unkeyed events spread over partitions.
+    let mut used = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let r = app
+            .publish(
+                "orders",
+                "application/cloudevents+json",
+                json!({"type": "t"}),
+            )
+            .await;
+        used.insert(r.body["offsets"][0]["partition"].as_u64().unwrap());
+    }
+    assert_eq!(used.len(), 3);
+}
+
+#[tokio::test]
+async fn bad_events_are_refused_and_change_nothing() {
+    let app = app_with(
+        HttpLimits {
+            max_request_bytes: 64 * 1024,
+            ..HttpLimits::default()
+        },
+        4096,
+    );
+    app.create(json!({"name": "orders", "partitions": 2})).await;
+    let ce = "application/cloudevents+json";
+    assert_problem(
+        &app.publish("orders", ce, json!({"data": 1})).await,
+        StatusCode::BAD_REQUEST,
+        "`type` is missing",
+    );
+    assert_problem(
+        &app.publish("orders", ce, json!({"type": "t", "specversion": "0.3"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "specversion",
+    );
+    assert_problem(
+        &app.publish("orders", ce, json!({"type": "t", "time": "noon"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "RFC 3339",
+    );
+    assert_problem(
+        &app.publish("orders", ce, json!({"type": "t", "Upper": "x"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "attribute name",
+    );
+    assert_problem(
+        &app.publish("orders", ce, json!([1])).await,
+        StatusCode::BAD_REQUEST,
+        "JSON object",
+    );
+    assert_problem(
+        &app.call("POST", "/v1/topics/orders/events", ce, "{\"type\":")
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid JSON",
+    );
+    // One bad event spoils the batch: nothing is written.
+    let batch = json!([{"type": "ok"}, {"type": "ok"}, {"nope": 1}]);
+    let r = app
+        .publish("orders", "application/cloudevents-batch+json", batch)
+        .await;
+    assert_problem(&r, StatusCode::BAD_REQUEST, "event 2");
+    assert_eq!(r.body["index"], 2);
+    assert_problem(
+        &app.publish(
+            "orders",
+            "application/cloudevents-batch+json",
+            json!({"type": "t"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "array",
+    );
+    assert_problem(
+        &app.publish("orders", "application/cloudevents-batch+json", json!([]))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "no event",
+    );
+    // An event over max_event_bytes, alone or in a batch.
+    let big = "x".repeat(5000);
+    let r = app
+        .publish("orders", ce, json!({"type": "t", "data": big}))
+        .await;
+    assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "over the limit");
+    assert_eq!(r.body["max_event_bytes"], 4096);
+    let r = app
+        .publish(
+            "orders",
+            "application/cloudevents-batch+json",
+            json!([{"type": "t"}, {"type": "t", "data": big}]),
+        )
+        .await;
+    assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "event 1");
+    // A request over max_request_bytes, with and without a Content-Length.
+    let huge: Vec<Value> = (0..100)
+        .map(|_| json!({"type": "t", "data": "y".repeat(1000)}))
+        .collect();
+    let r = app
+        .publish(
+            "orders",
+            "application/cloudevents-batch+json",
+            Value::Array(huge.clone()),
+        )
+        .await;
+    assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        vec![Ok(Value::Array(huge).to_string().into_bytes())];
+    let req = Request::post("/v1/topics/orders/events")
+        .header(header::CONTENT_TYPE, "application/cloudevents-batch+json")
+        .body(Body::from_stream(futures_stream(chunks)))
+        .unwrap();
+    assert_problem(
+        &app.send(req).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body exceeds",
+    );
+    // Wrong media type, unknown topic.
+    assert_eq!(
+        app.call("POST", "/v1/topics/orders/events", "text/plain", "hi")
+            .await
+            .status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert_problem(
+        &app.publish("nope", ce, json!({"type": "t"})).await,
+        StatusCode::NOT_FOUND,
+        "nope",
+    );
+    // Invalid percent-encoding in binary mode.
+    let req = Request::post("/v1/topics/orders/events")
+        .header("ce-type", "t%zz")
+        .body(Body::empty())
+        .unwrap();
+    assert_problem(&app.send(req).await, StatusCode::BAD_REQUEST, "percent");
+    assert_eq!(app.end_offsets("orders").await, [0, 0]);
+}
+
+fn futures_stream(
+    chunks: Vec<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_core_stream::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_core_stream::iter(chunks)
+}
+
+/// A minimal stream over a vector, so the body has no Content-Length.
+mod futures_core_stream {
+    pub use tokio_stream::{Stream, iter};
+}
+
+#[tokio::test]
+async fn bad_reads_are_refused() {
+    let app = app();
+    app.create(json!({"name": "orders", "partitions": 2})).await;
+    app.publish(
+        "orders",
+        "application/cloudevents+json",
+        json!({"type": "t", "partitionkey": "k"}),
+    )
+    .await;
+    assert_problem(
+        &app.get("/v1/topics/nope/events").await,
+        StatusCode::NOT_FOUND,
+        "nope",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?partition=2").await,
+        StatusCode::NOT_FOUND,
+        "partition 2",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?partition=-1").await,
+        StatusCode::BAD_REQUEST,
+        "partition",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?offset=abc").await,
+        StatusCode::BAD_REQUEST,
+        "offset",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?limit=0").await,
+        StatusCode::BAD_REQUEST,
+        "limit",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?limit=1001").await,
+        StatusCode::BAD_REQUEST,
+        "limit",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?time=yesterday").await,
+        StatusCode::BAD_REQUEST,
+        "RFC 3339",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?offset=0&time=2020-01-01T00:00:00Z")
+            .await,
+        StatusCode::BAD_REQUEST,
+        "either",
+    );
+    assert_problem(
+        &app.get("/v1/topics/orders/events?color=red").await,
+        StatusCode::BAD_REQUEST,
+        "unknown query parameter",
+    );
+    let p = spate_broker::partitioner::partition_for_key(b"k", 2);
+    let r = app
+        .get(&format!("/v1/topics/orders/events?partition={p}&offset=7"))
+        .await;
+    assert_problem(&r, StatusCode::BAD_REQUEST, "out of range");
+    assert_eq!(r.body["log_end_offset"], 1);
+}
+
+#[tokio::test]
+async fn reads_by_time_start_at_the_first_event_at_or_after_it() {
+    let app = app();
+    app.create(json!({"name": "t"})).await;
+    let before = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    app.publish("t", "application/cloudevents+json", json!({"type": "a"}))
+        .await;
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let r = app
+        .get(&format!("/v1/topics/t/events?time={}", fmt(before)))
+        .await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 1);
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let r = app
+        .get(&format!("/v1/topics/t/events?time={}", fmt(later)))
+        .await;
+    assert_eq!(r.body, json!({"events": [], "next_offset": 1}));
+}
+
+#[tokio::test]
+async fn a_failed_fsync_gives_clear_errors_and_no_more_acks() {
+    let app = app();
+    app.create(json!({"name": "t"})).await;
+    let ce = "application/cloudevents+json";
+    assert_eq!(
+        app.publish("t", ce, json!({"type": "a"})).await.status,
+        StatusCode::CREATED
+    );
+    app.disk.fail_sync_at(1);
+    assert_problem(
+        &app.publish("t", ce, json!({"type": "b"})).await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "not acknowledged",
+    );
+    for _ in 0..2 {
+        let r = app.publish("t", ce, json!({"type": "c"})).await;
+        assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "refuses writes");
+    }
+    // Reads still work and show only the acknowledged event.
+    let r = app.get("/v1/topics/t/events").await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 1);
+}

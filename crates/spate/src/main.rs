@@ -1,1 +1,190 @@
-fn main() {}
+//! The `spate` binary: the server (`serve`), a CLI client for the HTTP API (`topics`, `publish`,
+//! `tail`) and benchmarks (`bench`).
+
+mod bench;
+mod client;
+mod config;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "spate", version, about = "An event platform in one binary: durable log, pub/sub, event sourcing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Manage topics.
+    Topics {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Publish events: DATA as one event, or one JSON document per stdin line.
+    Publish {
+        #[command(flatten)]
+        server: ServerArg,
+        topic: String,
+        /// The CloudEvents `type`.
+        #[arg(long = "type")]
+        event_type: String,
+        /// The partition key (CloudEvents `partitionkey`).
+        #[arg(long)]
+        key: Option<String>,
+        /// The CloudEvents `source` (default `/spate`).
+        #[arg(long)]
+        source: Option<String>,
+        /// The event data: JSON, or text sent as text/plain.
+        data: Option<String>,
+    },
+    /// Print a topic's events as JSON lines.
+    Tail {
+        #[command(flatten)]
+        server: ServerArg,
+        topic: String,
+        /// earliest, latest or an offset.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Keep printing new events as they arrive.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServerArg {
+    /// The server's HTTP address.
+    #[arg(long, env = "SPATE_SERVER", default_value = "http://127.0.0.1:7070", global = true)]
+    server: String,
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML file with settings (same names as the flags, with underscores).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the log lives [default: ./spate-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:7070].
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// Kafka listen address, reserved for the Kafka listener [default: 127.0.0.1:9092].
+    #[arg(long)]
+    kafka_addr: Option<SocketAddr>,
+    /// batch (group commit, default), interval:<ms> or never.
+    #[arg(long)]
+    fsync: Option<String>,
+    /// The largest event accepted [default: 1048576].
+    #[arg(long)]
+    max_event_bytes: Option<u64>,
+    /// The largest HTTP request body accepted [default: 16777216].
+    #[arg(long)]
+    max_request_bytes: Option<u64>,
+    /// Open HTTP connections at most [default: 10000].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Truncate corrupt data found on start (losing what follows it) instead of refusing to start.
+    #[arg(long)]
+    repair: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => {
+                let overrides = config::Overrides {
+                    data_dir: a.data_dir,
+                    http_addr: a.http_addr,
+                    kafka_addr: a.kafka_addr,
+                    fsync: a.fsync,
+                    max_event_bytes: a.max_event_bytes,
+                    max_request_bytes: a.max_request_bytes,
+                    max_connections: a.max_connections,
+                    repair: a.repair,
+                };
+                let config = config::ServeConfig::load(a.config.as_deref(), &overrides)?;
+                serve::run(config).await
+            }
+            Command::Topics { server, command } => {
+                let c = client::Client::new(&server.server);
+                match command {
+                    TopicsCommand::Create {
+                        name,
+                        partitions,
+                        retention_ms,
+                        retention_bytes,
+                    } => c.create_topic(&name, partitions, retention_ms, retention_bytes).await,
+                    TopicsCommand::List => c.list_topics().await,
+                    TopicsCommand::Describe { name } => c.describe_topic(&name).await,
+                    TopicsCommand::Delete { name } => c.delete_topic(&name).await,
+                }
+            }
+            Command::Publish {
+                server,
+                topic,
+                event_type,
+                key,
+                source,
+                data,
+            } => {
+                client::Client::new(&server.server)
+                    .publish(&topic, &event_type, key.as_deref(), source.as_deref(), data.as_deref())
+                    .await
+            }
+            Command::Tail {
+                server,
+                topic,
+                from,
+                partition,
+                follow,
+            } => client::Client::new(&server.server).tail(&topic, &from, partition, follow).await,
+            Command::Bench { command } => bench::run(command),
+        }
+    })
+}

@@ -1,0 +1,208 @@
+//! The CLI client: topics, publish and tail, over the HTTP API.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// Events per publish request when reading stdin.
+const STDIN_BATCH_EVENTS: usize = 500;
+/// Bytes per publish request when reading stdin, below the server's default request limit.
+const STDIN_BATCH_BYTES: usize = 4 << 20;
+/// Pause between polls when following a topic.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(server: &str) -> Client {
+        Client {
+            base: server.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let res = req.send().await.with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = res.status();
+        let bytes = res.bytes().await.context("failed to read the response")?;
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        if !status.is_success() {
+            let detail = body["detail"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+            bail!("{} {}", status.as_u16(), detail);
+        }
+        Ok(body)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: u32, retention_ms: Option<u64>, retention_bytes: Option<u64>) -> Result<()> {
+        let mut body = json!({"name": name, "partitions": partitions});
+        if let Some(ms) = retention_ms {
+            body["retention_ms"] = json!(ms);
+        }
+        if let Some(b) = retention_bytes {
+            body["retention_bytes"] = json!(b);
+        }
+        let t = self.send(self.http.post(self.url("/v1/topics")).json(&body)).await?;
+        println!("created topic {} with {} partitions", t["name"].as_str().unwrap_or(name), t["config"]["partitions"]);
+        Ok(())
+    }
+
+    pub async fn list_topics(&self) -> Result<()> {
+        let body = self.send(self.http.get(self.url("/v1/topics"))).await?;
+        println!("{:<40} {:>10} {:>14} {:>14}", "TOPIC", "PARTITIONS", "EVENTS", "BYTES");
+        for t in body["topics"].as_array().into_iter().flatten() {
+            let parts = t["partitions"].as_array().cloned().unwrap_or_default();
+            let events: u64 = parts
+                .iter()
+                .map(|p| p["log_end_offset"].as_u64().unwrap_or(0) - p["log_start_offset"].as_u64().unwrap_or(0))
+                .sum();
+            let bytes: u64 = parts.iter().map(|p| p["size_bytes"].as_u64().unwrap_or(0)).sum();
+            println!("{:<40} {:>10} {:>14} {:>14}", t["name"].as_str().unwrap_or("?"), parts.len(), events, bytes);
+        }
+        Ok(())
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<()> {
+        let body = self.send(self.http.get(self.url(&format!("/v1/topics/{name}")))).await?;
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        Ok(())
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.send(self.http.delete(self.url(&format!("/v1/topics/{name}")))).await?;
+        println!("deleted topic {name}");
+        Ok(())
+    }
+
+    fn event(event_type: &str, key: Option<&str>, source: Option<&str>, data: &str) -> Value {
+        let mut e = json!({"type": event_type});
+        match serde_json::from_str::<Value>(data) {
+            Ok(v) => e["data"] = v,
+            Err(_) => {
+                e["datacontenttype"] = json!("text/plain");
+                e["data"] = json!(data);
+            }
+        }
+        if let Some(k) = key {
+            e["partitionkey"] = json!(k);
+        }
+        if let Some(s) = source {
+            e["source"] = json!(s);
+        }
+        e
+    }
+
+    async fn publish_batch(&self, topic: &str, events: &[Value]) -> Result<Value> {
+        self.send(
+            self.http
+                .post(self.url(&format!("/v1/topics/{topic}/events")))
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(serde_json::to_vec(events)?),
+        )
+        .await
+    }
+
+    pub async fn publish(&self, topic: &str, event_type: &str, key: Option<&str>, source: Option<&str>, data: Option<&str>) -> Result<()> {
+        if let Some(data) = data {
+            let r = self.publish_batch(topic, &[Self::event(event_type, key, source, data)]).await?;
+            let o = &r["offsets"][0];
+            println!("partition {} offset {}", o["partition"], o["offset"]);
+            return Ok(());
+        }
+        // One JSON document per stdin line, sent in batches.
+        let stdin = std::io::stdin();
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {pos} events published ({per_sec})")
+                    .expect("the template is valid"),
+            );
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut total = 0u64;
+        for (n, line) in stdin.lock().lines().enumerate() {
+            let line = line.context("failed to read stdin")?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            serde_json::from_str::<Value>(&line).with_context(|| format!("line {} is not JSON", n + 1))?;
+            batch_bytes += line.len();
+            batch.push(Self::event(event_type, key, source, &line));
+            if batch.len() >= STDIN_BATCH_EVENTS || batch_bytes >= STDIN_BATCH_BYTES {
+                self.publish_batch(topic, &batch).await?;
+                total += batch.len() as u64;
+                bar.set_position(total);
+                batch.clear();
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            self.publish_batch(topic, &batch).await?;
+            total += batch.len() as u64;
+        }
+        bar.finish_and_clear();
+        eprintln!("published {total} events to {topic}");
+        Ok(())
+    }
+
+    pub async fn tail(&self, topic: &str, from: &str, partition: Option<u32>, follow: bool) -> Result<()> {
+        let t = self.send(self.http.get(self.url(&format!("/v1/topics/{topic}")))).await?;
+        let parts = t["partitions"].as_array().cloned().unwrap_or_default();
+        let mut cursors: Vec<(u32, u64)> = Vec::new();
+        for p in &parts {
+            let id = p["partition"].as_u64().unwrap_or(0) as u32;
+            if partition.is_some_and(|want| want != id) {
+                continue;
+            }
+            let start = p["log_start_offset"].as_u64().unwrap_or(0);
+            let end = p["log_end_offset"].as_u64().unwrap_or(0);
+            let offset = match from {
+                "earliest" => start,
+                "latest" => end,
+                n => n.parse::<u64>().map_err(|_| anyhow::anyhow!("--from must be earliest, latest or an offset"))?,
+            };
+            cursors.push((id, offset));
+        }
+        if let Some(p) = partition
+            && cursors.is_empty()
+        {
+            bail!("topic {topic} has no partition {p}");
+        }
+        let mut out = std::io::stdout().lock();
+        loop {
+            let mut got = 0;
+            for (id, offset) in cursors.iter_mut() {
+                let url = self.url(&format!("/v1/topics/{topic}/events?partition={id}&offset={offset}&limit=1000"));
+                let page = self.send(self.http.get(url)).await?;
+                for e in page["events"].as_array().into_iter().flatten() {
+                    writeln!(out, "{e}")?;
+                    got += 1;
+                }
+                *offset = page["next_offset"].as_u64().unwrap_or(*offset);
+            }
+            out.flush()?;
+            if got == 0 {
+                if !follow {
+                    return Ok(());
+                }
+                tokio::time::sleep(FOLLOW_POLL).await;
+            }
+        }
+    }
+}

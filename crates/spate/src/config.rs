@@ -1,0 +1,156 @@
+//! Server configuration: defaults, then an optional TOML file (`--config`), then `SPATE_*`
+//! environment variables, then command-line flags; later sources win.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use spate_log::FsyncPolicy;
+
+/// The settings of `spate serve`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    /// Reserved for the Kafka listener.
+    pub kafka_addr: SocketAddr,
+    /// `batch`, `interval:<ms>` or `never`.
+    pub fsync: String,
+    pub max_event_bytes: u64,
+    pub max_request_bytes: u64,
+    pub max_connections: usize,
+    /// How often retention runs, in milliseconds.
+    pub retention_check_ms: u64,
+    /// Truncate corruption found on open instead of refusing to start.
+    pub repair: bool,
+}
+
+/// Every key the file and the environment may set.
+pub const KEYS: [&str; 9] = [
+    "data_dir",
+    "http_addr",
+    "kafka_addr",
+    "fsync",
+    "max_event_bytes",
+    "max_request_bytes",
+    "max_connections",
+    "retention_check_ms",
+    "repair",
+];
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("./spate-data"),
+            http_addr: "127.0.0.1:7070".parse().expect("valid address"),
+            kafka_addr: "127.0.0.1:9092".parse().expect("valid address"),
+            fsync: "batch".into(),
+            max_event_bytes: 1 << 20,
+            max_request_bytes: 16 << 20,
+            max_connections: 10_000,
+            retention_check_ms: 30_000,
+            repair: false,
+        }
+    }
+}
+
+/// Flags given on the command line; `None` leaves the setting to the other sources.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsync: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_event_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
+}
+
+impl ServeConfig {
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<ServeConfig> {
+        let mut fig = Figment::from(Serialized::defaults(ServeConfig::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            fig = fig.merge(Toml::file(file));
+        }
+        let config: ServeConfig = fig
+            .merge(Env::prefixed("SPATE_").only(&KEYS))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .context("invalid configuration")?;
+        config.fsync_policy()?;
+        anyhow::ensure!(config.max_event_bytes > 0, "max_event_bytes must be positive");
+        anyhow::ensure!(
+            config.max_event_bytes <= spate_log::config::MESSAGE_BYTES_MAX,
+            "max_event_bytes must be at most {}",
+            spate_log::config::MESSAGE_BYTES_MAX
+        );
+        anyhow::ensure!(
+            config.max_request_bytes >= config.max_event_bytes,
+            "max_request_bytes must be at least max_event_bytes"
+        );
+        anyhow::ensure!(config.max_connections > 0, "max_connections must be positive");
+        anyhow::ensure!(config.retention_check_ms > 0, "retention_check_ms must be positive");
+        Ok(config)
+    }
+
+    pub fn fsync_policy(&self) -> Result<FsyncPolicy> {
+        self.fsync
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))
+            .context("invalid fsync setting")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("spate.toml", "http_addr = \"127.0.0.1:8000\"\nfsync = \"interval:50\"\n")?;
+            jail.set_env("SPATE_MAX_CONNECTIONS", "7");
+            jail.set_env("SPATE_SERVER", "http://ignored");
+            let flags = Overrides {
+                fsync: Some("never".into()),
+                ..Overrides::default()
+            };
+            let c = ServeConfig::load(Some(Path::new("spate.toml")), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(c.http_addr, "127.0.0.1:8000".parse().unwrap());
+            assert_eq!(c.fsync, "never");
+            assert_eq!(c.max_connections, 7);
+            assert_eq!(c.data_dir, PathBuf::from("./spate-data"));
+            assert_eq!(c.kafka_addr, "127.0.0.1:9092".parse().unwrap());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "colour = \"blue\"\n")?;
+            assert!(ServeConfig::load(Some(Path::new("bad.toml")), &Overrides::default()).is_err());
+            assert!(ServeConfig::load(Some(Path::new("missing.toml")), &Overrides::default()).is_err());
+            let flags = Overrides {
+                fsync: Some("sometimes".into()),
+                ..Overrides::default()
+            };
+            assert!(ServeConfig::load(None, &flags).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,108 @@
+//! `spate serve`: opens the data directory, binds the listeners, runs until SIGINT or SIGTERM, then
+//! stops accepting, finishes in-flight requests, syncs the log and returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use spate_broker::{Broker, Limits};
+use spate_http::{AppState, HttpLimits};
+use spate_log::io::FsStorage;
+use spate_log::{Log, LogConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ServeConfig;
+
+/// How long shutdown waits for in-flight requests before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler works on Unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn run(config: ServeConfig) -> Result<()> {
+    let fsync = config.fsync_policy()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    // One server per data directory: a second one would corrupt the log.
+    let lock_path = config.data_dir.join("LOCK");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another spate process",
+            config.data_dir.display()
+        )
+    })?;
+    let log_config = LogConfig {
+        fsync,
+        repair: config.repair,
+        ..LogConfig::default()
+    };
+    let dir = config.data_dir.clone();
+    let log = tokio::task::spawn_blocking(move || Log::open(Arc::new(FsStorage), &dir, log_config))
+        .await
+        .context("log recovery task failed")?
+        .with_context(|| format!("cannot open the log in {}", config.data_dir.display()))?;
+    let broker = Arc::new(Broker::new(
+        Arc::new(log),
+        Limits {
+            max_event_bytes: config.max_event_bytes,
+            ..Limits::default()
+        },
+    ));
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    let http_addr = http.local_addr()?;
+    println!(
+        "spate {} serving {} (fsync {fsync})",
+        env!("CARGO_PKG_VERSION"),
+        config.data_dir.display()
+    );
+    println!("http: http://{http_addr}");
+    tracing::info!(kafka_addr = %config.kafka_addr, "the Kafka listener is not available in this version");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let state = AppState {
+        broker: broker.clone(),
+        limits: HttpLimits {
+            max_request_bytes: config.max_request_bytes,
+            max_connections: config.max_connections,
+        },
+    };
+    let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
+    let maintenance = tokio::spawn(
+        broker
+            .clone()
+            .maintain(Duration::from_millis(config.retention_check_ms), stopped(stop_rx.clone())),
+    );
+
+    tokio::select! {
+        _ = signal() => {}
+        result = &mut server => {
+            result.context("http server task failed")?.context("http server failed")?;
+            anyhow::bail!("http server stopped unexpectedly");
+        }
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+        Ok(result) => result.context("http server task failed")?.context("http server failed")?,
+        Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    let _ = maintenance.await;
+    broker.flush().await.context("final sync failed")?;
+    tracing::info!("stopped");
+    drop(lock);
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The real binary: start-up, graceful shutdown, the data directory lock, recovery refusals, and
+//! the CLI client against a running server.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+fn cli(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(args)
+        .args(["--server", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn sigterm_stops_gracefully_and_data_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let url = server.url.clone();
+    assert!(cli(&url, &["topics", "create", "orders", "--partitions", "2"], None).0);
+    let (ok, out, _) = cli(&url, &["publish", "orders", "--type", "order.created", "--key", "o-1", r#"{"amount": 5}"#], None);
+    assert!(ok);
+    assert!(out.starts_with("partition "), "{out}");
+    assert_eq!(server.terminate().code(), Some(0));
+
+    let server = common::start(dir.path(), &[]);
+    let (ok, out, _) = cli(&server.url, &["tail", "orders"], None);
+    assert!(ok);
+    let e: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(e["event"]["data"]["amount"], 5);
+    assert_eq!(e["event"]["partitionkey"], "o-1");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _server = common::start(dir.path(), &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another spate process"));
+}
+
+#[test]
+fn corruption_refuses_start_until_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    assert!(cli(&server.url, &["topics", "create", "t"], None).0);
+    let lines: String = (0..20).map(|i| format!("{{\"n\": {i}}}\n")).collect();
+    // Three separate publishes make three batches.
+    for chunk in lines.lines().collect::<Vec<_>>().chunks(7) {
+        assert!(cli(&server.url, &["publish", "t", "--type", "n"], Some(&chunk.join("\n"))).0);
+    }
+    assert_eq!(server.terminate().code(), Some(0));
+    let segment = dir.path().join("topics/t/0/00000000000000000000.log");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[100] ^= 0x08; // inside the first batch; two valid batches follow it
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corrupt data") && err.contains("--repair"), "{err}");
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "a refused start must not change the data");
+
+    let server = common::start(dir.path(), &["--repair"]);
+    let (ok, out, _) = cli(&server.url, &["tail", "t"], None);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 0, "the damaged first batch and everything after it are cut");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn cli_manages_topics_and_publishes_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &["--fsync", "interval:20"]);
+    let url = server.url.clone();
+    let (ok, out, _) = cli(&url, &["topics", "create", "a", "--partitions", "3", "--retention-ms", "60000"], None);
+    assert!(ok, "{out}");
+    let (ok, _, err) = cli(&url, &["topics", "create", "a"], None);
+    assert!(!ok);
+    assert!(err.contains("409"), "{err}");
+    let input: String = (0..1200).map(|i| format!("{{\"i\": {i}}}\n")).collect();
+    let (ok, _, err) = cli(&url, &["publish", "a", "--type", "n"], Some(&input));
+    assert!(ok, "{err}");
+    assert!(err.contains("published 1200 events"), "{err}");
+    let (ok, out, _) = cli(&url, &["topics", "list"], None);
+    assert!(ok);
+    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["a", "3", "1200", l.split_whitespace().last().unwrap()]), "{out}");
+    let (ok, out, _) = cli(&url, &["topics", "describe", "a"], None);
+    assert!(ok);
+    let d: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["config"]["retention_ms"], 60000);
+    let (ok, out, _) = cli(&url, &["tail", "a", "--partition", "1", "--from", "0"], None);
+    assert!(ok);
+    for line in out.lines() {
+        assert_eq!(serde_json::from_str::<Value>(line).unwrap()["partition"], 1);
+    }
+    let (ok, out, _) = cli(&url, &["tail", "a", "--from", "latest"], None);
+    assert!(ok);
+    assert!(out.is_empty());
+    let (ok, _, err) = cli(&url, &["publish", "a", "--type", "n"], Some("not json\n"));
+    assert!(!ok);
+    assert!(err.contains("line 1 is not JSON"), "{err}");
+    assert!(cli(&url, &["topics", "delete", "a"], None).0);
+    let (ok, _, err) = cli(&url, &["tail", "a"], None);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn bench_log_reports_every_configuration_against_the_disk_ceiling() {
+    // A smoke run with tiny durations: checks the benchmark works and reports what it should, not
+    // how fast anything is (speed is read from full runs, see docs/benchmarks.md).
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["bench", "log", "--seconds", "0.05", "--runs", "1", "--sizes", "100,1024", "--writers", "1,2"])
+        .args(["--fsync", "batch,never", "--append-bytes", "1,4096", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("disk ceiling"), "{text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| batch") || l.starts_with("| never")).collect();
+    assert_eq!(rows.len(), 2 * 2 * 2 * 2, "{text}");
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let records_per_s: f64 = cells[5].parse().unwrap();
+        assert!(records_per_s > 0.0, "{row}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the benchmark cleans up after itself");
+}

@@ -62,7 +62,8 @@ fn median(v: &mut [f64]) -> f64 {
 fn disk_ceiling(dir: &Path, seconds: f64) -> Result<f64> {
     use std::io::Write;
     let path = dir.join("ceiling.bin");
-    let mut f = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     let block = vec![0xA5u8; 1 << 20];
     let start = Instant::now();
     let mut bytes = 0u64;
@@ -85,7 +86,14 @@ struct Outcome {
     p999_us: f64,
 }
 
-fn one_run(dir: &Path, policy: FsyncPolicy, size: usize, writers: usize, per_append: usize, seconds: f64) -> Result<Outcome> {
+fn one_run(
+    dir: &Path,
+    policy: FsyncPolicy,
+    size: usize,
+    writers: usize,
+    per_append: usize,
+    seconds: f64,
+) -> Result<Outcome> {
     let tmp = tempfile::tempdir_in(dir).context("cannot create a temporary directory")?;
     let log = Arc::new(Log::open(
         Arc::new(FsStorage),
@@ -132,7 +140,8 @@ fn one_run(dir: &Path, policy: FsyncPolicy, size: usize, writers: usize, per_app
                     .collect();
                 let template = batch::encode(&records).expect("records are not empty");
                 let mut buf = template.clone();
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let mut hist =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
                 let (mut n, mut bytes) = (0u64, 0u64);
                 while Instant::now() < deadline {
                     let t = Instant::now();
@@ -148,7 +157,9 @@ fn one_run(dir: &Path, policy: FsyncPolicy, size: usize, writers: usize, per_app
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     let (mut n, mut bytes) = (0u64, 0u64);
     for h in handles {
-        let (hn, hb, hh) = h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        let (hn, hb, hh) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
         n += hn;
         bytes += hb;
         hist.add(hh).expect("same bounds");
@@ -168,7 +179,10 @@ fn one_run(dir: &Path, policy: FsyncPolicy, size: usize, writers: usize, per_app
 }
 
 fn log_bench(a: &LogBenchArgs) -> Result<()> {
-    anyhow::ensure!(a.runs > 0 && a.seconds > 0.0, "--runs and --seconds must be positive");
+    anyhow::ensure!(
+        a.runs > 0 && a.seconds > 0.0,
+        "--runs and --seconds must be positive"
+    );
     let policies: Vec<FsyncPolicy> = a
         .fsync
         .iter()
@@ -181,10 +195,14 @@ fn log_bench(a: &LogBenchArgs) -> Result<()> {
         a.runs,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut ceilings: Vec<f64> = (0..a.runs).map(|_| disk_ceiling(&a.dir, a.seconds)).collect::<Result<_>>()?;
+    let mut ceilings: Vec<f64> = (0..a.runs)
+        .map(|_| disk_ceiling(&a.dir, a.seconds))
+        .collect::<Result<_>>()?;
     let ceiling = median(&mut ceilings);
     println!("disk ceiling (sequential 1 MiB writes, fsync each): {ceiling:.1} MB/s\n");
-    println!("| fsync | record B | writers | records/append | records/s | MB/s | % of ceiling | ack p50 µs | ack p99 µs | ack p99.9 µs |");
+    println!(
+        "| fsync | record B | writers | records/append | records/s | MB/s | % of ceiling | ack p50 µs | ack p99 µs | ack p99.9 µs |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for policy in &policies {
         for &size in &a.sizes {
@@ -193,9 +211,13 @@ fn log_bench(a: &LogBenchArgs) -> Result<()> {
                     let per_append = (append_bytes / size).max(1);
                     let mut outcomes = Vec::new();
                     for _ in 0..a.runs {
-                        outcomes.push(one_run(&a.dir, *policy, size, writers, per_append, a.seconds)?);
+                        outcomes.push(one_run(
+                            &a.dir, *policy, size, writers, per_append, a.seconds,
+                        )?);
                     }
-                    let pick = |f: fn(&Outcome) -> f64| median(&mut outcomes.iter().map(f).collect::<Vec<_>>());
+                    let pick = |f: fn(&Outcome) -> f64| {
+                        median(&mut outcomes.iter().map(f).collect::<Vec<_>>())
+                    };
                     let mbps = pick(|o| o.mb_per_s);
                     println!(
                         "| {policy} | {size} | {writers} | {per_append} | {:.0} | {mbps:.1} | {:.0}% | {:.0} | {:.0} | {:.0} |",
@@ -209,7 +231,11 @@ fn log_bench(a: &LogBenchArgs) -> Result<()> {
             }
         }
     }
-    println!("\nMB/s counts record batch bytes written to the log (10^6 bytes). Ack latency is append call to");
-    println!("return: under `batch` that is append-to-durable; under `interval` and `never` the ack precedes the fsync.");
+    println!(
+        "\nMB/s counts record batch bytes written to the log (10^6 bytes). Ack latency is append call to"
+    );
+    println!(
+        "return: under `batch` that is append-to-durable; under `interval` and `never` the ack precedes the fsync."
+    );
     Ok(())
 }

@@ -27,16 +27,23 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
-        let res = req.send().await.with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.base))?;
         let status = res.status();
         let bytes = res.bytes().await.context("failed to read the response")?;
         let body: Value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         if !status.is_success() {
-            let detail = body["detail"].as_str().map(str::to_string).unwrap_or_else(|| body.to_string());
+            let detail = body["detail"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| body.to_string());
             bail!("{} {}", status.as_u16(), detail);
         }
         Ok(body)
@@ -46,7 +53,13 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    pub async fn create_topic(&self, name: &str, partitions: u32, retention_ms: Option<u64>, retention_bytes: Option<u64>) -> Result<()> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<()> {
         let mut body = json!({"name": name, "partitions": partitions});
         if let Some(ms) = retention_ms {
             body["retention_ms"] = json!(ms);
@@ -54,34 +67,58 @@ impl Client {
         if let Some(b) = retention_bytes {
             body["retention_bytes"] = json!(b);
         }
-        let t = self.send(self.http.post(self.url("/v1/topics")).json(&body)).await?;
-        println!("created topic {} with {} partitions", t["name"].as_str().unwrap_or(name), t["config"]["partitions"]);
+        let t = self
+            .send(self.http.post(self.url("/v1/topics")).json(&body))
+            .await?;
+        println!(
+            "created topic {} with {} partitions",
+            t["name"].as_str().unwrap_or(name),
+            t["config"]["partitions"]
+        );
         Ok(())
     }
 
     pub async fn list_topics(&self) -> Result<()> {
         let body = self.send(self.http.get(self.url("/v1/topics"))).await?;
-        println!("{:<40} {:>10} {:>14} {:>14}", "TOPIC", "PARTITIONS", "EVENTS", "BYTES");
+        println!(
+            "{:<40} {:>10} {:>14} {:>14}",
+            "TOPIC", "PARTITIONS", "EVENTS", "BYTES"
+        );
         for t in body["topics"].as_array().into_iter().flatten() {
             let parts = t["partitions"].as_array().cloned().unwrap_or_default();
             let events: u64 = parts
                 .iter()
-                .map(|p| p["log_end_offset"].as_u64().unwrap_or(0) - p["log_start_offset"].as_u64().unwrap_or(0))
+                .map(|p| {
+                    p["log_end_offset"].as_u64().unwrap_or(0)
+                        - p["log_start_offset"].as_u64().unwrap_or(0)
+                })
                 .sum();
-            let bytes: u64 = parts.iter().map(|p| p["size_bytes"].as_u64().unwrap_or(0)).sum();
-            println!("{:<40} {:>10} {:>14} {:>14}", t["name"].as_str().unwrap_or("?"), parts.len(), events, bytes);
+            let bytes: u64 = parts
+                .iter()
+                .map(|p| p["size_bytes"].as_u64().unwrap_or(0))
+                .sum();
+            println!(
+                "{:<40} {:>10} {:>14} {:>14}",
+                t["name"].as_str().unwrap_or("?"),
+                parts.len(),
+                events,
+                bytes
+            );
         }
         Ok(())
     }
 
     pub async fn describe_topic(&self, name: &str) -> Result<()> {
-        let body = self.send(self.http.get(self.url(&format!("/v1/topics/{name}")))).await?;
+        let body = self
+            .send(self.http.get(self.url(&format!("/v1/topics/{name}"))))
+            .await?;
         println!("{}", serde_json::to_string_pretty(&body)?);
         Ok(())
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        self.send(self.http.delete(self.url(&format!("/v1/topics/{name}")))).await?;
+        self.send(self.http.delete(self.url(&format!("/v1/topics/{name}"))))
+            .await?;
         println!("deleted topic {name}");
         Ok(())
     }
@@ -114,9 +151,18 @@ impl Client {
         .await
     }
 
-    pub async fn publish(&self, topic: &str, event_type: &str, key: Option<&str>, source: Option<&str>, data: Option<&str>) -> Result<()> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        event_type: &str,
+        key: Option<&str>,
+        source: Option<&str>,
+        data: Option<&str>,
+    ) -> Result<()> {
         if let Some(data) = data {
-            let r = self.publish_batch(topic, &[Self::event(event_type, key, source, data)]).await?;
+            let r = self
+                .publish_batch(topic, &[Self::event(event_type, key, source, data)])
+                .await?;
             let o = &r["offsets"][0];
             println!("partition {} offset {}", o["partition"], o["offset"]);
             return Ok(());
@@ -126,8 +172,10 @@ impl Client {
         let bar = if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} {pos} events published ({per_sec})")
-                    .expect("the template is valid"),
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {pos} events published ({per_sec})",
+                )
+                .expect("the template is valid"),
             );
             bar
         } else {
@@ -141,7 +189,8 @@ impl Client {
             if line.trim().is_empty() {
                 continue;
             }
-            serde_json::from_str::<Value>(&line).with_context(|| format!("line {} is not JSON", n + 1))?;
+            serde_json::from_str::<Value>(&line)
+                .with_context(|| format!("line {} is not JSON", n + 1))?;
             batch_bytes += line.len();
             batch.push(Self::event(event_type, key, source, &line));
             if batch.len() >= STDIN_BATCH_EVENTS || batch_bytes >= STDIN_BATCH_BYTES {
@@ -161,8 +210,16 @@ impl Client {
         Ok(())
     }
 
-    pub async fn tail(&self, topic: &str, from: &str, partition: Option<u32>, follow: bool) -> Result<()> {
-        let t = self.send(self.http.get(self.url(&format!("/v1/topics/{topic}")))).await?;
+    pub async fn tail(
+        &self,
+        topic: &str,
+        from: &str,
+        partition: Option<u32>,
+        follow: bool,
+    ) -> Result<()> {
+        let t = self
+            .send(self.http.get(self.url(&format!("/v1/topics/{topic}"))))
+            .await?;
         let parts = t["partitions"].as_array().cloned().unwrap_or_default();
         let mut cursors: Vec<(u32, u64)> = Vec::new();
         for p in &parts {
@@ -175,7 +232,9 @@ impl Client {
             let offset = match from {
                 "earliest" => start,
                 "latest" => end,
-                n => n.parse::<u64>().map_err(|_| anyhow::anyhow!("--from must be earliest, latest or an offset"))?,
+                n => n
+                    .parse::<u64>()
+                    .map_err(|_| anyhow::anyhow!("--from must be earliest, latest or an offset"))?,
             };
             cursors.push((id, offset));
         }
@@ -188,7 +247,9 @@ impl Client {
         loop {
             let mut got = 0;
             for (id, offset) in cursors.iter_mut() {
-                let url = self.url(&format!("/v1/topics/{topic}/events?partition={id}&offset={offset}&limit=1000"));
+                let url = self.url(&format!(
+                    "/v1/topics/{topic}/events?partition={id}&offset={offset}&limit=1000"
+                ));
                 let page = self.send(self.http.get(url)).await?;
                 for e in page["events"].as_array().into_iter().flatten() {
                     writeln!(out, "{e}")?;

@@ -83,7 +83,11 @@ impl ServeConfig {
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<ServeConfig> {
         let mut fig = Figment::from(Serialized::defaults(ServeConfig::default()));
         if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
             fig = fig.merge(Toml::file(file));
         }
         let config: ServeConfig = fig
@@ -92,7 +96,10 @@ impl ServeConfig {
             .extract()
             .context("invalid configuration")?;
         config.fsync_policy()?;
-        anyhow::ensure!(config.max_event_bytes > 0, "max_event_bytes must be positive");
+        anyhow::ensure!(
+            config.max_event_bytes > 0,
+            "max_event_bytes must be positive"
+        );
         anyhow::ensure!(
             config.max_event_bytes <= spate_log::config::MESSAGE_BYTES_MAX,
             "max_event_bytes must be at most {}",
@@ -102,8 +109,14 @@ impl ServeConfig {
             config.max_request_bytes >= config.max_event_bytes,
             "max_request_bytes must be at least max_event_bytes"
         );
-        anyhow::ensure!(config.max_connections > 0, "max_connections must be positive");
-        anyhow::ensure!(config.retention_check_ms > 0, "retention_check_ms must be positive");
+        anyhow::ensure!(
+            config.max_connections > 0,
+            "max_connections must be positive"
+        );
+        anyhow::ensure!(
+            config.retention_check_ms > 0,
+            "retention_check_ms must be positive"
+        );
         Ok(config)
     }
 
@@ -122,14 +135,18 @@ mod tests {
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("spate.toml", "http_addr = \"127.0.0.1:8000\"\nfsync = \"interval:50\"\n")?;
+            jail.create_file(
+                "spate.toml",
+                "http_addr = \"127.0.0.1:8000\"\nfsync = \"interval:50\"\n",
+            )?;
             jail.set_env("SPATE_MAX_CONNECTIONS", "7");
             jail.set_env("SPATE_SERVER", "http://ignored");
             let flags = Overrides {
                 fsync: Some("never".into()),
                 ..Overrides::default()
             };
-            let c = ServeConfig::load(Some(Path::new("spate.toml")), &flags).map_err(|e| e.to_string())?;
+            let c = ServeConfig::load(Some(Path::new("spate.toml")), &flags)
+                .map_err(|e| e.to_string())?;
             assert_eq!(c.http_addr, "127.0.0.1:8000".parse().unwrap());
             assert_eq!(c.fsync, "never");
             assert_eq!(c.max_connections, 7);
@@ -144,7 +161,9 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "colour = \"blue\"\n")?;
             assert!(ServeConfig::load(Some(Path::new("bad.toml")), &Overrides::default()).is_err());
-            assert!(ServeConfig::load(Some(Path::new("missing.toml")), &Overrides::default()).is_err());
+            assert!(
+                ServeConfig::load(Some(Path::new("missing.toml")), &Overrides::default()).is_err()
+            );
             let flags = Overrides {
                 fsync: Some("sometimes".into()),
                 ..Overrides::default()

@@ -13,7 +13,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "spate", version, about = "An event platform in one binary: durable log, pub/sub, event sourcing")]
+#[command(
+    name = "spate",
+    version,
+    about = "An event platform in one binary: durable log, pub/sub, event sourcing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,7 +75,12 @@ enum Command {
 #[derive(clap::Args)]
 struct ServerArg {
     /// The server's HTTP address.
-    #[arg(long, env = "SPATE_SERVER", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "SPATE_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     server: String,
 }
 
@@ -130,11 +139,14 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(a) => {
@@ -159,7 +171,10 @@ fn main() -> Result<()> {
                         partitions,
                         retention_ms,
                         retention_bytes,
-                    } => c.create_topic(&name, partitions, retention_ms, retention_bytes).await,
+                    } => {
+                        c.create_topic(&name, partitions, retention_ms, retention_bytes)
+                            .await
+                    }
                     TopicsCommand::List => c.list_topics().await,
                     TopicsCommand::Describe { name } => c.describe_topic(&name).await,
                     TopicsCommand::Delete { name } => c.delete_topic(&name).await,
@@ -174,7 +189,13 @@ fn main() -> Result<()> {
                 data,
             } => {
                 client::Client::new(&server.server)
-                    .publish(&topic, &event_type, key.as_deref(), source.as_deref(), data.as_deref())
+                    .publish(
+                        &topic,
+                        &event_type,
+                        key.as_deref(),
+                        source.as_deref(),
+                        data.as_deref(),
+                    )
                     .await
             }
             Command::Tail {
@@ -183,7 +204,11 @@ fn main() -> Result<()> {
                 from,
                 partition,
                 follow,
-            } => client::Client::new(&server.server).tail(&topic, &from, partition, follow).await,
+            } => {
+                client::Client::new(&server.server)
+                    .tail(&topic, &from, partition, follow)
+                    .await
+            }
             Command::Bench { command } => bench::run(command),
         }
     })

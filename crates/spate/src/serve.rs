@@ -33,7 +33,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     // One server per data directory: a second one would corrupt the log.
     let lock_path = config.data_dir.join("LOCK");
-    let lock = std::fs::File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
     lock.try_lock().map_err(|_| {
         anyhow::anyhow!(
             "data directory {} is in use by another spate process",
@@ -81,11 +82,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         },
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
-    let maintenance = tokio::spawn(
-        broker
-            .clone()
-            .maintain(Duration::from_millis(config.retention_check_ms), stopped(stop_rx.clone())),
-    );
+    let maintenance = tokio::spawn(broker.clone().maintain(
+        Duration::from_millis(config.retention_check_ms),
+        stopped(stop_rx.clone()),
+    ));
 
     tokio::select! {
         _ = signal() => {}
@@ -97,7 +97,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
     match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
-        Ok(result) => result.context("http server task failed")?.context("http server failed")?,
+        Ok(result) => result
+            .context("http server task failed")?
+            .context("http server failed")?,
         Err(_) => tracing::warn!("in-flight requests did not finish in time"),
     }
     let _ = maintenance.await;

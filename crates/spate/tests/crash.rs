@@ -31,7 +31,14 @@ impl Rng {
 
 type Acked = Arc<Mutex<HashMap<(u64, u64), Value>>>;
 
-async fn publisher(client: reqwest::Client, url: String, id: usize, cycle: usize, seed: u64, acked: Acked) {
+async fn publisher(
+    client: reqwest::Client,
+    url: String,
+    id: usize,
+    cycle: usize,
+    seed: u64,
+    acked: Acked,
+) {
     let mut rng = Rng(seed | 1);
     for seq in 0.. {
         let n = 1 + (rng.next() % 20) as usize;
@@ -59,11 +66,19 @@ async fn publisher(client: reqwest::Client, url: String, id: usize, cycle: usize
         if res.status().as_u16() != 201 {
             return;
         }
-        let Ok(body) = res.json::<Value>().await else { return };
+        let Ok(body) = res.json::<Value>().await else {
+            return;
+        };
         let mut acked = acked.lock().unwrap();
         for (e, o) in events.into_iter().zip(body["offsets"].as_array().unwrap()) {
-            let key = (o["partition"].as_u64().unwrap(), o["offset"].as_u64().unwrap());
-            assert!(acked.insert(key, e).is_none(), "offset {key:?} acknowledged twice");
+            let key = (
+                o["partition"].as_u64().unwrap(),
+                o["offset"].as_u64().unwrap(),
+            );
+            assert!(
+                acked.insert(key, e).is_none(),
+                "offset {key:?} acknowledged twice"
+            );
         }
     }
 }
@@ -75,7 +90,9 @@ async fn read_all(client: &reqwest::Client, url: &str) -> HashMap<(u64, u64), Va
         let mut offset = 0;
         loop {
             let page: Value = client
-                .get(format!("{url}/v1/topics/{TOPIC}/events?partition={p}&offset={offset}&limit=1000"))
+                .get(format!(
+                    "{url}/v1/topics/{TOPIC}/events?partition={p}&offset={offset}&limit=1000"
+                ))
                 .send()
                 .await
                 .unwrap()
@@ -95,30 +112,52 @@ async fn read_all(client: &reqwest::Client, url: &str) -> HashMap<(u64, u64), Va
     all
 }
 
-fn verify(acked: &HashMap<(u64, u64), Value>, stored: &HashMap<(u64, u64), Value>, cycle: usize, seed: u64) {
+fn verify(
+    acked: &HashMap<(u64, u64), Value>,
+    stored: &HashMap<(u64, u64), Value>,
+    cycle: usize,
+    seed: u64,
+) {
     for (at, sent) in acked {
-        let got = stored
-            .get(at)
-            .unwrap_or_else(|| panic!("seed {seed}, cycle {cycle}: acknowledged event {} lost at {at:?}", sent["id"]));
+        let got = stored.get(at).unwrap_or_else(|| {
+            panic!(
+                "seed {seed}, cycle {cycle}: acknowledged event {} lost at {at:?}",
+                sent["id"]
+            )
+        });
         assert_eq!(got["id"], sent["id"], "seed {seed}: wrong event at {at:?}");
         assert_eq!(got["type"], sent["type"]);
-        assert_eq!(got["data"], sent["data"], "seed {seed}: data differs at {at:?}");
+        assert_eq!(
+            got["data"], sent["data"],
+            "seed {seed}: data differs at {at:?}"
+        );
         assert_eq!(got.get("partitionkey"), sent.get("partitionkey"));
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_event() {
-    let cycles: usize = std::env::var("SPATE_CRASH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let cycles: usize = std::env::var("SPATE_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
     let seed: u64 = std::env::var("SPATE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)");
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let acked: Acked = Arc::default();
     let mut killed_with_writes = 0;
     for cycle in 0..cycles {
@@ -138,7 +177,14 @@ async fn kill_9_loses_no_acknowledged_event() {
         let before = acked.lock().unwrap().len();
         let tasks: Vec<_> = (0..PUBLISHERS)
             .map(|id| {
-                tokio::spawn(publisher(client.clone(), server.url.clone(), id, cycle, rng.next(), acked.clone()))
+                tokio::spawn(publisher(
+                    client.clone(),
+                    server.url.clone(),
+                    id,
+                    cycle,
+                    rng.next(),
+                    acked.clone(),
+                ))
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(30 + rng.next() % 250)).await;

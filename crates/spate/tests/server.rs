@@ -35,8 +35,27 @@ fn sigterm_stops_gracefully_and_data_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let url = server.url.clone();
-    assert!(cli(&url, &["topics", "create", "orders", "--partitions", "2"], None).0);
-    let (ok, out, _) = cli(&url, &["publish", "orders", "--type", "order.created", "--key", "o-1", r#"{"amount": 5}"#], None);
+    assert!(
+        cli(
+            &url,
+            &["topics", "create", "orders", "--partitions", "2"],
+            None
+        )
+        .0
+    );
+    let (ok, out, _) = cli(
+        &url,
+        &[
+            "publish",
+            "orders",
+            "--type",
+            "order.created",
+            "--key",
+            "o-1",
+            r#"{"amount": 5}"#,
+        ],
+        None,
+    );
     assert!(ok);
     assert!(out.starts_with("partition "), "{out}");
     assert_eq!(server.terminate().code(), Some(0));
@@ -71,7 +90,14 @@ fn corruption_refuses_start_until_repair() {
     let lines: String = (0..20).map(|i| format!("{{\"n\": {i}}}\n")).collect();
     // Three separate publishes make three batches.
     for chunk in lines.lines().collect::<Vec<_>>().chunks(7) {
-        assert!(cli(&server.url, &["publish", "t", "--type", "n"], Some(&chunk.join("\n"))).0);
+        assert!(
+            cli(
+                &server.url,
+                &["publish", "t", "--type", "n"],
+                Some(&chunk.join("\n"))
+            )
+            .0
+        );
     }
     assert_eq!(server.terminate().code(), Some(0));
     let segment = dir.path().join("topics/t/0/00000000000000000000.log");
@@ -86,13 +112,24 @@ fn corruption_refuses_start_until_repair() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("corrupt data") && err.contains("--repair"), "{err}");
-    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "a refused start must not change the data");
+    assert!(
+        err.contains("corrupt data") && err.contains("--repair"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "a refused start must not change the data"
+    );
 
     let server = common::start(dir.path(), &["--repair"]);
     let (ok, out, _) = cli(&server.url, &["tail", "t"], None);
     assert!(ok);
-    assert_eq!(out.lines().count(), 0, "the damaged first batch and everything after it are cut");
+    assert_eq!(
+        out.lines().count(),
+        0,
+        "the damaged first batch and everything after it are cut"
+    );
     assert_eq!(server.terminate().code(), Some(0));
 }
 
@@ -101,7 +138,19 @@ fn cli_manages_topics_and_publishes_from_stdin() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &["--fsync", "interval:20"]);
     let url = server.url.clone();
-    let (ok, out, _) = cli(&url, &["topics", "create", "a", "--partitions", "3", "--retention-ms", "60000"], None);
+    let (ok, out, _) = cli(
+        &url,
+        &[
+            "topics",
+            "create",
+            "a",
+            "--partitions",
+            "3",
+            "--retention-ms",
+            "60000",
+        ],
+        None,
+    );
     assert!(ok, "{out}");
     let (ok, _, err) = cli(&url, &["topics", "create", "a"], None);
     assert!(!ok);
@@ -112,12 +161,20 @@ fn cli_manages_topics_and_publishes_from_stdin() {
     assert!(err.contains("published 1200 events"), "{err}");
     let (ok, out, _) = cli(&url, &["topics", "list"], None);
     assert!(ok);
-    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["a", "3", "1200", l.split_whitespace().last().unwrap()]), "{out}");
+    assert!(
+        out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+            == ["a", "3", "1200", l.split_whitespace().last().unwrap()]),
+        "{out}"
+    );
     let (ok, out, _) = cli(&url, &["topics", "describe", "a"], None);
     assert!(ok);
     let d: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(d["config"]["retention_ms"], 60000);
-    let (ok, out, _) = cli(&url, &["tail", "a", "--partition", "1", "--from", "0"], None);
+    let (ok, out, _) = cli(
+        &url,
+        &["tail", "a", "--partition", "1", "--from", "0"],
+        None,
+    );
     assert!(ok);
     for line in out.lines() {
         assert_eq!(serde_json::from_str::<Value>(line).unwrap()["partition"], 1);
@@ -141,20 +198,48 @@ fn bench_log_reports_every_configuration_against_the_disk_ceiling() {
     // how fast anything is (speed is read from full runs, see docs/benchmarks.md).
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["bench", "log", "--seconds", "0.05", "--runs", "1", "--sizes", "100,1024", "--writers", "1,2"])
-        .args(["--fsync", "batch,never", "--append-bytes", "1,4096", "--dir"])
+        .args([
+            "bench",
+            "log",
+            "--seconds",
+            "0.05",
+            "--runs",
+            "1",
+            "--sizes",
+            "100,1024",
+            "--writers",
+            "1,2",
+        ])
+        .args([
+            "--fsync",
+            "batch,never",
+            "--append-bytes",
+            "1,4096",
+            "--dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("disk ceiling"), "{text}");
-    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| batch") || l.starts_with("| never")).collect();
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("| batch") || l.starts_with("| never"))
+        .collect();
     assert_eq!(rows.len(), 2 * 2 * 2 * 2, "{text}");
     for row in rows {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let records_per_s: f64 = cells[5].parse().unwrap();
         assert!(records_per_s > 0.0, "{row}");
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the benchmark cleans up after itself");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the benchmark cleans up after itself"
+    );
 }

@@ -36,7 +36,12 @@ pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
     });
     let url = rx
         .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("spate did not print its address within 30 s (status {:?})", child.try_wait()));
+        .unwrap_or_else(|_| {
+            panic!(
+                "spate did not print its address within 30 s (status {:?})",
+                child.try_wait()
+            )
+        });
     Server { child, url }
 }
 
@@ -60,7 +65,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("wait for the server") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "spate did not exit within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "spate did not exit within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -339,6 +339,8 @@ impl Partition {
     fn poison(&self, e: Error) -> Error {
         tracing::error!(topic = %self.topic, partition = self.id, error = %e, "partition poisoned");
         self.poisoned.store(true, Ordering::Release);
+        // Taking the lock orders the flag before any waiter's next check, so no wakeup is lost.
+        drop(lock(&self.sync));
         self.synced.notify_all();
         e
     }

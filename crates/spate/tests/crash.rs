@@ -50,7 +50,7 @@ async fn publisher(
                     "id": format!("c{cycle}-p{id}-s{seq}-{k}"),
                     "data": {"cycle": cycle, "publisher": id, "seq": seq, "k": k, "pad": pad},
                 });
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     e["partitionkey"] = json!(format!("key-{}", rng.next() % 50));
                 }
                 e

@@ -95,6 +95,22 @@ fn invalid(index: usize, error: spate_broker::EventError) -> ApiError {
     BrokerError::InvalidEvent { index, error }.into()
 }
 
+/// Events in one publish request at most: bounds the memory one request can hold while it is parsed
+/// and encoded (a 16 MiB body of tiny events would otherwise expand to millions of structures).
+pub const EVENTS_PER_REQUEST_MAX: usize = 10_000;
+
+fn check_count(n: usize) -> ApiResult<()> {
+    if n > EVENTS_PER_REQUEST_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("the batch holds {n} events, over the limit of {EVENTS_PER_REQUEST_MAX}"),
+        )
+        .with("max_events", EVENTS_PER_REQUEST_MAX));
+    }
+    Ok(())
+}
+
 /// Parses the events of a publish request according to its mode.
 fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
     let ct = content_type(headers);
@@ -120,6 +136,7 @@ fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
             if items.is_empty() {
                 return Err(ApiError::bad_request("the batch holds no event"));
             }
+            check_count(items.len())?;
             items
                 .into_iter()
                 .enumerate()
@@ -132,11 +149,14 @@ fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
         Some("application/json") => {
             // Convenience: a plain JSON object or array of structured events.
             match parse_json::<Value>(&body)? {
-                Value::Array(items) if !items.is_empty() => items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| Event::from_json(v).map_err(|e| invalid(i, e)))
-                    .collect(),
+                Value::Array(items) if !items.is_empty() => {
+                    check_count(items.len())?;
+                    items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, v)| Event::from_json(v).map_err(|e| invalid(i, e)))
+                        .collect()
+                }
                 Value::Array(_) => Err(ApiError::bad_request("the batch holds no event")),
                 v => Ok(vec![Event::from_json(v).map_err(|e| invalid(0, e))?]),
             }

@@ -404,7 +404,7 @@ async fn partition_key_picks_the_partition_with_kafkas_partitioner() {
 async fn bad_events_are_refused_and_change_nothing() {
     let app = app_with(
         HttpLimits {
-            max_request_bytes: 64 * 1024,
+            max_request_bytes: 256 * 1024,
             ..HttpLimits::default()
         },
         4096,
@@ -484,7 +484,7 @@ async fn bad_events_are_refused_and_change_nothing() {
         .await;
     assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "event 1");
     // A request over max_request_bytes, with and without a Content-Length.
-    let huge: Vec<Value> = (0..100)
+    let huge: Vec<Value> = (0..300)
         .map(|_| json!({"type": "t", "data": "y".repeat(1000)}))
         .collect();
     let r = app
@@ -506,6 +506,16 @@ async fn bad_events_are_refused_and_change_nothing() {
         StatusCode::PAYLOAD_TOO_LARGE,
         "request body exceeds",
     );
+    // More events than one request may carry.
+    let many: Vec<Value> = (0..10_001).map(|_| json!({"type": "t"})).collect();
+    let r = app
+        .publish(
+            "orders",
+            "application/cloudevents-batch+json",
+            Value::Array(many),
+        )
+        .await;
+    assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "10001 events");
     // Wrong media type, unknown topic.
     assert_eq!(
         app.call("POST", "/v1/topics/orders/events", "text/plain", "hi")

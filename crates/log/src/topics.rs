@@ -5,10 +5,10 @@
 //! never leaves half a topic; a deleted topic is first renamed into `<data>/trash/` (from where it is
 //! removed), so a crash never leaves half of one either.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,8 @@ pub struct Log {
     storage: Arc<dyn Storage>,
     config: LogConfig,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Names of topics being created.
+    pending: Mutex<BTreeSet<String>>,
     /// Makes staging and trash names unique within a process.
     sequence: AtomicU64,
 }
@@ -97,6 +99,7 @@ impl Log {
             storage,
             config,
             topics: RwLock::new(topics),
+            pending: Mutex::new(BTreeSet::new()),
             sequence: AtomicU64::new(0),
         })
     }
@@ -149,34 +152,51 @@ impl Log {
                 config.max_message_bytes, config.segment_bytes
             )));
         }
-        // Holding the write lock serializes creations and deletions; reads of other topics go on.
-        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        if topics.contains_key(name) {
-            return Err(Error::TopicExists(name.to_string()));
+        // Reserve the name, then build the topic without holding the lock: creating many
+        // partitions takes many fsyncs, and lookups of other topics must not wait for them.
+        {
+            let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if topics.contains_key(name) || !pending.insert(name.to_string()) {
+                return Err(Error::TopicExists(name.to_string()));
+            }
         }
+        let built = self.build_topic(name, &config, now_ms);
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let topic = built?;
+        topics.insert(name.to_string(), topic.clone());
+        Ok(topic)
+    }
+
+    /// Builds a topic in `staging/` and moves it into `topics/` in one rename.
+    fn build_topic(&self, name: &str, config: &TopicConfig, now_ms: i64) -> Result<Arc<Topic>> {
         let staging = self.dir.join("staging").join(self.unique(name));
         self.storage
             .create_dir(&staging)
             .ctx("create topic directory", &staging)?;
-        let mut partitions = Vec::with_capacity(config.partitions as usize);
-        for id in 0..config.partitions {
-            let pdir = staging.join(id.to_string());
-            partitions.push(Partition::create(
-                self.storage.clone(),
-                &pdir,
-                name,
-                id,
-                self.config.clone(),
-            )?);
+        let staged = (|| {
+            for id in 0..config.partitions {
+                let pdir = staging.join(id.to_string());
+                Partition::create(self.storage.clone(), &pdir, name, id, self.config.clone())?;
+            }
+            let file = TopicFile {
+                name: name.to_string(),
+                created_ms: now_ms,
+                config: config.clone(),
+            };
+            let json = serde_json::to_vec_pretty(&file).expect("topic metadata serializes");
+            let meta = staging.join("topic.json");
+            write_atomically(&*self.storage, &meta, &json).ctx("write topic metadata", &meta)
+        })();
+        if let Err(e) = staged {
+            // Best effort: staging is emptied on the next start anyway.
+            let _ = self.storage.remove_dir_all(&staging);
+            return Err(e);
         }
-        let file = TopicFile {
-            name: name.to_string(),
-            created_ms: now_ms,
-            config: config.clone(),
-        };
-        let json = serde_json::to_vec_pretty(&file).expect("topic metadata serializes");
-        let meta = staging.join("topic.json");
-        write_atomically(&*self.storage, &meta, &json).ctx("write topic metadata", &meta)?;
         let target = self.dir.join("topics").join(name);
         self.storage
             .rename(&staging, &target)
@@ -185,11 +205,12 @@ impl Log {
         self.storage
             .sync_dir(&topics_dir)
             .ctx("sync directory", &topics_dir)?;
-        // Reopen from the final place so every path points there.
-        drop(partitions);
-        let topic = Arc::new(Self::open_topic(&self.storage, &target, &self.config)?);
-        topics.insert(name.to_string(), topic.clone());
-        Ok(topic)
+        // Open from the final place so every path points there.
+        Ok(Arc::new(Self::open_topic(
+            &self.storage,
+            &target,
+            &self.config,
+        )?))
     }
 
     /// Deletes a topic and all its data.

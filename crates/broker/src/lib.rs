@@ -96,12 +96,38 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
 }
 
+/// Decodes a compressed batch (gzip, snappy, lz4, zstd) as Kafka producers send them, leaving out
+/// transaction control records.
+fn decode_compressed(whole: &[u8]) -> Result<Vec<batch::Record>, String> {
+    let mut bytes = bytes::Bytes::copy_from_slice(whole);
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    Ok(set
+        .records
+        .into_iter()
+        .filter(|r| !r.control)
+        .map(|r| batch::Record {
+            offset: r.offset,
+            timestamp_ms: r.timestamp,
+            key: r.key.map(|k| k.to_vec()),
+            value: r.value.map(|v| v.to_vec()),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.map(|v| v.to_vec())))
+                .collect(),
+        })
+        .collect())
+}
+
 /// Bytes a batch may carry beyond its records' estimated sizes (header and varints).
 const BATCH_SLACK_BYTES: u64 = 256;
 
 pub struct Broker {
     log: Arc<Log>,
     limits: Limits,
+    /// High watermark channels of partitions that someone waits on, keyed by partition identity.
+    watches: std::sync::Mutex<std::collections::HashMap<usize, tokio::sync::watch::Receiver<u64>>>,
     /// Picks the partition of unkeyed events, one request at a time.
     spread: AtomicU32,
 }
@@ -111,6 +137,7 @@ impl Broker {
         Broker {
             log,
             limits,
+            watches: Default::default(),
             spread: AtomicU32::new(0),
         }
     }
@@ -129,8 +156,33 @@ impl Broker {
     }
 
     pub async fn delete_topic(&self, name: String) -> Result<()> {
+        let topic = self.topic(&name)?;
         let log = self.log.clone();
-        blocking(move || Ok(log.delete_topic(&name)?)).await
+        blocking(move || Ok(log.delete_topic(&name)?)).await?;
+        let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &topic.partitions {
+            watches.remove(&(Arc::as_ptr(p) as usize));
+        }
+        Ok(())
+    }
+
+    /// A channel holding the partition's high watermark, updated as it advances: readers at the
+    /// end of the log wait on it instead of polling.
+    pub fn watch(
+        &self,
+        partition: &Arc<spate_log::Partition>,
+    ) -> tokio::sync::watch::Receiver<u64> {
+        let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        watches
+            .entry(Arc::as_ptr(partition) as usize)
+            .or_insert_with(|| {
+                let (tx, rx) = tokio::sync::watch::channel(partition.high_watermark());
+                partition.add_listener(Box::new(move |hw| {
+                    tx.send_replace(hw);
+                }));
+                rx
+            })
+            .clone()
     }
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
@@ -230,7 +282,9 @@ impl Broker {
         blocking(move || {
             let mut offset = match start {
                 Start::Offset(o) => o,
-                Start::Time(t) => p.offset_for_timestamp(t)?.unwrap_or_else(|| p.high_watermark()),
+                Start::Time(t) => p
+                    .offset_for_timestamp(t)?
+                    .map_or_else(|| p.high_watermark(), |(o, _)| o),
             };
             let mut events = Vec::new();
             'outer: while events.len() < limit {
@@ -243,11 +297,13 @@ impl Broker {
                     let whole = &bytes[at..at + h.total_bytes() as usize];
                     let records = match batch::decode(whole) {
                         Ok(r) => r,
-                        Err(batch::BatchError::Compressed(c)) => {
-                            return Err(BrokerError::Unsupported(format!(
-                                "offset {} is in a batch compressed with codec {c}, which this server cannot decode yet",
-                                h.base_offset
-                            )));
+                        Err(batch::BatchError::Compressed(_)) => {
+                            decode_compressed(whole).map_err(|e| {
+                                BrokerError::Unsupported(format!(
+                                    "cannot decompress the batch at offset {}: {e}",
+                                    h.base_offset
+                                ))
+                            })?
                         }
                         Err(e) => return Err(spate_log::Error::from(e).into()),
                     };

@@ -357,6 +357,29 @@ impl Partition {
         now_ms: i64,
         topic_config: &TopicConfig,
     ) -> Result<Appended> {
+        let appended = self.append_unsynced(batches, now_ms, topic_config)?;
+        self.wait_acknowledgeable(appended)?;
+        Ok(appended)
+    }
+
+    /// Waits until an append may be acknowledged under the fsync policy: under `Batch`, until it is
+    /// durable; under the relaxed policies at once.
+    pub fn wait_acknowledgeable(&self, appended: Appended) -> Result<()> {
+        match self.config.fsync {
+            FsyncPolicy::Batch => self.wait_durable(appended.last_offset + 1),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+        }
+    }
+
+    /// Writes batches and assigns their offsets without waiting for durability: front ends that
+    /// pipeline requests write in order, then wait with [`Partition::wait_acknowledgeable`] before
+    /// they acknowledge.
+    pub fn append_unsynced(
+        &self,
+        batches: &mut [u8],
+        now_ms: i64,
+        topic_config: &TopicConfig,
+    ) -> Result<Appended> {
         if batches.len() as u64 > APPEND_BYTES_MAX {
             return Err(Error::BatchTooLarge {
                 size: batches.len() as u64,
@@ -435,11 +458,8 @@ impl Partition {
                 last_offset: next - 1,
             }
         };
-        match self.config.fsync {
-            FsyncPolicy::Batch => self.wait_durable(appended.last_offset + 1)?,
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
-                self.advance_high_watermark(appended.last_offset + 1)
-            }
+        if self.config.fsync != FsyncPolicy::Batch {
+            self.advance_high_watermark(appended.last_offset + 1);
         }
         Ok(appended)
     }
@@ -592,9 +612,9 @@ impl Partition {
         Ok(Vec::new())
     }
 
-    /// The first offset whose record timestamp is at or after `timestamp_ms`; `None` when every
-    /// record is older.
-    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+    /// The first offset whose record timestamp is at or after `timestamp_ms`, with that record's
+    /// timestamp; `None` when every record is older.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>> {
         let high_watermark = self.high_watermark();
         for segment in self.snapshot() {
             if segment.base_offset >= high_watermark {

@@ -482,13 +482,13 @@ impl Segment {
         Ok(buf)
     }
 
-    /// The first offset at or after `offset` whose record timestamp is at or after `timestamp_ms`,
-    /// below `limit_offset`.
+    /// The first offset whose record timestamp is at or after `timestamp_ms`, below `limit_offset`,
+    /// with that record's timestamp.
     pub fn offset_for_timestamp(
         &self,
         timestamp_ms: i64,
         limit_offset: u64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<(u64, i64)>> {
         let start_offset = {
             let st = self.state();
             if st.max_timestamp_ms < timestamp_ms {
@@ -518,12 +518,12 @@ impl Segment {
                     return Ok(Some(match batch::decode(whole) {
                         Ok(records) => records
                             .iter()
-                            .find(|r| {
-                                r.timestamp_ms >= timestamp_ms && r.offset as u64 >= start_offset
-                            })
-                            .map_or(h.base_offset as u64, |r| r.offset as u64),
+                            .find(|r| r.timestamp_ms >= timestamp_ms)
+                            .map_or((h.base_offset as u64, h.max_timestamp), |r| {
+                                (r.offset as u64, r.timestamp_ms)
+                            }),
                         // Compressed batches are not decoded here: the batch is the answer.
-                        Err(_) => h.base_offset as u64,
+                        Err(_) => (h.base_offset as u64, h.max_timestamp),
                     }));
                 }
                 offset = h.base_offset as u64 + h.offset_count();

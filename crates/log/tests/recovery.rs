@@ -195,7 +195,10 @@ fn missing_indexes_of_a_sealed_segment_are_rebuilt() {
     let log = open(&disk, LogConfig::default()).unwrap();
     assert_eq!(read_all(&log, "t", 0), before);
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
-    assert_eq!(p.offset_for_timestamp(1010).unwrap(), Some(40));
+    assert_eq!(
+        p.offset_for_timestamp(1010).unwrap().map(|(o, _)| o),
+        Some(40)
+    );
 }
 
 /// A deterministic workload: creates two topics, appends (rolling segments), applies retention and
@@ -362,9 +365,12 @@ fn reads_outside_the_log_are_refused() {
             ..
         })
     ));
-    assert_eq!(p.offset_for_timestamp(5000).unwrap(), None);
-    assert_eq!(p.offset_for_timestamp(0).unwrap(), Some(0));
-    assert_eq!(p.offset_for_timestamp(1001).unwrap(), Some(3));
+    assert_eq!(p.offset_for_timestamp(5000).unwrap().map(|(o, _)| o), None);
+    assert_eq!(p.offset_for_timestamp(0).unwrap().map(|(o, _)| o), Some(0));
+    assert_eq!(
+        p.offset_for_timestamp(1001).unwrap().map(|(o, _)| o),
+        Some(3)
+    );
 }
 
 #[test]

@@ -16,8 +16,12 @@ use spate_log::FsyncPolicy;
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
-    /// Reserved for the Kafka listener.
+    /// The Kafka listener.
     pub kafka_addr: SocketAddr,
+    /// The `host:port` Kafka clients are told to connect to; the listen address when unset.
+    pub kafka_advertised_addr: Option<String>,
+    /// Create unknown topics when Kafka clients ask for them (Metadata, Produce).
+    pub auto_create_topics: bool,
     /// `batch`, `interval:<ms>` or `never`.
     pub fsync: String,
     pub max_event_bytes: u64,
@@ -30,10 +34,12 @@ pub struct ServeConfig {
 }
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 11] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
+    "kafka_advertised_addr",
+    "auto_create_topics",
     "fsync",
     "max_event_bytes",
     "max_request_bytes",
@@ -48,6 +54,8 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("./spate-data"),
             http_addr: "127.0.0.1:7070".parse().expect("valid address"),
             kafka_addr: "127.0.0.1:9092".parse().expect("valid address"),
+            kafka_advertised_addr: None,
+            auto_create_topics: false,
             fsync: "batch".into(),
             max_event_bytes: 1 << 20,
             max_request_bytes: 16 << 20,
@@ -67,6 +75,10 @@ pub struct Overrides {
     pub http_addr: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_advertised_addr: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub auto_create_topics: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsync: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -115,9 +115,15 @@ struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:7070].
     #[arg(long)]
     http_addr: Option<SocketAddr>,
-    /// Kafka listen address, reserved for the Kafka listener [default: 127.0.0.1:9092].
+    /// Kafka listen address [default: 127.0.0.1:9092].
     #[arg(long)]
     kafka_addr: Option<SocketAddr>,
+    /// host:port that Kafka clients are told to connect to [default: the listen address].
+    #[arg(long)]
+    kafka_advertised_addr: Option<String>,
+    /// Create unknown topics when Kafka clients ask for them.
+    #[arg(long)]
+    auto_create_topics: bool,
     /// batch (group commit, default), interval:<ms> or never.
     #[arg(long)]
     fsync: Option<String>,
@@ -154,6 +160,8 @@ fn main() -> Result<()> {
                     data_dir: a.data_dir,
                     http_addr: a.http_addr,
                     kafka_addr: a.kafka_addr,
+                    kafka_advertised_addr: a.kafka_advertised_addr,
+                    auto_create_topics: a.auto_create_topics,
                     fsync: a.fsync,
                     max_event_bytes: a.max_event_bytes,
                     max_request_bytes: a.max_request_bytes,

@@ -67,8 +67,25 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         config.data_dir.display()
     );
+    let kafka = TcpListener::bind(config.kafka_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.kafka_addr))?;
+    let kafka_addr = kafka.local_addr()?;
+    let (advertised_host, advertised_port) = match &config.kafka_advertised_addr {
+        Some(a) => {
+            let (h, p) = a
+                .rsplit_once(':')
+                .with_context(|| format!("--kafka-advertised-addr {a:?} must be host:port"))?;
+            (
+                h.to_string(),
+                p.parse::<u16>()
+                    .with_context(|| format!("invalid port in {a:?}"))?,
+            )
+        }
+        None => (kafka_addr.ip().to_string(), kafka_addr.port()),
+    };
     println!("http: http://{http_addr}");
-    tracing::info!(kafka_addr = %config.kafka_addr, "the Kafka listener is not available in this version");
+    println!("kafka: {kafka_addr}");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -82,6 +99,19 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         },
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
+    let kafka_config = spate_kafka::KafkaConfig {
+        advertised_host,
+        advertised_port: i32::from(advertised_port),
+        auto_create_topics: config.auto_create_topics,
+        max_connections: config.max_connections,
+        ..spate_kafka::KafkaConfig::default()
+    };
+    let kafka_server = tokio::spawn(spate_kafka::serve(
+        kafka,
+        broker.clone(),
+        kafka_config,
+        stopped(stop_rx.clone()),
+    ));
     let maintenance = tokio::spawn(broker.clone().maintain(
         Duration::from_millis(config.retention_check_ms),
         stopped(stop_rx.clone()),
@@ -101,6 +131,12 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             .context("http server task failed")?
             .context("http server failed")?,
         Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    match tokio::time::timeout(DRAIN_TIMEOUT, kafka_server).await {
+        Ok(result) => result
+            .context("kafka server task failed")?
+            .context("kafka server failed")?,
+        Err(_) => tracing::warn!("kafka connections did not finish in time"),
     }
     let _ = maintenance.await;
     broker.flush().await.context("final sync failed")?;

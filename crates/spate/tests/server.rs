@@ -74,7 +74,14 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _server = common::start(dir.path(), &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--kafka-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -106,7 +113,14 @@ fn corruption_refuses_start_until_repair() {
     std::fs::write(&segment, &bytes).unwrap();
 
     let out = Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(["serve", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--kafka-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();

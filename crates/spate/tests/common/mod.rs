@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// The Kafka listener's `host:port`.
+    pub kafka: String,
 }
 
 /// Starts `spate serve` on a free loopback port and waits (bounded) until it prints its address.
@@ -17,7 +19,7 @@ pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
         .arg("serve")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--http-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0", "--kafka-addr", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -29,20 +31,28 @@ pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(url) = line.strip_prefix("http: ") {
-                let _ = tx.send(url.to_string());
+            for (prefix, kind) in [("http: ", "http"), ("kafka: ", "kafka")] {
+                if let Some(value) = line.strip_prefix(prefix) {
+                    let _ = tx.send((kind, value.to_string()));
+                }
             }
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            panic!(
-                "spate did not print its address within 30 s (status {:?})",
-                child.try_wait()
-            )
-        });
-    Server { child, url }
+    let mut next = |what: &str| {
+        let (kind, value) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "spate did not print its addresses within 30 s (status {:?})",
+                    child.try_wait()
+                )
+            });
+        assert_eq!(kind, what, "addresses are printed http first, then kafka");
+        value
+    };
+    let url = next("http");
+    let kafka = next("kafka");
+    Server { child, url, kafka }
 }
 
 impl Server {

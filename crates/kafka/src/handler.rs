@@ -1,0 +1,707 @@
+//! Request handling: decode, dispatch to the broker, encode. Every Kafka error code the listener
+//! returns is chosen in this file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, BrokerId, CreateTopicsRequest, CreateTopicsResponse,
+    DeleteTopicsRequest, DeleteTopicsResponse, FetchRequest, FetchResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+    RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use spate_broker::{Broker, BrokerError};
+use spate_log::{Appended, Error as LogError, Partition, TopicConfig};
+
+use crate::{KafkaConfig, Reply};
+
+/// Kafka error codes used here (Kafka's protocol guide, "Error Codes").
+pub mod code {
+    pub const NONE: i16 = 0;
+    pub const UNKNOWN_SERVER_ERROR: i16 = -1;
+    pub const OFFSET_OUT_OF_RANGE: i16 = 1;
+    pub const CORRUPT_MESSAGE: i16 = 2;
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
+    pub const RECORD_LIST_TOO_LARGE: i16 = 18;
+    pub const UNSUPPORTED_VERSION: i16 = 35;
+    pub const TOPIC_ALREADY_EXISTS: i16 = 36;
+    pub const INVALID_PARTITIONS: i16 = 37;
+    pub const INVALID_REPLICATION_FACTOR: i16 = 38;
+    pub const INVALID_REPLICA_ASSIGNMENT: i16 = 39;
+    pub const INVALID_CONFIG: i16 = 40;
+    pub const INVALID_REQUEST: i16 = 42;
+    pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
+    pub const KAFKA_STORAGE_ERROR: i16 = 56;
+}
+
+/// The node id Spate answers as: one node is the whole cluster.
+const NODE_ID: i32 = 0;
+/// The longest a Fetch may wait for data, whatever the client asks.
+const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Bytes one Fetch response carries at most, whatever the client asks.
+const FETCH_BYTES_MAX: u64 = 64 << 20;
+
+/// The APIs and versions this listener implements. Produce and Fetch stop below the versions that
+/// address topics by id (13); ListOffsets below MAX_TIMESTAMP lookups (7).
+pub const APIS: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 12),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+];
+
+fn supported(key: ApiKey, version: i16) -> bool {
+    APIS.iter()
+        .any(|(k, lo, hi)| *k == key && (*lo..=*hi).contains(&version))
+}
+
+pub struct Context {
+    pub broker: Arc<Broker>,
+    pub config: Arc<KafkaConfig>,
+}
+
+fn encode_response(
+    correlation_id: i32,
+    header_version: i16,
+    body: &ResponseKind,
+    version: i16,
+) -> anyhow::Result<BytesMut> {
+    let mut out = BytesMut::with_capacity(256);
+    out.put_i32(0);
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut out, header_version)?;
+    body.encode(&mut out, version)?;
+    let size = i32::try_from(out.len() - 4).context("response too large")?;
+    out[0..4].copy_from_slice(&size.to_be_bytes());
+    Ok(out)
+}
+
+fn api_versions(error_code: i16) -> ApiVersionsResponse {
+    ApiVersionsResponse::default()
+        .with_error_code(error_code)
+        .with_api_keys(
+            APIS.iter()
+                .map(|(k, lo, hi)| {
+                    ApiVersion::default()
+                        .with_api_key(*k as i16)
+                        .with_min_version(*lo)
+                        .with_max_version(*hi)
+                })
+                .collect(),
+        )
+}
+
+/// Handles one request frame. An `Err` closes the connection (undecodable input).
+pub async fn handle(ctx: &Context, mut frame: Bytes) -> anyhow::Result<Reply> {
+    if frame.len() < 8 {
+        bail!("request of {} bytes is too short for a header", frame.len());
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let api = ApiKey::try_from(key).ok();
+    let Some(api) = api.filter(|a| supported(*a, version)) else {
+        // ApiVersions newer than ours is answered at v0 with our versions, so the client can pick
+        // one it shares with us; anything else unknown gets the bare error code.
+        if api == Some(ApiKey::ApiVersions) {
+            let body = ResponseKind::ApiVersions(api_versions(code::UNSUPPORTED_VERSION));
+            return Ok(Reply::Ready(encode_response(correlation_id, 0, &body, 0)?));
+        }
+        tracing::debug!(key, version, "unsupported api key or version");
+        let mut out = BytesMut::with_capacity(10);
+        out.put_i32(6);
+        out.put_i32(correlation_id);
+        out.put_i16(code::UNSUPPORTED_VERSION);
+        return Ok(Reply::Ready(out));
+    };
+    let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
+        .context("invalid request header")?;
+    let request = RequestKind::decode(api, &mut frame, version).context("invalid request body")?;
+    if frame.has_remaining() {
+        tracing::debug!(
+            ?api,
+            trailing = frame.remaining(),
+            "request has trailing bytes"
+        );
+    }
+    let header_version = api.response_header_version(version);
+    let id = header.correlation_id;
+    let body = match request {
+        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
+        RequestKind::Metadata(r) => ResponseKind::Metadata(metadata(ctx, r, version).await),
+        RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(create_topics(ctx, r).await),
+        RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(delete_topics(ctx, r).await),
+        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets(ctx, r).await),
+        RequestKind::Fetch(r) => ResponseKind::Fetch(fetch(ctx, r).await),
+        RequestKind::Produce(r) => return produce(ctx, r, id, header_version, version).await,
+        other => bail!("request {other:?} passed the version check but has no handler"),
+    };
+    Ok(Reply::Ready(encode_response(
+        id,
+        header_version,
+        &body,
+        version,
+    )?))
+}
+
+fn name_of(t: &TopicName) -> &str {
+    t.0.as_str()
+}
+
+fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+/// The Kafka error code for a broker error.
+fn error_code(e: &BrokerError) -> i16 {
+    match e {
+        BrokerError::Log(e) => match e {
+            LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => {
+                code::UNKNOWN_TOPIC_OR_PARTITION
+            }
+            LogError::TopicExists(_) => code::TOPIC_ALREADY_EXISTS,
+            LogError::InvalidTopicName { .. } => code::INVALID_TOPIC_EXCEPTION,
+            LogError::InvalidConfig(m) if m.contains("partitions") => code::INVALID_PARTITIONS,
+            LogError::InvalidConfig(_) => code::INVALID_CONFIG,
+            LogError::OffsetOutOfRange { .. } => code::OFFSET_OUT_OF_RANGE,
+            LogError::BatchTooLarge { .. } => code::MESSAGE_TOO_LARGE,
+            LogError::InvalidBatch(spate_log::batch::BatchError::Magic(_)) => {
+                code::UNSUPPORTED_FOR_MESSAGE_FORMAT
+            }
+            LogError::InvalidBatch(_) => code::CORRUPT_MESSAGE,
+            LogError::Poisoned { .. } | LogError::Io { .. } | LogError::Corrupt { .. } => {
+                code::KAFKA_STORAGE_ERROR
+            }
+            LogError::Metadata { .. } => code::UNKNOWN_SERVER_ERROR,
+        },
+        BrokerError::InvalidEvent { .. } | BrokerError::EventTooLarge { .. } => {
+            code::INVALID_REQUEST
+        }
+        BrokerError::Unsupported(_) | BrokerError::Internal(_) => code::UNKNOWN_SERVER_ERROR,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
+        .map_err(BrokerError::from)
+}
+
+/// Looks a topic up, creating it when auto-creation is on and `create` allows.
+async fn topic_for(
+    ctx: &Context,
+    name: &str,
+    create: bool,
+) -> Result<Arc<spate_log::Topic>, BrokerError> {
+    match ctx.broker.topic(name) {
+        Err(BrokerError::Log(LogError::UnknownTopic(_)))
+            if create && ctx.config.auto_create_topics =>
+        {
+            let config = TopicConfig {
+                partitions: ctx.config.default_partitions,
+                ..TopicConfig::default()
+            };
+            match ctx.broker.create_topic(name.to_string(), config).await {
+                Ok(t) => Ok(t),
+                // Someone else created it meanwhile.
+                Err(BrokerError::Log(LogError::TopicExists(_))) => ctx.broker.topic(name),
+                Err(e) => Err(e),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn metadata(ctx: &Context, r: MetadataRequest, version: i16) -> MetadataResponse {
+    let names: Vec<String> = match &r.topics {
+        None => ctx
+            .broker
+            .log()
+            .topics()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
+        // Version 0 used an empty list for "all topics".
+        Some(list) if list.is_empty() && version == 0 => ctx
+            .broker
+            .log()
+            .topics()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
+        Some(list) => list
+            .iter()
+            .filter_map(|t| t.name.as_ref().map(|n| name_of(n).to_string()))
+            .collect(),
+    };
+    // Versions before 4 have no flag and always allowed auto-creation.
+    let create = r.allow_auto_topic_creation || version < 4;
+    let mut topics = Vec::with_capacity(names.len());
+    for name in names {
+        let t = MetadataResponseTopic::default().with_name(Some(TopicName(str_bytes(&name))));
+        topics.push(match topic_for(ctx, &name, create).await {
+            Ok(topic) => t.with_partitions(
+                (0..topic.config.partitions as i32)
+                    .map(|p| {
+                        MetadataResponsePartition::default()
+                            .with_partition_index(p)
+                            .with_leader_id(BrokerId(NODE_ID))
+                            .with_leader_epoch(0)
+                            .with_replica_nodes(vec![BrokerId(NODE_ID)])
+                            .with_isr_nodes(vec![BrokerId(NODE_ID)])
+                    })
+                    .collect(),
+            ),
+            Err(e) => t.with_error_code(error_code(&e)),
+        });
+    }
+    MetadataResponse::default()
+        .with_brokers(vec![
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(NODE_ID))
+                .with_host(str_bytes(&ctx.config.advertised_host))
+                .with_port(ctx.config.advertised_port),
+        ])
+        .with_cluster_id(Some(StrBytes::from_static_str("spate")))
+        .with_controller_id(BrokerId(NODE_ID))
+        .with_topics(topics)
+}
+
+/// Maps CreateTopics configs onto a topic configuration.
+fn topic_config(
+    ctx: &Context,
+    t: &kafka_protocol::messages::create_topics_request::CreatableTopic,
+) -> Result<TopicConfig, (i16, String)> {
+    let mut c = TopicConfig {
+        partitions: if t.num_partitions == -1 {
+            ctx.config.default_partitions
+        } else {
+            u32::try_from(t.num_partitions).map_err(|_| {
+                (
+                    code::INVALID_PARTITIONS,
+                    "partitions must be positive".to_string(),
+                )
+            })?
+        },
+        ..TopicConfig::default()
+    };
+    if !(t.replication_factor == -1 || t.replication_factor == 1) {
+        return Err((
+            code::INVALID_REPLICATION_FACTOR,
+            "this server keeps one replica: use replication factor 1 or -1".into(),
+        ));
+    }
+    if !t.assignments.is_empty() {
+        return Err((
+            code::INVALID_REPLICA_ASSIGNMENT,
+            "manual replica assignment is not supported".into(),
+        ));
+    }
+    for cfg in &t.configs {
+        let value = cfg
+            .value
+            .as_ref()
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let bad = || {
+            (
+                code::INVALID_CONFIG,
+                format!("invalid value {value:?} for {}", cfg.name.as_str()),
+            )
+        };
+        let number = || value.parse::<i64>().map_err(|_| bad());
+        match cfg.name.as_str() {
+            "retention.ms" => c.retention_ms = u64::try_from(number()?).ok(),
+            "retention.bytes" => c.retention_bytes = u64::try_from(number()?).ok(),
+            "segment.bytes" => c.segment_bytes = u64::try_from(number()?).map_err(|_| bad())?,
+            "segment.ms" => c.segment_ms = u64::try_from(number()?).map_err(|_| bad())?,
+            "max.message.bytes" => {
+                c.max_message_bytes = u64::try_from(number()?).map_err(|_| bad())?
+            }
+            "cleanup.policy" if value == "delete" => {}
+            // Settings about replicas and caching that mean nothing on one node.
+            "min.insync.replicas" | "unclean.leader.election.enable" | "message.timestamp.type"
+                if value != "LogAppendTime" => {}
+            other => {
+                return Err((
+                    code::INVALID_CONFIG,
+                    format!("unsupported topic config {other}={value}"),
+                ));
+            }
+        }
+    }
+    Ok(c)
+}
+
+async fn create_topics(ctx: &Context, r: CreateTopicsRequest) -> CreateTopicsResponse {
+    let mut results = Vec::with_capacity(r.topics.len());
+    for t in &r.topics {
+        let name = name_of(&t.name).to_string();
+        let result = CreatableTopicResult::default().with_name(t.name.clone());
+        let outcome = match topic_config(ctx, t) {
+            Err(e) => Err(e),
+            Ok(config) => {
+                let partitions = config.partitions;
+                let checked = config
+                    .validate()
+                    .and_then(|()| spate_log::config::validate_topic_name(&name))
+                    .map_err(BrokerError::from);
+                match checked {
+                    Err(e) => Err((error_code(&e), e.to_string())),
+                    Ok(()) if r.validate_only => match ctx.broker.topic(&name) {
+                        Ok(_) => Err((
+                            code::TOPIC_ALREADY_EXISTS,
+                            format!("topic {name} already exists"),
+                        )),
+                        Err(_) => Ok(partitions),
+                    },
+                    Ok(()) => ctx
+                        .broker
+                        .create_topic(name.clone(), config)
+                        .await
+                        .map(|_| partitions)
+                        .map_err(|e| (error_code(&e), e.to_string())),
+                }
+            }
+        };
+        results.push(match outcome {
+            Ok(partitions) => result
+                .with_num_partitions(partitions as i32)
+                .with_replication_factor(1),
+            Err((code, message)) => result
+                .with_error_code(code)
+                .with_error_message(Some(str_bytes(&message)))
+                .with_num_partitions(-1)
+                .with_replication_factor(-1),
+        });
+    }
+    CreateTopicsResponse::default().with_topics(results)
+}
+
+async fn delete_topics(ctx: &Context, r: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    let names: Vec<Option<TopicName>> = if r.topics.is_empty() {
+        r.topic_names.into_iter().map(Some).collect()
+    } else {
+        r.topics.into_iter().map(|t| t.name).collect()
+    };
+    let mut results = Vec::with_capacity(names.len());
+    for name in names {
+        let result = DeletableTopicResult::default().with_name(name.clone());
+        let Some(name) = name else {
+            results.push(
+                result
+                    .with_error_code(code::UNKNOWN_TOPIC_OR_PARTITION)
+                    .with_error_message(Some(StrBytes::from_static_str(
+                        "topic ids are not supported; give the name",
+                    ))),
+            );
+            continue;
+        };
+        results.push(
+            match ctx.broker.delete_topic(name_of(&name).to_string()).await {
+                Ok(()) => result,
+                Err(e) => result
+                    .with_error_code(error_code(&e))
+                    .with_error_message(Some(str_bytes(&e.to_string()))),
+            },
+        );
+    }
+    DeleteTopicsResponse::default().with_responses(results)
+}
+
+fn partition_of(topic: &spate_log::Topic, index: i32) -> Result<Arc<Partition>, BrokerError> {
+    u32::try_from(index)
+        .map_err(|_| {
+            BrokerError::Log(LogError::UnknownPartition {
+                topic: topic.name.clone(),
+                partition: 0,
+            })
+        })
+        .and_then(|i| Ok(topic.partition(i)?.clone()))
+}
+
+async fn list_offsets(ctx: &Context, r: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut topics = Vec::with_capacity(r.topics.len());
+    for t in r.topics {
+        let topic = ctx.broker.topic(name_of(&t.name));
+        let mut partitions = Vec::with_capacity(t.partitions.len());
+        for p in t.partitions {
+            let response =
+                ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
+            let found = match &topic {
+                Err(e) => Err(error_code(e)),
+                Ok(topic) => match partition_of(topic, p.partition_index) {
+                    Err(e) => Err(error_code(&e)),
+                    Ok(partition) => match p.timestamp {
+                        -1 => Ok((partition.high_watermark() as i64, -1)),
+                        -2 => Ok((partition.log_start_offset() as i64, -1)),
+                        ts if ts >= 0 => blocking(move || partition.offset_for_timestamp(ts))
+                            .await
+                            .map(|found| found.map_or((-1, -1), |(o, t)| (o as i64, t)))
+                            .map_err(|e| error_code(&e)),
+                        _ => Err(code::UNSUPPORTED_VERSION),
+                    },
+                },
+            };
+            partitions.push(match found {
+                Ok((offset, timestamp)) => response.with_offset(offset).with_timestamp(timestamp),
+                Err(c) => response
+                    .with_error_code(c)
+                    .with_offset(-1)
+                    .with_timestamp(-1),
+            });
+        }
+        topics.push(
+            ListOffsetsTopicResponse::default()
+                .with_name(t.name)
+                .with_partitions(partitions),
+        );
+    }
+    ListOffsetsResponse::default().with_topics(topics)
+}
+
+/// One partition of a fetch, resolved once.
+struct FetchSlot {
+    topic_index: usize,
+    partition: Result<Arc<Partition>, i16>,
+    index: i32,
+    offset: i64,
+    max_bytes: u64,
+}
+
+async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
+    let mut slots = Vec::new();
+    let mut names = Vec::with_capacity(r.topics.len());
+    for (ti, t) in r.topics.iter().enumerate() {
+        names.push(t.topic.clone());
+        let topic = ctx.broker.topic(name_of(&t.topic));
+        for p in &t.partitions {
+            slots.push(FetchSlot {
+                topic_index: ti,
+                partition: match &topic {
+                    Err(e) => Err(error_code(e)),
+                    Ok(topic) => partition_of(topic, p.partition).map_err(|e| error_code(&e)),
+                },
+                index: p.partition,
+                offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes.max(0) as u64,
+            });
+        }
+    }
+    let wait = Duration::from_millis(r.max_wait_ms.max(0) as u64).min(FETCH_WAIT_MAX);
+    let deadline = tokio::time::Instant::now() + wait;
+    let min_bytes = r.min_bytes.max(0) as u64;
+    let max_bytes = (r.max_bytes.max(0) as u64).min(FETCH_BYTES_MAX);
+    loop {
+        // Subscribe before reading, so an append between the read and the wait is not missed.
+        let mut watches: Vec<_> = slots
+            .iter()
+            .filter_map(|s| s.partition.as_ref().ok())
+            .map(|p| {
+                let mut rx = ctx.broker.watch(p);
+                rx.borrow_and_update();
+                rx
+            })
+            .collect();
+        let mut parts: Vec<PartitionData> = Vec::with_capacity(slots.len());
+        let mut total = 0u64;
+        let mut errors = false;
+        for s in &slots {
+            let data = PartitionData::default()
+                .with_partition_index(s.index)
+                .with_high_watermark(-1)
+                .with_last_stable_offset(-1)
+                .with_log_start_offset(-1)
+                .with_preferred_read_replica(BrokerId(-1))
+                .with_aborted_transactions(Some(Vec::new()));
+            let p = match &s.partition {
+                Err(c) => {
+                    errors = true;
+                    parts.push(data.with_error_code(*c));
+                    continue;
+                }
+                Ok(p) => p.clone(),
+            };
+            let hw = p.high_watermark() as i64;
+            let start = p.log_start_offset() as i64;
+            let data = data
+                .with_high_watermark(hw)
+                .with_last_stable_offset(hw)
+                .with_log_start_offset(start);
+            if s.offset < start || s.offset > hw {
+                errors = true;
+                parts.push(data.with_error_code(code::OFFSET_OUT_OF_RANGE));
+                continue;
+            }
+            // The first partition with data gets at least one whole batch even past max_bytes.
+            let budget = s.max_bytes.min(max_bytes.saturating_sub(total));
+            if s.offset == hw || (budget == 0 && total > 0) {
+                parts.push(data.with_records(Some(Bytes::new())));
+                continue;
+            }
+            let offset = s.offset as u64;
+            let read = blocking(move || p.read(offset, budget.max(1))).await;
+            parts.push(match read {
+                Ok(bytes) => {
+                    total += bytes.len() as u64;
+                    data.with_records(Some(Bytes::from(bytes)))
+                }
+                Err(e) => {
+                    errors = true;
+                    data.with_error_code(error_code(&e))
+                }
+            });
+        }
+        let now = tokio::time::Instant::now();
+        if total >= min_bytes.max(1) || errors || now >= deadline || watches.is_empty() {
+            let mut responses: Vec<FetchableTopicResponse> = names
+                .iter()
+                .map(|n| FetchableTopicResponse::default().with_topic(n.clone()))
+                .collect();
+            for (s, data) in slots.iter().zip(parts) {
+                responses[s.topic_index].partitions.push(data);
+            }
+            return FetchResponse::default().with_responses(responses);
+        }
+        let changed =
+            futures_util::future::select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+    }
+}
+
+/// A partition's part of a produce request once written: where, or the error code.
+type Written = Result<(Arc<Partition>, Appended), i16>;
+
+async fn produce(
+    ctx: &Context,
+    r: ProduceRequest,
+    id: i32,
+    header_version: i16,
+    version: i16,
+) -> anyhow::Result<Reply> {
+    let acks = r.acks;
+    if !matches!(acks, -1..=1) {
+        bail!("invalid acks {acks}");
+    }
+    // Append every partition's batches in request order; wait for durability afterwards.
+    let mut written: Vec<(usize, i32, Written)> = Vec::new();
+    let mut names = Vec::with_capacity(r.topic_data.len());
+    for (ti, t) in r.topic_data.into_iter().enumerate() {
+        names.push(t.name.clone());
+        let topic = topic_for(ctx, name_of(&t.name), true).await;
+        for pd in t.partition_data {
+            let outcome = match (&topic, pd.records) {
+                (Err(e), _) => Err(error_code(e)),
+                (Ok(_), None) => Err(code::CORRUPT_MESSAGE),
+                (Ok(topic), Some(records)) => match partition_of(topic, pd.index) {
+                    Err(e) => Err(error_code(&e)),
+                    Ok(p) => {
+                        let config = topic.config.clone();
+                        let mut bytes = records.to_vec();
+                        let now = spate_broker::now_ms();
+                        let appender = p.clone();
+                        match blocking(move || appender.append_unsynced(&mut bytes, now, &config))
+                            .await
+                        {
+                            Ok(a) => Ok((p, a)),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "produce refused");
+                                Err(error_code(&e))
+                            }
+                        }
+                    }
+                },
+            };
+            written.push((ti, pd.index, outcome));
+        }
+    }
+    if acks == 0 {
+        // No response; the data is written and becomes durable with the next fsync.
+        return Ok(Reply::None);
+    }
+    let handle = tokio::spawn(async move {
+        let mut responses: Vec<TopicProduceResponse> = names
+            .iter()
+            .map(|n| TopicProduceResponse::default().with_name(n.clone()))
+            .collect();
+        for (ti, index, outcome) in written {
+            let response = PartitionProduceResponse::default()
+                .with_index(index)
+                .with_log_append_time_ms(-1)
+                .with_log_start_offset(-1);
+            let response = match outcome {
+                Err(c) => response.with_error_code(c).with_base_offset(-1),
+                Ok((p, appended)) => {
+                    let start = p.log_start_offset() as i64;
+                    match blocking(move || p.wait_acknowledgeable(appended)).await {
+                        Ok(()) => response
+                            .with_base_offset(appended.base_offset as i64)
+                            .with_log_start_offset(start),
+                        Err(e) => response
+                            .with_error_code(error_code(&e))
+                            .with_base_offset(-1),
+                    }
+                }
+            };
+            responses[ti].partition_responses.push(response);
+        }
+        let body = ResponseKind::Produce(ProduceResponse::default().with_responses(responses));
+        match encode_response(id, header_version, &body, version) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to encode a produce response");
+                None
+            }
+        }
+    });
+    Ok(Reply::Pending(handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_versions_are_within_what_the_codec_knows() {
+        use kafka_protocol::protocol::Message;
+        for (key, lo, hi) in APIS {
+            let range = match key {
+                ApiKey::Produce => kafka_protocol::messages::ProduceRequest::VERSIONS,
+                ApiKey::Fetch => kafka_protocol::messages::FetchRequest::VERSIONS,
+                ApiKey::ListOffsets => kafka_protocol::messages::ListOffsetsRequest::VERSIONS,
+                ApiKey::Metadata => kafka_protocol::messages::MetadataRequest::VERSIONS,
+                ApiKey::ApiVersions => kafka_protocol::messages::ApiVersionsRequest::VERSIONS,
+                ApiKey::CreateTopics => kafka_protocol::messages::CreateTopicsRequest::VERSIONS,
+                ApiKey::DeleteTopics => kafka_protocol::messages::DeleteTopicsRequest::VERSIONS,
+                other => panic!("{other:?} has no range check"),
+            };
+            assert!(range.min <= *lo && *hi <= range.max, "{key:?}");
+        }
+        // Produce and Fetch stop before topic ids.
+        assert!(!supported(ApiKey::Produce, 13));
+        assert!(!supported(ApiKey::Fetch, 13));
+    }
+}

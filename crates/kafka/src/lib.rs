@@ -1,0 +1,158 @@
+//! Spate's Kafka front end: existing Kafka clients and tools produce to and fetch from Spate's log.
+//!
+//! [`serve`] accepts connections on a listener the caller bound. Each connection reads frames
+//! ([`frame`]), decodes them with the `kafka-protocol` crate and handles them one at a time, in
+//! order, as a Kafka broker does; a produce request's wait for durability runs off the connection's
+//! path, so several produce requests of one connection share an fsync. Responses leave in request
+//! order; at most `max_in_flight` are pending per connection. Mapping to Kafka error codes happens
+//! in [`handler`] only.
+
+pub mod frame;
+pub mod handler;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use spate_broker::Broker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// Settings of the Kafka listener.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// The host and port Metadata tells clients to connect to.
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    /// The largest request accepted (Kafka's `socket.request.max.bytes` default is 100 MiB).
+    pub max_request_bytes: u32,
+    /// Responses pending per connection before the connection stops reading requests.
+    pub max_in_flight: usize,
+    /// Open connections at most; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Create unknown topics on Metadata and Produce, as Kafka's `auto.create.topics.enable`.
+    pub auto_create_topics: bool,
+    /// Partitions of topics created without a count (CreateTopics with -1, auto-creation).
+    pub default_partitions: u32,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 9092,
+            max_request_bytes: 100 << 20,
+            max_in_flight: 32,
+            max_connections: 10_000,
+            auto_create_topics: false,
+            default_partitions: 1,
+        }
+    }
+}
+
+/// A response on its way: ready, pending (produce waiting for durability), or none (acks=0).
+pub enum Reply {
+    Ready(BytesMut),
+    Pending(JoinHandle<Option<BytesMut>>),
+    None,
+}
+
+/// Serves the Kafka protocol on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: KafkaConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = handler::Context {
+            broker: broker.clone(),
+            config: config.clone(),
+        };
+        let stop = stop_rx.clone();
+        connections.spawn(async move {
+            if let Err(e) = connection(stream, ctx, stop).await {
+                tracing::debug!(%peer, error = %e, "kafka connection closed");
+            }
+            drop(permit);
+        });
+        // Reap finished connections so the set does not grow without bound.
+        while connections.try_join_next().is_some() {}
+    }
+    // Stop reading new requests; connections finish what they started and close.
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn connection(
+    stream: TcpStream,
+    ctx: handler::Context,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Reply>(ctx.config.max_in_flight.max(1));
+    let writer = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            let bytes = match reply {
+                Reply::Ready(b) => Some(b),
+                Reply::Pending(h) => h.await.ok().flatten(),
+                Reply::None => None,
+            };
+            if let Some(b) = bytes {
+                wr.write_all(&b).await?;
+            }
+        }
+        wr.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let result = loop {
+        match frame::take_frame(&mut buf, ctx.config.max_request_bytes) {
+            Ok(Some(request)) => match handler::handle(&ctx, request).await {
+                Ok(reply) => {
+                    if tx.send(reply).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            },
+            Ok(None) => {
+                let read = tokio::select! {
+                    r = rd.read_buf(&mut buf) => r?,
+                    _ = stop.wait_for(|s| *s) => 0,
+                };
+                if read == 0 {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    drop(tx);
+    writer.await??;
+    result
+}

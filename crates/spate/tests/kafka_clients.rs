@@ -1,0 +1,145 @@
+//! Real Kafka clients against the real binary's Kafka listener: kcat (librdkafka's CLI),
+//! confluent-kafka (librdkafka from Python) and kafka-python. Each creates or uses a 3-partition
+//! topic, produces keyed, compressed messages and consumes them all back; records produced over
+//! Kafka are then read over HTTP. `scripts/test` installs the clients.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn run_python(client: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/kafka_clients.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([client, &server.kafka, &server.url])
+        .output()
+        .expect("python3 runs (scripts/test installs the clients)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{client} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("10000 messages consumed"), "{stdout}");
+    assert!(stdout.contains("HTTP read all 10000"), "{stdout}");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn confluent_kafka_produces_and_consumes() {
+    run_python("confluent");
+}
+
+#[test]
+fn kafka_python_produces_and_consumes() {
+    run_python("kafka-python");
+}
+
+fn kcat(args: &[&str], input: Option<&str>) -> String {
+    let mut child = Command::new("kcat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kcat runs (scripts/test installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(s) = input {
+        stdin.write_all(s.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kcat {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn kcat_produces_with_every_codec_and_consumes_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let k = server.kafka.as_str();
+    let created = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "topics",
+            "create",
+            "k",
+            "--partitions",
+            "3",
+            "--server",
+            &server.url,
+        ])
+        .output()
+        .unwrap();
+    assert!(created.status.success());
+    let mut sent = Vec::new();
+    for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+        let lines: Vec<String> = (0..400)
+            .map(|i| {
+                let n = sent.len();
+                sent.push((format!("key-{}", i % 13), format!("{codec}-{n}")));
+                format!("key-{}:{codec}-{n}", i % 13)
+            })
+            .collect();
+        kcat(
+            &["-b", k, "-t", "k", "-P", "-K:", "-z", codec],
+            Some(&(lines.join("\n") + "\n")),
+        );
+    }
+    let out = kcat(
+        &["-b", k, "-t", "k", "-C", "-e", "-q", "-f", "%p %o %k %s\n"],
+        None,
+    );
+    let mut got: Vec<(u32, u64, String, String)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].to_string(),
+                f[3].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), sent.len());
+    got.sort();
+    // Per key, values come back in the order they were produced (one key, one partition).
+    let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut partition_of: HashMap<&str, u32> = HashMap::new();
+    for (p, _, key, value) in &got {
+        by_key
+            .entry(key)
+            .or_default()
+            .push(value.rsplit('-').next().unwrap().parse().unwrap());
+        assert_eq!(
+            *partition_of.entry(key).or_insert(*p),
+            *p,
+            "key {key} spans partitions"
+        );
+    }
+    for (key, seq) in &by_key {
+        assert!(
+            seq.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {seq:?}"
+        );
+    }
+    let mut values: Vec<String> = got.iter().map(|g| format!("{}:{}", g.2, g.3)).collect();
+    let mut expected: Vec<String> = sent.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    values.sort();
+    expected.sort();
+    assert_eq!(values, expected);
+    // Metadata lists the topic with its partitions and this node as the leader.
+    let meta = kcat(&["-b", k, "-L", "-t", "k"], None);
+    assert!(meta.contains("topic \"k\" with 3 partitions"), "{meta}");
+    assert!(meta.contains(&format!("broker 0 at {k}")), "{meta}");
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -111,8 +111,26 @@ fn api_versions(error_code: i16) -> ApiVersionsResponse {
         )
 }
 
-/// Handles one request frame. An `Err` closes the connection (undecodable input).
-pub async fn handle(ctx: &Context, mut frame: Bytes) -> anyhow::Result<Reply> {
+/// A request frame, taken apart.
+pub enum Decoded {
+    /// A request this listener implements.
+    Request {
+        api: ApiKey,
+        version: i16,
+        header: RequestHeader,
+        body: RequestKind,
+    },
+    /// An API key or version this listener does not implement.
+    Unsupported {
+        api: Option<ApiKey>,
+        key: i16,
+        version: i16,
+        correlation_id: i32,
+    },
+}
+
+/// Decodes one request frame. Pure; an `Err` means the input is not a Kafka request.
+pub fn decode(mut frame: Bytes) -> anyhow::Result<Decoded> {
     if frame.len() < 8 {
         bail!("request of {} bytes is too short for a header", frame.len());
     }
@@ -121,22 +139,16 @@ pub async fn handle(ctx: &Context, mut frame: Bytes) -> anyhow::Result<Reply> {
     let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
     let api = ApiKey::try_from(key).ok();
     let Some(api) = api.filter(|a| supported(*a, version)) else {
-        // ApiVersions newer than ours is answered at v0 with our versions, so the client can pick
-        // one it shares with us; anything else unknown gets the bare error code.
-        if api == Some(ApiKey::ApiVersions) {
-            let body = ResponseKind::ApiVersions(api_versions(code::UNSUPPORTED_VERSION));
-            return Ok(Reply::Ready(encode_response(correlation_id, 0, &body, 0)?));
-        }
-        tracing::debug!(key, version, "unsupported api key or version");
-        let mut out = BytesMut::with_capacity(10);
-        out.put_i32(6);
-        out.put_i32(correlation_id);
-        out.put_i16(code::UNSUPPORTED_VERSION);
-        return Ok(Reply::Ready(out));
+        return Ok(Decoded::Unsupported {
+            api,
+            key,
+            version,
+            correlation_id,
+        });
     };
     let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
         .context("invalid request header")?;
-    let request = RequestKind::decode(api, &mut frame, version).context("invalid request body")?;
+    let body = RequestKind::decode(api, &mut frame, version).context("invalid request body")?;
     if frame.has_remaining() {
         tracing::debug!(
             ?api,
@@ -144,6 +156,43 @@ pub async fn handle(ctx: &Context, mut frame: Bytes) -> anyhow::Result<Reply> {
             "request has trailing bytes"
         );
     }
+    Ok(Decoded::Request {
+        api,
+        version,
+        header,
+        body,
+    })
+}
+
+/// Handles one request frame. An `Err` closes the connection (undecodable input).
+pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
+    let (api, version, header, request) = match decode(frame)? {
+        Decoded::Request {
+            api,
+            version,
+            header,
+            body,
+        } => (api, version, header, body),
+        Decoded::Unsupported {
+            api,
+            key,
+            version,
+            correlation_id,
+        } => {
+            // ApiVersions newer than ours is answered at v0 with our versions, so the client can
+            // pick one it shares with us; anything else unknown gets the bare error code.
+            if api == Some(ApiKey::ApiVersions) {
+                let body = ResponseKind::ApiVersions(api_versions(code::UNSUPPORTED_VERSION));
+                return Ok(Reply::Ready(encode_response(correlation_id, 0, &body, 0)?));
+            }
+            tracing::debug!(key, version, "unsupported api key or version");
+            let mut out = BytesMut::with_capacity(10);
+            out.put_i32(6);
+            out.put_i32(correlation_id);
+            out.put_i16(code::UNSUPPORTED_VERSION);
+            return Ok(Reply::Ready(out));
+        }
+    };
     let header_version = api.response_header_version(version);
     let id = header.correlation_id;
     let body = match request {

@@ -1,0 +1,275 @@
+//! The Kafka listener at the byte level: framing limits, unsupported APIs, garbage, and the error
+//! codes of bad requests. Speaks to `spate_kafka::serve` over loopback TCP.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
+    ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use spate_broker::{Broker, Limits};
+use spate_kafka::{KafkaConfig, serve};
+use spate_log::mem::MemStorage;
+use spate_log::{Log, LogConfig, TopicConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn server() -> (String, Arc<Broker>) {
+    let log = Log::open(
+        Arc::new(MemStorage::new()),
+        Path::new("/d"),
+        LogConfig::default(),
+    )
+    .unwrap();
+    let broker = Arc::new(Broker::new(Arc::new(log), Limits::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = KafkaConfig {
+        max_request_bytes: 1 << 20,
+        ..KafkaConfig::default()
+    };
+    tokio::spawn(serve(
+        listener,
+        broker.clone(),
+        config,
+        std::future::pending(),
+    ));
+    (addr, broker)
+}
+
+fn frame<R: Encodable>(key: ApiKey, version: i16, correlation_id: i32, body: &R) -> BytesMut {
+    let mut out = BytesMut::new();
+    out.put_i32(0);
+    RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("test")))
+        .encode(&mut out, key.request_header_version(version))
+        .unwrap();
+    body.encode(&mut out, version).unwrap();
+    let n = (out.len() - 4) as i32;
+    out[0..4].copy_from_slice(&n.to_be_bytes());
+    out
+}
+
+/// Reads one response frame; `None` when the server closed the connection.
+async fn read_frame(s: &mut TcpStream) -> Option<Bytes> {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
+        .await
+        .expect("no reply within 10 s")
+        .ok()?;
+    let mut buf = vec![0u8; i32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.ok()?;
+    Some(Bytes::from(buf))
+}
+
+async fn call<Req: Encodable, Resp: Decodable>(
+    s: &mut TcpStream,
+    key: ApiKey,
+    version: i16,
+    body: &Req,
+) -> Resp {
+    s.write_all(&frame(key, version, 7, body)).await.unwrap();
+    let mut b = read_frame(s).await.expect("a response");
+    let h = ResponseHeader::decode(&mut b, key.response_header_version(version)).unwrap();
+    assert_eq!(h.correlation_id, 7);
+    Resp::decode(&mut b, version).unwrap()
+}
+
+async fn assert_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "connection should be closed");
+}
+
+#[tokio::test]
+async fn api_versions_lists_what_is_implemented_and_answers_newer_versions_at_v0() {
+    let (addr, _) = server().await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let r: ApiVersionsResponse = call(
+        &mut s,
+        ApiKey::ApiVersions,
+        3,
+        &ApiVersionsRequest::default(),
+    )
+    .await;
+    assert_eq!(r.error_code, 0);
+    let produce = r
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == ApiKey::Produce as i16)
+        .unwrap();
+    assert_eq!((produce.min_version, produce.max_version), (3, 12));
+    // A version newer than ours: the reply is v0 with UNSUPPORTED_VERSION and our list.
+    let mut req = frame(ApiKey::ApiVersions, 3, 9, &ApiVersionsRequest::default());
+    req[6..8].copy_from_slice(&99i16.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut b = read_frame(&mut s).await.unwrap();
+    assert_eq!(b.get_i32(), 9);
+    let r = ApiVersionsResponse::decode(&mut b, 0).unwrap();
+    assert_eq!(r.error_code, 35);
+    assert!(r.api_keys.iter().any(|k| k.api_key == ApiKey::Fetch as i16));
+}
+
+#[tokio::test]
+async fn unknown_api_keys_and_versions_get_unsupported_version() {
+    let (addr, _) = server().await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    for (key, version) in [
+        (9999i16, 0i16),
+        (ApiKey::Produce as i16, 2),
+        (ApiKey::Fetch as i16, 13),
+    ] {
+        let mut req = BytesMut::new();
+        req.put_i32(10);
+        req.put_i16(key);
+        req.put_i16(version);
+        req.put_i32(42);
+        req.put_i16(-1);
+        s.write_all(&req).await.unwrap();
+        let mut b = read_frame(&mut s)
+            .await
+            .expect("an error response, not a closed connection");
+        assert_eq!(b.get_i32(), 42);
+        assert_eq!(b.get_i16(), 35, "key {key} v{version}");
+    }
+    // The connection still works.
+    let r: ApiVersionsResponse = call(
+        &mut s,
+        ApiKey::ApiVersions,
+        0,
+        &ApiVersionsRequest::default(),
+    )
+    .await;
+    assert_eq!(r.error_code, 0);
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_the_connection() {
+    let (addr, _) = server().await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&(64i32 << 20).to_be_bytes()).await.unwrap();
+    assert_closed(&mut s).await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&(-1i32).to_be_bytes()).await.unwrap();
+    assert_closed(&mut s).await;
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_bodies_close_the_connection_and_the_server_lives_on() {
+    let (addr, _) = server().await;
+    let valid = frame(
+        ApiKey::Metadata,
+        12,
+        1,
+        &MetadataRequest::default().with_topics(Some(vec![
+            MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str("t")))),
+        ])),
+    );
+    let mut cases: Vec<Vec<u8>> = Vec::new();
+    // Truncated body with a consistent frame size.
+    let mut t = valid[4..valid.len() - 3].to_vec();
+    let mut framed = (t.len() as i32).to_be_bytes().to_vec();
+    framed.append(&mut t);
+    cases.push(framed);
+    // Random garbage after a valid header prefix.
+    let mut g = valid[4..14].to_vec();
+    g.extend((0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    let mut framed = (g.len() as i32).to_be_bytes().to_vec();
+    framed.extend(g);
+    cases.push(framed);
+    // Too short for a header.
+    cases.push(vec![0, 0, 0, 3, 0, 3, 0]);
+    for case in cases {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&case).await.unwrap();
+        // Either an error response or a closed connection; never a hang or a crash.
+        if let Some(b) = read_frame(&mut s).await {
+            assert!(b.len() >= 4);
+        }
+        assert_closed(&mut s).await;
+    }
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let r: ApiVersionsResponse = call(
+        &mut s,
+        ApiKey::ApiVersions,
+        3,
+        &ApiVersionsRequest::default(),
+    )
+    .await;
+    assert_eq!(r.error_code, 0);
+}
+
+#[tokio::test]
+async fn produce_to_an_unknown_topic_or_with_a_bad_batch_gets_the_right_code() {
+    let (addr, broker) = server().await;
+    broker
+        .create_topic("t".into(), TopicConfig::default())
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let mut good = spate_log::batch::encode(&[spate_log::batch::NewRecord {
+        timestamp_ms: 1,
+        value: Some(b"v".to_vec()),
+        ..Default::default()
+    }])
+    .unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    spate_log::batch::set_base_offset(&mut good, 0);
+    let produce = |topic: &'static str, partition: i32, records: Vec<u8>| {
+        ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(1000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_static_str(topic)))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(partition)
+                            .with_records(Some(Bytes::from(records))),
+                    ]),
+            ])
+    };
+    let cases = [
+        (produce("nope", 0, good.clone()), 3),
+        (produce("t", 5, good.clone()), 3),
+        (produce("t", 0, bad), 2),
+        (produce("t", 0, good.clone()), 0),
+    ];
+    for (req, code) in cases {
+        let r: ProduceResponse = call(&mut s, ApiKey::Produce, 9, &req).await;
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!(p.error_code, code);
+        if code == 0 {
+            assert_eq!(p.base_offset, 0);
+        }
+    }
+    // Metadata for an unknown topic, with auto-creation off.
+    let r: MetadataResponse = call(
+        &mut s,
+        ApiKey::Metadata,
+        12,
+        &MetadataRequest::default()
+            .with_allow_auto_topic_creation(true)
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_static_str("nope")))),
+            ])),
+    )
+    .await;
+    assert_eq!(r.topics[0].error_code, 3);
+    assert_eq!(broker.log().topics().len(), 1);
+}

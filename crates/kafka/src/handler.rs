@@ -118,7 +118,7 @@ pub enum Decoded {
         api: ApiKey,
         version: i16,
         header: RequestHeader,
-        body: RequestKind,
+        body: Box<RequestKind>,
     },
     /// An API key or version this listener does not implement.
     Unsupported {
@@ -160,7 +160,7 @@ pub fn decode(mut frame: Bytes) -> anyhow::Result<Decoded> {
         api,
         version,
         header,
-        body,
+        body: Box::new(body),
     })
 }
 
@@ -172,7 +172,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
             version,
             header,
             body,
-        } => (api, version, header, body),
+        } => (api, version, header, *body),
         Decoded::Unsupported {
             api,
             key,

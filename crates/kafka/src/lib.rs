@@ -7,6 +7,7 @@
 //! order; at most `max_in_flight` are pending per connection. Mapping to Kafka error codes happens
 //! in [`handler`] only.
 
+pub mod alloc;
 pub mod frame;
 pub mod handler;
 

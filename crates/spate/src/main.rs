@@ -12,6 +12,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// Large allocations reserve address space without committing memory, so a Kafka request that
+/// declares a huge array cannot abort the process (see `spate_kafka::alloc`).
+#[global_allocator]
+static ALLOC: spate_kafka::alloc::ReservingAlloc = spate_kafka::alloc::ReservingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "spate",

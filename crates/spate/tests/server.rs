@@ -257,3 +257,34 @@ fn bench_log_reports_every_configuration_against_the_disk_ceiling() {
         "the benchmark cleans up after itself"
     );
 }
+
+#[test]
+fn kafka_requests_declaring_huge_arrays_do_not_take_the_server_down() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    // Metadata v4 declaring 1.5 billion topics in 14 bytes, and Metadata v12 (flexible) declaring
+    // two billion with a varint: the codec reserves before it decodes.
+    let bodies: [&[u8]; 2] = [
+        &[0, 3, 0, 4, 0, 0, 0, 1, 0, 0, 0x5b, 0, 0xee, 0xec],
+        &[
+            0, 3, 0, 12, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x07,
+        ],
+    ];
+    for body in bodies {
+        let mut s = TcpStream::connect(&server.kafka).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut req = (body.len() as i32).to_be_bytes().to_vec();
+        req.extend_from_slice(body);
+        s.write_all(&req).unwrap();
+        let mut buf = [0u8; 64];
+        // The server closes the connection on an undecodable request.
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
+    }
+    // Still serving.
+    let (ok, _, _) = cli(&server.url, &["topics", "list"], None);
+    assert!(ok);
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -6,6 +6,7 @@
 //! projections, detectors) live here too.
 
 pub mod event;
+pub mod groups;
 pub mod partitioner;
 
 use std::collections::BTreeMap;

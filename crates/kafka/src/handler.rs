@@ -2,19 +2,31 @@
 //! returns is chosen in this file.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::find_coordinator_response::Coordinator as CoordinatorEntry;
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
 };
 use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
@@ -23,7 +35,14 @@ use kafka_protocol::messages::{
     ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
     RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
 };
+use kafka_protocol::messages::{
+    DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse,
+    GroupId, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
+    LeaveGroupResponse, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
+    OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
+};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
 use spate_broker::{Broker, BrokerError};
 use spate_log::{Appended, Error as LogError, Partition, TopicConfig};
 
@@ -48,6 +67,31 @@ pub mod code {
     pub const INVALID_REQUEST: i16 = 42;
     pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub const ILLEGAL_GENERATION: i16 = 22;
+    pub const INCONSISTENT_GROUP_PROTOCOL: i16 = 23;
+    pub const INVALID_GROUP_ID: i16 = 24;
+    pub const UNKNOWN_MEMBER_ID: i16 = 25;
+    pub const INVALID_SESSION_TIMEOUT: i16 = 26;
+    pub const REBALANCE_IN_PROGRESS: i16 = 27;
+    pub const GROUP_ID_NOT_FOUND: i16 = 69;
+    pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
+}
+
+/// The Kafka error code for a group error.
+fn group_code(e: GroupError) -> i16 {
+    match e {
+        GroupError::UnknownMemberId => code::UNKNOWN_MEMBER_ID,
+        GroupError::IllegalGeneration => code::ILLEGAL_GENERATION,
+        GroupError::RebalanceInProgress => code::REBALANCE_IN_PROGRESS,
+        GroupError::InconsistentGroupProtocol => code::INCONSISTENT_GROUP_PROTOCOL,
+        GroupError::InvalidSessionTimeout => code::INVALID_SESSION_TIMEOUT,
+        GroupError::GroupMaxSizeReached => code::GROUP_MAX_SIZE_REACHED,
+        GroupError::CoordinatorNotAvailable => code::COORDINATOR_NOT_AVAILABLE,
+        GroupError::UnknownTopicOrPartition => code::UNKNOWN_TOPIC_OR_PARTITION,
+        GroupError::GroupIdNotFound => code::GROUP_ID_NOT_FOUND,
+        GroupError::InvalidGroupId => code::INVALID_GROUP_ID,
+    }
 }
 
 /// The node id Spate answers as: one node is the whole cluster.
@@ -67,6 +111,15 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::FindCoordinator, 0, 6),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -76,7 +129,10 @@ fn supported(key: ApiKey, version: i16) -> bool {
 
 pub struct Context {
     pub broker: Arc<Broker>,
+    pub coordinator: Arc<Coordinator>,
     pub config: Arc<KafkaConfig>,
+    /// The client's address, shown in group descriptions.
+    pub peer: String,
 }
 
 fn encode_response(
@@ -203,6 +259,31 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(list_offsets(ctx, r).await),
         RequestKind::Fetch(r) => ResponseKind::Fetch(fetch(ctx, r).await),
         RequestKind::Produce(r) => return produce(ctx, r, id, header_version, version).await,
+        RequestKind::FindCoordinator(r) => {
+            ResponseKind::FindCoordinator(find_coordinator(ctx, r, version))
+        }
+        RequestKind::JoinGroup(r) => {
+            ResponseKind::JoinGroup(join_group(ctx, r, &header, version).await)
+        }
+        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(sync_group(ctx, r).await),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(
+            HeartbeatResponse::default().with_error_code(
+                ctx.coordinator
+                    .heartbeat(
+                        r.group_id.0.as_str(),
+                        r.generation_id,
+                        r.member_id.as_str(),
+                        Instant::now(),
+                    )
+                    .err()
+                    .map_or(code::NONE, group_code),
+            ),
+        ),
+        RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(leave_group(ctx, r, version)),
+        RequestKind::OffsetCommit(r) => ResponseKind::OffsetCommit(offset_commit(ctx, r).await),
+        RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(offset_fetch(ctx, r, version)),
+        RequestKind::ListGroups(_) => ResponseKind::ListGroups(list_groups(ctx)),
+        RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(describe_groups(ctx, r)),
         other => bail!("request {other:?} passed the version check but has no handler"),
     };
     Ok(Reply::Ready(encode_response(
@@ -310,7 +391,9 @@ async fn metadata(ctx: &Context, r: MetadataRequest, version: i16) -> MetadataRe
     let create = r.allow_auto_topic_creation || version < 4;
     let mut topics = Vec::with_capacity(names.len());
     for name in names {
-        let t = MetadataResponseTopic::default().with_name(Some(TopicName(str_bytes(&name))));
+        let t = MetadataResponseTopic::default()
+            .with_name(Some(TopicName(str_bytes(&name))))
+            .with_is_internal(name.starts_with("__"));
         topics.push(match topic_for(ctx, &name, create).await {
             Ok(topic) => t.with_partitions(
                 (0..topic.config.partitions as i32)
@@ -641,6 +724,350 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
     }
 }
 
+fn find_coordinator(
+    ctx: &Context,
+    r: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let host = str_bytes(&ctx.config.advertised_host);
+    let port = ctx.config.advertised_port;
+    // Key type 0 is a consumer group; transactions (1) are not offered.
+    let error = if r.key_type == 0 {
+        code::NONE
+    } else {
+        code::COORDINATOR_NOT_AVAILABLE
+    };
+    if version >= 4 {
+        let coordinators = r
+            .coordinator_keys
+            .into_iter()
+            .map(|key| {
+                CoordinatorEntry::default()
+                    .with_key(key)
+                    .with_node_id(BrokerId(NODE_ID))
+                    .with_host(host.clone())
+                    .with_port(port)
+                    .with_error_code(error)
+            })
+            .collect();
+        return FindCoordinatorResponse::default().with_coordinators(coordinators);
+    }
+    FindCoordinatorResponse::default()
+        .with_error_code(error)
+        .with_node_id(BrokerId(NODE_ID))
+        .with_host(host)
+        .with_port(port)
+}
+
+async fn join_group(
+    ctx: &Context,
+    r: JoinGroupRequest,
+    header: &RequestHeader,
+    version: i16,
+) -> JoinGroupResponse {
+    let session = Duration::from_millis(r.session_timeout_ms.max(0) as u64);
+    // Version 0 has no rebalance timeout: the session timeout serves for both.
+    let rebalance = if version == 0 {
+        session
+    } else {
+        Duration::from_millis(r.rebalance_timeout_ms.max(0) as u64)
+    };
+    let request = JoinRequest {
+        group_id: r.group_id.0.to_string(),
+        member_id: r.member_id.to_string(),
+        client_id: header
+            .client_id
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        client_host: ctx.peer.clone(),
+        protocol_type: r.protocol_type.to_string(),
+        protocols: r
+            .protocols
+            .into_iter()
+            .map(|p| (p.name.to_string(), p.metadata))
+            .collect(),
+        session_timeout: session,
+        rebalance_timeout: rebalance,
+    };
+    let response = JoinGroupResponse::default().with_generation_id(-1);
+    match ctx.coordinator.join(request, Instant::now()).await {
+        Ok(Ok(j)) => response
+            .with_generation_id(j.generation)
+            .with_protocol_type(Some(str_bytes(&j.protocol_type)))
+            .with_protocol_name(Some(str_bytes(&j.protocol)))
+            .with_leader(str_bytes(&j.leader))
+            .with_member_id(str_bytes(&j.member_id))
+            .with_members(
+                j.members
+                    .into_iter()
+                    .map(|(id, metadata)| {
+                        JoinGroupResponseMember::default()
+                            .with_member_id(str_bytes(&id))
+                            .with_metadata(metadata)
+                    })
+                    .collect(),
+            ),
+        Ok(Err((e, why))) => {
+            tracing::debug!(error = ?e, %why, "join refused");
+            response.with_error_code(group_code(e))
+        }
+        Err(_) => response.with_error_code(code::REBALANCE_IN_PROGRESS),
+    }
+}
+
+async fn sync_group(ctx: &Context, r: SyncGroupRequest) -> SyncGroupResponse {
+    let assignments = r
+        .assignments
+        .into_iter()
+        .map(|a| (a.member_id.to_string(), a.assignment))
+        .collect();
+    let rx = ctx.coordinator.sync(
+        r.group_id.0.as_str(),
+        r.generation_id,
+        r.member_id.as_str(),
+        assignments,
+        Instant::now(),
+    );
+    match rx.await {
+        Ok(Ok((protocol_type, protocol, assignment))) => SyncGroupResponse::default()
+            .with_protocol_type(Some(str_bytes(&protocol_type)))
+            .with_protocol_name(Some(str_bytes(&protocol)))
+            .with_assignment(assignment),
+        Ok(Err(e)) => SyncGroupResponse::default().with_error_code(group_code(e)),
+        Err(_) => SyncGroupResponse::default().with_error_code(code::REBALANCE_IN_PROGRESS),
+    }
+}
+
+fn leave_group(ctx: &Context, r: LeaveGroupRequest, version: i16) -> LeaveGroupResponse {
+    let now = Instant::now();
+    if version < 3 {
+        let result = ctx
+            .coordinator
+            .leave(r.group_id.0.as_str(), &[r.member_id.to_string()], now);
+        return LeaveGroupResponse::default()
+            .with_error_code(result[0].err().map_or(code::NONE, group_code));
+    }
+    let ids: Vec<String> = r.members.iter().map(|m| m.member_id.to_string()).collect();
+    let results = ctx.coordinator.leave(r.group_id.0.as_str(), &ids, now);
+    LeaveGroupResponse::default().with_members(
+        r.members
+            .into_iter()
+            .zip(results)
+            .map(|(m, result)| {
+                MemberResponse::default()
+                    .with_member_id(m.member_id)
+                    .with_group_instance_id(m.group_instance_id)
+                    .with_error_code(result.err().map_or(code::NONE, group_code))
+            })
+            .collect(),
+    )
+}
+
+async fn offset_commit(ctx: &Context, r: OffsetCommitRequest) -> OffsetCommitResponse {
+    let mut offsets = Vec::new();
+    for t in &r.topics {
+        for p in &t.partitions {
+            offsets.push((
+                name_of(&t.name).to_string(),
+                u32::try_from(p.partition_index).unwrap_or(u32::MAX),
+                Committed {
+                    offset: p.committed_offset,
+                    leader_epoch: p.committed_leader_epoch,
+                    metadata: p.committed_metadata.as_ref().map(|m| m.to_string()),
+                },
+            ));
+        }
+    }
+    let results = ctx
+        .coordinator
+        .commit(
+            r.group_id.0.as_str(),
+            r.generation_id_or_member_epoch,
+            r.member_id.as_str(),
+            offsets,
+            Instant::now(),
+        )
+        .await;
+    let mut codes = match &results {
+        Ok(per_partition) => per_partition
+            .iter()
+            .map(|r| r.err().map_or(code::NONE, group_code))
+            .collect::<Vec<_>>()
+            .into_iter(),
+        Err(e) => {
+            vec![group_code(*e); r.topics.iter().map(|t| t.partitions.len()).sum()].into_iter()
+        }
+    };
+    let topics = r
+        .topics
+        .into_iter()
+        .map(|t| {
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| {
+                    OffsetCommitResponsePartition::default()
+                        .with_partition_index(p.partition_index)
+                        .with_error_code(codes.next().unwrap_or(code::UNKNOWN_SERVER_ERROR))
+                })
+                .collect();
+            OffsetCommitResponseTopic::default()
+                .with_name(t.name)
+                .with_partitions(partitions)
+        })
+        .collect();
+    OffsetCommitResponse::default().with_topics(topics)
+}
+
+fn committed_parts(found: Vec<(u32, Option<Committed>)>) -> Vec<(i32, i64, i32, Option<StrBytes>)> {
+    found
+        .into_iter()
+        .map(|(p, c)| match c {
+            Some(c) => (
+                p as i32,
+                c.offset,
+                c.leader_epoch,
+                c.metadata.map(|m| str_bytes(&m)),
+            ),
+            None => (p as i32, -1, -1, Some(StrBytes::default())),
+        })
+        .collect()
+}
+
+fn offset_fetch(ctx: &Context, r: OffsetFetchRequest, version: i16) -> OffsetFetchResponse {
+    let wanted = |topics: Option<Vec<(TopicName, Vec<i32>)>>| {
+        topics.map(|ts| {
+            ts.into_iter()
+                .map(|(n, ps)| {
+                    (
+                        name_of(&n).to_string(),
+                        ps.into_iter()
+                            .filter_map(|p| u32::try_from(p).ok())
+                            .collect(),
+                    )
+                })
+                .collect::<Vec<(String, Vec<u32>)>>()
+        })
+    };
+    if version >= 8 {
+        let groups = r
+            .groups
+            .into_iter()
+            .map(|g| {
+                let topics = g.topics.map(|ts| {
+                    ts.into_iter()
+                        .map(|t| (t.name, t.partition_indexes))
+                        .collect()
+                });
+                let found = ctx
+                    .coordinator
+                    .fetch_offsets(g.group_id.0.as_str(), wanted(topics));
+                OffsetFetchResponseGroup::default()
+                    .with_group_id(g.group_id)
+                    .with_topics(
+                        found
+                            .into_iter()
+                            .map(|(topic, parts)| {
+                                OffsetFetchResponseTopics::default()
+                                    .with_name(TopicName(str_bytes(&topic)))
+                                    .with_partitions(
+                                        committed_parts(parts)
+                                            .into_iter()
+                                            .map(|(p, o, e, m)| {
+                                                OffsetFetchResponsePartitions::default()
+                                                    .with_partition_index(p)
+                                                    .with_committed_offset(o)
+                                                    .with_committed_leader_epoch(e)
+                                                    .with_metadata(m)
+                                            })
+                                            .collect(),
+                                    )
+                            })
+                            .collect(),
+                    )
+            })
+            .collect();
+        return OffsetFetchResponse::default().with_groups(groups);
+    }
+    let topics = r.topics.map(|ts| {
+        ts.into_iter()
+            .map(|t| (t.name, t.partition_indexes))
+            .collect()
+    });
+    let found = ctx
+        .coordinator
+        .fetch_offsets(r.group_id.0.as_str(), wanted(topics));
+    OffsetFetchResponse::default().with_topics(
+        found
+            .into_iter()
+            .map(|(topic, parts)| {
+                OffsetFetchResponseTopic::default()
+                    .with_name(TopicName(str_bytes(&topic)))
+                    .with_partitions(
+                        committed_parts(parts)
+                            .into_iter()
+                            .map(|(p, o, e, m)| {
+                                OffsetFetchResponsePartition::default()
+                                    .with_partition_index(p)
+                                    .with_committed_offset(o)
+                                    .with_committed_leader_epoch(e)
+                                    .with_metadata(m)
+                            })
+                            .collect(),
+                    )
+            })
+            .collect(),
+    )
+}
+
+fn list_groups(ctx: &Context) -> ListGroupsResponse {
+    ListGroupsResponse::default().with_groups(
+        ctx.coordinator
+            .list()
+            .into_iter()
+            .map(|g| {
+                ListedGroup::default()
+                    .with_group_id(GroupId(str_bytes(&g.group_id)))
+                    .with_protocol_type(str_bytes(&g.protocol_type))
+                    .with_group_state(StrBytes::from_static_str(g.state.name()))
+                    .with_group_type(StrBytes::from_static_str("classic"))
+            })
+            .collect(),
+    )
+}
+
+fn describe_groups(ctx: &Context, r: DescribeGroupsRequest) -> DescribeGroupsResponse {
+    DescribeGroupsResponse::default().with_groups(
+        r.groups
+            .into_iter()
+            .map(|id| match ctx.coordinator.describe(id.0.as_str()) {
+                None => DescribedGroup::default()
+                    .with_group_id(id)
+                    .with_group_state(StrBytes::from_static_str("Dead")),
+                Some(g) => DescribedGroup::default()
+                    .with_group_id(id)
+                    .with_group_state(StrBytes::from_static_str(g.state.name()))
+                    .with_protocol_type(str_bytes(&g.protocol_type))
+                    .with_protocol_data(str_bytes(&g.protocol))
+                    .with_members(
+                        g.members
+                            .into_iter()
+                            .map(|(member, client, host, metadata, assignment)| {
+                                DescribedGroupMember::default()
+                                    .with_member_id(str_bytes(&member))
+                                    .with_client_id(str_bytes(&client))
+                                    .with_client_host(str_bytes(&host))
+                                    .with_member_metadata(metadata)
+                                    .with_member_assignment(assignment)
+                            })
+                            .collect(),
+                    ),
+            })
+            .collect(),
+    )
+}
+
 /// A partition's part of a produce request once written: where, or the error code.
 type Written = Result<(Arc<Partition>, Appended), i16>;
 
@@ -745,6 +1172,17 @@ mod tests {
                 ApiKey::ApiVersions => kafka_protocol::messages::ApiVersionsRequest::VERSIONS,
                 ApiKey::CreateTopics => kafka_protocol::messages::CreateTopicsRequest::VERSIONS,
                 ApiKey::DeleteTopics => kafka_protocol::messages::DeleteTopicsRequest::VERSIONS,
+                ApiKey::FindCoordinator => {
+                    kafka_protocol::messages::FindCoordinatorRequest::VERSIONS
+                }
+                ApiKey::JoinGroup => kafka_protocol::messages::JoinGroupRequest::VERSIONS,
+                ApiKey::SyncGroup => kafka_protocol::messages::SyncGroupRequest::VERSIONS,
+                ApiKey::Heartbeat => kafka_protocol::messages::HeartbeatRequest::VERSIONS,
+                ApiKey::LeaveGroup => kafka_protocol::messages::LeaveGroupRequest::VERSIONS,
+                ApiKey::OffsetCommit => kafka_protocol::messages::OffsetCommitRequest::VERSIONS,
+                ApiKey::OffsetFetch => kafka_protocol::messages::OffsetFetchRequest::VERSIONS,
+                ApiKey::ListGroups => kafka_protocol::messages::ListGroupsRequest::VERSIONS,
+                ApiKey::DescribeGroups => kafka_protocol::messages::DescribeGroupsRequest::VERSIONS,
                 other => panic!("{other:?} has no range check"),
             };
             assert!(range.min <= *lo && *hi <= range.max, "{key:?}");

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use spate_broker::Broker;
+use spate_broker::groups::Coordinator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -60,10 +61,27 @@ pub enum Reply {
     None,
 }
 
+/// Runs the group coordinator's clock (rebalance deadlines, session expiry) until `shutdown`.
+pub async fn run_coordinator_clock(
+    coordinator: Arc<Coordinator>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => coordinator.tick(std::time::Instant::now()),
+        }
+    }
+}
+
 /// Serves the Kafka protocol on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
+    coordinator: Arc<Coordinator>,
     config: KafkaConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -91,7 +109,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let ctx = handler::Context {
             broker: broker.clone(),
+            coordinator: coordinator.clone(),
             config: config.clone(),
+            peer: peer.ip().to_string(),
         };
         let stop = stop_rx.clone();
         connections.spawn(async move {

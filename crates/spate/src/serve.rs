@@ -14,6 +14,10 @@ use tokio::sync::watch;
 
 use crate::config::ServeConfig;
 
+/// How long a rebalance of an empty consumer group waits for more members (Kafka's
+/// `group.initial.rebalance.delay.ms` defaults to 3 s; shorter here so a lone consumer starts fast).
+const GROUP_INITIAL_REBALANCE_DELAY: Duration = Duration::from_millis(300);
+
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -106,9 +110,27 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         max_connections: config.max_connections,
         ..spate_kafka::KafkaConfig::default()
     };
+    let log_for_groups = broker.log().clone();
+    let coordinator = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            spate_broker::groups::Coordinator::open(
+                log_for_groups,
+                GROUP_INITIAL_REBALANCE_DELAY,
+                spate_broker::now_ms(),
+            )
+        })
+        .await
+        .context("group coordinator task failed")?
+        .context("cannot load consumer group offsets")?,
+    );
+    tokio::spawn(spate_kafka::run_coordinator_clock(
+        coordinator.clone(),
+        stopped(stop_rx.clone()),
+    ));
     let kafka_server = tokio::spawn(spate_kafka::serve(
         kafka,
         broker.clone(),
+        coordinator,
         kafka_config,
         stopped(stop_rx.clone()),
     ));

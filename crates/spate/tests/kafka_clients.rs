@@ -143,3 +143,33 @@ fn kcat_produces_with_every_codec_and_consumes_in_key_order() {
     assert!(meta.contains(&format!("broker 0 at {k}")), "{meta}");
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+fn groups_step(step: &str, kafka: &str) {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/consumer_groups.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([step, kafka])
+        .output()
+        .expect("python3 runs (scripts/test installs the clients)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "consumer groups step {step} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn consumer_groups_split_rebalance_and_resume_after_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    // Three members split three partitions; one leaves and two take over; a restarted consumer
+    // resumes at the committed offsets.
+    groups_step("split", &server.kafka);
+    assert_eq!(server.terminate().code(), Some(0));
+    // Committed offsets survive a server restart.
+    let server = common::start(dir.path(), &[]);
+    groups_step("resume", &server.kafka);
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -1,0 +1,1037 @@
+//! Consumer groups: Kafka's classic group protocol and committed offsets.
+//!
+//! The coordinator keeps each group's membership state machine (Empty → PreparingRebalance →
+//! CompletingRebalance → Stable) and answers JoinGroup and SyncGroup when the rebalance allows,
+//! through one-shot channels held by the waiting members. Every state change takes the current time
+//! as an argument; a ticker calls [`Coordinator::tick`] to finish rebalances and expire members whose
+//! session ran out. Assignment is the clients' business: the leader's SyncGroup carries it and the
+//! coordinator hands each member its part unread.
+//!
+//! Committed offsets are records of the internal topic `__consumer_offsets` (key: group, topic and
+//! partition; value: offset and metadata, as JSON). A commit is acknowledged once its record is
+//! durable; on start the topic is read back to rebuild the table, as Kafka does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use spate_log::batch::{self, NewRecord};
+use spate_log::{Log, Partition, TopicConfig};
+use tokio::sync::oneshot;
+
+/// The internal topic of committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// Members of one group at most (Kafka's `group.max.size` default is unbounded; a bound keeps one
+/// group from exhausting memory).
+pub const GROUP_MEMBERS_MAX: usize = 1000;
+/// Session timeouts clients may ask for (Kafka's defaults are 6 s to 30 min; the lower bound is
+/// relaxed so tests and fast failover can use short sessions).
+pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(1000);
+pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(1800);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupError {
+    UnknownMemberId,
+    IllegalGeneration,
+    RebalanceInProgress,
+    InconsistentGroupProtocol,
+    InvalidSessionTimeout,
+    GroupMaxSizeReached,
+    CoordinatorNotAvailable,
+    UnknownTopicOrPartition,
+    GroupIdNotFound,
+    InvalidGroupId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+impl GroupState {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "Empty",
+            GroupState::PreparingRebalance => "PreparingRebalance",
+            GroupState::CompletingRebalance => "CompletingRebalance",
+            GroupState::Stable => "Stable",
+        }
+    }
+}
+
+/// What a JoinGroup gets back.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub generation: i32,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub leader: String,
+    pub member_id: String,
+    /// For the leader: every member and its metadata for the chosen protocol; empty for others.
+    pub members: Vec<(String, Bytes)>,
+}
+
+pub type JoinResult = Result<Joined, (GroupError, String)>;
+pub type SyncResult = Result<(String, String, Bytes), GroupError>;
+
+/// A JoinGroup request.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub group_id: String,
+    pub member_id: String,
+    pub client_id: String,
+    pub client_host: String,
+    pub protocol_type: String,
+    pub protocols: Vec<(String, Bytes)>,
+    pub session_timeout: Duration,
+    pub rebalance_timeout: Duration,
+}
+
+struct Member {
+    client_id: String,
+    client_host: String,
+    protocols: Vec<(String, Bytes)>,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    assignment: Bytes,
+    last_seen: Instant,
+    awaiting_join: Option<oneshot::Sender<JoinResult>>,
+    awaiting_sync: Option<oneshot::Sender<SyncResult>>,
+}
+
+struct Group {
+    state: GroupState,
+    generation: i32,
+    protocol_type: Option<String>,
+    protocol: Option<String>,
+    leader: Option<String>,
+    members: BTreeMap<String, Member>,
+    /// When the current rebalance stops waiting for members to rejoin.
+    rebalance_deadline: Option<Instant>,
+    /// A rebalance of an empty group waits until then for more members, even when all have joined.
+    gather_until: Option<Instant>,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            state: GroupState::Empty,
+            generation: 0,
+            protocol_type: None,
+            protocol: None,
+            leader: None,
+            members: BTreeMap::new(),
+            rebalance_deadline: None,
+            gather_until: None,
+        }
+    }
+
+    /// Whether the join phase can end now: everyone rejoined (after the gathering delay of a
+    /// group that was empty), or the rebalance timed out.
+    fn join_complete(&self, now: Instant) -> bool {
+        self.state == GroupState::PreparingRebalance
+            && ((self.all_joined() && self.gather_until.is_none_or(|t| now >= t))
+                || self.rebalance_deadline.is_some_and(|d| now >= d))
+    }
+
+    /// Protocols every member supports, in the order of the first member's preference.
+    fn common_protocol(&self) -> Option<String> {
+        let mut members = self.members.values();
+        let first = members.next()?;
+        let rest: Vec<&Member> = members.collect();
+        first
+            .protocols
+            .iter()
+            .map(|(name, _)| name)
+            .find(|name| {
+                rest.iter()
+                    .all(|m| m.protocols.iter().any(|(n, _)| n == *name))
+            })
+            .cloned()
+    }
+
+    fn prepare_rebalance(&mut self, now: Instant, initial_delay: Duration) {
+        let from_empty = self.state == GroupState::Empty;
+        // Members waiting for an assignment learn that a new rebalance started.
+        for m in self.members.values_mut() {
+            if let Some(tx) = m.awaiting_sync.take() {
+                let _ = tx.send(Err(GroupError::RebalanceInProgress));
+            }
+        }
+        let timeout = self
+            .members
+            .values()
+            .map(|m| m.rebalance_timeout)
+            .max()
+            .unwrap_or(Duration::ZERO);
+        self.state = GroupState::PreparingRebalance;
+        self.rebalance_deadline = Some(now + timeout.max(initial_delay));
+        self.gather_until = from_empty.then(|| now + initial_delay);
+    }
+
+    fn all_joined(&self) -> bool {
+        self.members.values().all(|m| m.awaiting_join.is_some())
+    }
+
+    /// Ends the join phase: a new generation with everyone who rejoined.
+    fn complete_join(&mut self, now: Instant) {
+        self.members.retain(|_, m| m.awaiting_join.is_some());
+        self.rebalance_deadline = None;
+        self.gather_until = None;
+        if self.members.is_empty() {
+            self.become_empty();
+            return;
+        }
+        let Some(protocol) = self.common_protocol() else {
+            // Cannot happen: joins with no common protocol are refused. Fail the joins loudly.
+            for m in self.members.values_mut() {
+                if let Some(tx) = m.awaiting_join.take() {
+                    let _ = tx.send(Err((
+                        GroupError::InconsistentGroupProtocol,
+                        "no common protocol".into(),
+                    )));
+                }
+            }
+            self.members.clear();
+            self.become_empty();
+            return;
+        };
+        self.generation += 1;
+        if !self
+            .leader
+            .as_ref()
+            .is_some_and(|l| self.members.contains_key(l))
+        {
+            self.leader = self.members.keys().next().cloned();
+        }
+        let leader = self
+            .leader
+            .clone()
+            .expect("a group with members has a leader");
+        self.protocol = Some(protocol.clone());
+        self.state = GroupState::CompletingRebalance;
+        let all: Vec<(String, Bytes)> = self
+            .members
+            .iter()
+            .map(|(id, m)| {
+                let metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == protocol)
+                    .map(|(_, md)| md.clone())
+                    .unwrap_or_default();
+                (id.clone(), metadata)
+            })
+            .collect();
+        let protocol_type = self.protocol_type.clone().unwrap_or_default();
+        for (id, m) in self.members.iter_mut() {
+            m.assignment = Bytes::new();
+            m.last_seen = now;
+            if let Some(tx) = m.awaiting_join.take() {
+                let _ = tx.send(Ok(Joined {
+                    generation: self.generation,
+                    protocol_type: protocol_type.clone(),
+                    protocol: protocol.clone(),
+                    leader: leader.clone(),
+                    member_id: id.clone(),
+                    members: if *id == leader {
+                        all.clone()
+                    } else {
+                        Vec::new()
+                    },
+                }));
+            }
+        }
+    }
+
+    fn become_empty(&mut self) {
+        self.state = GroupState::Empty;
+        self.leader = None;
+        self.protocol = None;
+        self.rebalance_deadline = None;
+        self.gather_until = None;
+        if self.members.is_empty() {
+            self.protocol_type = None;
+        }
+    }
+
+    fn remove_member(&mut self, id: &str, now: Instant, initial_delay: Duration) {
+        if let Some(m) = self.members.remove(id) {
+            if let Some(tx) = m.awaiting_join {
+                let _ = tx.send(Err((GroupError::UnknownMemberId, "member removed".into())));
+            }
+            if let Some(tx) = m.awaiting_sync {
+                let _ = tx.send(Err(GroupError::UnknownMemberId));
+            }
+        }
+        if self.members.is_empty() {
+            self.generation += 1;
+            self.become_empty();
+        } else if self.state != GroupState::PreparingRebalance {
+            self.prepare_rebalance(now, initial_delay);
+        }
+    }
+}
+
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OffsetKey {
+    group: String,
+    topic: String,
+    partition: u32,
+}
+
+/// A topic's partitions and their committed offsets (`None` when nothing was committed).
+pub type TopicOffsets = (String, Vec<(u32, Option<Committed>)>);
+
+/// A summary of a group, for ListGroups and DescribeGroups.
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    pub group_id: String,
+    pub state: GroupState,
+    pub protocol_type: String,
+    pub protocol: String,
+    /// member id, client id, client host, metadata for the chosen protocol, assignment.
+    pub members: Vec<(String, String, String, Bytes, Bytes)>,
+}
+
+struct State {
+    groups: HashMap<String, Group>,
+    offsets: HashMap<(String, String, u32), Committed>,
+}
+
+pub struct Coordinator {
+    log: Arc<Log>,
+    offsets_log: Arc<Partition>,
+    offsets_config: TopicConfig,
+    state: Mutex<State>,
+    /// How long a rebalance of an empty group waits for more members before it completes.
+    initial_delay: Duration,
+}
+
+fn err<T>(e: spate_log::Error) -> Result<T, crate::BrokerError> {
+    Err(e.into())
+}
+
+impl Coordinator {
+    /// Opens the coordinator, creating the offsets topic when absent and reading it back.
+    pub fn open(
+        log: Arc<Log>,
+        initial_delay: Duration,
+        now_ms: i64,
+    ) -> Result<Coordinator, crate::BrokerError> {
+        let topic = match log.topic(OFFSETS_TOPIC) {
+            Ok(t) => t,
+            Err(spate_log::Error::UnknownTopic(_)) => {
+                let config = TopicConfig {
+                    partitions: 1,
+                    // As Kafka's offsets.retention.minutes: offsets of groups silent for a week go.
+                    retention_ms: Some(7 * 24 * 3600 * 1000),
+                    segment_bytes: 64 << 20,
+                    ..TopicConfig::default()
+                };
+                log.create_topic(OFFSETS_TOPIC, config, now_ms)?
+            }
+            Err(e) => return err(e),
+        };
+        let partition = topic.partition(0)?.clone();
+        let mut offsets = HashMap::new();
+        let mut offset = partition.log_start_offset();
+        while offset < partition.high_watermark() {
+            let bytes = partition.read(offset, 1 << 20)?;
+            if bytes.is_empty() {
+                break;
+            }
+            for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
+                let records = batch::decode(&bytes[at..at + h.total_bytes() as usize])
+                    .map_err(spate_log::Error::from)?;
+                for r in records {
+                    let (Some(k), Some(v)) = (&r.key, &r.value) else {
+                        continue;
+                    };
+                    match (
+                        serde_json::from_slice::<OffsetKey>(k),
+                        serde_json::from_slice::<Committed>(v),
+                    ) {
+                        (Ok(k), Ok(c)) => {
+                            offsets.insert((k.group, k.topic, k.partition), c);
+                        }
+                        _ => tracing::warn!(
+                            offset = r.offset,
+                            "skipping an unreadable offset commit record"
+                        ),
+                    }
+                }
+                offset = h.base_offset as u64 + h.offset_count();
+            }
+        }
+        tracing::info!(committed = offsets.len(), "consumer group offsets loaded");
+        Ok(Coordinator {
+            log,
+            offsets_config: topic.config.clone(),
+            offsets_log: partition,
+            state: Mutex::new(State {
+                groups: HashMap::new(),
+                offsets,
+            }),
+            initial_delay,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// JoinGroup: the answer comes when the rebalance completes.
+    pub fn join(&self, req: JoinRequest, now: Instant) -> oneshot::Receiver<JoinResult> {
+        let (tx, rx) = oneshot::channel();
+        let fail = |tx: oneshot::Sender<JoinResult>, e: GroupError, why: &str| {
+            let _ = tx.send(Err((e, why.to_string())));
+        };
+        if req.group_id.is_empty() {
+            fail(tx, GroupError::InvalidGroupId, "group id is empty");
+            return rx;
+        }
+        if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&req.session_timeout) {
+            fail(
+                tx,
+                GroupError::InvalidSessionTimeout,
+                "session timeout out of range",
+            );
+            return rx;
+        }
+        if req.protocol_type.is_empty() || req.protocols.is_empty() {
+            fail(
+                tx,
+                GroupError::InconsistentGroupProtocol,
+                "no protocol given",
+            );
+            return rx;
+        }
+        let mut state = self.lock();
+        let group = state
+            .groups
+            .entry(req.group_id.clone())
+            .or_insert_with(Group::new);
+        if group
+            .protocol_type
+            .as_ref()
+            .is_some_and(|t| *t != req.protocol_type)
+            && !group.members.is_empty()
+        {
+            fail(
+                tx,
+                GroupError::InconsistentGroupProtocol,
+                "protocol type differs from the group's",
+            );
+            return rx;
+        }
+        let member_id = if req.member_id.is_empty() {
+            format!("{}-{}", req.client_id, uuid::Uuid::now_v7())
+        } else if group.members.contains_key(&req.member_id) {
+            req.member_id.clone()
+        } else {
+            fail(tx, GroupError::UnknownMemberId, "unknown member id");
+            return rx;
+        };
+        let supported_by_all = group.members.is_empty()
+            || req.protocols.iter().any(|(name, _)| {
+                group
+                    .members
+                    .iter()
+                    .filter(|(id, _)| **id != member_id)
+                    .all(|(_, m)| m.protocols.iter().any(|(n, _)| n == name))
+            });
+        if !supported_by_all {
+            fail(
+                tx,
+                GroupError::InconsistentGroupProtocol,
+                "no protocol in common with the group",
+            );
+            return rx;
+        }
+        if !group.members.contains_key(&member_id) && group.members.len() >= GROUP_MEMBERS_MAX {
+            fail(tx, GroupError::GroupMaxSizeReached, "the group is full");
+            return rx;
+        }
+        group.protocol_type = Some(req.protocol_type.clone());
+        let member = group.members.entry(member_id).or_insert_with(|| Member {
+            client_id: req.client_id.clone(),
+            client_host: req.client_host.clone(),
+            protocols: Vec::new(),
+            session_timeout: req.session_timeout,
+            rebalance_timeout: req.rebalance_timeout,
+            assignment: Bytes::new(),
+            last_seen: now,
+            awaiting_join: None,
+            awaiting_sync: None,
+        });
+        member.protocols = req.protocols;
+        member.session_timeout = req.session_timeout;
+        member.rebalance_timeout = req.rebalance_timeout;
+        member.last_seen = now;
+        // A repeated join replaces the earlier one, whose connection has given up on it.
+        member.awaiting_join = Some(tx);
+        if group.state != GroupState::PreparingRebalance {
+            group.prepare_rebalance(now, self.initial_delay);
+        }
+        if group.join_complete(now) {
+            group.complete_join(now);
+        }
+        rx
+    }
+
+    /// SyncGroup: the leader hands out assignments; members get theirs once the leader has.
+    pub fn sync(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        assignments: Vec<(String, Bytes)>,
+        now: Instant,
+    ) -> oneshot::Receiver<SyncResult> {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.lock();
+        let Some(group) = state.groups.get_mut(group_id) else {
+            let _ = tx.send(Err(GroupError::UnknownMemberId));
+            return rx;
+        };
+        let Some(member) = group.members.get_mut(member_id) else {
+            let _ = tx.send(Err(GroupError::UnknownMemberId));
+            return rx;
+        };
+        member.last_seen = now;
+        if generation != group.generation {
+            let _ = tx.send(Err(GroupError::IllegalGeneration));
+            return rx;
+        }
+        let protocol_type = group.protocol_type.clone().unwrap_or_default();
+        let protocol = group.protocol.clone().unwrap_or_default();
+        match group.state {
+            GroupState::Empty | GroupState::PreparingRebalance => {
+                let _ = tx.send(Err(GroupError::RebalanceInProgress));
+            }
+            GroupState::Stable => {
+                let _ = tx.send(Ok((protocol_type, protocol, member.assignment.clone())));
+            }
+            GroupState::CompletingRebalance => {
+                member.awaiting_sync = Some(tx);
+                if group.leader.as_deref() == Some(member_id) {
+                    let mut given: HashMap<String, Bytes> = assignments.into_iter().collect();
+                    for (id, m) in group.members.iter_mut() {
+                        m.assignment = given.remove(id).unwrap_or_default();
+                        if let Some(tx) = m.awaiting_sync.take() {
+                            let _ = tx.send(Ok((
+                                protocol_type.clone(),
+                                protocol.clone(),
+                                m.assignment.clone(),
+                            )));
+                        }
+                    }
+                    group.state = GroupState::Stable;
+                }
+            }
+        }
+        rx
+    }
+
+    pub fn heartbeat(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        now: Instant,
+    ) -> Result<(), GroupError> {
+        let mut state = self.lock();
+        let group = state
+            .groups
+            .get_mut(group_id)
+            .ok_or(GroupError::UnknownMemberId)?;
+        let member = group
+            .members
+            .get_mut(member_id)
+            .ok_or(GroupError::UnknownMemberId)?;
+        member.last_seen = now;
+        if generation != group.generation {
+            return Err(GroupError::IllegalGeneration);
+        }
+        match group.state {
+            GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
+            _ => Ok(()),
+        }
+    }
+
+    /// LeaveGroup: each member's result.
+    pub fn leave(
+        &self,
+        group_id: &str,
+        member_ids: &[String],
+        now: Instant,
+    ) -> Vec<Result<(), GroupError>> {
+        let mut state = self.lock();
+        let Some(group) = state.groups.get_mut(group_id) else {
+            return member_ids
+                .iter()
+                .map(|_| Err(GroupError::UnknownMemberId))
+                .collect();
+        };
+        let results = member_ids
+            .iter()
+            .map(|id| {
+                if group.members.contains_key(id) {
+                    group.remove_member(id, now, self.initial_delay);
+                    Ok(())
+                } else {
+                    Err(GroupError::UnknownMemberId)
+                }
+            })
+            .collect();
+        if group.join_complete(now) {
+            group.complete_join(now);
+        }
+        results
+    }
+
+    /// Finishes rebalances whose time is up and removes members whose session expired.
+    pub fn tick(&self, now: Instant) {
+        let mut state = self.lock();
+        for group in state.groups.values_mut() {
+            let expired: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(_, m)| {
+                    m.awaiting_join.is_none() && now.duration_since(m.last_seen) > m.session_timeout
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                tracing::info!(member = %id, "consumer group member session expired");
+                group.remove_member(&id, now, self.initial_delay);
+            }
+            if group.join_complete(now) {
+                group.complete_join(now);
+            }
+        }
+        // Forget empty groups that hold no offsets.
+        let offsets = &state.offsets;
+        let keep: Vec<String> = state
+            .groups
+            .iter()
+            .filter(|(id, g)| !g.members.is_empty() || offsets.keys().any(|(gid, _, _)| gid == *id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        state.groups.retain(|id, _| keep.contains(id));
+    }
+
+    /// Checks that a commit may proceed: a member of the current generation, or a group without
+    /// members for commits outside group management (generation -1, no member id).
+    fn check_commit(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        now: Instant,
+    ) -> Result<(), GroupError> {
+        let mut state = self.lock();
+        let Some(group) = state.groups.get_mut(group_id) else {
+            return if generation < 0 {
+                Ok(())
+            } else {
+                Err(GroupError::IllegalGeneration)
+            };
+        };
+        if generation < 0 && member_id.is_empty() {
+            return if group.members.is_empty() {
+                Ok(())
+            } else {
+                Err(GroupError::IllegalGeneration)
+            };
+        }
+        let member = group
+            .members
+            .get_mut(member_id)
+            .ok_or(GroupError::UnknownMemberId)?;
+        member.last_seen = now;
+        if generation != group.generation {
+            return Err(GroupError::IllegalGeneration);
+        }
+        if group.state == GroupState::CompletingRebalance {
+            return Err(GroupError::RebalanceInProgress);
+        }
+        Ok(())
+    }
+
+    /// OffsetCommit: stores the offsets durably, then answers per partition.
+    pub async fn commit(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        offsets: Vec<(String, u32, Committed)>,
+        now: Instant,
+    ) -> Result<Vec<Result<(), GroupError>>, GroupError> {
+        if group_id.is_empty() {
+            return Err(GroupError::InvalidGroupId);
+        }
+        self.check_commit(group_id, generation, member_id, now)?;
+        let mut results = Vec::with_capacity(offsets.len());
+        let mut records = Vec::new();
+        let mut accepted = Vec::new();
+        let now_ms = crate::now_ms();
+        for (topic, partition, c) in offsets {
+            let known = self
+                .log
+                .topic(&topic)
+                .is_ok_and(|t| partition < t.config.partitions);
+            if !known {
+                results.push(Err(GroupError::UnknownTopicOrPartition));
+                continue;
+            }
+            results.push(Ok(()));
+            let key = OffsetKey {
+                group: group_id.to_string(),
+                topic: topic.clone(),
+                partition,
+            };
+            records.push(NewRecord {
+                timestamp_ms: now_ms,
+                key: Some(serde_json::to_vec(&key).expect("keys serialize")),
+                value: Some(serde_json::to_vec(&c).expect("offsets serialize")),
+                headers: Vec::new(),
+            });
+            accepted.push(((group_id.to_string(), topic, partition), c));
+        }
+        if let Some(mut bytes) = batch::encode(&records) {
+            let p = self.offsets_log.clone();
+            let config = self.offsets_config.clone();
+            let appended =
+                tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config)).await;
+            match appended {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "failed to store committed offsets");
+                    return Err(GroupError::CoordinatorNotAvailable);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "offset commit task failed");
+                    return Err(GroupError::CoordinatorNotAvailable);
+                }
+            }
+            let mut state = self.lock();
+            for (k, c) in accepted {
+                state.offsets.insert(k, c);
+            }
+        }
+        Ok(results)
+    }
+
+    /// OffsetFetch: committed offsets of a group, for the given partitions or all.
+    pub fn fetch_offsets(
+        &self,
+        group_id: &str,
+        wanted: Option<Vec<(String, Vec<u32>)>>,
+    ) -> Vec<TopicOffsets> {
+        let state = self.lock();
+        match wanted {
+            Some(topics) => topics
+                .into_iter()
+                .map(|(topic, parts)| {
+                    let found = parts
+                        .into_iter()
+                        .map(|p| {
+                            let c = state
+                                .offsets
+                                .get(&(group_id.to_string(), topic.clone(), p))
+                                .cloned();
+                            (p, c)
+                        })
+                        .collect();
+                    (topic, found)
+                })
+                .collect(),
+            None => {
+                let mut by_topic: BTreeMap<String, Vec<(u32, Option<Committed>)>> = BTreeMap::new();
+                for ((g, t, p), c) in state.offsets.iter() {
+                    if g == group_id {
+                        by_topic
+                            .entry(t.clone())
+                            .or_default()
+                            .push((*p, Some(c.clone())));
+                    }
+                }
+                by_topic.into_iter().collect()
+            }
+        }
+    }
+
+    /// Groups with members or offsets.
+    pub fn list(&self) -> Vec<GroupSummary> {
+        let state = self.lock();
+        let mut ids: Vec<String> = state.groups.keys().cloned().collect();
+        for (g, _, _) in state.offsets.keys() {
+            if !ids.contains(g) {
+                ids.push(g.clone());
+            }
+        }
+        ids.sort();
+        drop(state);
+        ids.iter().filter_map(|id| self.describe(id)).collect()
+    }
+
+    pub fn describe(&self, group_id: &str) -> Option<GroupSummary> {
+        let state = self.lock();
+        let Some(g) = state.groups.get(group_id) else {
+            return state
+                .offsets
+                .keys()
+                .any(|(gid, _, _)| gid == group_id)
+                .then(|| GroupSummary {
+                    group_id: group_id.to_string(),
+                    state: GroupState::Empty,
+                    protocol_type: "consumer".into(),
+                    protocol: String::new(),
+                    members: Vec::new(),
+                });
+        };
+        let protocol = g.protocol.clone().unwrap_or_default();
+        Some(GroupSummary {
+            group_id: group_id.to_string(),
+            state: g.state,
+            protocol_type: g.protocol_type.clone().unwrap_or_default(),
+            protocol: protocol.clone(),
+            members: g
+                .members
+                .iter()
+                .map(|(id, m)| {
+                    let metadata = m
+                        .protocols
+                        .iter()
+                        .find(|(n, _)| *n == protocol)
+                        .map(|(_, md)| md.clone())
+                        .unwrap_or_default();
+                    (
+                        id.clone(),
+                        m.client_id.clone(),
+                        m.client_host.clone(),
+                        metadata,
+                        m.assignment.clone(),
+                    )
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spate_log::LogConfig;
+    use spate_log::mem::MemStorage;
+
+    fn coordinator(disk: &MemStorage) -> Coordinator {
+        let log = Log::open(
+            Arc::new(disk.clone()),
+            std::path::Path::new("/d"),
+            LogConfig::default(),
+        )
+        .unwrap();
+        let log = Arc::new(log);
+        if log.topic("t").is_err() {
+            log.create_topic(
+                "t",
+                TopicConfig {
+                    partitions: 3,
+                    ..TopicConfig::default()
+                },
+                0,
+            )
+            .unwrap();
+        }
+        Coordinator::open(log, Duration::ZERO, 0).unwrap()
+    }
+
+    fn join(c: &Coordinator, member: &str, now: Instant) -> oneshot::Receiver<JoinResult> {
+        c.join(
+            JoinRequest {
+                group_id: "g".into(),
+                member_id: member.into(),
+                client_id: "c".into(),
+                client_host: "h".into(),
+                protocol_type: "consumer".into(),
+                protocols: vec![("range".into(), Bytes::from_static(b"md"))],
+                session_timeout: Duration::from_secs(10),
+                rebalance_timeout: Duration::from_secs(5),
+            },
+            now,
+        )
+    }
+
+    fn ready<T>(mut rx: oneshot::Receiver<T>) -> Option<T> {
+        rx.try_recv().ok()
+    }
+
+    #[test]
+    fn two_members_rebalance_fence_stale_generations_and_expire() {
+        let disk = MemStorage::new();
+        let c = coordinator(&disk);
+        let t0 = Instant::now();
+        // The first member forms generation 1 alone.
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        assert_eq!((a.generation, a.leader.as_str()), (1, a.member_id.as_str()));
+        assert_eq!(a.members.len(), 1);
+        let s = ready(c.sync(
+            "g",
+            1,
+            &a.member_id,
+            vec![(a.member_id.clone(), Bytes::from_static(b"all"))],
+            t0,
+        ));
+        assert_eq!(s.unwrap().unwrap().2, Bytes::from_static(b"all"));
+        // A second member joins: the first learns of the rebalance from its heartbeat.
+        let b_rx = join(&c, "", t0);
+        assert_eq!(
+            c.heartbeat("g", 1, &a.member_id, t0),
+            Err(GroupError::RebalanceInProgress)
+        );
+        let a2 = ready(join(&c, &a.member_id, t0)).unwrap().unwrap();
+        let b = ready(b_rx).unwrap().unwrap();
+        assert_eq!((a2.generation, b.generation), (2, 2));
+        assert_eq!(a2.members.len(), 2, "the leader sees every member");
+        assert!(b.members.is_empty());
+        // The follower waits for the leader's assignment.
+        let b_sync = c.sync("g", 2, &b.member_id, vec![], t0);
+        let a_sync = c.sync(
+            "g",
+            2,
+            &a.member_id,
+            vec![
+                (a.member_id.clone(), Bytes::from_static(b"p0")),
+                (b.member_id.clone(), Bytes::from_static(b"p1")),
+            ],
+            t0,
+        );
+        assert_eq!(ready(a_sync).unwrap().unwrap().2, Bytes::from_static(b"p0"));
+        assert_eq!(ready(b_sync).unwrap().unwrap().2, Bytes::from_static(b"p1"));
+        // A stale generation is fenced.
+        assert_eq!(
+            c.heartbeat("g", 1, &a.member_id, t0),
+            Err(GroupError::IllegalGeneration)
+        );
+        assert_eq!(
+            c.heartbeat("g", 2, "nobody", t0),
+            Err(GroupError::UnknownMemberId)
+        );
+        assert_eq!(c.heartbeat("g", 2, &b.member_id, t0), Ok(()));
+        // b stops heartbeating; after its session a rebalance leaves a alone in generation 3.
+        let t1 = t0 + Duration::from_secs(8);
+        assert_eq!(c.heartbeat("g", 2, &a.member_id, t1), Ok(()));
+        let t2 = t0 + Duration::from_secs(11);
+        c.tick(t2);
+        assert_eq!(
+            c.heartbeat("g", 2, &a.member_id, t2),
+            Err(GroupError::RebalanceInProgress)
+        );
+        let a3 = ready(join(&c, &a.member_id, t2)).unwrap().unwrap();
+        assert_eq!((a3.generation, a3.members.len()), (3, 1));
+        assert_eq!(
+            c.heartbeat("g", 3, &b.member_id, t2),
+            Err(GroupError::UnknownMemberId)
+        );
+    }
+
+    #[test]
+    fn a_member_that_does_not_rejoin_is_dropped_at_the_rebalance_deadline() {
+        let disk = MemStorage::new();
+        let c = coordinator(&disk);
+        let t0 = Instant::now();
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let b_rx = join(&c, "", t0);
+        // a never rejoins; after the rebalance timeout b forms the group alone.
+        c.tick(t0 + Duration::from_secs(4));
+        let mut b_rx = b_rx;
+        assert!(b_rx.try_recv().is_err());
+        c.tick(t0 + Duration::from_secs(6));
+        let b = b_rx.try_recv().unwrap().unwrap();
+        assert_eq!(
+            (b.generation, b.members.len(), b.leader == b.member_id),
+            (2, 1, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn committed_offsets_survive_a_restart_and_stale_commits_are_refused() {
+        let disk = MemStorage::new();
+        let c = coordinator(&disk);
+        let t0 = Instant::now();
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        let commit = |offset| {
+            vec![
+                (
+                    "t".to_string(),
+                    0,
+                    Committed {
+                        offset,
+                        leader_epoch: -1,
+                        metadata: None,
+                    },
+                ),
+                (
+                    "nope".to_string(),
+                    0,
+                    Committed {
+                        offset,
+                        leader_epoch: -1,
+                        metadata: None,
+                    },
+                ),
+            ]
+        };
+        assert_eq!(
+            c.commit("g", 1, &a.member_id, commit(5), t0).await,
+            Err(GroupError::RebalanceInProgress)
+        );
+        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let r = c.commit("g", 1, &a.member_id, commit(5), t0).await.unwrap();
+        assert_eq!(r, vec![Ok(()), Err(GroupError::UnknownTopicOrPartition)]);
+        assert_eq!(
+            c.commit("g", 0, &a.member_id, commit(9), t0).await,
+            Err(GroupError::IllegalGeneration)
+        );
+        assert_eq!(
+            c.commit("g", 1, "x", commit(9), t0).await,
+            Err(GroupError::UnknownMemberId)
+        );
+        assert_eq!(
+            c.commit("g", -1, "", commit(9), t0).await,
+            Err(GroupError::IllegalGeneration)
+        );
+        // Simple commits outside group management work for groups without members.
+        assert!(c.commit("solo", -1, "", commit(3), t0).await.is_ok());
+        drop(c);
+        let c = coordinator(&disk.restart(spate_log::mem::Unsynced::Drop));
+        let got = c.fetch_offsets("g", Some(vec![("t".into(), vec![0, 1])]));
+        assert_eq!(got[0].1[0].1.as_ref().map(|c| c.offset), Some(5));
+        assert_eq!(got[0].1[1].1, None);
+        assert_eq!(
+            c.fetch_offsets("solo", None)[0].1[0]
+                .1
+                .as_ref()
+                .map(|c| c.offset),
+            Some(3)
+        );
+        assert_eq!(c.list().len(), 2);
+    }
+}

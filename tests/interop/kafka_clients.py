@@ -109,9 +109,7 @@ def kafka_python(bootstrap, topic):
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
     admin.close()
-    # Idempotent production needs InitProducerId, which this listener does not offer yet.
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", compression_type="gzip", linger_ms=5,
-                             enable_idempotence=False)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", compression_type="gzip", linger_ms=5)
     futures = [producer.send(topic, key=k.encode(), value=v.encode(), headers=[("seq", h.encode())])
                for k, v, h in expected()]
     producer.flush(60)

@@ -131,6 +131,8 @@ pub struct Broker {
     watches: std::sync::Mutex<std::collections::HashMap<usize, tokio::sync::watch::Receiver<u64>>>,
     /// Picks the partition of unkeyed events, one request at a time.
     spread: AtomicU32,
+    /// The next idempotent producer id.
+    producer_ids: std::sync::atomic::AtomicI64,
 }
 
 impl Broker {
@@ -140,6 +142,9 @@ impl Broker {
             limits,
             watches: Default::default(),
             spread: AtomicU32::new(0),
+            // Ids start from the clock (1024 per millisecond), so ids stay unique across restarts
+            // without storing a counter.
+            producer_ids: std::sync::atomic::AtomicI64::new(now_ms().max(0) << 10),
         }
     }
 
@@ -149,6 +154,11 @@ impl Broker {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// A new idempotent producer id.
+    pub fn next_producer_id(&self) -> i64 {
+        self.producer_ids.fetch_add(1, Ordering::Relaxed)
     }
 
     pub async fn create_topic(&self, name: String, config: TopicConfig) -> Result<Arc<Topic>> {

@@ -107,6 +107,9 @@ impl From<BrokerError> for ApiError {
                         format!("storage failed to {action}; the write is not acknowledged"),
                     )
                 }
+                LogError::OutOfOrderSequence { .. } | LogError::InvalidProducerEpoch { .. } => {
+                    ApiError::new(S::CONFLICT, "producer-sequence", e.to_string())
+                }
                 LogError::Corrupt { .. } | LogError::Metadata { .. } => {
                     ApiError::new(S::INTERNAL_SERVER_ERROR, "corrupt-data", e.to_string())
                 }

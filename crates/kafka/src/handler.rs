@@ -41,6 +41,7 @@ use kafka_protocol::messages::{
     LeaveGroupResponse, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
     OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
 };
+use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
 use spate_broker::{Broker, BrokerError};
@@ -76,6 +77,9 @@ pub mod code {
     pub const REBALANCE_IN_PROGRESS: i16 = 27;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
     pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
 }
 
 /// The Kafka error code for a group error.
@@ -120,6 +124,7 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 8),
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -284,6 +289,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(offset_fetch(ctx, r, version)),
         RequestKind::ListGroups(_) => ResponseKind::ListGroups(list_groups(ctx)),
         RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(describe_groups(ctx, r)),
+        RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(ctx, r)),
         other => bail!("request {other:?} passed the version check but has no handler"),
     };
     Ok(Reply::Ready(encode_response(
@@ -323,6 +329,8 @@ fn error_code(e: &BrokerError) -> i16 {
                 code::KAFKA_STORAGE_ERROR
             }
             LogError::Metadata { .. } => code::UNKNOWN_SERVER_ERROR,
+            LogError::OutOfOrderSequence { .. } => code::OUT_OF_ORDER_SEQUENCE_NUMBER,
+            LogError::InvalidProducerEpoch { .. } => code::INVALID_PRODUCER_EPOCH,
         },
         BrokerError::InvalidEvent { .. } | BrokerError::EventTooLarge { .. } => {
             code::INVALID_REQUEST
@@ -722,6 +730,25 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
             futures_util::future::select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
         let _ = tokio::time::timeout_at(deadline, changed).await;
     }
+}
+
+fn init_producer_id(ctx: &Context, r: InitProducerIdRequest) -> InitProducerIdResponse {
+    let response = InitProducerIdResponse::default()
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
+        // Transactions are not offered; idempotence alone is.
+        return response.with_error_code(code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
+    }
+    // A producer that already has an id asks for a new epoch of it (KIP-360).
+    if r.producer_id.0 >= 0 && r.producer_epoch >= 0 && r.producer_epoch < i16::MAX {
+        return response
+            .with_producer_id(r.producer_id)
+            .with_producer_epoch(r.producer_epoch + 1);
+    }
+    response
+        .with_producer_id(ProducerId(ctx.broker.next_producer_id()))
+        .with_producer_epoch(0)
 }
 
 fn find_coordinator(
@@ -1183,6 +1210,7 @@ mod tests {
                 ApiKey::OffsetFetch => kafka_protocol::messages::OffsetFetchRequest::VERSIONS,
                 ApiKey::ListGroups => kafka_protocol::messages::ListGroupsRequest::VERSIONS,
                 ApiKey::DescribeGroups => kafka_protocol::messages::DescribeGroupsRequest::VERSIONS,
+                ApiKey::InitProducerId => kafka_protocol::messages::InitProducerIdRequest::VERSIONS,
                 other => panic!("{other:?} has no range check"),
             };
             assert!(range.min <= *lo && *hi <= range.max, "{key:?}");

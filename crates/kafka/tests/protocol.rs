@@ -12,6 +12,7 @@ use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
     ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
 };
+use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use spate_broker::{Broker, Limits};
 use spate_kafka::{KafkaConfig, serve};
@@ -276,4 +277,82 @@ async fn produce_to_an_unknown_topic_or_with_a_bad_batch_gets_the_right_code() {
     .await;
     assert_eq!(r.topics[0].error_code, 3);
     assert!(broker.topic("nope").is_err());
+}
+
+#[tokio::test]
+async fn idempotent_produce_retries_are_answered_with_the_original_offsets() {
+    let (addr, broker) = server().await;
+    broker
+        .create_topic("t".into(), TopicConfig::default())
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let init: InitProducerIdResponse = call(
+        &mut s,
+        ApiKey::InitProducerId,
+        4,
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_producer_id(kafka_protocol::messages::ProducerId(-1))
+            .with_producer_epoch(-1),
+    )
+    .await;
+    assert_eq!(init.error_code, 0);
+    let pid = init.producer_id.0;
+    assert!(pid >= 0);
+    let batch = |seq: i32, n: usize| {
+        let records: Vec<spate_log::batch::NewRecord> = (0..n)
+            .map(|i| spate_log::batch::NewRecord {
+                timestamp_ms: 1,
+                value: Some(vec![i as u8]),
+                ..Default::default()
+            })
+            .collect();
+        spate_log::batch::encode_idempotent(&records, pid, init.producer_epoch, seq).unwrap()
+    };
+    let produce = |records: Vec<u8>| {
+        ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(1000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_static_str("t")))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(0)
+                            .with_records(Some(Bytes::from(records))),
+                    ]),
+            ])
+    };
+    let mut send = async |records: Vec<u8>| -> (i16, i64) {
+        let r: ProduceResponse = call(&mut s, ApiKey::Produce, 9, &produce(records)).await;
+        let p = &r.responses[0].partition_responses[0];
+        (p.error_code, p.base_offset)
+    };
+    assert_eq!(send(batch(0, 3)).await, (0, 0));
+    assert_eq!(send(batch(3, 2)).await, (0, 3));
+    // The retry of a batch whose answer was lost gets its original offset; nothing is written.
+    assert_eq!(send(batch(0, 3)).await, (0, 0));
+    assert_eq!(send(batch(3, 2)).await, (0, 3));
+    // A gap in the sequence is OUT_OF_ORDER_SEQUENCE_NUMBER.
+    assert_eq!(send(batch(9, 1)).await.0, 45);
+    assert_eq!(
+        broker
+            .topic("t")
+            .unwrap()
+            .partition(0)
+            .unwrap()
+            .high_watermark(),
+        5
+    );
+    // Transactions are not offered.
+    let txn: InitProducerIdResponse = call(
+        &mut s,
+        ApiKey::InitProducerId,
+        4,
+        &InitProducerIdRequest::default()
+            .with_transactional_id(Some(StrBytes::from_static_str("tx").into())),
+    )
+    .await;
+    assert_ne!(txn.error_code, 0);
 }

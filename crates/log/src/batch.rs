@@ -206,6 +206,23 @@ fn put_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
     }
 }
 
+/// Encodes records into one uncompressed v2 batch of an idempotent producer: its id, epoch and the
+/// sequence number of the first record.
+pub fn encode_idempotent(
+    records: &[NewRecord],
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+) -> Option<Vec<u8>> {
+    let mut out = encode(records)?;
+    out[43..51].copy_from_slice(&producer_id.to_be_bytes());
+    out[51..53].copy_from_slice(&epoch.to_be_bytes());
+    out[53..57].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&out[CRC_START..]);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Some(out)
+}
+
 /// Encodes records into one uncompressed v2 batch with base offset 0 (the log assigns the real one).
 /// Returns `None` for an empty slice.
 pub fn encode(records: &[NewRecord]) -> Option<Vec<u8>> {

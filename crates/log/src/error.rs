@@ -48,6 +48,22 @@ pub enum Error {
         log_start_offset: u64,
         high_watermark: u64,
     },
+    #[error(
+        "producer {producer_id} sent sequence {got} to {topic}/{partition}, expected {expected}: a batch is missing"
+    )]
+    OutOfOrderSequence {
+        topic: String,
+        partition: u32,
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    #[error("producer {producer_id} epoch {epoch} is fenced by epoch {current}")]
+    InvalidProducerEpoch {
+        producer_id: i64,
+        epoch: i16,
+        current: i16,
+    },
     #[error("corrupt metadata file {}: {reason}", path.display())]
     Metadata { path: PathBuf, reason: String },
 }

@@ -14,6 +14,7 @@ mod error;
 pub mod io;
 pub mod mem;
 mod partition;
+pub mod producers;
 mod segment;
 mod topics;
 

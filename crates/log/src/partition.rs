@@ -18,6 +18,7 @@ use crate::batch;
 use crate::config::{FsyncPolicy, LogConfig, TopicConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::io::Storage;
+use crate::producers::{ProducerBatch, Producers, Verdict, last_sequence};
 use crate::segment::Segment;
 
 /// The largest input of one append. Keeps a segment below 4 GiB (positions are u32) whatever the
@@ -47,6 +48,8 @@ struct Writer {
     next_offset: u64,
     /// When the active segment received its first batch (for roll by age).
     active_since_ms: Option<i64>,
+    /// Idempotent producers' recent batches.
+    producers: Producers,
 }
 
 struct SyncState {
@@ -109,6 +112,7 @@ impl Partition {
             id,
             config,
             vec![Arc::new(segment)],
+            Vec::new(),
         ))
     }
 
@@ -119,7 +123,12 @@ impl Partition {
         id: u32,
         config: LogConfig,
         segments: Vec<Arc<Segment>>,
+        producer_batches: Vec<ProducerBatch>,
     ) -> Partition {
+        let mut producers = Producers::default();
+        for b in producer_batches {
+            producers.record(b);
+        }
         let active = segments
             .last()
             .expect("a partition has at least one segment")
@@ -136,6 +145,7 @@ impl Partition {
                 active,
                 next_offset,
                 active_since_ms: None,
+                producers,
             }),
             high_watermark: AtomicU64::new(next_offset),
             poisoned: AtomicBool::new(false),
@@ -196,17 +206,21 @@ impl Partition {
                 id,
                 config,
                 vec![Arc::new(segment)],
+                Vec::new(),
             ));
         }
         let mut segments = Vec::with_capacity(bases.len());
+        let mut producer_batches = Vec::new();
         let last = bases.len() - 1;
         for (i, base) in bases.iter().enumerate() {
             let segment = Segment::open(&*storage, dir, *base)?;
-            if i == last {
-                Self::recover_active(&segment, &config)?;
+            // Producer state comes from the batches scanned: the active segment whole, the tails
+            // of sealed ones. A producer idle for longer starts afresh (any sequence is accepted).
+            producer_batches.extend(if i == last {
+                Self::recover_active(&segment, &config)?
             } else {
-                Self::open_sealed(&*storage, &segment, &config)?;
-            }
+                Self::open_sealed(&*storage, &segment, &config)?
+            });
             segments.push(Arc::new(segment));
         }
         // Segments must follow each other; a later one may start after a gap (left by a repair).
@@ -223,11 +237,23 @@ impl Partition {
                 });
             }
         }
-        Ok(Self::assemble(storage, dir, topic, id, config, segments))
+        Ok(Self::assemble(
+            storage,
+            dir,
+            topic,
+            id,
+            config,
+            segments,
+            producer_batches,
+        ))
     }
 
     /// Loads a sealed segment's indexes (rebuilding them when missing) and checks its tail.
-    fn open_sealed(storage: &dyn Storage, segment: &Segment, config: &LogConfig) -> Result<()> {
+    fn open_sealed(
+        storage: &dyn Storage,
+        segment: &Segment,
+        config: &LogConfig,
+    ) -> Result<Vec<ProducerBatch>> {
         let file_len = segment
             .file
             .len()
@@ -265,17 +291,17 @@ impl Partition {
             segment.truncate(full.state.size)?;
             segment.set_state(full.state);
             segment.write_indexes(storage)?;
-            return Ok(());
+            return Ok(full.producer_batches);
         }
         segment.set_state(scan.state);
         if rebuilt {
             segment.write_indexes(storage)?;
         }
-        Ok(())
+        Ok(scan.producer_batches)
     }
 
     /// Scans the active segment, truncating a torn tail and refusing corruption before it.
-    fn recover_active(segment: &Segment, config: &LogConfig) -> Result<()> {
+    fn recover_active(segment: &Segment, config: &LogConfig) -> Result<Vec<ProducerBatch>> {
         let empty = segment.state_at_last_entry(Vec::new(), Vec::new());
         let scan = segment.scan(empty, config.index_interval_bytes)?;
         if let Some(stop) = &scan.stop {
@@ -312,7 +338,7 @@ impl Partition {
         // The recovered tail is made durable before anything is served from it.
         segment.truncate(scan.state.size)?;
         segment.set_state(scan.state);
-        Ok(())
+        Ok(scan.producer_batches)
     }
 
     /// Registers a function called with the new high watermark each time it advances.
@@ -408,6 +434,25 @@ impl Partition {
             if self.is_poisoned() {
                 return Err(self.poisoned_error());
             }
+            // Idempotent producers: a retried batch gets its original offsets; a gap is refused.
+            for (_, h) in headers.iter().filter(|(_, h)| h.producer_id >= 0) {
+                if let Verdict::Duplicate(b) = w.producers.check(h, &self.topic, self.id)? {
+                    if headers.len() > 1 {
+                        return Err(Error::InvalidBatch(batch::BatchError::Invalid(
+                            "a retried idempotent batch must be sent alone",
+                        )));
+                    }
+                    tracing::debug!(
+                        producer_id = h.producer_id,
+                        base_offset = b.base_offset,
+                        "a retried idempotent batch is answered with its original offsets"
+                    );
+                    return Ok(Appended {
+                        base_offset: b.base_offset,
+                        last_offset: b.last_offset,
+                    });
+                }
+            }
             let size = w.active.state().size;
             let too_big = size > 0 && size + batches.len() as u64 > topic_config.segment_bytes;
             let too_old = w.active_since_ms.is_some_and(|since| {
@@ -453,6 +498,20 @@ impl Partition {
             }
             w.next_offset = next;
             w.active_since_ms.get_or_insert(now_ms);
+            let mut offset = base_offset;
+            for (_, h) in &headers {
+                if h.producer_id >= 0 {
+                    w.producers.record(ProducerBatch {
+                        producer_id: h.producer_id,
+                        epoch: h.producer_epoch,
+                        first_sequence: h.base_sequence,
+                        last_sequence: last_sequence(h),
+                        base_offset: offset,
+                        last_offset: offset + h.offset_count() - 1,
+                    });
+                }
+                offset += h.offset_count();
+            }
             Appended {
                 base_offset,
                 last_offset: next - 1,

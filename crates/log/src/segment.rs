@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::batch::{self, BatchHeader, HEADER_BYTES};
 use crate::error::{Error, IoContext, Result};
 use crate::io::{File, Storage, write_atomically};
+use crate::producers::{ProducerBatch, last_sequence};
 
 /// One offset index entry: the batch whose base offset is `base_offset + relative_offset` starts at
 /// byte `position` of the segment.
@@ -130,6 +131,8 @@ pub(crate) struct Scan {
     pub state: SegmentState,
     pub stop: Option<Stop>,
     pub file_len: u64,
+    /// Batches of idempotent producers, in log order, to rebuild their state.
+    pub producer_batches: Vec<ProducerBatch>,
 }
 
 /// Buffered positional reads over a file, for scans.
@@ -225,6 +228,7 @@ impl Segment {
         let mut state = from;
         let mut reader = ChunkReader::new(&*self.file, file_len);
         let mut position = state.size;
+        let mut producer_batches = Vec::new();
         let stop = loop {
             if position == file_len {
                 break None;
@@ -286,12 +290,23 @@ impl Segment {
                 });
             }
             state.add_batch(self.base_offset, &h, position, index_interval_bytes);
+            if h.producer_id >= 0 {
+                producer_batches.push(ProducerBatch {
+                    producer_id: h.producer_id,
+                    epoch: h.producer_epoch,
+                    first_sequence: h.base_sequence,
+                    last_sequence: last_sequence(&h),
+                    base_offset: h.base_offset as u64,
+                    last_offset: h.base_offset as u64 + h.last_offset_delta as u64,
+                });
+            }
             position += total;
         };
         Ok(Scan {
             state,
             stop,
             file_len,
+            producer_batches,
         })
     }
 

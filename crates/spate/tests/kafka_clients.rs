@@ -173,3 +173,71 @@ fn consumer_groups_split_rebalance_and_resume_after_restarts() {
     groups_step("resume", &server.kafka);
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// A free loopback port (bound and released), so a restarted server can listen where clients
+/// expect it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn idempotent_producer_has_no_duplicates_across_kill_9_restarts() {
+    const N: &str = "400000";
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = format!("127.0.0.1:{}", free_port());
+    let args = ["--kafka-addr", kafka.as_str()];
+    let server = common::start(dir.path(), &args);
+    let created = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "topics",
+            "create",
+            "idem",
+            "--partitions",
+            "3",
+            "--server",
+            &server.url,
+        ])
+        .output()
+        .unwrap();
+    assert!(created.status.success());
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/idempotent_producer.py");
+    let producer = Command::new("python3")
+        .arg(&script)
+        .args(["produce", &kafka, N])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test installs the clients)");
+    // Kill the server five times while the producer runs at full speed, so batches are written but
+    // not yet acknowledged at each kill; the producer retries them against the restarted server.
+    let mut server = server;
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        server.kill9();
+        server = common::start(dir.path(), &args);
+    }
+    let out = producer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "producer failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["verify", &kafka, N])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "duplicates or losses:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -19,7 +19,12 @@ pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
         .arg("serve")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--http-addr", "127.0.0.1:0", "--kafka-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .args(if extra.contains(&"--kafka-addr") {
+            &[][..]
+        } else {
+            &["--kafka-addr", "127.0.0.1:0"][..]
+        })
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

@@ -241,3 +241,26 @@ fn idempotent_producer_has_no_duplicates_across_kill_9_restarts() {
     );
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn kafkajs_produces_and_consumes_with_a_group_of_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop");
+    let out = Command::new("node")
+        .current_dir(&interop)
+        .args(["kafkajs_client.js", &server.kafka])
+        .output()
+        .expect("node runs (scripts/test installs kafkajs)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kafkajs failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("10000 messages consumed by a group of two (2 got partitions)"),
+        "{stdout}"
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -63,11 +63,16 @@ def check_http(http, topic, client):
 
 def confluent(bootstrap, topic):
     from confluent_kafka import Consumer, Producer, TopicPartition, OFFSET_BEGINNING
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for f in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
+    new = NewTopic(topic, num_partitions=3, replication_factor=1, config={"retention.ms": "3600000"})
+    for f in admin.create_topics([new]).values():
         f.result(30)
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    configs = admin.describe_configs([resource])[resource].result(30)
+    if configs["retention.ms"].value != "3600000":
+        sys.exit(f"confluent: DescribeConfigs says retention.ms={configs['retention.ms'].value}")
     failures = []
 
     def on_delivery(err, _msg):

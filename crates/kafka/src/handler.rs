@@ -9,6 +9,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::find_coordinator_response::Coordinator as CoordinatorEntry;
@@ -35,6 +38,7 @@ use kafka_protocol::messages::{
     ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
     RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
 };
+use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::messages::{
     DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse,
     GroupId, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
@@ -125,6 +129,7 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeConfigs, 1, 4),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -290,6 +295,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::ListGroups(_) => ResponseKind::ListGroups(list_groups(ctx)),
         RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(describe_groups(ctx, r)),
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(ctx, r)),
+        RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(describe_configs(ctx, r)),
         other => bail!("request {other:?} passed the version check but has no handler"),
     };
     Ok(Reply::Ready(encode_response(
@@ -730,6 +736,151 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
             futures_util::future::select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
         let _ = tokio::time::timeout_at(deadline, changed).await;
     }
+}
+
+/// Resource types of DescribeConfigs.
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+/// Config sources: set on the topic, or a default.
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_DEFAULT: i8 = 5;
+/// Config types (KIP-569): 3 = INT, 5 = LONG, 2 = STRING... as Kafka numbers them.
+const TYPE_BOOLEAN: i8 = 1;
+const TYPE_STRING: i8 = 2;
+const TYPE_INT: i8 = 3;
+const TYPE_LONG: i8 = 5;
+
+fn describe_configs(ctx: &Context, r: DescribeConfigsRequest) -> DescribeConfigsResponse {
+    let opt = |v: Option<u64>| v.map_or("-1".to_string(), |v| v.to_string());
+    let results = r
+        .resources
+        .into_iter()
+        .map(|res| {
+            let result = DescribeConfigsResult::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name.clone());
+            let entries: Vec<(&str, String, i8, i8)> = match res.resource_type {
+                RESOURCE_TOPIC => match ctx.broker.topic(res.resource_name.as_str()) {
+                    Err(e) => {
+                        return result
+                            .with_error_code(error_code(&e))
+                            .with_error_message(Some(str_bytes(&e.to_string())));
+                    }
+                    Ok(t) => vec![
+                        (
+                            "cleanup.policy",
+                            "delete".into(),
+                            TYPE_STRING,
+                            SOURCE_DEFAULT,
+                        ),
+                        (
+                            "retention.ms",
+                            opt(t.config.retention_ms),
+                            TYPE_LONG,
+                            SOURCE_TOPIC,
+                        ),
+                        (
+                            "retention.bytes",
+                            opt(t.config.retention_bytes),
+                            TYPE_LONG,
+                            SOURCE_TOPIC,
+                        ),
+                        (
+                            "segment.bytes",
+                            t.config.segment_bytes.to_string(),
+                            TYPE_INT,
+                            SOURCE_TOPIC,
+                        ),
+                        (
+                            "segment.ms",
+                            t.config.segment_ms.to_string(),
+                            TYPE_LONG,
+                            SOURCE_TOPIC,
+                        ),
+                        (
+                            "max.message.bytes",
+                            t.config.max_message_bytes.to_string(),
+                            TYPE_INT,
+                            SOURCE_TOPIC,
+                        ),
+                        ("min.insync.replicas", "1".into(), TYPE_INT, SOURCE_DEFAULT),
+                        (
+                            "message.timestamp.type",
+                            "CreateTime".into(),
+                            TYPE_STRING,
+                            SOURCE_DEFAULT,
+                        ),
+                    ],
+                },
+                RESOURCE_BROKER => {
+                    let d = TopicConfig::default();
+                    vec![
+                        (
+                            "auto.create.topics.enable",
+                            ctx.config.auto_create_topics.to_string(),
+                            TYPE_BOOLEAN,
+                            SOURCE_DEFAULT,
+                        ),
+                        (
+                            "num.partitions",
+                            ctx.config.default_partitions.to_string(),
+                            TYPE_INT,
+                            SOURCE_DEFAULT,
+                        ),
+                        (
+                            "log.retention.ms",
+                            opt(d.retention_ms),
+                            TYPE_LONG,
+                            SOURCE_DEFAULT,
+                        ),
+                        (
+                            "log.segment.bytes",
+                            d.segment_bytes.to_string(),
+                            TYPE_INT,
+                            SOURCE_DEFAULT,
+                        ),
+                        (
+                            "message.max.bytes",
+                            d.max_message_bytes.to_string(),
+                            TYPE_INT,
+                            SOURCE_DEFAULT,
+                        ),
+                        (
+                            "socket.request.max.bytes",
+                            ctx.config.max_request_bytes.to_string(),
+                            TYPE_INT,
+                            SOURCE_DEFAULT,
+                        ),
+                    ]
+                }
+                other => {
+                    return result
+                        .with_error_code(code::INVALID_REQUEST)
+                        .with_error_message(Some(str_bytes(&format!(
+                            "resource type {other} is not supported"
+                        ))));
+                }
+            };
+            let wanted = res.configuration_keys.as_ref();
+            result.with_configs(
+                entries
+                    .into_iter()
+                    .filter(|(name, ..)| {
+                        wanted.is_none_or(|keys| keys.iter().any(|k| k.as_str() == *name))
+                    })
+                    .map(|(name, value, config_type, source)| {
+                        DescribeConfigsResourceResult::default()
+                            .with_name(str_bytes(name))
+                            .with_value(Some(str_bytes(&value)))
+                            .with_read_only(false)
+                            .with_config_source(source)
+                            .with_config_type(config_type)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    DescribeConfigsResponse::default().with_results(results)
 }
 
 fn init_producer_id(ctx: &Context, r: InitProducerIdRequest) -> InitProducerIdResponse {
@@ -1211,6 +1362,9 @@ mod tests {
                 ApiKey::ListGroups => kafka_protocol::messages::ListGroupsRequest::VERSIONS,
                 ApiKey::DescribeGroups => kafka_protocol::messages::DescribeGroupsRequest::VERSIONS,
                 ApiKey::InitProducerId => kafka_protocol::messages::InitProducerIdRequest::VERSIONS,
+                ApiKey::DescribeConfigs => {
+                    kafka_protocol::messages::DescribeConfigsRequest::VERSIONS
+                }
                 other => panic!("{other:?} has no range check"),
             };
             assert!(range.min <= *lo && *hi <= range.max, "{key:?}");

@@ -1260,38 +1260,45 @@ async fn produce(
     if !matches!(acks, -1..=1) {
         bail!("invalid acks {acks}");
     }
-    // Append every partition's batches in request order; wait for durability afterwards.
-    let mut written: Vec<(usize, i32, Written)> = Vec::new();
+    // Resolve every partition first, then write them all in one blocking call, in request order;
+    // durability is waited for afterwards, off the connection's path.
+    type Job = (Arc<Partition>, TopicConfig, Vec<u8>);
+    let mut slots: Vec<(usize, i32, Result<Job, i16>)> = Vec::new();
     let mut names = Vec::with_capacity(r.topic_data.len());
     for (ti, t) in r.topic_data.into_iter().enumerate() {
         names.push(t.name.clone());
         let topic = topic_for(ctx, name_of(&t.name), true).await;
         for pd in t.partition_data {
-            let outcome = match (&topic, pd.records) {
+            let job = match (&topic, pd.records) {
                 (Err(e), _) => Err(error_code(e)),
                 (Ok(_), None) => Err(code::CORRUPT_MESSAGE),
-                (Ok(topic), Some(records)) => match partition_of(topic, pd.index) {
-                    Err(e) => Err(error_code(&e)),
-                    Ok(p) => {
-                        let config = topic.config.clone();
-                        let mut bytes = records.to_vec();
-                        let now = spate_broker::now_ms();
-                        let appender = p.clone();
-                        match blocking(move || appender.append_unsynced(&mut bytes, now, &config))
-                            .await
-                        {
-                            Ok(a) => Ok((p, a)),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "produce refused");
-                                Err(error_code(&e))
-                            }
-                        }
-                    }
-                },
+                (Ok(topic), Some(records)) => partition_of(topic, pd.index)
+                    .map(|p| (p, topic.config.clone(), records.to_vec()))
+                    .map_err(|e| error_code(&e)),
             };
-            written.push((ti, pd.index, outcome));
+            slots.push((ti, pd.index, job));
         }
     }
+    let now = spate_broker::now_ms();
+    let written: Vec<(usize, i32, Written)> = tokio::task::spawn_blocking(move || {
+        slots
+            .into_iter()
+            .map(|(ti, index, job)| {
+                let outcome = job.and_then(|(p, config, mut bytes)| {
+                    match p.append_unsynced(&mut bytes, now, &config) {
+                        Ok(a) => Ok((p, a)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "produce refused");
+                            Err(error_code(&BrokerError::from(e)))
+                        }
+                    }
+                });
+                (ti, index, outcome)
+            })
+            .collect()
+    })
+    .await
+    .context("produce task failed")?;
     if acks == 0 {
         // No response; the data is written and becomes durable with the next fsync.
         return Ok(Reply::None);
@@ -1301,24 +1308,45 @@ async fn produce(
             .iter()
             .map(|n| TopicProduceResponse::default().with_name(n.clone()))
             .collect();
-        for (ti, index, outcome) in written {
+        // Wait for every partition's fsync at once: they run in parallel, and each may be shared
+        // with other requests' appends (group commit).
+        let waits: Vec<_> = written
+            .into_iter()
+            .map(|(ti, index, outcome)| {
+                let wait = match &outcome {
+                    Ok((p, appended)) => {
+                        let (p, appended) = (p.clone(), *appended);
+                        Some(tokio::task::spawn_blocking(move || {
+                            p.wait_acknowledgeable(appended)
+                        }))
+                    }
+                    Err(_) => None,
+                };
+                (ti, index, outcome, wait)
+            })
+            .collect();
+        for (ti, index, outcome, wait) in waits {
             let response = PartitionProduceResponse::default()
                 .with_index(index)
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1);
-            let response = match outcome {
-                Err(c) => response.with_error_code(c).with_base_offset(-1),
-                Ok((p, appended)) => {
-                    let start = p.log_start_offset() as i64;
-                    match blocking(move || p.wait_acknowledgeable(appended)).await {
-                        Ok(()) => response
-                            .with_base_offset(appended.base_offset as i64)
-                            .with_log_start_offset(start),
-                        Err(e) => response
-                            .with_error_code(error_code(&e))
-                            .with_base_offset(-1),
-                    }
-                }
+            let response = match (outcome, wait) {
+                (Ok((p, appended)), Some(wait)) => match wait.await {
+                    Ok(Ok(())) => response
+                        .with_base_offset(appended.base_offset as i64)
+                        .with_log_start_offset(p.log_start_offset() as i64),
+                    Ok(Err(e)) => response
+                        .with_error_code(error_code(&BrokerError::from(e)))
+                        .with_base_offset(-1),
+                    Err(_) => response
+                        .with_error_code(code::UNKNOWN_SERVER_ERROR)
+                        .with_base_offset(-1),
+                },
+                (Err(c), _) => response.with_error_code(c).with_base_offset(-1),
+                // Every written partition has a wait.
+                (Ok(_), None) => response
+                    .with_error_code(code::UNKNOWN_SERVER_ERROR)
+                    .with_base_offset(-1),
             };
             responses[ti].partition_responses.push(response);
         }

@@ -264,3 +264,29 @@ fn kafkajs_produces_and_consumes_with_a_group_of_two() {
     );
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn kafkas_own_java_tools_work_unchanged() {
+    // scripts/test fetches the jars with ../shared/tools/kafka/kafka.sh and exports their folder.
+    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
+    assert!(
+        Path::new(&jars).is_dir(),
+        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/java_tools.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args([&server.kafka, &jars])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "java tools failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("java tools: all checks passed"), "{stdout}");
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Kafka's own Java tools against Spate's Kafka listener: TopicCommand, the console producer and
+# consumer (with keys and a consumer group), ProducerPerformance and ConsumerPerformance.
+# usage: java_tools.sh BOOTSTRAP JARS_DIR
+set -euo pipefail
+BS=$1
+JARS=$2
+LOG=$(mktemp -d)
+trap 'rm -rf "$LOG"' EXIT
+cat > "$LOG/log4j2.properties" <<'L4J'
+status = warn
+appender.console.type = Console
+appender.console.name = STDERR
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %p %m%n
+rootLogger.level = WARN
+rootLogger.appenderRef.stderr.ref = STDERR
+L4J
+J() { java -cp "$JARS/*" -Dlog4j2.configurationFile="$LOG/log4j2.properties" "$@" 2> >(grep -v SLF4J >&2); }
+
+J org.apache.kafka.tools.TopicCommand --bootstrap-server "$BS" --create --topic java --partitions 3 --replication-factor 1
+J org.apache.kafka.tools.TopicCommand --bootstrap-server "$BS" --list | grep -qx java
+# Console producer with keys; console consumer in a group reads them back with keys.
+seq 1 300 | sed 's/^\(.*\)$/k\1:v\1/' | J org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$BS" \
+  --topic java --property parse.key=true --property key.separator=: --producer-property acks=all
+J org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$BS" --topic java --from-beginning \
+  --group java-console --max-messages 300 --timeout-ms 30000 --property print.key=true \
+  --property key.separator=: > "$LOG/consumed"
+got=$(grep "^k" "$LOG/consumed" | sort | tr '\n' ' ')
+want=$(seq 1 300 | sed 's/^\(.*\)$/k\1:v\1/' | sort | tr '\n' ' ')
+[ "$got" = "$want" ] || { echo "console consumer read back something else"; exit 1; }
+echo "console producer and consumer: 300 keyed records round-tripped"
+# The perf tools (idempotent producer by default in 4.x; consumer in a group).
+J org.apache.kafka.tools.ProducerPerformance --topic java --num-records 50000 --record-size 512 \
+  --throughput -1 --producer-props bootstrap.servers="$BS" acks=all | tail -1 | tee "$LOG/p"
+grep -q '^50000 records sent' "$LOG/p"
+J org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$BS" --topic java \
+  --num-records 50300 --timeout 60000 --group java-perf | tail -1 | tee "$LOG/c"
+[ "$(cut -d, -f5 "$LOG/c" | tr -d ' ')" = 50300 ] || { echo "ConsumerPerformance did not read 50300 records"; exit 1; }
+echo "java tools: all checks passed"

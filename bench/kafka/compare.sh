@@ -5,10 +5,10 @@
 #
 # Starts a single-node Apache Kafka 4.x broker with its defaults (no per-message fsync) through
 # ../shared/tools/kafka/kafka.sh on 127.0.0.1:19092, and a release build of Spate with
-# `--fsync batch` on 127.0.0.1:29092, then runs ProducerPerformance (acks=all, unthrottled) and
-# ConsumerPerformance for 100 B and 1 KiB records on 1 and 3 partitions against each, and prints a
-# Markdown table with both and their ratio. Everything runs on loopback and stops by itself; data
-# goes under /tmp.
+# `--fsync batch` (another policy with SPATE_FSYNC=...) on 127.0.0.1:29092, then runs
+# ProducerPerformance (acks=all, unthrottled) and ConsumerPerformance for 100 B and 1 KiB records on
+# 1 and 3 partitions against each, and prints a Markdown table with both. Everything runs on
+# loopback and stops by itself; data goes under /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-1000000}
@@ -26,7 +26,7 @@ cargo build --release -q -p spate
 bash "$TOOLS" fetch >/dev/null
 bash "$TOOLS" start >/dev/null
 "$CARGO_TARGET_DIR/release/spate" serve --data-dir "$SPATE_DATA/data" --http-addr 127.0.0.1:0 \
-  --kafka-addr "$SPATE_ADDR" --fsync batch >"$SPATE_DATA/out" 2>"$SPATE_DATA/err" &
+  --kafka-addr "$SPATE_ADDR" --fsync "${SPATE_FSYNC:-batch}" >"$SPATE_DATA/out" 2>"$SPATE_DATA/err" &
 SPATE_PID=$!
 cleanup() {
   kill "$SPATE_PID" 2>/dev/null || true

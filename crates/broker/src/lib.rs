@@ -48,6 +48,8 @@ pub enum BrokerError {
     EventTooLarge { index: usize, size: u64, max: u64 },
     #[error("{0}")]
     Unsupported(String),
+    #[error("topic {0} is internal: it is written by the server only and cannot be deleted")]
+    InternalTopic(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -82,6 +84,12 @@ pub struct ReadEvent {
 pub struct ReadPage {
     pub events: Vec<ReadEvent>,
     pub next_offset: u64,
+}
+
+/// Whether a topic is one the server keeps for itself (committed offsets): clients may read it but
+/// not write to or delete it.
+pub fn is_internal(topic: &str) -> bool {
+    topic == groups::OFFSETS_TOPIC
 }
 
 /// Milliseconds since the Unix epoch.
@@ -168,6 +176,9 @@ impl Broker {
 
     pub async fn delete_topic(&self, name: String) -> Result<()> {
         let topic = self.topic(&name)?;
+        if is_internal(&name) {
+            return Err(BrokerError::InternalTopic(name));
+        }
         let log = self.log.clone();
         blocking(move || Ok(log.delete_topic(&name)?)).await?;
         let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,6 +215,9 @@ impl Broker {
     /// is valid; returns once all are durable under the fsync policy.
     pub async fn publish(&self, topic: &str, mut events: Vec<Event>) -> Result<Vec<Placement>> {
         let topic = self.topic(topic)?;
+        if is_internal(&topic.name) {
+            return Err(BrokerError::InternalTopic(topic.name.clone()));
+        }
         for (index, e) in events.iter().enumerate() {
             let size = e.record_bytes();
             if size > self.limits.max_event_bytes {

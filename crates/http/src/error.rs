@@ -122,6 +122,9 @@ impl From<BrokerError> for ApiError {
                     .with("index", index)
                     .with("max_event_bytes", max)
             }
+            BrokerError::InternalTopic(_) => {
+                ApiError::new(S::FORBIDDEN, "internal-topic", e.to_string())
+            }
             BrokerError::Unsupported(_) => {
                 ApiError::new(S::NOT_IMPLEMENTED, "unsupported", e.to_string())
             }

@@ -59,6 +59,7 @@ pub fn describe_topic(topic: &Topic) -> Value {
             "max_message_bytes": c.max_message_bytes,
         },
         "created": spate_broker::event::now_rfc3339(topic.created_ms),
+        "internal": spate_broker::is_internal(&topic.name),
         "partitions": partitions,
     })
 }

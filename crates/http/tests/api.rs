@@ -657,3 +657,44 @@ async fn a_failed_fsync_gives_clear_errors_and_no_more_acks() {
     let r = app.get("/v1/topics/t/events").await;
     assert_eq!(r.body["events"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
+    let disk = MemStorage::new();
+    let log = Arc::new(
+        Log::open(
+            Arc::new(disk.clone()),
+            Path::new("/data"),
+            LogConfig::default(),
+        )
+        .unwrap(),
+    );
+    spate_broker::groups::Coordinator::open(log.clone(), std::time::Duration::ZERO, 0).unwrap();
+    let broker = Arc::new(Broker::new(log, Limits::default()));
+    let app = App {
+        router: router(AppState {
+            broker,
+            limits: HttpLimits::default(),
+        }),
+        disk,
+    };
+    let r = app.get("/v1/topics/__consumer_offsets").await;
+    assert_eq!(r.body["internal"], true);
+    let r = app
+        .publish(
+            "__consumer_offsets",
+            "application/cloudevents+json",
+            json!({"type": "t"}),
+        )
+        .await;
+    assert_problem(&r, StatusCode::FORBIDDEN, "internal");
+    let r = app
+        .call("DELETE", "/v1/topics/__consumer_offsets", "", Body::empty())
+        .await;
+    assert_problem(&r, StatusCode::FORBIDDEN, "cannot be deleted");
+    assert_eq!(app.end_offsets("__consumer_offsets").await, [0]);
+    assert_eq!(
+        app.get("/v1/topics/__consumer_offsets/events").await.status,
+        StatusCode::OK
+    );
+}

@@ -342,6 +342,7 @@ fn error_code(e: &BrokerError) -> i16 {
             code::INVALID_REQUEST
         }
         BrokerError::Unsupported(_) | BrokerError::Internal(_) => code::UNKNOWN_SERVER_ERROR,
+        BrokerError::InternalTopic(_) => code::INVALID_TOPIC_EXCEPTION,
     }
 }
 
@@ -407,7 +408,7 @@ async fn metadata(ctx: &Context, r: MetadataRequest, version: i16) -> MetadataRe
     for name in names {
         let t = MetadataResponseTopic::default()
             .with_name(Some(TopicName(str_bytes(&name))))
-            .with_is_internal(name.starts_with("__"));
+            .with_is_internal(spate_broker::is_internal(&name));
         topics.push(match topic_for(ctx, &name, create).await {
             Ok(topic) => t.with_partitions(
                 (0..topic.config.partitions as i32)
@@ -1271,6 +1272,10 @@ async fn produce(
         for pd in t.partition_data {
             let job = match (&topic, pd.records) {
                 (Err(e), _) => Err(error_code(e)),
+                // Committed offsets are written by the coordinator only.
+                (Ok(t), _) if spate_broker::is_internal(&t.name) => {
+                    Err(code::INVALID_TOPIC_EXCEPTION)
+                }
                 (Ok(_), None) => Err(code::CORRUPT_MESSAGE),
                 (Ok(topic), Some(records)) => partition_of(topic, pd.index)
                     .map(|p| (p, topic.config.clone(), records.to_vec()))

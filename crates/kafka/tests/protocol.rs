@@ -250,6 +250,7 @@ async fn produce_to_an_unknown_topic_or_with_a_bad_batch_gets_the_right_code() {
     };
     let cases = [
         (produce("nope", 0, good.clone()), 3),
+        (produce("__consumer_offsets", 0, good.clone()), 17),
         (produce("t", 5, good.clone()), 3),
         (produce("t", 0, bad), 2),
         (produce("t", 0, good.clone()), 0),

@@ -1,6 +1,6 @@
 """Consumer groups against Spate's Kafka listener, with confluent-kafka (librdkafka).
 
-usage: consumer_groups.py STEP BOOTSTRAP
+usage: consumer_groups.py STEP BOOTSTRAP [ASSIGNOR]
   split:  three members of one group split a 3-partition topic; when one leaves the other two take
           over its partition; committed offsets make a restarted consumer resume where the group
           left off.
@@ -17,6 +17,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 TOPIC = "groups"
 GROUP = "grp"
+# range, roundrobin or cooperative-sticky: the coordinator passes assignments through either way.
+ASSIGNOR = sys.argv[3] if len(sys.argv) > 3 else "range"
 TIMEOUT_S = 60
 
 
@@ -37,7 +39,7 @@ def consumer(bootstrap, name):
         "auto.offset.reset": "earliest",
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
-        "partition.assignment.strategy": "range",
+        "partition.assignment.strategy": ASSIGNOR,
     })
 
 

@@ -144,18 +144,18 @@ fn kcat_produces_with_every_codec_and_consumes_in_key_order() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
-fn groups_step(step: &str, kafka: &str) {
+fn groups_step(step: &str, kafka: &str, assignor: &str) {
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/consumer_groups.py");
     let out = Command::new("python3")
         .arg(&script)
-        .args([step, kafka])
+        .args([step, kafka, assignor])
         .output()
         .expect("python3 runs (scripts/test installs the clients)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "consumer groups step {step} failed:\n{stdout}\n{}",
+        "consumer groups step {step} with {assignor} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -166,12 +166,22 @@ fn consumer_groups_split_rebalance_and_resume_after_restarts() {
     let server = common::start(dir.path(), &[]);
     // Three members split three partitions; one leaves and two take over; a restarted consumer
     // resumes at the committed offsets.
-    groups_step("split", &server.kafka);
+    groups_step("split", &server.kafka, "range");
     assert_eq!(server.terminate().code(), Some(0));
     // Committed offsets survive a server restart.
     let server = common::start(dir.path(), &[]);
-    groups_step("resume", &server.kafka);
+    groups_step("resume", &server.kafka, "range");
     assert_eq!(server.terminate().code(), Some(0));
+}
+
+#[test]
+fn consumer_groups_work_with_round_robin_and_cooperative_sticky_assignment() {
+    for assignor in ["roundrobin", "cooperative-sticky"] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::start(dir.path(), &[]);
+        groups_step("split", &server.kafka, assignor);
+        assert_eq!(server.terminate().code(), Some(0));
+    }
 }
 
 /// A free loopback port (bound and released), so a restarted server can listen where clients

@@ -357,3 +357,96 @@ async fn idempotent_produce_retries_are_answered_with_the_original_offsets() {
     .await;
     assert_ne!(txn.error_code, 0);
 }
+
+#[tokio::test]
+async fn group_requests_are_fenced_by_generation_and_member() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
+        SyncGroupRequest, SyncGroupResponse,
+    };
+    let (addr, _) = server().await;
+    let mut a = TcpStream::connect(&addr).await.unwrap();
+    let group = || GroupId(StrBytes::from_static_str("g"));
+    fn join(member: StrBytes) -> JoinGroupRequest {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(5_000)
+            .with_member_id(member)
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![
+                JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("range"))
+                    .with_metadata(Bytes::from_static(b"m")),
+            ])
+    }
+    let j: JoinGroupResponse = call(&mut a, ApiKey::JoinGroup, 7, &join(StrBytes::default())).await;
+    assert_eq!((j.error_code, j.generation_id), (0, 1));
+    assert_eq!(j.leader, j.member_id);
+    let me = j.member_id.clone();
+    let sync = |generation: i32, member: StrBytes| {
+        SyncGroupRequest::default()
+            .with_group_id(group())
+            .with_generation_id(generation)
+            .with_member_id(member.clone())
+            .with_assignments(vec![
+                SyncGroupRequestAssignment::default()
+                    .with_member_id(member)
+                    .with_assignment(Bytes::from_static(b"all")),
+            ])
+    };
+    let s: SyncGroupResponse = call(&mut a, ApiKey::SyncGroup, 5, &sync(1, me.clone())).await;
+    assert_eq!((s.error_code, s.assignment.as_ref()), (0, &b"all"[..]));
+    let heartbeat = |generation: i32, member: StrBytes| {
+        HeartbeatRequest::default()
+            .with_group_id(group())
+            .with_generation_id(generation)
+            .with_member_id(member)
+    };
+    let h: HeartbeatResponse = call(&mut a, ApiKey::Heartbeat, 4, &heartbeat(1, me.clone())).await;
+    assert_eq!(h.error_code, 0);
+    // A stale generation and an unknown member are fenced.
+    let h: HeartbeatResponse = call(&mut a, ApiKey::Heartbeat, 4, &heartbeat(0, me.clone())).await;
+    assert_eq!(h.error_code, 22, "ILLEGAL_GENERATION");
+    let h: HeartbeatResponse = call(
+        &mut a,
+        ApiKey::Heartbeat,
+        4,
+        &heartbeat(1, StrBytes::from_static_str("stranger")),
+    )
+    .await;
+    assert_eq!(h.error_code, 25, "UNKNOWN_MEMBER_ID");
+    let s: SyncGroupResponse = call(&mut a, ApiKey::SyncGroup, 5, &sync(7, me.clone())).await;
+    assert_eq!(s.error_code, 22);
+    // A second member joins on its own connection: the first learns of the rebalance.
+    let addr2 = addr.clone();
+    let second = tokio::spawn(async move {
+        let mut b = TcpStream::connect(&addr2).await.unwrap();
+        let j: JoinGroupResponse =
+            call(&mut b, ApiKey::JoinGroup, 7, &join(StrBytes::default())).await;
+        j
+    });
+    let mut rebalancing = false;
+    for _ in 0..100 {
+        let h: HeartbeatResponse =
+            call(&mut a, ApiKey::Heartbeat, 4, &heartbeat(1, me.clone())).await;
+        if h.error_code == 27 {
+            rebalancing = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        rebalancing,
+        "REBALANCE_IN_PROGRESS reaches the first member"
+    );
+    let j: JoinGroupResponse = call(&mut a, ApiKey::JoinGroup, 7, &join(me.clone())).await;
+    let other = second.await.unwrap();
+    assert_eq!((j.generation_id, other.generation_id), (2, 2));
+    assert_eq!(j.members.len(), 2, "the leader sees both members");
+    // The old generation is fenced from now on.
+    let h: HeartbeatResponse = call(&mut a, ApiKey::Heartbeat, 4, &heartbeat(1, me)).await;
+    assert_eq!(h.error_code, 22);
+}

@@ -51,7 +51,7 @@ pub enum EventError {
 
 /// A CloudEvent. Optional attributes are `None` when absent; `id`, `source` and `time` are filled by
 /// [`Event::fill_defaults`] before storing.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Event {
     pub id: Option<String>,
     pub source: Option<String>,
@@ -111,17 +111,7 @@ impl Event {
         let Value::Object(map) = value else {
             return Err(EventError::NotAnObject);
         };
-        let mut event = Event {
-            id: None,
-            source: None,
-            event_type: String::new(),
-            subject: None,
-            time: None,
-            datacontenttype: None,
-            dataschema: None,
-            extensions: BTreeMap::new(),
-            data: None,
-        };
+        let mut event = Event::default();
         let mut data: Option<Value> = None;
         let mut data_base64: Option<String> = None;
         let mut has_type = false;
@@ -305,15 +295,8 @@ impl Event {
     /// records without CloudEvents headers: (topic, partition).
     pub fn from_record(record: &Record, origin: (&str, u32)) -> Event {
         let mut event = Event {
-            id: None,
-            source: None,
-            event_type: String::new(),
-            subject: None,
-            time: None,
-            datacontenttype: None,
-            dataschema: None,
-            extensions: BTreeMap::new(),
             data: record.value.clone(),
+            ..Event::default()
         };
         let mut has_ce = false;
         for (name, value) in &record.headers {

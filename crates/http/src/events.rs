@@ -111,6 +111,19 @@ fn check_count(n: usize) -> ApiResult<()> {
     Ok(())
 }
 
+/// Parses a batch: a non-empty array of structured events, within the count limit.
+fn parse_batch(items: Vec<Value>) -> ApiResult<Vec<Event>> {
+    if items.is_empty() {
+        return Err(ApiError::bad_request("the batch holds no event"));
+    }
+    check_count(items.len())?;
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| Event::from_json(v).map_err(|e| invalid(i, e)))
+        .collect()
+}
+
 /// Parses the events of a publish request according to its mode.
 fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
     let ct = content_type(headers);
@@ -133,15 +146,7 @@ fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
                     "a cloudevents batch must be a JSON array",
                 ));
             };
-            if items.is_empty() {
-                return Err(ApiError::bad_request("the batch holds no event"));
-            }
-            check_count(items.len())?;
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| Event::from_json(v).map_err(|e| invalid(i, e)))
-                .collect()
+            parse_batch(items)
         }
         _ if !attributes.is_empty() => Ok(vec![
             Event::from_binary(attributes, ct, body.to_vec()).map_err(|e| invalid(0, e))?,
@@ -149,15 +154,7 @@ fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
         Some("application/json") => {
             // Convenience: a plain JSON object or array of structured events.
             match parse_json::<Value>(&body)? {
-                Value::Array(items) if !items.is_empty() => {
-                    check_count(items.len())?;
-                    items
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, v)| Event::from_json(v).map_err(|e| invalid(i, e)))
-                        .collect()
-                }
-                Value::Array(_) => Err(ApiError::bad_request("the batch holds no event")),
+                Value::Array(items) => parse_batch(items),
                 v => Ok(vec![Event::from_json(v).map_err(|e| invalid(0, e))?]),
             }
         }

@@ -1,7 +1,8 @@
 //! Real Kafka clients against the real binary's Kafka listener: kcat (librdkafka's CLI),
-//! confluent-kafka (librdkafka from Python) and kafka-python. Each creates or uses a 3-partition
-//! topic, produces keyed, compressed messages and consumes them all back; records produced over
-//! Kafka are then read over HTTP. `scripts/test` installs the clients.
+//! confluent-kafka (librdkafka from Python), kafka-python, kafkajs and Kafka's own Java tools. They
+//! create 3-partition topics, produce keyed, compressed messages and consume them all back, with
+//! and without consumer groups; records produced over Kafka are read over HTTP too. The client
+//! programs live in `tests/interop/`; `scripts/test` installs the clients.
 
 mod common;
 
@@ -10,20 +11,34 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// Runs a program of `tests/interop/` with an interpreter and returns its output; fails the test,
+/// with the program's output, when it fails.
+fn interop(interpreter: &str, program: &str, args: &[&str]) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop");
+    let out = Command::new(interpreter)
+        .current_dir(&dir)
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{interpreter} cannot run ({e}); scripts/test installs the clients")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn run_python(client: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/kafka_clients.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([client, &server.kafka, &server.url])
-        .output()
-        .expect("python3 runs (scripts/test installs the clients)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{client} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = interop(
+        "python3",
+        "kafka_clients.py",
+        &[client, &server.kafka, &server.url],
     );
     assert!(stdout.contains("10000 messages consumed"), "{stdout}");
     assert!(stdout.contains("HTTP read all 10000"), "{stdout}");
@@ -145,19 +160,7 @@ fn kcat_produces_with_every_codec_and_consumes_in_key_order() {
 }
 
 fn groups_step(step: &str, kafka: &str, assignor: &str) {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/consumer_groups.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([step, kafka, assignor])
-        .output()
-        .expect("python3 runs (scripts/test installs the clients)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "consumer groups step {step} with {assignor} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    interop("python3", "consumer_groups.py", &[step, kafka, assignor]);
 }
 
 #[test]
@@ -238,16 +241,10 @@ fn idempotent_producer_has_no_duplicates_across_kill_9_restarts() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["verify", &kafka, N])
-        .output()
-        .unwrap();
+    let stdout = interop("python3", "idempotent_producer.py", &["verify", &kafka, N]);
     assert!(
-        out.status.success(),
-        "duplicates or losses:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        stdout.contains(&format!("all {N} messages present exactly once")),
+        "{stdout}"
     );
     assert_eq!(server.terminate().code(), Some(0));
 }
@@ -256,18 +253,7 @@ fn idempotent_producer_has_no_duplicates_across_kill_9_restarts() {
 fn kafkajs_produces_and_consumes_with_a_group_of_two() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
-    let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop");
-    let out = Command::new("node")
-        .current_dir(&interop)
-        .args(["kafkajs_client.js", &server.kafka])
-        .output()
-        .expect("node runs (scripts/test installs kafkajs)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kafkajs failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = interop("node", "kafkajs_client.js", &[&server.kafka]);
     assert!(
         stdout.contains("10000 messages consumed by a group of two (2 got partitions)"),
         "{stdout}"
@@ -285,18 +271,7 @@ fn kafkas_own_java_tools_work_unchanged() {
     );
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/java_tools.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .args([&server.kafka, &jars])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "java tools failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = interop("bash", "java_tools.sh", &[&server.kafka, &jars]);
     assert!(stdout.contains("java tools: all checks passed"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -104,6 +104,17 @@ struct Member {
     awaiting_sync: Option<oneshot::Sender<SyncResult>>,
 }
 
+impl Member {
+    /// The metadata this member sent for a protocol (empty when it did not name it).
+    fn metadata(&self, protocol: &str) -> Bytes {
+        self.protocols
+            .iter()
+            .find(|(n, _)| n == protocol)
+            .map(|(_, md)| md.clone())
+            .unwrap_or_default()
+    }
+}
+
 struct Group {
     state: GroupState,
     generation: i32,
@@ -218,15 +229,7 @@ impl Group {
         let all: Vec<(String, Bytes)> = self
             .members
             .iter()
-            .map(|(id, m)| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| *n == protocol)
-                    .map(|(_, md)| md.clone())
-                    .unwrap_or_default();
-                (id.clone(), metadata)
-            })
+            .map(|(id, m)| (id.clone(), m.metadata(&protocol)))
             .collect();
         let protocol_type = self.protocol_type.clone().unwrap_or_default();
         for (id, m) in self.members.iter_mut() {
@@ -815,12 +818,7 @@ impl Coordinator {
                 .members
                 .iter()
                 .map(|(id, m)| {
-                    let metadata = m
-                        .protocols
-                        .iter()
-                        .find(|(n, _)| *n == protocol)
-                        .map(|(_, md)| md.clone())
-                        .unwrap_or_default();
+                    let metadata = m.metadata(&protocol);
                     (
                         id.clone(),
                         m.client_id.clone(),

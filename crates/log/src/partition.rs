@@ -101,10 +101,7 @@ impl Partition {
         storage
             .create_dir(dir)
             .ctx("create partition directory", dir)?;
-        let segment = Segment::create(&*storage, dir, 0)?;
-        let file = segment.file.clone();
-        file.sync().ctx("sync segment", &segment.log_path)?;
-        storage.sync_dir(dir).ctx("sync partition directory", dir)?;
+        let segment = Self::first_segment(&*storage, dir)?;
         Ok(Self::assemble(
             storage,
             dir,
@@ -114,6 +111,14 @@ impl Partition {
             vec![Arc::new(segment)],
             Vec::new(),
         ))
+    }
+
+    /// Creates the empty segment at offset 0 of a partition, durable with its directory entry.
+    fn first_segment(storage: &dyn Storage, dir: &Path) -> Result<Segment> {
+        let segment = Segment::create(storage, dir, 0)?;
+        segment.file.sync().ctx("sync segment", &segment.log_path)?;
+        storage.sync_dir(dir).ctx("sync partition directory", dir)?;
+        Ok(segment)
     }
 
     fn assemble(
@@ -196,9 +201,7 @@ impl Partition {
         bases.sort_unstable();
         if bases.is_empty() {
             tracing::warn!(dir = %dir.display(), "partition has no segment; starting an empty one at offset 0");
-            let segment = Segment::create(&*storage, dir, 0)?;
-            segment.file.sync().ctx("sync segment", &segment.log_path)?;
-            storage.sync_dir(dir).ctx("sync partition directory", dir)?;
+            let segment = Self::first_segment(&*storage, dir)?;
             return Ok(Self::assemble(
                 storage,
                 dir,

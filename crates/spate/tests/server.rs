@@ -30,6 +30,22 @@ fn cli(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) 
     )
 }
 
+/// Runs `spate serve` on a data directory expecting it to exit (a refused start).
+fn serve_to_exit(data_dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--kafka-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn sigterm_stops_gracefully_and_data_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,18 +89,7 @@ fn sigterm_stops_gracefully_and_data_survives_a_restart() {
 fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _server = common::start(dir.path(), &[]);
-    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--kafka-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = serve_to_exit(dir.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another spate process"));
 }
@@ -112,18 +117,7 @@ fn corruption_refuses_start_until_repair() {
     bytes[100] ^= 0x08; // inside the first batch; two valid batches follow it
     std::fs::write(&segment, &bytes).unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--kafka-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = serve_to_exit(dir.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

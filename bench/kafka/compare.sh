@@ -77,3 +77,33 @@ for parts in 1 3; do
     done
   done
 done
+
+# The same matrix with `spate bench kafka`, a load generator that needs a fraction of a core: the
+# Java producer alone takes more than one of two cores, so above the servers are measured through
+# it. First with the Java producer's defaults (16 KiB batches, 5 requests in flight, one
+# connection), then with four connections.
+for conns in 1 4; do
+  echo
+  echo "spate bench kafka: $N records, acks=all, 16 KiB batches, 5 in flight, $conns connection(s)"
+  echo
+  echo "| partitions | record B | server | produce records/s | produce MiB/s | request p50 ms | p99 ms | p99.9 ms | consume records/s |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for parts in 1 3; do
+    for size in 100 1024; do
+      for r in $(seq 1 "$REP"); do
+        for server in kafka spate; do
+          bs=$KAFKA_ADDR; [ "$server" = spate ] && bs=$SPATE_ADDR
+          t="gen-c$conns-p$parts-s$size-r$r"
+          J org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --create --topic "$t" \
+            --partitions "$parts" --replication-factor 1 >/dev/null
+          out=$(timeout 600 "$CARGO_TARGET_DIR/release/spate" bench kafka --bootstrap "$bs" \
+            --topic "$t" --records "$N" --record-size "$size" --connections "$conns")
+          p=$(echo "$out" | grep '^produce:'); c=$(echo "$out" | grep '^consume:')
+          num() { echo "$1" | grep -oE "[0-9.]+ $2" | head -1 | grep -oE '^[0-9.]+'; }
+          lat() { echo "$1" | grep -oE "$2 [0-9.]+ ms" | grep -oE '[0-9.]+ ms' | grep -oE '^[0-9.]+'; }
+          echo "| $parts | $size | $server | $(num "$p" records/s) | $(num "$p" MiB/s) | $(lat "$p" p50) | $(lat "$p" p99) | $(lat "$p" p99.9) | $(num "$c" records/s) |"
+        done
+      done
+    done
+  done
+done

@@ -6,8 +6,10 @@
 //! projections, detectors) live here too.
 
 pub mod event;
+pub mod filter;
 pub mod groups;
 pub mod partitioner;
+pub mod push;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -129,6 +131,57 @@ fn decode_compressed(whole: &[u8]) -> Result<Vec<batch::Record>, String> {
         .collect())
 }
 
+/// Reads up to `limit` events of one partition from `offset` (blocking): the batches are decoded
+/// (decompressed when needed) and records before `offset` in the first batch skipped.
+pub fn read_events(
+    p: &spate_log::Partition,
+    topic: &str,
+    partition: u32,
+    mut offset: u64,
+    limit: usize,
+) -> Result<ReadPage> {
+    let mut events = Vec::new();
+    'outer: while events.len() < limit {
+        let bytes = p.read(offset, 1 << 20)?;
+        if bytes.is_empty() {
+            break;
+        }
+        let batches = batch::split(&bytes).map_err(spate_log::Error::from)?;
+        for (at, h) in batches {
+            let whole = &bytes[at..at + h.total_bytes() as usize];
+            let records = match batch::decode(whole) {
+                Ok(r) => r,
+                Err(batch::BatchError::Compressed(_)) => decode_compressed(whole).map_err(|e| {
+                    BrokerError::Unsupported(format!(
+                        "cannot decompress the batch at offset {}: {e}",
+                        h.base_offset
+                    ))
+                })?,
+                Err(e) => return Err(spate_log::Error::from(e).into()),
+            };
+            for r in records {
+                if (r.offset as u64) < offset {
+                    continue;
+                }
+                events.push(ReadEvent {
+                    partition,
+                    offset: r.offset as u64,
+                    event: Event::from_record(&r, (topic, partition)),
+                });
+                offset = r.offset as u64 + 1;
+                if events.len() == limit {
+                    break 'outer;
+                }
+            }
+            offset = offset.max(h.base_offset as u64 + h.offset_count());
+        }
+    }
+    Ok(ReadPage {
+        events,
+        next_offset: offset,
+    })
+}
+
 /// Bytes a batch may carry beyond its records' estimated sizes (header and varints).
 const BATCH_SLACK_BYTES: u64 = 256;
 
@@ -141,6 +194,8 @@ pub struct Broker {
     spread: AtomicU32,
     /// The next idempotent producer id.
     producer_ids: std::sync::atomic::AtomicI64,
+    /// The live paths of topics with push subscribers.
+    hubs: push::Hubs,
 }
 
 impl Broker {
@@ -153,6 +208,7 @@ impl Broker {
             // Ids start from the clock (1024 per millisecond), so ids stay unique across restarts
             // without storing a counter.
             producer_ids: std::sync::atomic::AtomicI64::new(now_ms().max(0) << 10),
+            hubs: push::Hubs::default(),
         }
     }
 
@@ -305,54 +361,13 @@ impl Broker {
         let limit = limit.clamp(1, self.limits.read_events_max);
         let name = topic.name.clone();
         blocking(move || {
-            let mut offset = match start {
+            let offset = match start {
                 Start::Offset(o) => o,
                 Start::Time(t) => p
                     .offset_for_timestamp(t)?
                     .map_or_else(|| p.high_watermark(), |(o, _)| o),
             };
-            let mut events = Vec::new();
-            'outer: while events.len() < limit {
-                let bytes = p.read(offset, 1 << 20)?;
-                if bytes.is_empty() {
-                    break;
-                }
-                let batches = batch::split(&bytes).map_err(spate_log::Error::from)?;
-                for (at, h) in batches {
-                    let whole = &bytes[at..at + h.total_bytes() as usize];
-                    let records = match batch::decode(whole) {
-                        Ok(r) => r,
-                        Err(batch::BatchError::Compressed(_)) => {
-                            decode_compressed(whole).map_err(|e| {
-                                BrokerError::Unsupported(format!(
-                                    "cannot decompress the batch at offset {}: {e}",
-                                    h.base_offset
-                                ))
-                            })?
-                        }
-                        Err(e) => return Err(spate_log::Error::from(e).into()),
-                    };
-                    for r in records {
-                        if (r.offset as u64) < offset {
-                            continue;
-                        }
-                        events.push(ReadEvent {
-                            partition,
-                            offset: r.offset as u64,
-                            event: Event::from_record(&r, (&name, partition)),
-                        });
-                        offset = r.offset as u64 + 1;
-                        if events.len() == limit {
-                            break 'outer;
-                        }
-                    }
-                    offset = offset.max(h.base_offset as u64 + h.offset_count());
-                }
-            }
-            Ok(ReadPage {
-                events,
-                next_offset: offset,
-            })
+            read_events(&p, &name, partition, offset, limit)
         })
         .await
     }

@@ -18,6 +18,9 @@ use spate_log::{FsyncPolicy, Log, LogConfig, TopicConfig};
 pub enum BenchCommand {
     /// Append throughput and latency of the log engine against the disk's ceiling.
     Log(LogBenchArgs),
+    /// Produce and fetch throughput of a Kafka listener (Spate's or a Kafka broker's), with a load
+    /// generator light enough not to be the bottleneck.
+    Kafka(crate::bench_kafka::KafkaBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,9 +49,10 @@ pub struct LogBenchArgs {
     append_bytes: Vec<usize>,
 }
 
-pub fn run(command: BenchCommand) -> Result<()> {
+pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Log(args) => log_bench(&args),
+        BenchCommand::Log(args) => tokio::task::spawn_blocking(move || log_bench(&args)).await?,
+        BenchCommand::Kafka(args) => crate::bench_kafka::run(args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 //! `tail`) and benchmarks (`bench`).
 
 mod bench;
+mod bench_kafka;
 mod client;
 mod config;
 mod serve;
@@ -222,7 +223,7 @@ fn main() -> Result<()> {
                     .tail(&topic, &from, partition, follow)
                     .await
             }
-            Command::Bench { command } => bench::run(command),
+            Command::Bench { command } => bench::run(command).await,
         }
     })
 }

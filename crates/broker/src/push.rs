@@ -1,0 +1,379 @@
+//! Live feeds of a topic for push channels (WebSocket, SSE): each subscriber follows the log from its
+//! own cursor, fed from a shared live path while it keeps up and from the log when it does not.
+//!
+//! A [`Hub`] per topic (started by its first subscriber, stopped after its last) reads events once
+//! as they become durable, renders each to JSON once, and broadcasts them to every subscriber of the
+//! topic through a ring of fixed capacity. A [`Feed`] is one subscriber: it takes events from the
+//! ring while it keeps up; when it falls more than the ring behind (or sees a gap), it reads the
+//! missing events from the log instead, then rejoins the ring. Memory per subscriber is bounded by
+//! one page of the log, however far behind it is. A feed that stays behind for longer than its
+//! limit ends with [`FeedError::SlowConsumer`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::future::select_all;
+use spate_log::{Partition, Topic};
+use tokio::sync::broadcast;
+
+use crate::filter::{Filter, FilterInput, Verdict};
+use crate::{Broker, BrokerError, Event, Result, blocking, read_events};
+
+/// Events the live ring of a topic holds; a subscriber further behind reads from the log.
+pub const LIVE_RING_EVENTS: usize = 4096;
+/// Events read from the log per page while catching up.
+const CATCH_UP_PAGE_EVENTS: usize = 256;
+
+/// An event on its way to subscribers, rendered once.
+#[derive(Debug)]
+pub struct LiveEvent {
+    pub partition: u32,
+    pub offset: u64,
+    pub event: Event,
+    /// The event in CloudEvents JSON format.
+    pub json: String,
+    /// When the event was seen durable (for latency metrics).
+    pub seen_at: Instant,
+    input: OnceLock<FilterInput>,
+}
+
+impl LiveEvent {
+    pub fn new(partition: u32, offset: u64, event: Event) -> LiveEvent {
+        let json = event.to_json().to_string();
+        LiveEvent {
+            partition,
+            offset,
+            event,
+            json,
+            seen_at: Instant::now(),
+            input: OnceLock::new(),
+        }
+    }
+
+    /// The event's CEL variables, built at most once however many filters look at it.
+    pub fn input(&self) -> &FilterInput {
+        self.input.get_or_init(|| FilterInput::new(&self.event))
+    }
+}
+
+/// The live path of one topic.
+struct Hub {
+    id: u64,
+    sender: broadcast::Sender<Arc<LiveEvent>>,
+}
+
+/// The hubs of the topics that have subscribers.
+#[derive(Default)]
+pub(crate) struct Hubs {
+    hubs: Mutex<HashMap<String, Hub>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// Where a feed starts.
+#[derive(Debug, Clone)]
+pub enum FeedStart {
+    Earliest,
+    Latest,
+    /// The first event at or after this time (ms since the epoch) in each partition.
+    Time(i64),
+    /// The next offset to deliver, per partition; partitions not listed start at the latest.
+    Offsets(HashMap<u32, u64>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("subscriber stayed behind the live tail for more than {0:?}")]
+    SlowConsumer(Duration),
+    #[error("topic {0} was deleted")]
+    TopicDeleted(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// One subscriber's view of a topic: the events after its cursor that pass its filter, in offset
+/// order within each partition, each exactly once.
+pub struct Feed {
+    topic: Arc<Topic>,
+    /// The next offset to look at, per partition.
+    cursor: Vec<u64>,
+    /// Events below these offsets exist and must be read from the log (catching up).
+    target: Vec<u64>,
+    rx: broadcast::Receiver<Arc<LiveEvent>>,
+    filter: Arc<Filter>,
+    ready: VecDeque<Arc<LiveEvent>>,
+    behind_since: Option<Instant>,
+    max_behind: Duration,
+}
+
+impl Broker {
+    /// Subscribes to `topic` from `start`; events that do not pass `filter` are skipped.
+    pub async fn feed(
+        self: &Arc<Self>,
+        topic: &str,
+        start: FeedStart,
+        filter: Arc<Filter>,
+        max_behind: Duration,
+    ) -> Result<Feed> {
+        let topic = self.topic(topic)?;
+        for (p, _) in match &start {
+            FeedStart::Offsets(m) => m.iter().collect::<Vec<_>>(),
+            _ => Vec::new(),
+        } {
+            topic.partition(*p)?;
+        }
+        // Join the live path first, then take the positions: an event that becomes durable after
+        // this reaches the ring after the subscription, so none falls between the two.
+        let rx = self.live(&topic);
+        let partitions = topic.partitions.clone();
+        let start_for_blocking = start.clone();
+        let cursor = blocking(move || {
+            partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let hw = p.high_watermark();
+                    Ok(match &start_for_blocking {
+                        FeedStart::Earliest => p.log_start_offset(),
+                        FeedStart::Latest => hw,
+                        FeedStart::Time(t) => p.offset_for_timestamp(*t)?.map_or(hw, |(o, _)| o),
+                        FeedStart::Offsets(m) => m.get(&(i as u32)).copied().unwrap_or(hw),
+                    })
+                })
+                .collect::<Result<Vec<u64>>>()
+        })
+        .await?;
+        let target = topic
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark())
+            .collect();
+        Ok(Feed {
+            topic,
+            cursor,
+            target,
+            rx,
+            filter,
+            ready: VecDeque::new(),
+            behind_since: None,
+            max_behind,
+        })
+    }
+
+    /// A receiver on the topic's live ring, starting the hub when it is the first.
+    fn live(self: &Arc<Self>, topic: &Arc<Topic>) -> broadcast::Receiver<Arc<LiveEvent>> {
+        let mut hubs = self.hubs.hubs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hubs.get(&topic.name) {
+            return h.sender.subscribe();
+        }
+        let (sender, rx) = broadcast::channel(LIVE_RING_EVENTS);
+        let id = self
+            .hubs
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The hub starts at the current high watermarks, taken before anyone subscribes.
+        let next: Vec<u64> = topic
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark())
+            .collect();
+        hubs.insert(
+            topic.name.clone(),
+            Hub {
+                id,
+                sender: sender.clone(),
+            },
+        );
+        tokio::spawn(run_hub(self.clone(), topic.clone(), id, sender, next));
+        rx
+    }
+
+    fn stop_hub_if_unused(&self, name: &str, id: u64, force: bool) -> bool {
+        let mut hubs = self.hubs.hubs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = hubs.get(name) else { return true };
+        if h.id != id {
+            return true;
+        }
+        if force || h.sender.receiver_count() == 0 {
+            hubs.remove(name);
+            return true;
+        }
+        false
+    }
+}
+
+/// Reads each partition's new durable events once and broadcasts them; ends when nobody listens
+/// or the topic is deleted.
+async fn run_hub(
+    broker: Arc<Broker>,
+    topic: Arc<Topic>,
+    id: u64,
+    sender: broadcast::Sender<Arc<LiveEvent>>,
+    mut next: Vec<u64>,
+) {
+    let mut watches: Vec<_> = topic.partitions.iter().map(|p| broker.watch(p)).collect();
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        for (i, p) in topic.partitions.iter().enumerate() {
+            while next[i] < p.high_watermark() {
+                let (part, name, from) = (p.clone(), topic.name.clone(), next[i]);
+                let page = blocking(move || {
+                    read_events(&part, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)
+                })
+                .await;
+                match page {
+                    Ok(page) => {
+                        for e in page.events {
+                            let _ = sender.send(Arc::new(LiveEvent::new(
+                                e.partition,
+                                e.offset,
+                                e.event,
+                            )));
+                        }
+                        if page.next_offset == next[i] {
+                            break;
+                        }
+                        next[i] = page.next_offset;
+                    }
+                    Err(BrokerError::Log(spate_log::Error::OffsetOutOfRange {
+                        log_start_offset,
+                        ..
+                    })) if log_start_offset > next[i] => {
+                        // Retention removed events nobody had read yet; subscribers that need them
+                        // notice the gap and move on from the log start.
+                        next[i] = log_start_offset;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %topic.name, error = %e, "live feed read failed");
+                        break;
+                    }
+                }
+            }
+        }
+        let changed = select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        tokio::select! {
+            (r, _, _) = changed => {
+                if r.is_err() {
+                    broker.stop_hub_if_unused(&topic.name, id, true);
+                    return;
+                }
+            }
+            _ = check.tick() => {
+                let deleted = !broker
+                    .topic(&topic.name)
+                    .is_ok_and(|t| Arc::ptr_eq(&t, &topic));
+                if broker.stop_hub_if_unused(&topic.name, id, deleted) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Feed {
+    /// The next offset per partition (what a resume would start from).
+    pub fn cursor(&self) -> &[u64] {
+        &self.cursor
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic.name
+    }
+
+    /// The next event that passes the filter, waiting for one to become durable.
+    pub async fn next(&mut self) -> Result<Arc<LiveEvent>, FeedError> {
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Ok(e);
+            }
+            if let Some(i) = (0..self.cursor.len()).find(|&i| self.cursor[i] < self.target[i]) {
+                if let Some(since) = self.behind_since
+                    && since.elapsed() > self.max_behind
+                {
+                    return Err(FeedError::SlowConsumer(self.max_behind));
+                }
+                self.catch_up(i).await?;
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(e) => {
+                    let i = e.partition as usize;
+                    if e.offset < self.cursor[i] {
+                        continue;
+                    }
+                    if e.offset > self.cursor[i] {
+                        // Events between the cursor and this one are in the log.
+                        self.target[i] = self.target[i].max(e.offset + 1);
+                        continue;
+                    }
+                    self.cursor[i] = e.offset + 1;
+                    self.behind_since = None;
+                    if self.passes(&e) {
+                        return Ok(e);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell more than the ring behind: read the rest from the log.
+                    self.behind_since.get_or_insert_with(Instant::now);
+                    for (i, p) in self.topic.partitions.iter().enumerate() {
+                        self.target[i] = self.target[i].max(p.high_watermark());
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(FeedError::TopicDeleted(self.topic.name.clone()));
+                }
+            }
+        }
+    }
+
+    fn passes(&self, e: &LiveEvent) -> bool {
+        self.filter.is_empty() || self.filter.judge(&e.event, || e.input()) == Verdict::Match
+    }
+
+    /// Reads one page of partition `i` from the log into `ready`.
+    async fn catch_up(&mut self, i: usize) -> Result<(), FeedError> {
+        let (p, name, from): (Arc<Partition>, String, u64) = (
+            self.topic.partitions[i].clone(),
+            self.topic.name.clone(),
+            self.cursor[i],
+        );
+        let page =
+            blocking(move || read_events(&p, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)).await;
+        let page = match page {
+            Ok(page) => page,
+            Err(BrokerError::Log(spate_log::Error::OffsetOutOfRange {
+                log_start_offset,
+                high_watermark,
+                ..
+            })) => {
+                // Retention removed what the cursor points at: go on from the log start, as a
+                // Kafka consumer with `auto.offset.reset=earliest` would.
+                if from < log_start_offset {
+                    self.cursor[i] = log_start_offset;
+                } else {
+                    self.cursor[i] = high_watermark;
+                    self.target[i] = high_watermark;
+                }
+                return Ok(());
+            }
+            Err(BrokerError::Log(spate_log::Error::UnknownTopic(_))) => {
+                return Err(FeedError::TopicDeleted(self.topic.name.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if page.events.is_empty() && page.next_offset <= from {
+            // Nothing there after all (the target was an estimate).
+            self.target[i] = from;
+            return Ok(());
+        }
+        for e in page.events {
+            let e = Arc::new(LiveEvent::new(e.partition, e.offset, e.event));
+            if self.passes(&e) {
+                self.ready.push_back(e);
+            }
+        }
+        self.cursor[i] = page.next_offset.max(from);
+        Ok(())
+    }
+}

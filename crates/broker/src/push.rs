@@ -97,6 +97,8 @@ pub struct Feed {
     topic: Arc<Topic>,
     /// The next offset to look at, per partition.
     cursor: Vec<u64>,
+    /// The offset after the last event handed out, per partition (the start before any).
+    position: Vec<u64>,
     /// Events below these offsets exist and must be read from the log (catching up).
     target: Vec<u64>,
     rx: broadcast::Receiver<Arc<LiveEvent>>,
@@ -150,6 +152,7 @@ impl Broker {
             .collect();
         Ok(Feed {
             topic,
+            position: cursor.clone(),
             cursor,
             target,
             rx,
@@ -272,9 +275,10 @@ async fn run_hub(
 }
 
 impl Feed {
-    /// The next offset per partition (what a resume would start from).
-    pub fn cursor(&self) -> &[u64] {
-        &self.cursor
+    /// Per partition, the offset after the last event handed out (the start position before any):
+    /// where a resumed feed starts so that nothing is missed or repeated.
+    pub fn position(&self) -> &[u64] {
+        &self.position
     }
 
     pub fn topic(&self) -> &str {
@@ -285,6 +289,7 @@ impl Feed {
     pub async fn next(&mut self) -> Result<Arc<LiveEvent>, FeedError> {
         loop {
             if let Some(e) = self.ready.pop_front() {
+                self.position[e.partition as usize] = e.offset + 1;
                 return Ok(e);
             }
             if let Some(i) = (0..self.cursor.len()).find(|&i| self.cursor[i] < self.target[i]) {
@@ -310,6 +315,7 @@ impl Feed {
                     self.cursor[i] = e.offset + 1;
                     self.behind_since = None;
                     if self.passes(&e) {
+                        self.position[i] = e.offset + 1;
                         return Ok(e);
                     }
                 }

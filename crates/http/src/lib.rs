@@ -7,6 +7,7 @@
 mod error;
 mod events;
 mod listener;
+pub mod push;
 mod topics;
 
 use std::future::Future;
@@ -42,6 +43,7 @@ impl Default for HttpLimits {
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub limits: HttpLimits,
+    pub push: push::PushLimits,
 }
 
 /// The v1 API.
@@ -57,6 +59,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/topics/{topic}/events",
             get(events::read).post(events::publish),
         )
+        .route("/v1/topics/{topic}/sse", get(push::sse))
+        .route("/v1/ws", get(push::ws))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

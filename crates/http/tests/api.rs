@@ -34,7 +34,11 @@ fn app_with(limits: HttpLimits, max_event_bytes: u64) -> App {
         },
     ));
     App {
-        router: router(AppState { broker, limits }),
+        router: router(AppState {
+            broker,
+            limits,
+            push: Default::default(),
+        }),
         disk,
     }
 }
@@ -675,6 +679,7 @@ async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
         router: router(AppState {
             broker,
             limits: HttpLimits::default(),
+            push: Default::default(),
         }),
         disk,
     };

@@ -303,7 +303,7 @@ impl Conn {
             header.correlation_id == self.correlation,
             "unexpected correlation id"
         );
-        Ok(Resp::decode(&mut body, version)?)
+        Resp::decode(&mut body, version)
     }
 
     async fn partitions(&mut self, topic: &str) -> Result<i32> {

@@ -31,10 +31,12 @@ pub struct ServeConfig {
     pub retention_check_ms: u64,
     /// Truncate corruption found on open instead of refusing to start.
     pub repair: bool,
+    /// A WebSocket or SSE subscriber behind the live tail for longer than this is disconnected.
+    pub push_max_behind_ms: u64,
 }
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 11] = [
+pub const KEYS: [&str; 12] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -46,6 +48,7 @@ pub const KEYS: [&str; 11] = [
     "max_connections",
     "retention_check_ms",
     "repair",
+    "push_max_behind_ms",
 ];
 
 impl Default for ServeConfig {
@@ -62,6 +65,7 @@ impl Default for ServeConfig {
             max_connections: 10_000,
             retention_check_ms: 30_000,
             repair: false,
+            push_max_behind_ms: 60_000,
         }
     }
 }
@@ -124,6 +128,10 @@ impl ServeConfig {
         anyhow::ensure!(
             config.max_connections > 0,
             "max_connections must be positive"
+        );
+        anyhow::ensure!(
+            config.push_max_behind_ms > 0,
+            "push_max_behind_ms must be positive"
         );
         anyhow::ensure!(
             config.retention_check_ms > 0,

@@ -101,6 +101,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             max_request_bytes: config.max_request_bytes,
             max_connections: config.max_connections,
         },
+        push: spate_http::push::PushLimits {
+            max_behind: std::time::Duration::from_millis(config.push_max_behind_ms),
+            ..Default::default()
+        },
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
     let kafka_config = spate_kafka::KafkaConfig {

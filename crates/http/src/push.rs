@@ -1,0 +1,587 @@
+//! Push channels: Server-Sent Events (`GET /v1/topics/{topic}/sse`) and a WebSocket JSON protocol
+//! (`GET /v1/ws`, documented in `docs/push.md`). Both deliver from [`spate_broker::push::Feed`]s,
+//! so a client resumes from a cursor for as long as retention keeps the data.
+//!
+//! Backpressure: a WebSocket connection has one bounded queue of outgoing messages; a subscription
+//! whose messages do not fit waits, stops taking events from the live ring, and later reads what it
+//! missed from the log. An SSE stream is pulled by the connection as it drains, with the same
+//! effect. A subscriber that stays behind past `max_behind` is disconnected (WebSocket close code
+//! 4008); so is a socket that accepts nothing for that long.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde_json::{Value, json};
+use spate_broker::filter::Filter;
+use spate_broker::push::{Feed, FeedError, FeedStart, LiveEvent};
+use spate_broker::{BrokerError, Event};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::{ApiError, ApiResult, AppState};
+
+/// Settings of the push channels.
+#[derive(Debug, Clone)]
+pub struct PushLimits {
+    /// A subscriber behind the live tail for longer than this is disconnected.
+    pub max_behind: Duration,
+    /// Messages queued per WebSocket connection before subscriptions wait.
+    pub send_queue: usize,
+    /// Subscriptions per WebSocket connection at most.
+    pub subscriptions_per_connection: usize,
+    /// The largest WebSocket message accepted from a client.
+    pub max_message_bytes: usize,
+    /// Interval of SSE comment heartbeats.
+    pub heartbeat: Duration,
+}
+
+impl Default for PushLimits {
+    fn default() -> Self {
+        PushLimits {
+            max_behind: Duration::from_secs(60),
+            send_queue: 256,
+            subscriptions_per_connection: 256,
+            max_message_bytes: 1 << 20,
+            heartbeat: Duration::from_secs(15),
+        }
+    }
+}
+
+/// WebSocket close code for a subscriber that fell too far behind (application range 4000-4999).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// Parses `from`: `latest`, `earliest`, or an RFC 3339 time.
+fn parse_from(from: &str) -> Result<FeedStart, String> {
+    match from {
+        "latest" => Ok(FeedStart::Latest),
+        "earliest" => Ok(FeedStart::Earliest),
+        t => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map(|t| FeedStart::Time((t.unix_timestamp_nanos() / 1_000_000) as i64))
+            .map_err(|_| format!("`from` must be latest, earliest or an RFC 3339 time, got {t:?}")),
+    }
+}
+
+/// Parses a cursor `p:o,p:o` (the last offset seen per partition, -1 for none) into the next
+/// offset per partition.
+fn parse_cursor(cursor: &str) -> Result<HashMap<u32, u64>, String> {
+    let bad =
+        || format!("invalid cursor {cursor:?}: expected partition:offset pairs, like 0:41,1:7");
+    let mut out = HashMap::new();
+    for pair in cursor.split(',') {
+        let (p, o) = pair.trim().split_once(':').ok_or_else(bad)?;
+        let p: u32 = p.parse().map_err(|_| bad())?;
+        let o: i64 = o.parse().map_err(|_| bad())?;
+        if o < -1 || out.insert(p, (o + 1) as u64).is_some() {
+            return Err(bad());
+        }
+    }
+    Ok(out)
+}
+
+/// The cursor after an event: the last offset delivered per partition.
+fn cursor_of(position: &[u64]) -> String {
+    position
+        .iter()
+        .enumerate()
+        .map(|(p, next)| format!("{p}:{}", *next as i64 - 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn feed_error(e: BrokerError) -> ApiError {
+    e.into()
+}
+
+/// `GET /v1/topics/{topic}/sse?from=&filter=&types=`; `Last-Event-ID` resumes after a cursor.
+pub async fn sse(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    for key in q.keys() {
+        if !matches!(key.as_str(), "from" | "filter" | "types") {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{key}`"
+            )));
+        }
+    }
+    let filter = Filter::new(
+        q.get("filter").map(String::as_str),
+        q.get("types").map(String::as_str),
+    )
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid-filter",
+            e.to_string(),
+        )
+    })?;
+    let last_id = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::to_string))
+        .transpose()
+        .map_err(|_| ApiError::bad_request("Last-Event-ID is not text"))?;
+    let start = match (last_id, q.get("from")) {
+        (Some(id), _) if !id.is_empty() => {
+            FeedStart::Offsets(parse_cursor(&id).map_err(ApiError::bad_request)?)
+        }
+        (_, Some(from)) => parse_from(from).map_err(ApiError::bad_request)?,
+        (_, None) => FeedStart::Latest,
+    };
+    let feed = s
+        .broker
+        .feed(&topic, start, Arc::new(filter), s.push.max_behind)
+        .await
+        .map_err(feed_error)?;
+    let guard = ConnectionGauge::new("sse");
+    let stream = sse_stream(feed, guard);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(s.push.heartbeat).text(""))
+        .into_response())
+}
+
+fn sse_stream(
+    feed: Feed,
+    guard: ConnectionGauge,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures_util::stream::unfold(Some((feed, guard)), |state| async move {
+        let (mut feed, guard) = state?;
+        match feed.next().await {
+            Ok(e) => {
+                let data = format!(
+                    "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
+                    e.partition, e.offset, e.json
+                );
+                delivered("sse", &e);
+                let event = SseEvent::default()
+                    .id(cursor_of(feed.position()))
+                    .data(data);
+                Some((Ok(event), Some((feed, guard))))
+            }
+            Err(err) => {
+                let event = SseEvent::default().event("error").data(
+                    json!({"code": error_code(&err), "message": err.to_string()}).to_string(),
+                );
+                Some((Ok(event), None))
+            }
+        }
+    })
+}
+
+fn error_code(e: &FeedError) -> &'static str {
+    match e {
+        FeedError::SlowConsumer(_) => "slow-consumer",
+        FeedError::TopicDeleted(_) => "topic-deleted",
+        FeedError::Broker(_) => "read-failed",
+    }
+}
+
+fn delivered(protocol: &'static str, e: &LiveEvent) {
+    metrics::counter!("spate_deliveries_total", "protocol" => protocol).increment(1);
+    metrics::histogram!("spate_durable_to_delivered_seconds", "protocol" => protocol)
+        .record(e.seen_at.elapsed().as_secs_f64());
+}
+
+/// Counts open push connections per protocol while alive.
+struct ConnectionGauge(&'static str);
+
+impl ConnectionGauge {
+    fn new(protocol: &'static str) -> Self {
+        metrics::gauge!("spate_connections", "protocol" => protocol).increment(1.0);
+        ConnectionGauge(protocol)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("spate_connections", "protocol" => self.0).decrement(1.0);
+    }
+}
+
+/// `GET /v1/ws`.
+pub async fn ws(State(s): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade
+        .max_message_size(s.push.max_message_bytes)
+        .max_frame_size(s.push.max_message_bytes)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| connection(s, socket))
+}
+
+/// A message for the writer task.
+enum Out {
+    Text(String),
+}
+
+/// Asks the writer to close the connection with a code and reason, ahead of queued messages.
+type Closer = Arc<tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<(u16, String)>>>>;
+
+async fn close_with(closer: &Closer, code: u16, mut reason: String) {
+    // A close frame's reason holds at most 123 bytes.
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    if let Some(tx) = closer.lock().await.take() {
+        let _ = tx.send((code, reason));
+    }
+}
+
+async fn connection(s: AppState, socket: WebSocket) {
+    let _guard = ConnectionGauge::new("websocket");
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Out>(s.push.send_queue.max(1));
+    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<(u16, String)>();
+    let closer: Closer = Arc::new(tokio::sync::Mutex::new(Some(close_tx)));
+    let stall = s.push.max_behind;
+    let writer = tokio::spawn(async move {
+        let close = loop {
+            let out = tokio::select! {
+                biased;
+                c = &mut close_rx => break c.ok(),
+                out = rx.recv() => out,
+            };
+            let Some(Out::Text(t)) = out else { break None };
+            // A socket that takes nothing for as long as a subscriber may stay behind is cut off.
+            tokio::select! {
+                biased;
+                c = &mut close_rx => break c.ok(),
+                sent = tokio::time::timeout(stall, sink.send(Message::Text(Utf8Bytes::from(t)))) => {
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break None,
+                        Err(_) => break Some((
+                            CLOSE_SLOW_CONSUMER,
+                            format!("slow consumer: the connection took nothing for {stall:?}"),
+                        )),
+                    }
+                }
+            }
+        };
+        if let Some((code, reason)) = close {
+            metrics::counter!("spate_slow_consumers_total", "protocol" => "websocket").increment(1);
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            }));
+            // Queued bytes go first; a client still reading gets the frame within a few seconds.
+            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    });
+    let mut conn = Connection {
+        s: s.clone(),
+        tx: tx.clone(),
+        closer,
+        subs: HashMap::new(),
+        publishes: Arc::new(Semaphore::new(64)),
+    };
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = conn.closed() => break,
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                conn.reply(error(None, "unsupported", "send JSON text messages"))
+                    .await;
+                continue;
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Ok(_)) => continue,
+        };
+        conn.handle(text.as_str()).await;
+    }
+    for (_, h) in conn.subs.drain() {
+        h.abort();
+    }
+    drop(conn);
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn error(id: Option<(&str, &str)>, code: &str, message: impl Into<String>) -> Value {
+    let mut v = json!({"op": "error", "code": code, "message": message.into()});
+    if let Some((k, id)) = id {
+        v[k] = Value::String(id.to_string());
+    }
+    v
+}
+
+struct Connection {
+    s: AppState,
+    tx: mpsc::Sender<Out>,
+    closer: Closer,
+    subs: HashMap<String, JoinHandle<()>>,
+    publishes: Arc<Semaphore>,
+}
+
+impl Connection {
+    /// Resolves once the connection is being closed.
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    async fn reply(&self, v: Value) {
+        let _ = self.tx.send(Out::Text(v.to_string())).await;
+    }
+
+    async fn handle(&mut self, text: &str) {
+        let v: Value = match serde_json::from_str(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                return self
+                    .reply(error(None, "malformed", "a message is a JSON object"))
+                    .await;
+            }
+            Err(e) => {
+                return self
+                    .reply(error(None, "malformed-json", format!("invalid JSON: {e}")))
+                    .await;
+            }
+        };
+        self.subs.retain(|_, h| !h.is_finished());
+        match v.get("op").and_then(Value::as_str) {
+            Some("subscribe") => self.subscribe(&v).await,
+            Some("unsubscribe") => self.unsubscribe(&v).await,
+            Some("publish") => self.publish(v).await,
+            Some(op) => {
+                self.reply(error(None, "unknown-op", format!("unknown op {op:?}")))
+                    .await
+            }
+            None => {
+                self.reply(error(None, "malformed", "a message needs an `op`"))
+                    .await
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, v: &Value) {
+        let Some(id) = v.get("id").and_then(Value::as_str) else {
+            return self
+                .reply(error(None, "malformed", "subscribe needs a string `id`"))
+                .await;
+        };
+        let id = id.to_string();
+        let tag = Some(("id", id.as_str()));
+        if self.subs.contains_key(&id) {
+            return self
+                .reply(error(
+                    tag,
+                    "duplicate-id",
+                    "a subscription with this id is open",
+                ))
+                .await;
+        }
+        if self.subs.len() >= self.s.push.subscriptions_per_connection {
+            return self
+                .reply(error(
+                    tag,
+                    "too-many-subscriptions",
+                    format!(
+                        "at most {} subscriptions per connection",
+                        self.s.push.subscriptions_per_connection
+                    ),
+                ))
+                .await;
+        }
+        let Some(topic) = v.get("topic").and_then(Value::as_str) else {
+            return self
+                .reply(error(tag, "malformed", "subscribe needs a string `topic`"))
+                .await;
+        };
+        let text_field = |name: &str| -> Result<Option<&str>, String> {
+            match v.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.as_str())),
+                Some(_) => Err(format!("`{name}` must be a string")),
+            }
+        };
+        let (filter, types) = match (text_field("filter"), text_field("types")) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) | (_, Err(e)) => return self.reply(error(tag, "malformed", e)).await,
+        };
+        let filter = match Filter::new(filter, types) {
+            Ok(f) => f,
+            Err(e) => {
+                return self
+                    .reply(error(tag, "invalid-filter", e.to_string()))
+                    .await;
+            }
+        };
+        let start = match v.get("from") {
+            None | Some(Value::Null) => Ok(FeedStart::Latest),
+            Some(Value::String(s)) => parse_from(s),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(p, o)| {
+                    let p: u32 = p
+                        .parse()
+                        .map_err(|_| format!("partition {p:?} is not a number"))?;
+                    let o = o.as_u64().ok_or_else(|| {
+                        format!("offset of partition {p} must be a non-negative integer")
+                    })?;
+                    Ok((p, o))
+                })
+                .collect::<Result<HashMap<u32, u64>, String>>()
+                .map(FeedStart::Offsets),
+            Some(_) => Err("`from` must be a string or an object of partition offsets".into()),
+        };
+        let start = match start {
+            Ok(s) => s,
+            Err(e) => return self.reply(error(tag, "malformed", e)).await,
+        };
+        let feed = match self
+            .s
+            .broker
+            .feed(topic, start, Arc::new(filter), self.s.push.max_behind)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                let api: ApiError = e.into();
+                return self.reply(error(tag, api.kind, api.detail.clone())).await;
+            }
+        };
+        let from: serde_json::Map<String, Value> = feed
+            .position()
+            .iter()
+            .enumerate()
+            .map(|(p, o)| (p.to_string(), json!(o)))
+            .collect();
+        self.reply(json!({"op": "subscribed", "id": id, "topic": topic, "from": from}))
+            .await;
+        let handle = tokio::spawn(run_subscription(
+            id.clone(),
+            feed,
+            self.tx.clone(),
+            self.closer.clone(),
+            self.s.push.max_behind,
+        ));
+        self.subs.insert(id, handle);
+    }
+
+    async fn unsubscribe(&mut self, v: &Value) {
+        let Some(id) = v.get("id").and_then(Value::as_str) else {
+            return self
+                .reply(error(None, "malformed", "unsubscribe needs a string `id`"))
+                .await;
+        };
+        match self.subs.remove(id) {
+            Some(h) => {
+                h.abort();
+                self.reply(json!({"op": "unsubscribed", "id": id})).await;
+            }
+            None => {
+                self.reply(error(
+                    Some(("id", id)),
+                    "unknown-subscription",
+                    "no open subscription has this id",
+                ))
+                .await
+            }
+        }
+    }
+
+    async fn publish(&mut self, v: Value) {
+        let reference = v.get("ref").and_then(Value::as_str).map(str::to_string);
+        let tag = reference.as_deref().map(|r| ("ref", r));
+        let Some(topic) = v.get("topic").and_then(Value::as_str).map(str::to_string) else {
+            return self
+                .reply(error(tag, "malformed", "publish needs a string `topic`"))
+                .await;
+        };
+        let Some(event) = v.get("event").cloned() else {
+            return self
+                .reply(error(tag, "malformed", "publish needs an `event`"))
+                .await;
+        };
+        let event = match Event::from_json(event) {
+            Ok(e) => e,
+            Err(e) => {
+                let api: ApiError = BrokerError::InvalidEvent { index: 0, error: e }.into();
+                return self.reply(error(tag, api.kind, api.detail.clone())).await;
+            }
+        };
+        // Publishes run beside the reading of further messages, a bounded number at a time.
+        let Ok(permit) = self.publishes.clone().acquire_owned().await else {
+            return;
+        };
+        let (broker, tx) = (self.s.broker.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let reply = match broker.publish(&topic, vec![event]).await {
+                Ok(placed) => {
+                    let mut v = json!({
+                        "op": "published",
+                        "partition": placed[0].partition,
+                        "offset": placed[0].offset,
+                    });
+                    if let Some(r) = &reference {
+                        v["ref"] = json!(r);
+                    }
+                    v
+                }
+                Err(e) => {
+                    let api: ApiError = e.into();
+                    error(
+                        reference.as_deref().map(|r| ("ref", r)),
+                        api.kind,
+                        api.detail.clone(),
+                    )
+                }
+            };
+            let _ = tx.send(Out::Text(reply.to_string())).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Feeds one subscription's events into the connection's queue until it ends.
+async fn run_subscription(
+    id: String,
+    mut feed: Feed,
+    tx: mpsc::Sender<Out>,
+    closer: Closer,
+    max_behind: Duration,
+) {
+    let sub = serde_json::to_string(&id).unwrap_or_default();
+    loop {
+        let reason = match feed.next().await {
+            Ok(e) => {
+                let msg = format!(
+                    "{{\"op\":\"event\",\"sub\":{sub},\"partition\":{},\"offset\":{},\"event\":{}}}",
+                    e.partition, e.offset, e.json
+                );
+                match tokio::time::timeout(max_behind, tx.send(Out::Text(msg))).await {
+                    Ok(Ok(())) => {
+                        delivered("websocket", &e);
+                        continue;
+                    }
+                    Ok(Err(_)) => return,
+                    Err(_) => format!(
+                        "slow consumer: subscription {id} could not queue an event for {max_behind:?}"
+                    ),
+                }
+            }
+            Err(FeedError::SlowConsumer(d)) => {
+                format!("slow consumer: subscription {id} behind the live tail for more than {d:?}")
+            }
+            Err(e) => {
+                let v = error(Some(("id", &id)), error_code(&e), e.to_string());
+                let _ = tx.send(Out::Text(v.to_string())).await;
+                return;
+            }
+        };
+        close_with(&closer, CLOSE_SLOW_CONSUMER, reason).await;
+        return;
+    }
+}

@@ -1,0 +1,577 @@
+//! Push channels against a real server on loopback: a WebSocket client (tokio-tungstenite) and an
+//! SSE client (reqwest reading the event stream), with resume, filters, restarts and slow consumers.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use spate_broker::{Broker, Event, Limits};
+use spate_http::push::PushLimits;
+use spate_http::{AppState, HttpLimits};
+use spate_log::io::FsStorage;
+use spate_log::{Log, LogConfig, TopicConfig};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    broker: Arc<Broker>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(dir: &Path, push: PushLimits) -> Server {
+    let log = Log::open(Arc::new(FsStorage), dir, LogConfig::default()).unwrap();
+    let broker = Arc::new(Broker::new(Arc::new(log), Limits::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = AppState {
+        broker: broker.clone(),
+        limits: HttpLimits::default(),
+        push,
+    };
+    let task = tokio::spawn(async move {
+        spate_http::serve(listener, state, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Server {
+        addr,
+        broker,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Server {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        // Open push streams end with the runtime's tasks; do not wait for them.
+        self.task.abort();
+        let _ = self.task.await;
+        self.broker.flush().await.unwrap();
+    }
+
+    async fn topic(&self, name: &str, partitions: u32) {
+        self.broker
+            .create_topic(
+                name.into(),
+                TopicConfig {
+                    partitions,
+                    ..TopicConfig::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Publishes `n` events numbered from `first`, with keys spreading them over partitions.
+    async fn publish(&self, topic: &str, first: u64, n: u64) {
+        let events: Vec<Event> = (first..first + n)
+            .map(|i| {
+                Event::from_json(json!({
+                    "specversion": "1.0", "id": format!("e{i}"), "source": "/test",
+                    "type": "test.n", "partitionkey": format!("k{}", i % 7),
+                    "data": {"n": i}
+                }))
+                .unwrap()
+            })
+            .collect();
+        for chunk in events.chunks(500) {
+            self.broker.publish(topic, chunk.to_vec()).await.unwrap();
+        }
+    }
+
+    async fn ws(&self) -> Ws {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", self.addr))
+            .await
+            .unwrap();
+        Ws { socket }
+    }
+}
+
+struct Ws {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Ws {
+    async fn send(&mut self, v: Value) {
+        self.socket
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON message, or `None` after `wait` of silence or on close.
+    async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(wait, self.socket.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                    return None;
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Value {
+        self.recv_within(Duration::from_secs(10))
+            .await
+            .expect("a message within 10 s")
+    }
+
+    /// Collects `n` event messages.
+    async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let m = self.recv().await;
+            assert_eq!(m["op"], "event", "{m}");
+            out.push(m);
+        }
+        out
+    }
+}
+
+fn numbers(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["event"]["data"]["n"].as_u64().unwrap())
+        .collect()
+}
+
+/// Checks offsets rise within each partition, and returns the next offset per partition.
+fn check_order(events: &[Value], mut next: HashMap<String, u64>) -> HashMap<String, u64> {
+    for e in events {
+        let p = e["partition"].to_string();
+        let o = e["offset"].as_u64().unwrap();
+        let n = next.entry(p.clone()).or_insert(0);
+        assert!(o >= *n, "partition {p}: offset {o} after {n}");
+        *n = o + 1;
+    }
+    next
+}
+
+#[tokio::test]
+async fn websocket_subscribe_publish_and_receive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "id": "s1", "topic": "orders", "from": "latest"}))
+        .await;
+    let m = ws.recv().await;
+    assert_eq!(m["op"], "subscribed");
+    assert_eq!(m["from"], json!({"0": 0, "1": 0}));
+    ws.send(json!({"op": "publish", "topic": "orders", "ref": "r1", "event": {
+        "specversion": "1.0", "id": "x1", "source": "/t", "type": "order.created", "data": {"a": 1}
+    }}))
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(ws.recv().await);
+    }
+    let published = got.iter().find(|m| m["op"] == "published").unwrap();
+    let event = got.iter().find(|m| m["op"] == "event").unwrap();
+    assert_eq!(published["ref"], "r1");
+    assert_eq!(event["sub"], "s1");
+    assert_eq!(event["partition"], published["partition"]);
+    assert_eq!(event["offset"], published["offset"]);
+    assert_eq!(event["event"]["id"], "x1");
+    assert_eq!(event["event"]["data"], json!({"a": 1}));
+
+    // Two subscriptions on one connection, then one of them closed.
+    ws.send(json!({"op": "subscribe", "id": "s2", "topic": "orders", "from": "earliest"}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    let replay = ws.events(1).await;
+    assert_eq!(replay[0]["sub"], "s2");
+    assert_eq!(replay[0]["event"]["id"], "x1");
+    ws.send(json!({"op": "unsubscribe", "id": "s2"})).await;
+    assert_eq!(ws.recv().await, json!({"op": "unsubscribed", "id": "s2"}));
+    server.publish("orders", 0, 3).await;
+    let live = ws.events(3).await;
+    assert!(live.iter().all(|e| e["sub"] == "s1"));
+    assert!(ws.recv_within(Duration::from_millis(300)).await.is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_errors_are_replies_not_disconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let mut ws = server.ws().await;
+    let cases = [
+        (json!("not an object"), "malformed"),
+        (json!({"op": "dance"}), "unknown-op"),
+        (json!({"op": "subscribe", "topic": "orders"}), "malformed"),
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "nope"}),
+            "topic-not-found",
+        ),
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "orders", "filter": "type =="}),
+            "invalid-filter",
+        ),
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "orders", "types": "order.>.x"}),
+            "invalid-filter",
+        ),
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "orders", "from": "yesterday"}),
+            "malformed",
+        ),
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "orders", "from": {"5": 0}}),
+            "partition-not-found",
+        ),
+        (
+            json!({"op": "unsubscribe", "id": "zzz"}),
+            "unknown-subscription",
+        ),
+        (
+            json!({"op": "publish", "topic": "orders", "ref": "r", "event": {"id": "1"}}),
+            "invalid-event",
+        ),
+        (
+            json!({"op": "publish", "topic": "nope", "ref": "r", "event": {
+            "specversion": "1.0", "id": "1", "source": "/s", "type": "t"}}),
+            "topic-not-found",
+        ),
+    ];
+    for (msg, code) in cases {
+        ws.send(msg.clone()).await;
+        let reply = ws.recv().await;
+        assert_eq!(reply["op"], "error", "{msg} -> {reply}");
+        assert_eq!(reply["code"], code, "{msg} -> {reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty());
+    }
+    ws.socket
+        .send(Message::Text("{not json".into()))
+        .await
+        .unwrap();
+    assert_eq!(ws.recv().await["code"], "malformed-json");
+    // The connection still works, and a filter's reason names the problem.
+    ws.send(json!({"op": "subscribe", "id": "a", "topic": "orders", "filter": "data.n >"}))
+        .await;
+    let reply = ws.recv().await;
+    assert!(
+        reply["message"].as_str().unwrap().starts_with("filter:"),
+        "{reply}"
+    );
+    ws.send(json!({"op": "subscribe", "id": "a", "topic": "orders"}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    ws.send(json!({"op": "subscribe", "id": "a", "topic": "orders"}))
+        .await;
+    assert_eq!(ws.recv().await["code"], "duplicate-id");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn filters_and_type_patterns_select_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("pay", 3).await;
+    let mut ws = server.ws().await;
+    ws.send(
+        json!({"op": "subscribe", "id": "big", "topic": "pay", "from": "earliest",
+        "filter": "type == \"payment.created\" && data.amount > 1000"}),
+    )
+    .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    ws.send(
+        json!({"op": "subscribe", "id": "any", "topic": "pay", "from": "earliest",
+        "types": "payment.>"}),
+    )
+    .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    let events: Vec<Event> = [
+        ("payment.created", json!({"amount": 1500})),
+        ("payment.created", json!({"amount": 10})),
+        ("payment.refund.done", json!({"amount": 5000})),
+        ("order.created", json!({"amount": 9000})),
+        ("payment.created", json!({"other": 1})),
+        ("payment.created", json!({"amount": 2000.5})),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (t, d))| {
+        Event::from_json(
+            json!({"specversion": "1.0", "id": format!("p{i}"), "source": "/s",
+            "type": t, "data": d}),
+        )
+        .unwrap()
+    })
+    .collect();
+    server.broker.publish("pay", events).await.unwrap();
+    let mut by_sub: HashMap<String, Vec<String>> = HashMap::new();
+    while let Some(m) = ws.recv_within(Duration::from_millis(500)).await {
+        by_sub
+            .entry(m["sub"].as_str().unwrap().to_string())
+            .or_default()
+            .push(m["event"]["id"].as_str().unwrap().to_string());
+    }
+    let mut big = by_sub.remove("big").unwrap();
+    big.sort();
+    assert_eq!(big, ["p0", "p5"]);
+    let mut any = by_sub.remove("any").unwrap();
+    any.sort();
+    assert_eq!(any, ["p0", "p1", "p2", "p4", "p5"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_resumes_exactly_after_the_last_event_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("t", 3).await;
+    server.publish("t", 0, 50).await;
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "t", "from": "earliest"}))
+        .await;
+    let sub = ws.recv().await;
+    let start: HashMap<String, u64> = sub["from"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    let first = ws.events(50).await;
+    let next = check_order(&first, start);
+    drop(ws);
+    server.publish("t", 50, 1000).await;
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "t", "from": next}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    let rest = ws.events(1000).await;
+    check_order(&rest, next);
+    let mut got = numbers(&rest);
+    got.sort();
+    assert_eq!(got, (50..1050).collect::<Vec<_>>());
+    assert!(ws.recv_within(Duration::from_millis(300)).await.is_none());
+    server.stop().await;
+}
+
+/// Reads SSE messages from a response body.
+struct Sse {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+#[derive(Debug)]
+struct SseMessage {
+    id: Option<String>,
+    event: Option<String>,
+    data: Value,
+}
+
+impl Sse {
+    async fn open(addr: std::net::SocketAddr, query: &str, last_id: Option<&str>) -> Sse {
+        let mut req = reqwest::Client::new().get(format!("http://{addr}/v1/topics/t/sse?{query}"));
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(
+            res.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        Sse {
+            body: Box::pin(res.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<SseMessage> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, None, String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a heartbeat comment
+                }
+                return Some(SseMessage {
+                    id,
+                    event,
+                    data: serde_json::from_str(&data).unwrap(),
+                });
+            }
+            match tokio::time::timeout(Duration::from_secs(10), self.body.next()).await {
+                Ok(Some(Ok(b))) => self.buf.push_str(std::str::from_utf8(&b).unwrap()),
+                _ => return None,
+            }
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> (Vec<Value>, String) {
+        let mut out = Vec::new();
+        let mut last = String::new();
+        while out.len() < n {
+            let m = self.next().await.expect("an SSE message");
+            assert_eq!(m.event, None, "{m:?}");
+            last = m.id.unwrap();
+            out.push(m.data);
+        }
+        (out, last)
+    }
+}
+
+#[tokio::test]
+async fn sse_resumes_with_last_event_id_also_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("t", 3).await;
+    server.publish("t", 0, 30).await;
+    let mut sse = Sse::open(server.addr, "from=earliest", None).await;
+    let (first, last) = sse.take(30).await;
+    assert_eq!(numbers(&first).len(), 30);
+    // The cursor names every partition: "0:a,1:b,2:c".
+    assert_eq!(last.split(',').count(), 3, "{last}");
+    drop(sse);
+    server.publish("t", 30, 1000).await;
+    let mut sse = Sse::open(server.addr, "from=earliest", Some(&last)).await;
+    let (rest, last) = sse.take(1000).await;
+    let mut got = numbers(&rest);
+    got.sort();
+    assert_eq!(got, (30..1030).collect::<Vec<_>>());
+    drop(sse);
+
+    // Restart the server on the same data; the cursor still resumes exactly.
+    server.stop().await;
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.publish("t", 1030, 200).await;
+    let mut sse = Sse::open(server.addr, "", Some(&last)).await;
+    let (after, _) = sse.take(200).await;
+    let mut got = numbers(&after);
+    got.sort();
+    assert_eq!(got, (1030..1230).collect::<Vec<_>>());
+
+    // Filtered streams and bad input.
+    let mut sse = Sse::open(
+        server.addr,
+        "from=earliest&filter=data.n%20%3E%3D%201200",
+        None,
+    )
+    .await;
+    let (big, _) = sse.take(30).await;
+    assert!(numbers(&big).iter().all(|n| *n >= 1200));
+    let client = reqwest::Client::new();
+    for (q, code) in [
+        ("filter=data.n%20%3E", 400),
+        ("types=a..b", 400),
+        ("from=yesterday", 400),
+        ("bogus=1", 400),
+    ] {
+        let r = client
+            .get(format!("http://{}/v1/topics/t/sse?{q}", server.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), code, "{q}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    let r = client
+        .get(format!("http://{}/v1/topics/t/sse", server.addr))
+        .header("Last-Event-ID", "garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client
+        .get(format!("http://{}/v1/topics/none/sse", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_websocket_consumer_is_cut_off_while_others_get_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        PushLimits {
+            max_behind: Duration::from_millis(1500),
+            send_queue: 16,
+            ..PushLimits::default()
+        },
+    )
+    .await;
+    server.topic("t", 1).await;
+    let mut slow = server.ws().await;
+    slow.send(json!({"op": "subscribe", "id": "s", "topic": "t"}))
+        .await;
+    assert_eq!(slow.recv().await["op"], "subscribed");
+    let mut normal = server.ws().await;
+    normal
+        .send(json!({"op": "subscribe", "id": "n", "topic": "t"}))
+        .await;
+    assert_eq!(normal.recv().await["op"], "subscribed");
+    // 12,000 events of about 1 KiB: more than the live ring, the queue and the socket buffers.
+    let total = 12_000u64;
+    let publisher = {
+        let broker = server.broker.clone();
+        tokio::spawn(async move {
+            let pad = "x".repeat(1000);
+            for chunk in 0..(total / 500) {
+                let events: Vec<Event> = (chunk * 500..(chunk + 1) * 500)
+                    .map(|i| {
+                        Event::from_json(json!({"specversion": "1.0", "id": format!("e{i}"),
+                            "source": "/s", "type": "t", "data": {"n": i, "pad": pad}}))
+                        .unwrap()
+                    })
+                    .collect();
+                broker.publish("t", events).await.unwrap();
+            }
+        })
+    };
+    let normal_events = normal.events(total as usize).await;
+    assert_eq!(numbers(&normal_events), (0..total).collect::<Vec<_>>());
+    publisher.await.unwrap();
+    // The slow one has read nothing so far; it now reads about 1 KiB per 100 ms for 2 s, then as
+    // fast as it can: it finds itself disconnected with 4008 long before the end.
+    let mut seen = 0u64;
+    let slow_until = std::time::Instant::now() + Duration::from_secs(2);
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(30), slow.socket.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => {
+                seen += 1;
+                if std::time::Instant::now() < slow_until {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?} after {seen} events"),
+        }
+    };
+    let frame = close.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 4008);
+    assert!(frame.reason.contains("slow consumer"), "{}", frame.reason);
+    assert!(seen < total, "{seen}");
+    server.stop().await;
+}

@@ -270,6 +270,7 @@ impl Broker {
     /// Stores events, returning where each went, in order. Nothing is written unless every event
     /// is valid; returns once all are durable under the fsync policy.
     pub async fn publish(&self, topic: &str, mut events: Vec<Event>) -> Result<Vec<Placement>> {
+        let started = std::time::Instant::now();
         let topic = self.topic(topic)?;
         if is_internal(&topic.name) {
             return Err(BrokerError::InternalTopic(topic.name.clone()));
@@ -345,6 +346,8 @@ impl Broker {
                 };
             }
         }
+        metrics::histogram!("spate_publish_to_durable_seconds", "protocol" => "http")
+            .record(started.elapsed().as_secs_f64());
         Ok(placements)
     }
 

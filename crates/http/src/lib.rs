@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use spate_broker::Broker;
 use tokio::net::TcpListener;
@@ -44,12 +45,18 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub limits: HttpLimits,
     pub push: push::PushLimits,
+    /// Renders the process's metrics in Prometheus text format (`GET /metrics`); the log's
+    /// per-partition gauges are added to it.
+    pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Set when the server stops: push streams end so that shutdown does not wait on them.
+    pub stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// The v1 API.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/v1/topics", get(topics::list).post(topics::create))
         .route(
             "/v1/topics/{topic}",
@@ -72,14 +79,60 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(axum::extract::State(s): axum::extract::State<AppState>) -> impl IntoResponse {
+    let mut out = s
+        .metrics
+        .as_ref()
+        .map(|render| render())
+        .unwrap_or_default();
+    let topics = s.broker.log().topics();
+    out.push_str(
+        "# HELP spate_log_end_offset The offset after the last durable record of a partition.\n",
+    );
+    out.push_str("# TYPE spate_log_end_offset gauge\n");
+    for t in &topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            out.push_str(&format!(
+                "spate_log_end_offset{{topic=\"{}\",partition=\"{i}\"}} {}\n",
+                t.name,
+                p.high_watermark()
+            ));
+        }
+    }
+    out.push_str("# HELP spate_log_start_offset The first retained offset of a partition.\n");
+    out.push_str("# TYPE spate_log_start_offset gauge\n");
+    for t in &topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            out.push_str(&format!(
+                "spate_log_start_offset{{topic=\"{}\",partition=\"{i}\"}} {}\n",
+                t.name,
+                p.log_start_offset()
+            ));
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
 pub async fn serve(
     listener: TcpListener,
-    state: AppState,
+    mut state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = LimitedListener::new(listener, state.limits.max_connections);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    state.stopping = Some(stop_rx);
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
         .await
 }

@@ -143,19 +143,34 @@ pub async fn sse(
         .await
         .map_err(feed_error)?;
     let guard = ConnectionGauge::new("sse");
-    let stream = sse_stream(feed, guard);
+    let stream = sse_stream(feed, guard, s.stopping.clone());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(s.push.heartbeat).text(""))
         .into_response())
 }
 
+/// Resolves when the server stops (never without a signal).
+async fn stopped(stopping: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match stopping {
+        Some(rx) => {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 fn sse_stream(
     feed: Feed,
     guard: ConnectionGauge,
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures_util::stream::unfold(Some((feed, guard)), |state| async move {
-        let (mut feed, guard) = state?;
-        match feed.next().await {
+    futures_util::stream::unfold(Some((feed, guard, stopping)), |state| async move {
+        let (mut feed, guard, mut stopping) = state?;
+        let next = tokio::select! {
+            next = feed.next() => next,
+            _ = stopped(&mut stopping) => return None,
+        };
+        match next {
             Ok(e) => {
                 let data = format!(
                     "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
@@ -165,7 +180,7 @@ fn sse_stream(
                 let event = SseEvent::default()
                     .id(cursor_of(feed.position()))
                     .data(data);
-                Some((Ok(event), Some((feed, guard))))
+                Some((Ok(event), Some((feed, guard, stopping))))
             }
             Err(err) => {
                 let event = SseEvent::default().event("error").data(
@@ -267,7 +282,10 @@ async fn connection(s: AppState, socket: WebSocket) {
             }
         };
         if let Some((code, reason)) = close {
-            metrics::counter!("spate_slow_consumers_total", "protocol" => "websocket").increment(1);
+            if code == CLOSE_SLOW_CONSUMER {
+                metrics::counter!("spate_slow_consumers_total", "protocol" => "websocket")
+                    .increment(1);
+            }
             let frame = Message::Close(Some(CloseFrame {
                 code,
                 reason: Utf8Bytes::from(reason),
@@ -284,10 +302,15 @@ async fn connection(s: AppState, socket: WebSocket) {
         subs: HashMap::new(),
         publishes: Arc::new(Semaphore::new(64)),
     };
+    let mut stopping = s.stopping.clone();
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
             _ = conn.closed() => break,
+            _ = stopped(&mut stopping) => {
+                close_with(&conn.closer, 1001, "server stopping".into()).await;
+                break;
+            }
         };
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,

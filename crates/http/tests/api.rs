@@ -38,6 +38,8 @@ fn app_with(limits: HttpLimits, max_event_bytes: u64) -> App {
             broker,
             limits,
             push: Default::default(),
+            metrics: None,
+            stopping: None,
         }),
         disk,
     }
@@ -680,6 +682,8 @@ async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
             broker,
             limits: HttpLimits::default(),
             push: Default::default(),
+            metrics: None,
+            stopping: None,
         }),
         disk,
     };

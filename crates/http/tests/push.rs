@@ -33,6 +33,8 @@ async fn start(dir: &Path, push: PushLimits) -> Server {
         broker: broker.clone(),
         limits: HttpLimits::default(),
         push,
+        metrics: None,
+        stopping: None,
     };
     let task = tokio::spawn(async move {
         spate_http::serve(listener, state, async {

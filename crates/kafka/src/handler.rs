@@ -1285,6 +1285,7 @@ async fn produce(
         }
     }
     let now = spate_broker::now_ms();
+    let started = Instant::now();
     let written: Vec<(usize, i32, Written)> = tokio::task::spawn_blocking(move || {
         slots
             .into_iter()
@@ -1355,6 +1356,8 @@ async fn produce(
             };
             responses[ti].partition_responses.push(response);
         }
+        metrics::histogram!("spate_publish_to_durable_seconds", "protocol" => "kafka")
+            .record(started.elapsed().as_secs_f64());
         let body = ResponseKind::Produce(ProduceResponse::default().with_responses(responses));
         match encode_response(id, header_version, &body, version) {
             Ok(b) => Some(b),

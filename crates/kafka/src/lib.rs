@@ -115,7 +115,10 @@ pub async fn serve(
         };
         let stop = stop_rx.clone();
         connections.spawn(async move {
-            if let Err(e) = connection(stream, ctx, stop).await {
+            metrics::gauge!("spate_connections", "protocol" => "kafka").increment(1.0);
+            let result = connection(stream, ctx, stop).await;
+            metrics::gauge!("spate_connections", "protocol" => "kafka").decrement(1.0);
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "kafka connection closed");
             }
             drop(permit);

@@ -523,6 +523,10 @@ impl Partition {
         if self.config.fsync != FsyncPolicy::Batch {
             self.advance_high_watermark(appended.last_offset + 1);
         }
+        metrics::counter!("spate_records_appended_total", "topic" => self.topic.clone())
+            .increment(appended.last_offset + 1 - appended.base_offset);
+        metrics::counter!("spate_bytes_appended_total", "topic" => self.topic.clone())
+            .increment(batches.len() as u64);
         Ok(appended)
     }
 
@@ -588,7 +592,9 @@ impl Partition {
                     w.next_offset,
                 )
             };
+            let started = std::time::Instant::now();
             let result = file.sync();
+            metrics::histogram!("spate_fsync_seconds").record(started.elapsed().as_secs_f64());
             s = lock(&self.sync);
             s.syncing = false;
             match result {

@@ -95,6 +95,16 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let prometheus = install_metrics()?;
+    let render = prometheus.clone();
+    let upkeep = tokio::spawn(async move {
+        // Histograms are summarized on upkeep; scrapes also render fresh data.
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            prometheus.run_upkeep();
+        }
+    });
     let state = AppState {
         broker: broker.clone(),
         limits: HttpLimits {
@@ -105,6 +115,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             max_behind: std::time::Duration::from_millis(config.push_max_behind_ms),
             ..Default::default()
         },
+        metrics: Some(Arc::new(move || render.render())),
+        stopping: None,
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
     let kafka_config = spate_kafka::KafkaConfig {
@@ -165,8 +177,65 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         Err(_) => tracing::warn!("kafka connections did not finish in time"),
     }
     let _ = maintenance.await;
+    upkeep.abort();
     broker.flush().await.context("final sync failed")?;
     tracing::info!("stopped");
     drop(lock);
     Ok(())
+}
+
+/// Installs the Prometheus recorder: histograms get buckets from 50 µs to 10 s.
+fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    const BUCKETS: [f64; 16] = [
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 10.0,
+    ];
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .context("invalid histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    describe_metrics();
+    Ok(handle)
+}
+
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "spate_records_appended_total",
+        "Records appended to the log, per topic."
+    );
+    describe_counter!(
+        "spate_bytes_appended_total",
+        Unit::Bytes,
+        "Record batch bytes appended to the log, per topic."
+    );
+    describe_histogram!(
+        "spate_fsync_seconds",
+        Unit::Seconds,
+        "Duration of each fsync of a segment."
+    );
+    describe_histogram!(
+        "spate_publish_to_durable_seconds",
+        Unit::Seconds,
+        "From a publish or produce request's arrival to its records being durable."
+    );
+    describe_histogram!(
+        "spate_durable_to_delivered_seconds",
+        Unit::Seconds,
+        "From an event being seen durable to its delivery to a push subscriber."
+    );
+    describe_gauge!("spate_connections", "Open connections, per protocol.");
+    describe_counter!(
+        "spate_deliveries_total",
+        "Events delivered to push subscribers, per protocol."
+    );
+    describe_counter!(
+        "spate_filter_errors_total",
+        "Filter evaluations that failed on an event (counted as no match)."
+    );
+    describe_counter!(
+        "spate_slow_consumers_total",
+        "Push connections closed because they fell too far behind."
+    );
 }

@@ -282,3 +282,108 @@ fn kafka_requests_declaring_huge_arrays_do_not_take_the_server_down() {
     assert!(ok);
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// `promtool`, from PATH or from where `scripts/test` unpacks Debian's `prometheus` package.
+fn promtool() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("SPATE_PROMTOOL") {
+        return p.into();
+    }
+    "promtool".into()
+}
+
+#[tokio::test]
+async fn metrics_are_valid_prometheus_text_and_count_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let url = server.url.clone();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/v1/topics"))
+        .json(&serde_json::json!({"name": "m", "partitions": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // An SSE subscriber with a filter that fails on events lacking `data.n`.
+    let mut sse = http
+        .get(format!("{url}/v1/topics/m/sse?filter=data.n%20%3E%200"))
+        .send()
+        .await
+        .unwrap();
+    let events: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            serde_json::json!({"specversion": "1.0", "id": format!("m{i}"), "source": "/t",
+                "type": "t", "data": if i < 3 { serde_json::json!({"n": i + 1}) } else { serde_json::json!({}) }})
+        })
+        .collect();
+    let r = http
+        .post(format!("{url}/v1/topics/m/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(&events).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Three events match; read until all three arrived.
+    let mut text = String::new();
+    while text.matches("\"offset\"").count() < 3 {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), sse.chunk())
+            .await
+            .expect("SSE data within 10 s")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let body = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |line_start: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in\n{body}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("spate_records_appended_total{topic=\"m\"}"), 5.0);
+    assert_eq!(value("spate_deliveries_total{protocol=\"sse\"}"), 3.0);
+    assert_eq!(value("spate_filter_errors_total"), 2.0);
+    assert_eq!(value("spate_connections{protocol=\"sse\"}"), 1.0);
+    let ends = value("spate_log_end_offset{topic=\"m\",partition=\"0\"}")
+        + value("spate_log_end_offset{topic=\"m\",partition=\"1\"}");
+    assert_eq!(ends, 5.0);
+    assert!(value("spate_fsync_seconds_count") >= 1.0);
+    assert!(value("spate_publish_to_durable_seconds_count{protocol=\"http\"}") >= 1.0);
+    assert!(body.contains("spate_durable_to_delivered_seconds_bucket"));
+    // Debian's promtool accepts it.
+    let mut check = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (scripts/test installs it; or set SPATE_PROMTOOL)");
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(sse);
+    server.terminate();
+}

@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// Produce and fetch throughput of a Kafka listener (Spate's or a Kafka broker's), with a load
     /// generator light enough not to be the bottleneck.
     Kafka(crate::bench_kafka::KafkaBenchArgs),
+    /// WebSocket push: publish-to-delivery latency, fan-out to many subscribers, and memory per
+    /// idle connection, against a server it starts.
+    Push(crate::bench_push::PushBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -53,6 +56,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Log(args) => tokio::task::spawn_blocking(move || log_bench(&args)).await?,
         BenchCommand::Kafka(args) => crate::bench_kafka::run(args).await,
+        BenchCommand::Push(args) => crate::bench_push::run(args).await,
     }
 }
 

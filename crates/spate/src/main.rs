@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_kafka;
+mod bench_push;
 mod client;
 mod config;
 mod serve;

@@ -1,0 +1,313 @@
+//! `spate bench push`: WebSocket push measured against a Spate server it starts itself (loopback,
+//! `--fsync batch`, a temporary data directory).
+//!
+//! - Latency: one publisher sends events at a fixed rate over a WebSocket (`publish` ops, each
+//!   stamped with its send time); subscribers measure send-to-delivery. Publish-to-ack (durable)
+//!   is measured beside it, so the part of delivery beyond the fsync shows.
+//! - Fan-out: the same with many subscribers, each on its own connection.
+//! - Memory: the server's resident memory before and after opening idle connections.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PushBenchArgs {
+    /// Publish rates to measure latency at (events/s), with `--subscribers` subscribers.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    rates: Vec<u64>,
+    /// Subscriber counts for the fan-out runs (at `--fanout-rate`).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    fanout: Vec<usize>,
+    #[arg(long, default_value_t = 1000)]
+    fanout_rate: u64,
+    /// Subscribers in the latency runs.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Idle connections for the memory measurement.
+    #[arg(long, default_value_t = 10000)]
+    idle: usize,
+}
+
+struct Server {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server() -> Result<Server> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--kafka-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--fsync", "batch", "--max-connections", "30000"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start the server")?;
+    let out = child.stdout.take().context("no stdout")?;
+    let mut lines = std::io::BufReader::new(out).lines();
+    let addr = loop {
+        let line = lines.next().context("server exited")??;
+        if let Some(url) = line.strip_prefix("http: http://") {
+            break url.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Server {
+        child,
+        addr,
+        _dir: dir,
+    })
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: &str) -> Result<Socket> {
+    let (s, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+        .await
+        .context("websocket connect")?;
+    Ok(s)
+}
+
+async fn expect_op(s: &mut Socket, op: &str) -> Result<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), s.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t)?;
+                if v["op"] == op {
+                    return Ok(v);
+                }
+                bail!("expected {op}, got {v}");
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => bail!("expected {op}, got {other:?}"),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds")
+}
+
+/// A quantile of a histogram of nanoseconds, in milliseconds.
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1e6
+}
+
+/// The send time stamped in an event message (`"t":<ns>`), without parsing the whole message.
+fn stamp(msg: &str) -> Option<u64> {
+    let at = msg.find("\"t\":")? + 4;
+    let digits: String = msg[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+pub async fn run(a: PushBenchArgs) -> Result<()> {
+    ensure!(a.seconds > 0.0, "--seconds must be positive");
+    let server = start_server()?;
+    let http = reqwest::Client::new();
+    println!(
+        "# spate bench push: {} s per run, {} CPUs, server with --fsync batch",
+        a.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    // Memory per idle connection, first, on the fresh server (later runs leave freed memory in
+    // the allocator that new connections would reuse).
+    let pid = server.child.id();
+    let before = rss_kib(pid)?;
+    let mut idle = Vec::with_capacity(a.idle);
+    for _ in 0..a.idle {
+        idle.push(connect(&server.addr).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid)?;
+    println!(
+        "idle WebSocket connections: {}, server RSS {before} KiB -> {after} KiB, {:.2} KiB per connection",
+        a.idle,
+        (after.saturating_sub(before)) as f64 / a.idle as f64
+    );
+    drop(idle);
+    println!();
+    println!(
+        "| events/s | subscribers | deliveries/s | delivered | publish→durable p50 / p99 ms | publish→delivered p50 / p99 / p99.9 ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut runs: Vec<(u64, usize)> = a.rates.iter().map(|&r| (r, a.subscribers)).collect();
+    runs.extend(a.fanout.iter().map(|&n| (a.fanout_rate, n)));
+    for (i, (rate, subscribers)) in runs.into_iter().enumerate() {
+        let topic = format!("push{i}");
+        let r = http
+            .post(format!("http://{}/v1/topics", server.addr))
+            .json(&json!({"name": topic, "partitions": 1}))
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "create topic: {}", r.status());
+        let o = one_run(&server.addr, &topic, rate, subscribers, a.seconds).await?;
+        println!(
+            "| {rate} | {subscribers} | {:.0} | {:.1}% | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} |",
+            o.deliveries_per_s,
+            o.delivered_fraction * 100.0,
+            ms(&o.ack, 0.5),
+            ms(&o.ack, 0.99),
+            ms(&o.delivery, 0.5),
+            ms(&o.delivery, 0.99),
+            ms(&o.delivery, 0.999),
+        );
+    }
+    Ok(())
+}
+
+struct Outcome {
+    deliveries_per_s: f64,
+    delivered_fraction: f64,
+    ack: Histogram<u64>,
+    delivery: Histogram<u64>,
+}
+
+async fn one_run(
+    addr: &str,
+    topic: &str,
+    rate: u64,
+    subscribers: usize,
+    seconds: f64,
+) -> Result<Outcome> {
+    let delivery = Arc::new(Mutex::new(new_histogram()));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let total = (rate as f64 * seconds) as u64;
+    // Subscribers give up 5 s after the last publish: a server that cannot keep up shows as a
+    // delivered fraction under 100%.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut subs = tokio::task::JoinSet::new();
+    for i in 0..subscribers {
+        let mut s = connect(addr).await?;
+        s.send(Message::Text(
+            json!({"op": "subscribe", "id": format!("s{i}"), "topic": topic})
+                .to_string()
+                .into(),
+        ))
+        .await?;
+        expect_op(&mut s, "subscribed").await?;
+        let (delivery, delivered, stop) = (delivery.clone(), delivered.clone(), stop.clone());
+        subs.spawn(async move {
+            let mut local = new_histogram();
+            let mut n = 0u64;
+            while n < total {
+                let msg = match tokio::time::timeout(Duration::from_millis(500), s.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(_))) => continue,
+                    Err(_) if !stop.load(Ordering::Relaxed) => continue,
+                    _ => break,
+                };
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Some(sent) = stamp(&msg) {
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    local.saturating_record(now.saturating_sub(sent).max(1));
+                    n += 1;
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            delivery.lock().await.add(&local).expect("same bounds");
+        });
+    }
+    // The publisher: `publish` ops at a fixed rate, acks read on the same socket.
+    let (mut tx, mut rx) = connect(addr).await?.split();
+    let sent_at: Arc<Mutex<std::collections::HashMap<u64, u64>>> = Default::default();
+    let acks = {
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            let mut h = new_histogram();
+            let mut n = 0;
+            while n < total {
+                let Ok(Some(Ok(Message::Text(t)))) =
+                    tokio::time::timeout(Duration::from_secs(30), rx.next()).await
+                else {
+                    break;
+                };
+                let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                if v["op"] == "published" {
+                    let r: u64 = v["ref"].as_str().and_then(|r| r.parse().ok()).unwrap_or(0);
+                    if let Some(at) = sent_at.lock().await.remove(&r) {
+                        let now = epoch.elapsed().as_nanos() as u64;
+                        h.saturating_record(now.saturating_sub(at).max(1));
+                    }
+                    n += 1;
+                }
+            }
+            h
+        })
+    };
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    for k in 0..total {
+        // Fixed schedule: send when due, so a slow moment does not hide latency (no coordinated
+        // omission); the stamp is the scheduled time.
+        let due = start + interval.mul_f64(k as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let t = due.duration_since(epoch).as_nanos() as u64;
+        sent_at.lock().await.insert(k, t);
+        let msg = json!({"op": "publish", "topic": topic, "ref": k.to_string(), "event": {
+            "specversion": "1.0", "id": format!("b{k}"), "source": "/bench", "type": "bench",
+            "data": {"t": t}}});
+        tx.send(Message::Text(msg.to_string().into())).await?;
+    }
+    let ack = acks.await?;
+    let stopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    while subs.join_next().await.is_some() {}
+    stopper.abort();
+    let elapsed = start.elapsed().as_secs_f64();
+    let delivery = Arc::try_unwrap(delivery)
+        .map_err(|_| anyhow::anyhow!("subscribers still running"))?
+        .into_inner();
+    Ok(Outcome {
+        deliveries_per_s: delivered.load(Ordering::Relaxed) as f64 / elapsed,
+        delivered_fraction: delivered.load(Ordering::Relaxed) as f64
+            / (total as f64 * subscribers as f64),
+        ack,
+        delivery,
+    })
+}

@@ -68,6 +68,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/topics/{topic}/sse", get(push::sse))
         .route("/v1/ws", get(push::ws))
+        .route(
+            "/examples/live",
+            get(|| async { axum::response::Html(include_str!("live.html")) }),
+        )
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

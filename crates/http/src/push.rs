@@ -108,7 +108,7 @@ pub async fn sse(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     for key in q.keys() {
-        if !matches!(key.as_str(), "from" | "filter" | "types") {
+        if !matches!(key.as_str(), "from" | "filter" | "types" | "cursor") {
             return Err(ApiError::bad_request(format!(
                 "unknown query parameter `{key}`"
             )));
@@ -130,10 +130,13 @@ pub async fn sse(
         .map(|v| v.to_str().map(str::to_string))
         .transpose()
         .map_err(|_| ApiError::bad_request("Last-Event-ID is not text"))?;
-    let start = match (last_id, q.get("from")) {
-        (Some(id), _) if !id.is_empty() => {
-            FeedStart::Offsets(parse_cursor(&id).map_err(ApiError::bad_request)?)
-        }
+    // `cursor` in the query does what `Last-Event-ID` does, for pages that keep their own cursor
+    // (an `EventSource` cannot set the header); the header, newer on a reconnect, wins.
+    let cursor = last_id
+        .filter(|id| !id.is_empty())
+        .or_else(|| q.get("cursor").cloned());
+    let start = match (cursor, q.get("from")) {
+        (Some(id), _) => FeedStart::Offsets(parse_cursor(&id).map_err(ApiError::bad_request)?),
         (_, Some(from)) => parse_from(from).map_err(ApiError::bad_request)?,
         (_, None) => FeedStart::Latest,
     };

@@ -37,6 +37,9 @@ pub struct PushBenchArgs {
     /// Idle connections for the memory measurement.
     #[arg(long, default_value_t = 10000)]
     idle: usize,
+    /// Also measure a normal subscriber beside one reading 1 KiB/s.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    slow_consumer: bool,
 }
 
 struct Server {
@@ -178,7 +181,15 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
             .send()
             .await?;
         ensure!(r.status() == 201, "create topic: {}", r.status());
-        let o = one_run(&server.addr, &topic, rate, subscribers, a.seconds).await?;
+        let o = one_run(
+            &server.addr,
+            &topic,
+            rate,
+            subscribers,
+            a.seconds,
+            Extra::default(),
+        )
+        .await?;
         println!(
             "| {rate} | {subscribers} | {:.0} | {:.1}% | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} |",
             o.deliveries_per_s,
@@ -190,6 +201,67 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
             ms(&o.delivery, 0.999),
         );
     }
+    if a.slow_consumer {
+        slow_consumer(&server, &http, a.seconds).await?;
+    }
+    Ok(())
+}
+
+/// One normal subscriber at 1,000 events/s of about 1 KiB, alone and then beside a subscriber that
+/// reads about 1 KiB/s; the server's peak memory in both.
+async fn slow_consumer(server: &Server, http: &reqwest::Client, seconds: f64) -> Result<()> {
+    println!();
+    println!(
+        "| 1 KiB events/s | slow subscriber | normal p50 / p99 / p99.9 ms | server peak RSS MiB |"
+    );
+    println!("|---|---|---|---|");
+    let pid = server.child.id();
+    let mut p99 = Vec::new();
+    for (i, slow) in [false, true].into_iter().enumerate() {
+        let topic = format!("slow{i}");
+        let r = http
+            .post(format!("http://{}/v1/topics", server.addr))
+            .json(&json!({"name": topic, "partitions": 1}))
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "create topic: {}", r.status());
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid)?));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(kib) = rss_kib(pid) {
+                        peak.fetch_max(kib, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let o = one_run(
+            &server.addr,
+            &topic,
+            1000,
+            1,
+            seconds,
+            Extra { pad: 1000, slow },
+        )
+        .await?;
+        sampler.abort();
+        p99.push(ms(&o.delivery, 0.99));
+        println!(
+            "| 1000 | {} | {:.2} / {:.2} / {:.2} | {:.1} |",
+            if slow { "yes" } else { "no" },
+            ms(&o.delivery, 0.5),
+            ms(&o.delivery, 0.99),
+            ms(&o.delivery, 0.999),
+            peak.load(Ordering::Relaxed) as f64 / 1024.0
+        );
+    }
+    println!();
+    println!(
+        "normal subscriber p99 with a slow one beside it: {:.2}x its baseline",
+        p99[1] / p99[0]
+    );
     Ok(())
 }
 
@@ -200,12 +272,21 @@ struct Outcome {
     delivery: Histogram<u64>,
 }
 
+/// Extra load in a run: padding per event, and a subscriber reading about 1 KiB/s beside the
+/// measured ones.
+#[derive(Clone, Copy, Default)]
+struct Extra {
+    pad: usize,
+    slow: bool,
+}
+
 async fn one_run(
     addr: &str,
     topic: &str,
     rate: u64,
     subscribers: usize,
     seconds: f64,
+    extra: Extra,
 ) -> Result<Outcome> {
     let delivery = Arc::new(Mutex::new(new_histogram()));
     let delivered = Arc::new(AtomicU64::new(0));
@@ -275,6 +356,33 @@ async fn one_run(
             h
         })
     };
+    // The slow subscriber: one message (about 1 KiB) per second.
+    let slow = if extra.slow {
+        let mut s = connect(addr).await?;
+        s.send(Message::Text(
+            json!({"op": "subscribe", "id": "slow", "topic": topic})
+                .to_string()
+                .into(),
+        ))
+        .await?;
+        expect_op(&mut s, "subscribed").await?;
+        let stop = stop.clone();
+        Some(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_secs(1), s.next()).await {
+                    Ok(Some(Ok(Message::Text(_)))) => n += 1,
+                    Ok(Some(Ok(_))) | Err(_) => {}
+                    Ok(None) | Ok(Some(Err(_))) => break,
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            n
+        }))
+    } else {
+        None
+    };
+    let pad = "x".repeat(extra.pad);
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     for k in 0..total {
@@ -286,7 +394,7 @@ async fn one_run(
         sent_at.lock().await.insert(k, t);
         let msg = json!({"op": "publish", "topic": topic, "ref": k.to_string(), "event": {
             "specversion": "1.0", "id": format!("b{k}"), "source": "/bench", "type": "bench",
-            "data": {"t": t}}});
+            "data": {"t": t, "pad": pad}}});
         tx.send(Message::Text(msg.to_string().into())).await?;
     }
     let ack = acks.await?;
@@ -298,7 +406,11 @@ async fn one_run(
         })
     };
     while subs.join_next().await.is_some() {}
+    stop.store(true, Ordering::Relaxed);
     stopper.abort();
+    if let Some(slow) = slow {
+        slow.await?;
+    }
     let elapsed = start.elapsed().as_secs_f64();
     let delivery = Arc::try_unwrap(delivery)
         .map_err(|_| anyhow::anyhow!("subscribers still running"))?

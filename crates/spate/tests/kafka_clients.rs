@@ -11,31 +11,10 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Runs a program of `tests/interop/` with an interpreter and returns its output; fails the test,
-/// with the program's output, when it fails.
-fn interop(interpreter: &str, program: &str, args: &[&str]) -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop");
-    let out = Command::new(interpreter)
-        .current_dir(&dir)
-        .arg(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{interpreter} cannot run ({e}); scripts/test installs the clients")
-        });
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 fn run_python(client: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
-    let stdout = interop(
+    let stdout = common::interop(
         "python3",
         "kafka_clients.py",
         &[client, &server.kafka, &server.url],
@@ -160,7 +139,7 @@ fn kcat_produces_with_every_codec_and_consumes_in_key_order() {
 }
 
 fn groups_step(step: &str, kafka: &str, assignor: &str) {
-    interop("python3", "consumer_groups.py", &[step, kafka, assignor]);
+    common::interop("python3", "consumer_groups.py", &[step, kafka, assignor]);
 }
 
 #[test]
@@ -241,7 +220,7 @@ fn idempotent_producer_has_no_duplicates_across_kill_9_restarts() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = interop("python3", "idempotent_producer.py", &["verify", &kafka, N]);
+    let stdout = common::interop("python3", "idempotent_producer.py", &["verify", &kafka, N]);
     assert!(
         stdout.contains(&format!("all {N} messages present exactly once")),
         "{stdout}"
@@ -253,7 +232,7 @@ fn idempotent_producer_has_no_duplicates_across_kill_9_restarts() {
 fn kafkajs_produces_and_consumes_with_a_group_of_two() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
-    let stdout = interop("node", "kafkajs_client.js", &[&server.kafka]);
+    let stdout = common::interop("node", "kafkajs_client.js", &[&server.kafka]);
     assert!(
         stdout.contains("10000 messages consumed by a group of two (2 got partitions)"),
         "{stdout}"
@@ -271,7 +250,7 @@ fn kafkas_own_java_tools_work_unchanged() {
     );
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
-    let stdout = interop("bash", "java_tools.sh", &[&server.kafka, &jars]);
+    let stdout = common::interop("bash", "java_tools.sh", &[&server.kafka, &jars]);
     assert!(stdout.contains("java tools: all checks passed"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -95,3 +95,24 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Runs a program of `tests/interop/` with an interpreter and returns its output; fails the test,
+/// with the program's output, when it fails.
+pub fn interop(interpreter: &str, program: &str, args: &[&str]) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop");
+    let out = Command::new(interpreter)
+        .current_dir(&dir)
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{interpreter} cannot run ({e}); scripts/test installs the clients")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

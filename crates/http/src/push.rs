@@ -230,8 +230,11 @@ pub async fn ws(State(s): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
     upgrade
         .max_message_size(s.push.max_message_bytes)
         .max_frame_size(s.push.max_message_bytes)
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
+        // Clients send small ops: a small read buffer (it grows to fit a larger frame) keeps idle
+        // connections cheap.
+        .read_buffer_size(512)
+        // Messages are written in batches, flushed when the queue is empty.
+        .write_buffer_size(8192)
         .on_upgrade(move |socket| connection(s, socket))
 }
 
@@ -267,12 +270,27 @@ async fn connection(s: AppState, socket: WebSocket) {
                 c = &mut close_rx => break c.ok(),
                 out = rx.recv() => out,
             };
-            let Some(Out::Text(t)) = out else { break None };
+            let Some(Out::Text(first)) = out else {
+                break None;
+            };
+            // Write what is queued in one go (fewer system calls when many events are due).
+            let mut batch = vec![first];
+            while batch.len() < 64
+                && let Ok(Out::Text(t)) = rx.try_recv()
+            {
+                batch.push(t);
+            }
+            let write = async {
+                for t in batch {
+                    sink.feed(Message::Text(Utf8Bytes::from(t))).await?;
+                }
+                sink.flush().await
+            };
             // A socket that takes nothing for as long as a subscriber may stay behind is cut off.
             tokio::select! {
                 biased;
                 c = &mut close_rx => break c.ok(),
-                sent = tokio::time::timeout(stall, sink.send(Message::Text(Utf8Bytes::from(t)))) => {
+                sent = tokio::time::timeout(stall, write) => {
                     match sent {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => break None,

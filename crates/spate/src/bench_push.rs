@@ -166,11 +166,15 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
         (after.saturating_sub(before)) as f64 / a.idle as f64
     );
     drop(idle);
+    if a.slow_consumer {
+        slow_consumer(&server, &http, a.seconds).await?;
+    }
     println!();
     println!(
         "| events/s | subscribers | deliveries/s | delivered | publish→durable p50 / p99 ms | publish→delivered p50 / p99 / p99.9 ms |"
     );
     println!("|---|---|---|---|---|---|");
+    // Latency runs, then fan-out runs (these leave the machine busiest, so they come last).
     let mut runs: Vec<(u64, usize)> = a.rates.iter().map(|&r| (r, a.subscribers)).collect();
     runs.extend(a.fanout.iter().map(|&n| (a.fanout_rate, n)));
     for (i, (rate, subscribers)) in runs.into_iter().enumerate() {
@@ -200,9 +204,6 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
             ms(&o.delivery, 0.99),
             ms(&o.delivery, 0.999),
         );
-    }
-    if a.slow_consumer {
-        slow_consumer(&server, &http, a.seconds).await?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod filter;
 pub mod groups;
 pub mod partitioner;
 pub mod push;
+pub mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub enum BrokerError {
     InternalTopic(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Stream(#[from] streams::StreamError),
 }
 
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
@@ -196,6 +199,8 @@ pub struct Broker {
     producer_ids: std::sync::atomic::AtomicI64,
     /// The live paths of topics with push subscribers.
     hubs: push::Hubs,
+    /// The stream indexes of topics used for event sourcing.
+    streams: streams::Streams,
 }
 
 impl Broker {
@@ -209,6 +214,7 @@ impl Broker {
             // without storing a counter.
             producer_ids: std::sync::atomic::AtomicI64::new(now_ms().max(0) << 10),
             hubs: push::Hubs::default(),
+            streams: streams::Streams::default(),
         }
     }
 

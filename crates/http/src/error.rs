@@ -8,6 +8,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use spate_broker::BrokerError;
+use spate_broker::streams::StreamError;
 use spate_log::Error as LogError;
 
 #[derive(Debug)]
@@ -93,6 +94,11 @@ impl From<BrokerError> for ApiError {
                 LogError::BatchTooLarge { .. } => {
                     ApiError::new(S::PAYLOAD_TOO_LARGE, "too-large", e.to_string())
                 }
+                // Handled by the stream append loop; reaching here is a bug.
+                LogError::NotAtOffset { .. } => {
+                    tracing::error!(error = %e, "unexpected conditional append failure");
+                    ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                }
                 LogError::InvalidBatch(_) => ApiError::bad_request(e.to_string()),
                 LogError::Poisoned { .. } => ApiError::new(
                     S::SERVICE_UNAVAILABLE,
@@ -132,6 +138,19 @@ impl From<BrokerError> for ApiError {
                 tracing::error!(%cause, "internal error");
                 ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")
             }
+            BrokerError::Stream(ref se) => match se {
+                StreamError::WrongVersion { current } => {
+                    let current = *current;
+                    ApiError::new(S::CONFLICT, "wrong-expected-version", e.to_string())
+                        .with("current_version", current.map_or(Value::Null, Value::from))
+                }
+                StreamError::InvalidStream(_) => {
+                    ApiError::new(S::BAD_REQUEST, "invalid-stream-append", e.to_string())
+                }
+                StreamError::Unavailable => {
+                    ApiError::new(S::SERVICE_UNAVAILABLE, "index-unavailable", e.to_string())
+                }
+            },
         }
     }
 }

@@ -125,7 +125,7 @@ fn parse_batch(items: Vec<Value>) -> ApiResult<Vec<Event>> {
 }
 
 /// Parses the events of a publish request according to its mode.
-fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
+pub(crate) fn parse_events(headers: &HeaderMap, body: Bytes) -> ApiResult<Vec<Event>> {
     let ct = content_type(headers);
     let mut attributes = Vec::new();
     for (name, value) in headers {
@@ -180,7 +180,10 @@ pub async fn publish(
     Ok((StatusCode::CREATED, Json(json!({ "offsets": placements }))))
 }
 
-fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<T>> {
+pub(crate) fn number<T: std::str::FromStr>(
+    q: &HashMap<String, String>,
+    name: &str,
+) -> ApiResult<Option<T>> {
     q.get(name)
         .map(|v| {
             v.parse::<T>().map_err(|_| {

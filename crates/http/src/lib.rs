@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod listener;
 pub mod push;
+mod streams;
 mod topics;
 
 use std::future::Future;
@@ -67,6 +68,11 @@ pub fn router(state: AppState) -> Router {
             get(events::read).post(events::publish),
         )
         .route("/v1/topics/{topic}/sse", get(push::sse))
+        .route(
+            "/v1/topics/{topic}/streams/{stream}/events",
+            get(streams::read).post(streams::append),
+        )
+        .route("/v1/topics/{topic}/streams/{stream}", get(streams::info))
         .route("/v1/ws", get(push::ws))
         .route(
             "/examples/live",

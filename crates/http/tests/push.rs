@@ -1,147 +1,17 @@
 //! Push channels against a real server on loopback: a WebSocket client (tokio-tungstenite) and an
 //! SSE client (reqwest reading the event stream), with resume, filters, restarts and slow consumers.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::start;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use spate_broker::{Broker, Event, Limits};
+use spate_broker::Event;
 use spate_http::push::PushLimits;
-use spate_http::{AppState, HttpLimits};
-use spate_log::io::FsStorage;
-use spate_log::{Log, LogConfig, TopicConfig};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-
-struct Server {
-    addr: std::net::SocketAddr,
-    broker: Arc<Broker>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start(dir: &Path, push: PushLimits) -> Server {
-    let log = Log::open(Arc::new(FsStorage), dir, LogConfig::default()).unwrap();
-    let broker = Arc::new(Broker::new(Arc::new(log), Limits::default()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let state = AppState {
-        broker: broker.clone(),
-        limits: HttpLimits::default(),
-        push,
-        metrics: None,
-        stopping: None,
-    };
-    let task = tokio::spawn(async move {
-        spate_http::serve(listener, state, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    Server {
-        addr,
-        broker,
-        stop: Some(tx),
-        task,
-    }
-}
-
-impl Server {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        // Open push streams end with the runtime's tasks; do not wait for them.
-        self.task.abort();
-        let _ = self.task.await;
-        self.broker.flush().await.unwrap();
-    }
-
-    async fn topic(&self, name: &str, partitions: u32) {
-        self.broker
-            .create_topic(
-                name.into(),
-                TopicConfig {
-                    partitions,
-                    ..TopicConfig::default()
-                },
-            )
-            .await
-            .unwrap();
-    }
-
-    /// Publishes `n` events numbered from `first`, with keys spreading them over partitions.
-    async fn publish(&self, topic: &str, first: u64, n: u64) {
-        let events: Vec<Event> = (first..first + n)
-            .map(|i| {
-                Event::from_json(json!({
-                    "specversion": "1.0", "id": format!("e{i}"), "source": "/test",
-                    "type": "test.n", "partitionkey": format!("k{}", i % 7),
-                    "data": {"n": i}
-                }))
-                .unwrap()
-            })
-            .collect();
-        for chunk in events.chunks(500) {
-            self.broker.publish(topic, chunk.to_vec()).await.unwrap();
-        }
-    }
-
-    async fn ws(&self) -> Ws {
-        let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", self.addr))
-            .await
-            .unwrap();
-        Ws { socket }
-    }
-}
-
-struct Ws {
-    socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl Ws {
-    async fn send(&mut self, v: Value) {
-        self.socket
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    /// The next JSON message, or `None` after `wait` of silence or on close.
-    async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
-        loop {
-            match tokio::time::timeout(wait, self.socket.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
-                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
-                    return None;
-                }
-                Ok(Some(Ok(_))) => continue,
-            }
-        }
-    }
-
-    async fn recv(&mut self) -> Value {
-        self.recv_within(Duration::from_secs(10))
-            .await
-            .expect("a message within 10 s")
-    }
-
-    /// Collects `n` event messages.
-    async fn events(&mut self, n: usize) -> Vec<Value> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            let m = self.recv().await;
-            assert_eq!(m["op"], "event", "{m}");
-            out.push(m);
-        }
-        out
-    }
-}
 
 fn numbers(events: &[Value]) -> Vec<u64> {
     events

@@ -334,14 +334,16 @@ fn error_code(e: &BrokerError) -> i16 {
             LogError::Poisoned { .. } | LogError::Io { .. } | LogError::Corrupt { .. } => {
                 code::KAFKA_STORAGE_ERROR
             }
-            LogError::Metadata { .. } => code::UNKNOWN_SERVER_ERROR,
+            LogError::Metadata { .. } | LogError::NotAtOffset { .. } => code::UNKNOWN_SERVER_ERROR,
             LogError::OutOfOrderSequence { .. } => code::OUT_OF_ORDER_SEQUENCE_NUMBER,
             LogError::InvalidProducerEpoch { .. } => code::INVALID_PRODUCER_EPOCH,
         },
         BrokerError::InvalidEvent { .. } | BrokerError::EventTooLarge { .. } => {
             code::INVALID_REQUEST
         }
-        BrokerError::Unsupported(_) | BrokerError::Internal(_) => code::UNKNOWN_SERVER_ERROR,
+        BrokerError::Unsupported(_) | BrokerError::Internal(_) | BrokerError::Stream(_) => {
+            code::UNKNOWN_SERVER_ERROR
+        }
         BrokerError::InternalTopic(_) => code::INVALID_TOPIC_EXCEPTION,
     }
 }

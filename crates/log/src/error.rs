@@ -42,6 +42,8 @@ pub enum Error {
     InvalidTopicName { name: String, reason: &'static str },
     #[error("invalid topic config: {0}")]
     InvalidConfig(String),
+    #[error("the log moved on: the next offset is {next}, not {expected}")]
+    NotAtOffset { expected: u64, next: u64 },
     #[error("offset {offset} is out of range [{log_start_offset}, {high_watermark}]")]
     OffsetOutOfRange {
         offset: u64,

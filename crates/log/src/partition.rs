@@ -409,6 +409,19 @@ impl Partition {
         now_ms: i64,
         topic_config: &TopicConfig,
     ) -> Result<Appended> {
+        self.append_unsynced_at(batches, now_ms, topic_config, None)
+    }
+
+    /// As [`Partition::append_unsynced`], but only if the next offset is `at` (when given): a
+    /// caller that decided on what the log held up to `at` appends nothing when another writer
+    /// came first, and gets [`Error::NotAtOffset`] with the offset to try again from.
+    pub fn append_unsynced_at(
+        &self,
+        batches: &mut [u8],
+        now_ms: i64,
+        topic_config: &TopicConfig,
+        at: Option<u64>,
+    ) -> Result<Appended> {
         if batches.len() as u64 > APPEND_BYTES_MAX {
             return Err(Error::BatchTooLarge {
                 size: batches.len() as u64,
@@ -436,6 +449,14 @@ impl Partition {
             }
             if self.is_poisoned() {
                 return Err(self.poisoned_error());
+            }
+            if let Some(at) = at
+                && at != w.next_offset
+            {
+                return Err(Error::NotAtOffset {
+                    expected: at,
+                    next: w.next_offset,
+                });
             }
             // Idempotent producers: a retried batch gets its original offsets; a gap is refused.
             for (_, h) in headers.iter().filter(|(_, h)| h.producer_id >= 0) {
@@ -631,6 +652,11 @@ impl Partition {
 
     pub fn high_watermark(&self) -> u64 {
         self.high_watermark.load(Ordering::Acquire)
+    }
+
+    /// The offset the next append gets: the end of the log, durable or not.
+    pub fn log_end_offset(&self) -> u64 {
+        lock(&self.writer).next_offset
     }
 
     fn snapshot(&self) -> Vec<Arc<Segment>> {

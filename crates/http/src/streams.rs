@@ -1,0 +1,111 @@
+//! Stream endpoints for event sourcing: append with an expected version, read one stream, and its
+//! position.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+use spate_broker::streams::Expected;
+
+use crate::events::{number, parse_events, read_body};
+use crate::{ApiError, ApiResult, AppState};
+
+fn query(
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    allowed: &[&str],
+) -> ApiResult<HashMap<String, String>> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(key) = q.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{key}`"
+        )));
+    }
+    Ok(q)
+}
+
+/// `POST /v1/topics/{topic}/streams/{stream}/events?expected_version=<n>|any|no_stream|exists`
+pub async fn append(
+    State(s): State<AppState>,
+    Path((topic, stream)): Path<(String, String)>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let q = query(q, &["expected_version"])?;
+    let expected: Expected = match q.get("expected_version") {
+        Some(v) => v.parse().map_err(ApiError::bad_request)?,
+        None => Expected::Any,
+    };
+    s.broker.topic(&topic)?;
+    let body = read_body(&headers, body, s.limits.max_request_bytes).await?;
+    let events = parse_events(&headers, body)?;
+    let placed = s
+        .broker
+        .append_to_stream(&topic, &stream, expected, events)
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!(placed))))
+}
+
+/// `GET /v1/topics/{topic}/streams/{stream}/events?from_version=&limit=&direction=forward|backward`
+pub async fn read(
+    State(s): State<AppState>,
+    Path((topic, stream)): Path<(String, String)>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q, &["from_version", "limit", "direction"])?;
+    let max = s.broker.limits().read_events_max;
+    let limit: usize = number(&q, "limit")?.unwrap_or(100);
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be within 1..={max}"
+        )));
+    }
+    let backward = match q.get("direction").map(String::as_str) {
+        None | Some("forward") => false,
+        Some("backward") => true,
+        Some(d) => {
+            return Err(ApiError::bad_request(format!(
+                "`direction` must be forward or backward, got {d:?}"
+            )));
+        }
+    };
+    let from: Option<u64> = number(&q, "from_version")?;
+    let events = s
+        .broker
+        .read_stream(&topic, &stream, from, limit, backward)
+        .await?
+        .ok_or_else(|| not_found(&stream))?;
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            json!({"version": e.version, "partition": e.partition, "offset": e.offset,
+                "event": e.event.to_json()})
+        })
+        .collect();
+    Ok(Json(json!({ "events": events })))
+}
+
+/// `GET /v1/topics/{topic}/streams/{stream}`
+pub async fn info(
+    State(s): State<AppState>,
+    Path((topic, stream)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let info = s
+        .broker
+        .stream_info(&topic, &stream)
+        .await?
+        .ok_or_else(|| not_found(&stream))?;
+    Ok(Json(json!(info)))
+}
+
+fn not_found(stream: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "stream-not-found",
+        format!("stream {stream:?} has no events"),
+    )
+}

@@ -1,0 +1,336 @@
+//! Event-sourcing streams over HTTP against a real server on loopback: optimistic concurrency under
+//! racing writers, expected-version semantics, idempotent retries, reads, records from other doors
+//! joining their stream, and the index rebuilt after a restart.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use common::start;
+use serde_json::{Value, json};
+use spate_http::push::PushLimits;
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Client {
+    fn new(addr: std::net::SocketAddr) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn append(&self, stream: &str, expected: &str, ids: &[&str]) -> Reply {
+        let events: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                json!({"specversion": "1.0", "id": id, "source": "/es", "type": "order.changed",
+                    "data": {"id": id}})
+            })
+            .collect();
+        let r = self
+            .http
+            .post(format!(
+                "{}/v1/topics/es/streams/{stream}/events?expected_version={expected}",
+                self.base
+            ))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(serde_json::to_vec(&events).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        Reply {
+            status,
+            body: r.json().await.unwrap_or(Value::Null),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        Reply {
+            status,
+            body: r.json().await.unwrap_or(Value::Null),
+        }
+    }
+
+    async fn ids(&self, stream: &str) -> Vec<String> {
+        let r = self
+            .get(&format!("/v1/topics/es/streams/{stream}/events?limit=1000"))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                assert_eq!(e["version"], i as u64);
+                e["event"]["id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_get_exactly_one_winner_per_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 3).await;
+    let client = Arc::new(Client::new(server.addr));
+    const WRITERS: usize = 64;
+    const TARGET: u64 = 200;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each writer appends at the version it believes is next, learning the current version
+            // from every 409, until the stream reaches TARGET events.
+            let (mut next, mut won, mut conflicts) = (0u64, Vec::new(), 0);
+            let mut attempt = 0;
+            while next < TARGET {
+                attempt += 1;
+                let id = format!("w{w}-a{attempt}");
+                let expected = if next == 0 {
+                    "no_stream".to_string()
+                } else {
+                    (next - 1).to_string()
+                };
+                let r = client.append("order-1", &expected, &[&id]).await;
+                match r.status {
+                    201 => {
+                        assert_eq!(r.body["first_version"], next, "{}", r.body);
+                        won.push((next, id));
+                        next += 1;
+                    }
+                    409 => {
+                        conflicts += 1;
+                        assert_eq!(r.body["type"], "urn:spate:problem:wrong-expected-version");
+                        let current = r.body["current_version"]
+                            .as_u64()
+                            .expect("a current version");
+                        assert!(current + 1 > next, "409 at {next} but current is {current}");
+                        next = current + 1;
+                    }
+                    s => panic!("unexpected {s}: {}", r.body),
+                }
+            }
+            (won, conflicts)
+        }));
+    }
+    let mut winners: BTreeMap<u64, String> = BTreeMap::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        let (won, c) = t.await.unwrap();
+        conflicts += c;
+        for (v, id) in won {
+            assert!(
+                winners.insert(v, id).is_none(),
+                "two winners for version {v}"
+            );
+        }
+    }
+    assert!(conflicts > 0, "writers never raced");
+    // Exactly one winner per version, gapless, and the stream holds the winners in version order.
+    assert_eq!(
+        winners.keys().copied().collect::<Vec<_>>(),
+        (0..TARGET).collect::<Vec<_>>()
+    );
+    let ids = client.ids("order-1").await;
+    assert_eq!(ids, winners.values().cloned().collect::<Vec<_>>());
+    let info = client.get("/v1/topics/es/streams/order-1").await;
+    assert_eq!(info.body["version"], TARGET - 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn expected_version_semantics_idempotent_retries_and_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 2).await;
+    let c = Client::new(server.addr);
+
+    // exists on a missing stream; a version on a missing stream.
+    let r = c.append("s", "exists", &["x"]).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["current_version"], Value::Null);
+    let r = c.append("s", "0", &["x"]).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(c.get("/v1/topics/es/streams/s").await.status, 404);
+    assert_eq!(c.get("/v1/topics/es/streams/s/events").await.status, 404);
+
+    // no_stream creates; a batch gets consecutive versions.
+    let r = c.append("s", "no_stream", &["a", "b", "c"]).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["first_version"], 0);
+    assert_eq!(r.body["last_version"], 2);
+    let first = r.body.clone();
+    assert_eq!(first["offsets"].as_array().unwrap().len(), 3);
+    // The same append again (a retry after a lost response) returns the original result.
+    let r = c.append("s", "no_stream", &["a", "b", "c"]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body, first);
+    // A prefix retried is a retry too; different ids are a conflict.
+    let r = c.append("s", "no_stream", &["a"]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body["last_version"], 0);
+    let r = c.append("s", "no_stream", &["z"]).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["current_version"], 2);
+    let r = c.append("s", "0", &["b", "c"]).await;
+    assert_eq!(r.status, 201, "retry at version 1");
+    assert_eq!(r.body["first_version"], 1);
+    assert_eq!(c.ids("s").await, ["a", "b", "c"]);
+
+    // exists, any, an exact version.
+    assert_eq!(
+        c.append("s", "exists", &["d"]).await.body["first_version"],
+        3
+    );
+    assert_eq!(c.append("s", "any", &["e"]).await.body["first_version"], 4);
+    assert_eq!(c.append("s", "4", &["f"]).await.body["first_version"], 5);
+    let r = c.append("s", "4", &["g"]).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["current_version"], 5);
+    assert_eq!(r.body["status"], 409);
+
+    // Reads: forward from a version, backward, limits; the position.
+    let r = c
+        .get("/v1/topics/es/streams/s/events?from_version=2&limit=2")
+        .await;
+    let got: Vec<(u64, String)> = r.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_u64().unwrap(),
+                e["event"]["id"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(2, "c".to_string()), (3, "d".to_string())]);
+    let r = c
+        .get("/v1/topics/es/streams/s/events?direction=backward&limit=3")
+        .await;
+    let versions: Vec<u64> = r.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [5, 4, 3]);
+    let info = c.get("/v1/topics/es/streams/s").await;
+    assert_eq!(info.body["version"], 5);
+    assert!(info.body["last_offset"].as_u64() >= info.body["first_offset"].as_u64());
+
+    // Bad input.
+    for (q, code) in [
+        ("expected_version=soon", 400),
+        ("expected_version=-1", 400),
+        ("bogus=1", 400),
+    ] {
+        let r = c
+            .http
+            .post(format!("{}/v1/topics/es/streams/s/events?{q}", c.base))
+            .header("content-type", "application/cloudevents+json")
+            .body(r#"{"specversion":"1.0","id":"q","source":"/s","type":"t"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), code, "{q}");
+    }
+    for q in ["direction=up", "limit=0", "from_version=x"] {
+        assert_eq!(
+            c.get(&format!("/v1/topics/es/streams/s/events?{q}"))
+                .await
+                .status,
+            400,
+            "{q}"
+        );
+    }
+    let r = c
+        .http
+        .post(format!("{}/v1/topics/es/streams/s/events", c.base))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"q","source":"/s","type":"t","partitionkey":"other"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(c.get("/v1/topics/nope/streams/s").await.status, 404);
+    assert_eq!(c.ids("s").await, ["a", "b", "c", "d", "e", "f"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn records_from_other_doors_join_their_stream_and_the_index_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 3).await;
+    let c = Client::new(server.addr);
+    assert_eq!(c.append("k", "no_stream", &["s0"]).await.status, 201);
+    // A plain publish with the stream id as partition key joins the stream at the next version.
+    let r = c
+        .http
+        .post(format!("{}/v1/topics/es/events", c.base))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"p1","source":"/s","type":"t","partitionkey":"k"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The version check sees it at once.
+    let r = c.append("k", "0", &["s2"]).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["current_version"], 1);
+    assert_eq!(c.append("k", "1", &["s2"]).await.status, 201);
+    // Many other streams around it.
+    for i in 0..50 {
+        assert_eq!(
+            c.append(&format!("other-{i}"), "no_stream", &["o"])
+                .await
+                .status,
+            201
+        );
+    }
+    let before: Vec<Vec<String>> = {
+        let mut v = vec![c.ids("k").await];
+        for i in 0..50 {
+            v.push(c.ids(&format!("other-{i}")).await);
+        }
+        v
+    };
+    assert_eq!(before[0], ["s0", "p1", "s2"]);
+    server.stop().await;
+
+    // After a restart the index is rebuilt from the log, equal to what it was.
+    let server = start(dir.path(), PushLimits::default()).await;
+    let c = Client::new(server.addr);
+    let mut after = vec![c.ids("k").await];
+    for i in 0..50 {
+        after.push(c.ids(&format!("other-{i}")).await);
+    }
+    assert_eq!(after, before);
+    let r = c.append("k", "2", &["s3"]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body["first_version"], 3);
+    let distinct: HashSet<String> = c.ids("k").await.into_iter().collect();
+    assert_eq!(distinct.len(), 4);
+    server.stop().await;
+}

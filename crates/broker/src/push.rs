@@ -91,6 +91,13 @@ pub enum FeedError {
     Broker(#[from] BrokerError),
 }
 
+/// The stream a feed is narrowed to.
+struct StreamScope {
+    key: String,
+    next_version: u64,
+    from_version: u64,
+}
+
 /// One subscriber's view of a topic: the events after its cursor that pass its filter, in offset
 /// order within each partition, each exactly once.
 pub struct Feed {
@@ -103,7 +110,11 @@ pub struct Feed {
     target: Vec<u64>,
     rx: broadcast::Receiver<Arc<LiveEvent>>,
     filter: Arc<Filter>,
-    ready: VecDeque<Arc<LiveEvent>>,
+    ready: VecDeque<(Arc<LiveEvent>, Option<u64>)>,
+    /// For a feed of one stream: its key and the version of its next event.
+    stream: Option<StreamScope>,
+    /// The stream version of the event last handed out.
+    version: Option<u64>,
     behind_since: Option<Instant>,
     max_behind: Duration,
 }
@@ -158,6 +169,8 @@ impl Broker {
             rx,
             filter,
             ready: VecDeque::new(),
+            stream: None,
+            version: None,
             behind_since: None,
             max_behind,
         })
@@ -288,8 +301,9 @@ impl Feed {
     /// The next event that passes the filter, waiting for one to become durable.
     pub async fn next(&mut self) -> Result<Arc<LiveEvent>, FeedError> {
         loop {
-            if let Some(e) = self.ready.pop_front() {
+            if let Some((e, version)) = self.ready.pop_front() {
                 self.position[e.partition as usize] = e.offset + 1;
+                self.version = version;
                 return Ok(e);
             }
             if let Some(i) = (0..self.cursor.len()).find(|&i| self.cursor[i] < self.target[i]) {
@@ -314,8 +328,9 @@ impl Feed {
                     }
                     self.cursor[i] = e.offset + 1;
                     self.behind_since = None;
-                    if self.passes(&e) {
+                    if let Some(version) = self.admit(&e) {
                         self.position[i] = e.offset + 1;
+                        self.version = version;
                         return Ok(e);
                     }
                 }
@@ -333,8 +348,60 @@ impl Feed {
         }
     }
 
-    fn passes(&self, e: &LiveEvent) -> bool {
-        self.filter.is_empty() || self.filter.judge(&e.event, || e.input()) == Verdict::Match
+    /// Whether the event is delivered (with its stream version in a stream feed). Called once
+    /// per event, in offset order.
+    fn admit(&mut self, e: &LiveEvent) -> Option<Option<u64>> {
+        let version = match &mut self.stream {
+            None => None,
+            Some(scope) => {
+                if e.event.partition_key() != Some(scope.key.as_str()) {
+                    return None;
+                }
+                let v = scope.next_version;
+                scope.next_version += 1;
+                if v < scope.from_version {
+                    return None;
+                }
+                Some(v)
+            }
+        };
+        let pass =
+            self.filter.is_empty() || self.filter.judge(&e.event, || e.input()) == Verdict::Match;
+        pass.then_some(version)
+    }
+
+    /// The stream version of the event `next` returned last (stream feeds only).
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// Narrows a topic feed to one stream: only partition `partition` from `offset`, only events
+    /// keyed `key`, numbered from `version` (the version of the stream's event at or after
+    /// `offset`), delivered from `from_version` on.
+    pub fn scope_to_stream(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        key: String,
+        version: u64,
+        from_version: u64,
+    ) {
+        for (i, (c, t)) in self.cursor.iter_mut().zip(&mut self.target).enumerate() {
+            if i as u32 == partition {
+                *c = offset;
+                *t = (*t).max(offset);
+            } else {
+                *c = u64::MAX;
+                *t = u64::MAX;
+            }
+        }
+        self.position = self.cursor.clone();
+        self.ready.clear();
+        self.stream = Some(StreamScope {
+            key,
+            next_version: version,
+            from_version,
+        });
     }
 
     /// Reads one page of partition `i` from the log into `ready`.
@@ -375,8 +442,8 @@ impl Feed {
         }
         for e in page.events {
             let e = Arc::new(LiveEvent::new(e.partition, e.offset, e.event));
-            if self.passes(&e) {
-                self.ready.push_back(e);
+            if let Some(version) = self.admit(&e) {
+                self.ready.push_back((e, version));
             }
         }
         self.cursor[i] = page.next_offset.max(from);

@@ -362,12 +362,22 @@ impl Broker {
         Ok(Some(events))
     }
 
-    /// The durable offsets of a stream, once the index covers the partition's durable log.
+    /// The durable offsets of a stream (below the returned high watermark), once the index covers
+    /// the partition's log up to there.
     async fn durable_offsets(
         self: &Arc<Self>,
         topic: &str,
         stream: &str,
     ) -> Result<(Arc<TopicStreams>, u32, Vec<u64>)> {
+        let (ts, index, offsets, _) = self.durable_offsets_at(topic, stream).await?;
+        Ok((ts, index, offsets))
+    }
+
+    async fn durable_offsets_at(
+        self: &Arc<Self>,
+        topic: &str,
+        stream: &str,
+    ) -> Result<(Arc<TopicStreams>, u32, Vec<u64>, u64)> {
         let ts = self.topic_streams(topic)?;
         let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
         let part = &ts.parts[index as usize];
@@ -379,9 +389,31 @@ impl Broker {
             .cloned()
             .unwrap_or_default();
         // Appends not yet durable are in the index already; they are not served.
-        let hw = part.partition.high_watermark();
         offsets.retain(|&o| o < hw);
-        Ok((ts, index, offsets))
+        Ok((ts, index, offsets, hw))
+    }
+
+    /// A live feed of one stream from `from_version`: the events already stored, then new ones as
+    /// they become durable, each once, in version order ([`Feed::version`] gives each one's).
+    pub async fn stream_feed(
+        self: &Arc<Self>,
+        topic: &str,
+        stream: &str,
+        from_version: u64,
+        filter: Arc<crate::filter::Filter>,
+        max_behind: Duration,
+    ) -> Result<crate::push::Feed> {
+        // Join the live path first; the feed then starts from the index's snapshot.
+        let mut feed = self
+            .feed(topic, crate::push::FeedStart::Latest, filter, max_behind)
+            .await?;
+        let (_, index, offsets, hw) = self.durable_offsets_at(topic, stream).await?;
+        let (offset, version) = match offsets.get(from_version as usize) {
+            Some(&o) => (o, from_version),
+            None => (hw, offsets.len() as u64),
+        };
+        feed.scope_to_stream(index, offset, stream.to_string(), version, from_version);
+        Ok(feed)
     }
 }
 

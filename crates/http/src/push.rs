@@ -108,7 +108,10 @@ pub async fn sse(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     for key in q.keys() {
-        if !matches!(key.as_str(), "from" | "filter" | "types" | "cursor") {
+        if !matches!(
+            key.as_str(),
+            "from" | "filter" | "types" | "cursor" | "stream" | "from_version"
+        ) {
             return Err(ApiError::bad_request(format!(
                 "unknown query parameter `{key}`"
             )));
@@ -135,16 +138,49 @@ pub async fn sse(
     let cursor = last_id
         .filter(|id| !id.is_empty())
         .or_else(|| q.get("cursor").cloned());
-    let start = match (cursor, q.get("from")) {
-        (Some(id), _) => FeedStart::Offsets(parse_cursor(&id).map_err(ApiError::bad_request)?),
-        (_, Some(from)) => parse_from(from).map_err(ApiError::bad_request)?,
-        (_, None) => FeedStart::Latest,
+    let feed = if let Some(stream) = q.get("stream") {
+        // One stream: the cursor is the version of the last event seen.
+        let from_version = match (cursor, q.get("from_version")) {
+            (Some(id), _) => id
+                .parse::<u64>()
+                .map(|v| v + 1)
+                .map_err(|_| ApiError::bad_request(format!("invalid stream cursor {id:?}")))?,
+            (None, Some(v)) => v.parse().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "`from_version` must be a version number, got {v:?}"
+                ))
+            })?,
+            (None, None) => 0,
+        };
+        if q.contains_key("from") {
+            return Err(ApiError::bad_request(
+                "give `from_version` with `stream`, not `from`",
+            ));
+        }
+        s.broker
+            .stream_feed(
+                &topic,
+                stream,
+                from_version,
+                Arc::new(filter),
+                s.push.max_behind,
+            )
+            .await
+            .map_err(feed_error)?
+    } else {
+        if q.contains_key("from_version") {
+            return Err(ApiError::bad_request("`from_version` needs `stream`"));
+        }
+        let start = match (cursor, q.get("from")) {
+            (Some(id), _) => FeedStart::Offsets(parse_cursor(&id).map_err(ApiError::bad_request)?),
+            (_, Some(from)) => parse_from(from).map_err(ApiError::bad_request)?,
+            (_, None) => FeedStart::Latest,
+        };
+        s.broker
+            .feed(&topic, start, Arc::new(filter), s.push.max_behind)
+            .await
+            .map_err(feed_error)?
     };
-    let feed = s
-        .broker
-        .feed(&topic, start, Arc::new(filter), s.push.max_behind)
-        .await
-        .map_err(feed_error)?;
     let guard = ConnectionGauge::new("sse");
     let stream = sse_stream(feed, guard, s.stopping.clone());
     Ok(Sse::new(stream)
@@ -175,14 +211,24 @@ fn sse_stream(
         };
         match next {
             Ok(e) => {
-                let data = format!(
-                    "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
-                    e.partition, e.offset, e.json
-                );
+                let (data, id) = match feed.version() {
+                    Some(v) => (
+                        format!(
+                            "{{\"version\":{v},\"partition\":{},\"offset\":{},\"event\":{}}}",
+                            e.partition, e.offset, e.json
+                        ),
+                        v.to_string(),
+                    ),
+                    None => (
+                        format!(
+                            "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
+                            e.partition, e.offset, e.json
+                        ),
+                        cursor_of(feed.position()),
+                    ),
+                };
                 delivered("sse", &e);
-                let event = SseEvent::default()
-                    .id(cursor_of(feed.position()))
-                    .data(data);
+                let event = SseEvent::default().id(id).data(data);
                 Some((Ok(event), Some((feed, guard, stopping))))
             }
             Err(err) => {
@@ -484,12 +530,47 @@ impl Connection {
             Ok(s) => s,
             Err(e) => return self.reply(error(tag, "malformed", e)).await,
         };
-        let feed = match self
-            .s
-            .broker
-            .feed(topic, start, Arc::new(filter), self.s.push.max_behind)
-            .await
-        {
+        let stream = match (v.get("stream"), v.get("from_version")) {
+            (None | Some(Value::Null), None | Some(Value::Null)) => None,
+            (Some(Value::String(st)), fv) if v.get("from").is_none() => {
+                match fv.map_or(Some(0), Value::as_u64) {
+                    Some(fv) => Some((st.clone(), fv)),
+                    None => {
+                        return self
+                            .reply(error(
+                                tag,
+                                "malformed",
+                                "`from_version` must be a version number",
+                            ))
+                            .await;
+                    }
+                }
+            }
+            _ => {
+                return self
+                    .reply(error(
+                        tag,
+                        "malformed",
+                        "`stream` (a string) goes with `from_version`, not with `from`",
+                    ))
+                    .await;
+            }
+        };
+        let feed = match &stream {
+            Some((st, fv)) => {
+                self.s
+                    .broker
+                    .stream_feed(topic, st, *fv, Arc::new(filter), self.s.push.max_behind)
+                    .await
+            }
+            None => {
+                self.s
+                    .broker
+                    .feed(topic, start, Arc::new(filter), self.s.push.max_behind)
+                    .await
+            }
+        };
+        let feed = match feed {
             Ok(f) => f,
             Err(e) => {
                 let api: ApiError = e.into();
@@ -502,8 +583,12 @@ impl Connection {
             .enumerate()
             .map(|(p, o)| (p.to_string(), json!(o)))
             .collect();
-        self.reply(json!({"op": "subscribed", "id": id, "topic": topic, "from": from}))
-            .await;
+        let reply = match &stream {
+            Some((st, fv)) => json!({"op": "subscribed", "id": id, "topic": topic, "stream": st,
+                "from_version": fv}),
+            None => json!({"op": "subscribed", "id": id, "topic": topic, "from": from}),
+        };
+        self.reply(reply).await;
         let handle = tokio::spawn(run_subscription(
             id.clone(),
             feed,
@@ -601,8 +686,11 @@ async fn run_subscription(
     loop {
         let reason = match feed.next().await {
             Ok(e) => {
+                let version = feed
+                    .version()
+                    .map_or(String::new(), |v| format!("\"version\":{v},"));
                 let msg = format!(
-                    "{{\"op\":\"event\",\"sub\":{sub},\"partition\":{},\"offset\":{},\"event\":{}}}",
+                    "{{\"op\":\"event\",\"sub\":{sub},{version}\"partition\":{},\"offset\":{},\"event\":{}}}",
                     e.partition, e.offset, e.json
                 );
                 match tokio::time::timeout(max_behind, tx.send(Out::Text(msg))).await {

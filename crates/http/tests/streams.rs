@@ -334,3 +334,92 @@ async fn records_from_other_doors_join_their_stream_and_the_index_survives_a_res
     assert_eq!(distinct.len(), 4);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_subscription_catches_up_then_follows_without_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 3).await;
+    let c = Arc::new(Client::new(server.addr));
+    // Ten events in the stream, and other streams' events around them.
+    for v in 0..10u64 {
+        let expected = if v == 0 {
+            "no_stream".to_string()
+        } else {
+            (v - 1).to_string()
+        };
+        assert_eq!(
+            c.append("order-42", &expected, &[&format!("v{v}")])
+                .await
+                .status,
+            201
+        );
+        assert_eq!(
+            c.append(&format!("noise-{v}"), "any", &["n"]).await.status,
+            201
+        );
+    }
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "es", "stream": "order-42", "from_version": 7}))
+        .await;
+    let r = ws.recv().await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    assert_eq!(r["from_version"], 7);
+    // While the subscription catches up, a writer keeps appending: the switch to the live tail
+    // must neither skip nor repeat a version.
+    let writer = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for v in 10..60u64 {
+                let r = c
+                    .append("order-42", &(v - 1).to_string(), &[&format!("v{v}")])
+                    .await;
+                assert_eq!(r.status, 201, "{}", r.body);
+                c.append("noise-x", "any", &["n"]).await;
+            }
+        })
+    };
+    let events = ws.events(53).await;
+    writer.await.unwrap();
+    let versions: Vec<u64> = events
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, (7..60).collect::<Vec<_>>());
+    for e in &events {
+        assert_eq!(e["event"]["id"], format!("v{}", e["version"]));
+    }
+    assert!(
+        ws.recv_within(std::time::Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+
+    // SSE too, with the version as the event id, resuming from it.
+    let r = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v1/topics/es/sse?stream=order-42",
+            server.addr
+        ))
+        .header("Last-Event-ID", "57")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    use futures_util::StreamExt;
+    let mut text = String::new();
+    while text.matches("\n\n").count() < 2 {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.contains("id: 58\n"), "{text}");
+    assert!(text.contains("id: 59\n"), "{text}");
+    assert!(text.contains("\"version\":58"), "{text}");
+    assert!(!text.contains("id: 57\n"), "{text}");
+    server.stop().await;
+}

@@ -140,12 +140,29 @@ pub fn read_events(
     p: &spate_log::Partition,
     topic: &str,
     partition: u32,
-    mut offset: u64,
+    offset: u64,
     limit: usize,
 ) -> Result<ReadPage> {
+    read_events_within(p, topic, partition, offset, limit, 1 << 20, usize::MAX)
+}
+
+/// As [`read_events`], reading at most `max_bytes` of batches per read (the batch holding
+/// `offset` is read whole however small the budget) and at most `max_reads` times: a budget of 1
+/// byte and 1 read returns the events of the one batch holding `offset`.
+pub fn read_events_within(
+    p: &spate_log::Partition,
+    topic: &str,
+    partition: u32,
+    mut offset: u64,
+    limit: usize,
+    max_bytes: u64,
+    max_reads: usize,
+) -> Result<ReadPage> {
     let mut events = Vec::new();
-    'outer: while events.len() < limit {
-        let bytes = p.read(offset, 1 << 20)?;
+    let mut reads = 0;
+    'outer: while events.len() < limit && reads < max_reads {
+        reads += 1;
+        let bytes = p.read(offset, max_bytes)?;
         if bytes.is_empty() {
             break;
         }

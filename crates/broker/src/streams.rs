@@ -342,18 +342,35 @@ impl Broker {
         let name = ts.topic.name.clone();
         let wanted: Vec<(u64, u64)> = versions.iter().map(|&v| (v, offsets[v as usize])).collect();
         let events = blocking(move || {
+            // Each wanted event's batch is read once, however many of the stream's events it holds.
             let mut out = Vec::with_capacity(wanted.len());
+            let mut batch: Vec<crate::ReadEvent> = Vec::new();
             for (version, offset) in wanted {
-                let page = read_events(&part, &name, index, offset, 1)?;
-                match page.events.into_iter().next() {
-                    Some(e) if e.offset == offset => out.push(StreamEvent {
+                let cached = batch.iter().position(|e| e.offset == offset);
+                let at = match cached {
+                    Some(at) => Some(at),
+                    None => {
+                        batch = crate::read_events_within(
+                            &part,
+                            &name,
+                            index,
+                            offset,
+                            usize::MAX,
+                            1,
+                            1,
+                        )?
+                        .events;
+                        batch.iter().position(|e| e.offset == offset)
+                    }
+                };
+                // None: retention removed it.
+                if let Some(at) = at {
+                    out.push(StreamEvent {
                         version,
                         partition: index,
                         offset,
-                        event: e.event,
-                    }),
-                    // Retention removed it.
-                    _ => {}
+                        event: batch[at].event.clone(),
+                    });
                 }
             }
             Ok(out)
@@ -440,7 +457,7 @@ async fn same_ids(
         offsets
             .iter()
             .map(|&o| {
-                let page = read_events(&p, &name, index, o, 1)?;
+                let page = crate::read_events_within(&p, &name, index, o, 1, 1, 1)?;
                 Ok(page
                     .events
                     .into_iter()

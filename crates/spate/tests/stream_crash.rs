@@ -80,7 +80,7 @@ async fn writer(
             .enumerate()
             .map(|(k, id)| {
                 json!({"specversion": "1.0", "id": id, "source": "/crash", "type": "ledger.entry",
-                    "data": {"batch": batch, "k": k, "n": n, "pad": "x".repeat((rng.next() % 500) as usize)}})
+                    "data": {"batch": batch, "k": k, "n": n, "pad": "x".repeat((rng.next() % 4000) as usize)}})
             })
             .collect();
         let v = next[stream];

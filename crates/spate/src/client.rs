@@ -141,6 +141,74 @@ impl Client {
         e
     }
 
+    /// Appends DATA (or stdin lines) to a stream in one all-or-nothing request.
+    pub async fn stream_append(
+        &self,
+        topic: &str,
+        stream: &str,
+        event_type: &str,
+        expected_version: &str,
+        data: Option<&str>,
+    ) -> Result<()> {
+        let events: Vec<Value> = match data {
+            Some(d) => vec![Self::event(event_type, None, None, d)],
+            None => {
+                let lines: Vec<String> = std::io::stdin().lines().collect::<Result<_, _>>()?;
+                lines
+                    .iter()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| Self::event(event_type, None, None, l))
+                    .collect()
+            }
+        };
+        anyhow::ensure!(!events.is_empty(), "no events to append");
+        let body = self
+            .send(
+                self.http
+                    .post(self.url(&format!(
+                        "/v1/topics/{topic}/streams/{stream}/events?expected_version={expected_version}"
+                    )))
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(serde_json::to_vec(&events)?),
+            )
+            .await?;
+        println!("{body}");
+        Ok(())
+    }
+
+    /// Prints a stream's events as JSON lines, page by page.
+    pub async fn stream_read(
+        &self,
+        topic: &str,
+        stream: &str,
+        from_version: u64,
+        backward: bool,
+    ) -> Result<()> {
+        let direction = if backward { "backward" } else { "forward" };
+        let mut from = Some(from_version).filter(|_| !backward);
+        loop {
+            let mut url = format!(
+                "/v1/topics/{topic}/streams/{stream}/events?limit=1000&direction={direction}"
+            );
+            if let Some(f) = from {
+                url.push_str(&format!("&from_version={f}"));
+            }
+            let page = self.send(self.http.get(self.url(&url))).await?;
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            for e in &events {
+                println!("{e}");
+            }
+            let Some(last) = events.last().and_then(|e| e["version"].as_u64()) else {
+                return Ok(());
+            };
+            from = match (backward, last) {
+                (true, 0) => return Ok(()),
+                (true, v) => Some(v - 1),
+                (false, v) => Some(v + 1),
+            };
+        }
+    }
+
     async fn publish_batch(&self, topic: &str, events: &[Value]) -> Result<Value> {
         self.send(
             self.http

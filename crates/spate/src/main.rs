@@ -58,6 +58,13 @@ enum Command {
         /// The event data: JSON, or text sent as text/plain.
         data: Option<String>,
     },
+    /// Event-sourcing streams: append with an expected version, read.
+    Stream {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: StreamCommand,
+    },
     /// Print a topic's events as JSON lines.
     Tail {
         #[command(flatten)]
@@ -76,6 +83,33 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum StreamCommand {
+    /// Append DATA as one event, or one JSON document per stdin line, all or nothing.
+    Append {
+        topic: String,
+        stream: String,
+        /// The CloudEvents `type`.
+        #[arg(long = "type")]
+        event_type: String,
+        /// A version number, any, no_stream or exists.
+        #[arg(long, default_value = "any")]
+        expected_version: String,
+        /// The event data: JSON, or text sent as text/plain.
+        data: Option<String>,
+    },
+    /// Print a stream's events as JSON lines.
+    Read {
+        topic: String,
+        stream: String,
+        #[arg(long, default_value_t = 0)]
+        from_version: u64,
+        /// Newest first.
+        #[arg(long)]
+        backward: bool,
     },
 }
 
@@ -212,6 +246,33 @@ fn main() -> Result<()> {
                         data.as_deref(),
                     )
                     .await
+            }
+            Command::Stream { server, command } => {
+                let c = client::Client::new(&server.server);
+                match command {
+                    StreamCommand::Append {
+                        topic,
+                        stream,
+                        event_type,
+                        expected_version,
+                        data,
+                    } => {
+                        c.stream_append(
+                            &topic,
+                            &stream,
+                            &event_type,
+                            &expected_version,
+                            data.as_deref(),
+                        )
+                        .await
+                    }
+                    StreamCommand::Read {
+                        topic,
+                        stream,
+                        from_version,
+                        backward,
+                    } => c.stream_read(&topic, &stream, from_version, backward).await,
+                }
             }
             Command::Tail {
                 server,

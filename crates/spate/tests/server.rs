@@ -387,3 +387,64 @@ async fn metrics_are_valid_prometheus_text_and_count_what_happened() {
     drop(sse);
     server.terminate();
 }
+
+#[test]
+fn cli_appends_to_and_reads_a_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let url = server.url.clone();
+    let (ok, out, _) = cli(
+        &url,
+        &["topics", "create", "orders", "--partitions", "2"],
+        None,
+    );
+    assert!(ok, "{out}");
+    let append = |expected: &str, stdin: &str| {
+        cli(
+            &url,
+            &[
+                "stream",
+                "append",
+                "orders",
+                "order-7",
+                "--type",
+                "order.changed",
+                "--expected-version",
+                expected,
+            ],
+            Some(stdin),
+        )
+    };
+    let (ok, out, err) = append("no_stream", "{\"n\": 1}\n{\"n\": 2}\n");
+    assert!(ok, "{err}");
+    let placed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(placed["first_version"], 0);
+    assert_eq!(placed["last_version"], 1);
+    let (ok, _, err) = append("0", "{\"n\": 3}\n");
+    assert!(!ok);
+    assert!(err.contains("409"), "{err}");
+    let (ok, _, err) = append("1", "{\"n\": 3}\n");
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&url, &["stream", "read", "orders", "order-7"], None);
+    assert!(ok);
+    let ns: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]["data"]["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ns, [1, 2, 3]);
+    let (ok, out, _) = cli(
+        &url,
+        &["stream", "read", "orders", "order-7", "--backward"],
+        None,
+    );
+    assert!(ok);
+    assert_eq!(out.lines().count(), 3);
+    assert!(out.lines().next().unwrap().contains("\"version\":2"));
+    let (ok, _, err) = cli(&url, &["stream", "read", "orders", "nope"], None);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+}

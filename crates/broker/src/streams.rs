@@ -219,12 +219,7 @@ impl Broker {
             if end > *writer_end {
                 wait_applied(part, end).await?;
             }
-            let offsets = read(&part.index)
-                .streams
-                .get(stream)
-                .cloned()
-                .unwrap_or_default();
-            let current = offsets.len() as u64;
+            let current = read(&part.index).streams.get(stream).map_or(0, Vec::len) as u64;
             let fits = match expected {
                 Expected::Any => true,
                 Expected::NoStream => current == 0,
@@ -240,13 +235,18 @@ impl Broker {
                 if let Some(first) = first
                     && first + events.len() as u64 <= current
                 {
-                    let at = &offsets[first as usize..first as usize + events.len()];
-                    if same_ids(self, &part.partition, &ts.topic.name, index, at, &events).await? {
+                    let at: Vec<u64> = read(&part.index)
+                        .streams
+                        .get(stream)
+                        .map_or(Vec::new(), |o| {
+                            o[first as usize..first as usize + events.len()].to_vec()
+                        });
+                    if same_ids(self, &part.partition, &ts.topic.name, index, &at, &events).await? {
                         return Ok(StreamAppend {
                             first_version: first,
                             last_version: first + events.len() as u64 - 1,
                             partition: index,
-                            offsets: at.to_vec(),
+                            offsets: at,
                         });
                     }
                 }

@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// WebSocket push: publish-to-delivery latency, fan-out to many subscribers, and memory per
     /// idle connection, against a server it starts.
     Push(crate::bench_push::PushBenchArgs),
+    /// Event-sourcing appends with expected versions and stream reads, beside PostgreSQL as an
+    /// event store when given one.
+    Streams(crate::bench_streams::StreamsBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -57,6 +60,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Log(args) => tokio::task::spawn_blocking(move || log_bench(&args)).await?,
         BenchCommand::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchCommand::Push(args) => crate::bench_push::run(args).await,
+        BenchCommand::Streams(args) => crate::bench_streams::run(args).await,
     }
 }
 

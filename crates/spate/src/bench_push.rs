@@ -42,9 +42,9 @@ pub struct PushBenchArgs {
     slow_consumer: bool,
 }
 
-struct Server {
-    child: std::process::Child,
-    addr: String,
+pub(crate) struct Server {
+    pub(crate) child: std::process::Child,
+    pub(crate) addr: String,
     _dir: tempfile::TempDir,
 }
 
@@ -55,7 +55,7 @@ impl Drop for Server {
     }
 }
 
-fn start_server() -> Result<Server> {
+pub(crate) fn start_server() -> Result<Server> {
     use std::io::BufRead;
     let dir = tempfile::tempdir()?;
     let mut child = std::process::Command::new(std::env::current_exe()?)

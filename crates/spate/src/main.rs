@@ -4,6 +4,7 @@
 mod bench;
 mod bench_kafka;
 mod bench_push;
+mod bench_streams;
 mod client;
 mod config;
 mod serve;

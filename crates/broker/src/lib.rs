@@ -168,17 +168,7 @@ pub fn read_events_within(
         }
         let batches = batch::split(&bytes).map_err(spate_log::Error::from)?;
         for (at, h) in batches {
-            let whole = &bytes[at..at + h.total_bytes() as usize];
-            let records = match batch::decode(whole) {
-                Ok(r) => r,
-                Err(batch::BatchError::Compressed(_)) => decode_compressed(whole).map_err(|e| {
-                    BrokerError::Unsupported(format!(
-                        "cannot decompress the batch at offset {}: {e}",
-                        h.base_offset
-                    ))
-                })?,
-                Err(e) => return Err(spate_log::Error::from(e).into()),
-            };
+            let records = decode_batch(&bytes[at..at + h.total_bytes() as usize], &h)?;
             for r in records {
                 if (r.offset as u64) < offset {
                     continue;
@@ -200,6 +190,86 @@ pub fn read_events_within(
         events,
         next_offset: offset,
     })
+}
+
+/// Decodes one stored batch, decompressing it when needed.
+fn decode_batch(whole: &[u8], h: &batch::BatchHeader) -> Result<Vec<batch::Record>> {
+    match batch::decode(whole) {
+        Ok(r) => Ok(r),
+        Err(batch::BatchError::Compressed(_)) => decode_compressed(whole).map_err(|e| {
+            BrokerError::Unsupported(format!(
+                "cannot decompress the batch at offset {}: {e}",
+                h.base_offset
+            ))
+        }),
+        Err(e) => Err(spate_log::Error::from(e).into()),
+    }
+}
+
+/// Reads the events at `offsets` (ascending) of one partition: nearby batches are read together,
+/// `window` bytes at a time, and only the batches holding a wanted offset are decoded. Offsets no
+/// longer stored (removed by retention) are left out.
+pub fn read_offsets(
+    p: &spate_log::Partition,
+    topic: &str,
+    partition: u32,
+    offsets: &[u64],
+    window: u64,
+) -> Result<Vec<ReadEvent>> {
+    let mut out = Vec::with_capacity(offsets.len());
+    let mut i = 0;
+    while i < offsets.len() {
+        let before = i;
+        let bytes = match p.read(offsets[i], window) {
+            Ok(b) => b,
+            Err(spate_log::Error::OffsetOutOfRange {
+                log_start_offset, ..
+            }) if offsets[i] < log_start_offset => {
+                while i < offsets.len() && offsets[i] < log_start_offset {
+                    i += 1;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if bytes.is_empty() {
+            break;
+        }
+        for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
+            let (first, end) = (
+                h.base_offset as u64,
+                h.base_offset as u64 + h.offset_count(),
+            );
+            while i < offsets.len() && offsets[i] < first {
+                i += 1;
+            }
+            if i == offsets.len() {
+                break;
+            }
+            if offsets[i] >= end {
+                continue;
+            }
+            for r in decode_batch(&bytes[at..at + h.total_bytes() as usize], &h)? {
+                let o = r.offset as u64;
+                while i < offsets.len() && offsets[i] < o {
+                    i += 1;
+                }
+                if i < offsets.len() && offsets[i] == o {
+                    out.push(ReadEvent {
+                        partition,
+                        offset: o,
+                        event: Event::from_record(&r, (topic, partition)),
+                    });
+                    i += 1;
+                }
+            }
+        }
+        if i == before {
+            // The batch read holds nothing wanted: the offset is gone.
+            i += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Bytes a batch may carry beyond its records' estimated sizes (header and varints).

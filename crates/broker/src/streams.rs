@@ -342,36 +342,23 @@ impl Broker {
         let name = ts.topic.name.clone();
         let wanted: Vec<(u64, u64)> = versions.iter().map(|&v| (v, offsets[v as usize])).collect();
         let events = blocking(move || {
-            // Each wanted event's batch is read once, however many of the stream's events it holds.
-            let mut out = Vec::with_capacity(wanted.len());
-            let mut batch: Vec<crate::ReadEvent> = Vec::new();
-            for (version, offset) in wanted {
-                let cached = batch.iter().position(|e| e.offset == offset);
-                let at = match cached {
-                    Some(at) => Some(at),
-                    None => {
-                        batch = crate::read_events_within(
-                            &part,
-                            &name,
-                            index,
-                            offset,
-                            usize::MAX,
-                            1,
-                            1,
-                        )?
-                        .events;
-                        batch.iter().position(|e| e.offset == offset)
-                    }
-                };
-                // None: retention removed it.
-                if let Some(at) = at {
-                    out.push(StreamEvent {
-                        version,
-                        partition: index,
-                        offset,
-                        event: batch[at].event.clone(),
-                    });
-                }
+            // Ascending offsets, read in windows of nearby batches.
+            let mut by_offset: Vec<(u64, u64)> = wanted.iter().map(|&(v, o)| (o, v)).collect();
+            by_offset.sort_unstable();
+            let offsets: Vec<u64> = by_offset.iter().map(|&(o, _)| o).collect();
+            let found = crate::read_offsets(&part, &name, index, &offsets, 64 << 10)?;
+            let version_of: HashMap<u64, u64> = by_offset.into_iter().collect();
+            let mut out: Vec<StreamEvent> = found
+                .into_iter()
+                .map(|e| StreamEvent {
+                    version: version_of[&e.offset],
+                    partition: index,
+                    offset: e.offset,
+                    event: e.event,
+                })
+                .collect();
+            if backward {
+                out.reverse();
             }
             Ok(out)
         })

@@ -97,28 +97,29 @@ async fn metrics(axum::extract::State(s): axum::extract::State<AppState>) -> imp
         .map(|render| render())
         .unwrap_or_default();
     let topics = s.broker.log().topics();
-    out.push_str(
-        "# HELP spate_log_end_offset The offset after the last durable record of a partition.\n",
-    );
-    out.push_str("# TYPE spate_log_end_offset gauge\n");
-    for t in &topics {
-        for (i, p) in t.partitions.iter().enumerate() {
-            out.push_str(&format!(
-                "spate_log_end_offset{{topic=\"{}\",partition=\"{i}\"}} {}\n",
-                t.name,
-                p.high_watermark()
-            ));
-        }
-    }
-    out.push_str("# HELP spate_log_start_offset The first retained offset of a partition.\n");
-    out.push_str("# TYPE spate_log_start_offset gauge\n");
-    for t in &topics {
-        for (i, p) in t.partitions.iter().enumerate() {
-            out.push_str(&format!(
-                "spate_log_start_offset{{topic=\"{}\",partition=\"{i}\"}} {}\n",
-                t.name,
-                p.log_start_offset()
-            ));
+    type Gauge = (&'static str, &'static str, fn(&spate_log::Partition) -> u64);
+    let gauges: [Gauge; 2] = [
+        (
+            "spate_log_end_offset",
+            "The offset after the last durable record of a partition.",
+            spate_log::Partition::high_watermark,
+        ),
+        (
+            "spate_log_start_offset",
+            "The first retained offset of a partition.",
+            spate_log::Partition::log_start_offset,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for t in &topics {
+            for (i, p) in t.partitions.iter().enumerate() {
+                out.push_str(&format!(
+                    "{name}{{topic=\"{}\",partition=\"{i}\"}} {}\n",
+                    t.name,
+                    value(p)
+                ));
+            }
         }
     }
     (

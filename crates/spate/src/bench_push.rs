@@ -55,6 +55,23 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    pub(crate) async fn create_topic(
+        &self,
+        http: &reqwest::Client,
+        name: &str,
+        partitions: u32,
+    ) -> Result<()> {
+        let r = http
+            .post(format!("http://{}/v1/topics", self.addr))
+            .json(&json!({"name": name, "partitions": partitions}))
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "create topic {name}: {}", r.status());
+        Ok(())
+    }
+}
+
 pub(crate) fn start_server() -> Result<Server> {
     use std::io::BufRead;
     let dir = tempfile::tempdir()?;
@@ -184,12 +201,7 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
     runs.extend(a.fanout.iter().map(|&n| (a.fanout_rate, n)));
     for (i, (rate, subscribers)) in runs.into_iter().enumerate() {
         let topic = format!("push{i}");
-        let r = http
-            .post(format!("http://{}/v1/topics", server.addr))
-            .json(&json!({"name": topic, "partitions": 1}))
-            .send()
-            .await?;
-        ensure!(r.status() == 201, "create topic: {}", r.status());
+        server.create_topic(&http, &topic, 1).await?;
         let o = one_run(
             &server.addr,
             &topic,
@@ -227,12 +239,7 @@ async fn slow_consumer(server: &Server, http: &reqwest::Client, seconds: f64) ->
     let order = [false, true, true, false, false, true];
     for (i, slow) in order.into_iter().enumerate() {
         let topic = format!("slow{i}");
-        let r = http
-            .post(format!("http://{}/v1/topics", server.addr))
-            .json(&json!({"name": topic, "partitions": 1}))
-            .send()
-            .await?;
-        ensure!(r.status() == 201, "create topic: {}", r.status());
+        server.create_topic(http, &topic, 1).await?;
         let peak = Arc::new(AtomicU64::new(rss_kib(pid)?));
         let sampler = {
             let peak = peak.clone();

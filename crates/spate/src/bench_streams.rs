@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use hdrhistogram::Histogram;
-use serde_json::json;
 use tokio::sync::Mutex;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -373,12 +372,7 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(a.clients)
         .build()?;
-    let r = http
-        .post(format!("http://{}/v1/topics", server.addr))
-        .json(&json!({"name": "es", "partitions": a.partitions}))
-        .send()
-        .await?;
-    ensure!(r.status() == 201, "create topic: {}", r.status());
+    server.create_topic(&http, "es", a.partitions).await?;
     println!(
         "# spate bench streams: {} streams (Zipf s={}), {} clients, {} B events, {} s per phase, {} CPUs",
         a.streams,

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,17 +20,6 @@ const PARTITIONS: u64 = 3;
 const PUBLISHERS: usize = 4;
 
 /// xorshift64*: a small seeded generator, so a seed reproduces a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 type Acked = Arc<Mutex<HashMap<(u64, u64), Value>>>;
 
 async fn publisher(
@@ -85,31 +76,11 @@ async fn publisher(
 
 /// Reads every event of every partition.
 async fn read_all(client: &reqwest::Client, url: &str) -> HashMap<(u64, u64), Value> {
-    let mut all = HashMap::new();
-    for p in 0..PARTITIONS {
-        let mut offset = 0;
-        loop {
-            let page: Value = client
-                .get(format!(
-                    "{url}/v1/topics/{TOPIC}/events?partition={p}&offset={offset}&limit=1000"
-                ))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let events = page["events"].as_array().unwrap();
-            if events.is_empty() {
-                break;
-            }
-            for e in events {
-                all.insert((p, e["offset"].as_u64().unwrap()), e["event"].clone());
-            }
-            offset = page["next_offset"].as_u64().unwrap();
-        }
-    }
-    all
+    common::read_topic(client, url, TOPIC, PARTITIONS)
+        .await
+        .into_iter()
+        .map(|(p, o, e)| ((p, o), e))
+        .collect()
 }
 
 fn verify(
@@ -141,15 +112,7 @@ async fn kill_9_loses_no_acknowledged_event() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
-    let seed: u64 = std::env::var("SPATE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed();
     println!("kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)");
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,17 +21,6 @@ use serde_json::{Value, json};
 const TOPIC: &str = "ledger";
 const WRITERS: usize = 4;
 const STREAMS_PER_WRITER: usize = 5;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// Acknowledged appends: (stream, first version) → ids.
 type Acked = Arc<Mutex<HashMap<(String, u64), Vec<String>>>>;
@@ -152,31 +143,10 @@ async fn scan(
     partitions: u64,
 ) -> HashMap<String, Vec<String>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for p in 0..partitions {
-        let mut offset = 0;
-        loop {
-            let page: Value = client
-                .get(format!(
-                    "{url}/v1/topics/{TOPIC}/events?partition={p}&offset={offset}&limit=1000"
-                ))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let events = page["events"].as_array().unwrap();
-            if events.is_empty() {
-                break;
-            }
-            for e in events {
-                let key = e["event"]["partitionkey"].as_str().unwrap().to_string();
-                out.entry(key)
-                    .or_default()
-                    .push(e["event"]["id"].as_str().unwrap().to_string());
-            }
-            offset = page["next_offset"].as_u64().unwrap();
-        }
+    for (_, _, e) in common::read_topic(client, url, TOPIC, partitions).await {
+        out.entry(e["partitionkey"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e["id"].as_str().unwrap().to_string());
     }
     out
 }
@@ -247,15 +217,7 @@ async fn kill_9_keeps_stream_appends_whole_and_acknowledged() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let seed: u64 = std::env::var("SPATE_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed();
     println!(
         "stream kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)"
     );

@@ -116,3 +116,63 @@ pub fn interop(interpreter: &str, program: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// xorshift64*: a small seeded generator, so a seed reproduces a run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// The seed of a randomized test: `SPATE_CRASH_SEED`, or one from the clock.
+pub fn seed() -> u64 {
+    std::env::var("SPATE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
+/// Every event of `topic` over HTTP, as (partition, offset, event), partition by partition in
+/// offset order.
+pub async fn read_topic(
+    client: &reqwest::Client,
+    url: &str,
+    topic: &str,
+    partitions: u64,
+) -> Vec<(u64, u64, serde_json::Value)> {
+    let mut all = Vec::new();
+    for p in 0..partitions {
+        let mut offset = 0;
+        loop {
+            let page: serde_json::Value = client
+                .get(format!(
+                    "{url}/v1/topics/{topic}/events?partition={p}&offset={offset}&limit=1000"
+                ))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let events = page["events"].as_array().unwrap();
+            if events.is_empty() {
+                break;
+            }
+            for e in events {
+                all.push((p, e["offset"].as_u64().unwrap(), e["event"].clone()));
+            }
+            offset = page["next_offset"].as_u64().unwrap();
+        }
+    }
+    all
+}

@@ -301,17 +301,17 @@ impl Broker {
         topic: &str,
         stream: &str,
     ) -> Result<Option<StreamInfo>> {
-        let (ts, index, offsets) = self.durable_offsets(topic, stream).await?;
-        drop(ts);
-        Ok(match (offsets.first(), offsets.last()) {
-            (Some(&first), Some(&last)) => Some(StreamInfo {
-                version: offsets.len() as u64 - 1,
-                partition: index,
-                first_offset: first,
-                last_offset: last,
-            }),
-            _ => None,
-        })
+        let (_, index, _, info) = self
+            .with_durable_offsets(topic, stream, |offsets| {
+                Some((offsets.len() as u64, *offsets.first()?, *offsets.last()?))
+            })
+            .await?;
+        Ok(info.map(|(len, first, last)| StreamInfo {
+            version: len - 1,
+            partition: index,
+            first_offset: first,
+            last_offset: last,
+        }))
     }
 
     /// Up to `limit` events of a stream from `from_version`, forward or backward; `None` when the
@@ -324,37 +324,47 @@ impl Broker {
         limit: usize,
         backward: bool,
     ) -> Result<Option<Vec<StreamEvent>>> {
-        let (ts, index, offsets) = self.durable_offsets(topic, stream).await?;
-        if offsets.is_empty() {
+        // The wanted (version, offset) pairs, in ascending order.
+        let (ts, index, _, wanted) = self
+            .with_durable_offsets(topic, stream, |offsets| {
+                if offsets.is_empty() {
+                    return None;
+                }
+                let len = offsets.len() as u64;
+                let range = if backward {
+                    let top = from_version.unwrap_or(u64::MAX).min(len - 1) + 1;
+                    top.saturating_sub(limit as u64)..top
+                } else {
+                    let from = from_version.unwrap_or(0).min(len);
+                    from..(from + limit as u64).min(len)
+                };
+                Some(
+                    range
+                        .map(|v| (v, offsets[v as usize]))
+                        .collect::<Vec<(u64, u64)>>(),
+                )
+            })
+            .await?;
+        let Some(wanted) = wanted else {
             return Ok(None);
-        }
-        let versions: Vec<u64> = if backward {
-            let top = from_version
-                .unwrap_or(u64::MAX)
-                .min(offsets.len() as u64 - 1);
-            (0..=top).rev().take(limit).collect()
-        } else {
-            (from_version.unwrap_or(0)..offsets.len() as u64)
-                .take(limit)
-                .collect()
         };
         let part = ts.parts[index as usize].partition.clone();
         let name = ts.topic.name.clone();
-        let wanted: Vec<(u64, u64)> = versions.iter().map(|&v| (v, offsets[v as usize])).collect();
         let events = blocking(move || {
-            // Ascending offsets, read in windows of nearby batches.
-            let mut by_offset: Vec<(u64, u64)> = wanted.iter().map(|&(v, o)| (o, v)).collect();
-            by_offset.sort_unstable();
-            let offsets: Vec<u64> = by_offset.iter().map(|&(o, _)| o).collect();
+            // Read in windows of nearby batches; events removed by retention are left out.
+            let offsets: Vec<u64> = wanted.iter().map(|&(_, o)| o).collect();
             let found = crate::read_offsets(&part, &name, index, &offsets, 64 << 10)?;
-            let version_of: HashMap<u64, u64> = by_offset.into_iter().collect();
+            let mut versions = wanted.iter();
             let mut out: Vec<StreamEvent> = found
                 .into_iter()
-                .map(|e| StreamEvent {
-                    version: version_of[&e.offset],
-                    partition: index,
-                    offset: e.offset,
-                    event: e.event,
+                .filter_map(|e| {
+                    let &(version, _) = versions.find(|&&(_, o)| o == e.offset)?;
+                    Some(StreamEvent {
+                        version,
+                        partition: index,
+                        offset: e.offset,
+                        event: e.event,
+                    })
                 })
                 .collect();
             if backward {
@@ -366,35 +376,27 @@ impl Broker {
         Ok(Some(events))
     }
 
-    /// The durable offsets of a stream (below the returned high watermark), once the index covers
-    /// the partition's log up to there.
-    async fn durable_offsets(
+    /// Runs `f` on a stream's durable offsets, in version order, once the index covers the
+    /// partition's log up to the high watermark returned beside `f`'s result.
+    async fn with_durable_offsets<T>(
         self: &Arc<Self>,
         topic: &str,
         stream: &str,
-    ) -> Result<(Arc<TopicStreams>, u32, Vec<u64>)> {
-        let (ts, index, offsets, _) = self.durable_offsets_at(topic, stream).await?;
-        Ok((ts, index, offsets))
-    }
-
-    async fn durable_offsets_at(
-        self: &Arc<Self>,
-        topic: &str,
-        stream: &str,
-    ) -> Result<(Arc<TopicStreams>, u32, Vec<u64>, u64)> {
+        f: impl FnOnce(&[u64]) -> T,
+    ) -> Result<(Arc<TopicStreams>, u32, u64, T)> {
         let ts = self.topic_streams(topic)?;
         let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
         let part = &ts.parts[index as usize];
         let hw = part.partition.high_watermark();
         wait_applied(part, hw).await?;
-        let mut offsets = read(&part.index)
-            .streams
-            .get(stream)
-            .cloned()
-            .unwrap_or_default();
-        // Appends not yet durable are in the index already; they are not served.
-        offsets.retain(|&o| o < hw);
-        Ok((ts, index, offsets, hw))
+        let result = {
+            let guard = read(&part.index);
+            let all = guard.streams.get(stream).map_or(&[][..], Vec::as_slice);
+            // Appends not yet durable are in the index already (offsets ascend); they are not
+            // served.
+            f(&all[..all.partition_point(|&o| o < hw)])
+        };
+        Ok((ts, index, hw, result))
     }
 
     /// A live feed of one stream from `from_version`: the events already stored, then new ones as
@@ -411,10 +413,17 @@ impl Broker {
         let mut feed = self
             .feed(topic, crate::push::FeedStart::Latest, filter, max_behind)
             .await?;
-        let (_, index, offsets, hw) = self.durable_offsets_at(topic, stream).await?;
-        let (offset, version) = match offsets.get(from_version as usize) {
-            Some(&o) => (o, from_version),
-            None => (hw, offsets.len() as u64),
+        let (_, index, hw, (len, at)) = self
+            .with_durable_offsets(topic, stream, |offsets| {
+                (
+                    offsets.len() as u64,
+                    offsets.get(from_version as usize).copied(),
+                )
+            })
+            .await?;
+        let (offset, version) = match at {
+            Some(o) => (o, from_version),
+            None => (hw, len),
         };
         feed.scope_to_stream(index, offset, stream.to_string(), version, from_version);
         Ok(feed)

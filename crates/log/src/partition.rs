@@ -75,6 +75,24 @@ pub struct Partition {
     sync: Mutex<SyncState>,
     synced: Condvar,
     listeners: RwLock<Vec<Listener>>,
+    /// Metric handles, registered once rather than looked up on every append and fsync.
+    metrics: PartitionMetrics,
+}
+
+struct PartitionMetrics {
+    records: metrics::Counter,
+    bytes: metrics::Counter,
+    fsync: metrics::Histogram,
+}
+
+impl PartitionMetrics {
+    fn new(topic: &str) -> PartitionMetrics {
+        PartitionMetrics {
+            records: metrics::counter!("spate_records_appended_total", "topic" => topic.to_string()),
+            bytes: metrics::counter!("spate_bytes_appended_total", "topic" => topic.to_string()),
+            fsync: metrics::histogram!("spate_fsync_seconds"),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +179,7 @@ impl Partition {
             }),
             synced: Condvar::new(),
             listeners: RwLock::new(Vec::new()),
+            metrics: PartitionMetrics::new(topic),
         }
     }
 
@@ -544,10 +563,10 @@ impl Partition {
         if self.config.fsync != FsyncPolicy::Batch {
             self.advance_high_watermark(appended.last_offset + 1);
         }
-        metrics::counter!("spate_records_appended_total", "topic" => self.topic.clone())
+        self.metrics
+            .records
             .increment(appended.last_offset + 1 - appended.base_offset);
-        metrics::counter!("spate_bytes_appended_total", "topic" => self.topic.clone())
-            .increment(batches.len() as u64);
+        self.metrics.bytes.increment(batches.len() as u64);
         Ok(appended)
     }
 
@@ -615,7 +634,7 @@ impl Partition {
             };
             let started = std::time::Instant::now();
             let result = file.sync();
-            metrics::histogram!("spate_fsync_seconds").record(started.elapsed().as_secs_f64());
+            self.metrics.fsync.record(started.elapsed().as_secs_f64());
             s = lock(&self.sync);
             s.syncing = false;
             match result {

@@ -51,6 +51,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         ..LogConfig::default()
     };
     let dir = config.data_dir.clone();
+    // Before the log opens: partitions register their metric handles when they open.
+    let prometheus = install_metrics()?;
     let log = tokio::task::spawn_blocking(move || Log::open(Arc::new(FsStorage), &dir, log_config))
         .await
         .context("log recovery task failed")?
@@ -95,7 +97,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let prometheus = install_metrics()?;
     let render = prometheus.clone();
     let upkeep = tokio::spawn(async move {
         // Histograms are summarized on upkeep; scrapes also render fresh data.

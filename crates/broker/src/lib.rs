@@ -11,6 +11,7 @@ pub mod groups;
 pub mod partitioner;
 pub mod push;
 pub mod streams;
+pub mod subscriptions;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,10 +92,10 @@ pub struct ReadPage {
     pub next_offset: u64,
 }
 
-/// Whether a topic is one the server keeps for itself (committed offsets): clients may read it but
-/// not write to or delete it.
+/// Whether a topic is one the server keeps for itself (committed offsets, the subscription
+/// journal): clients may read it but not write to or delete it.
 pub fn is_internal(topic: &str) -> bool {
-    topic == groups::OFFSETS_TOPIC
+    topic == groups::OFFSETS_TOPIC || topic == subscriptions::JOURNAL_TOPIC
 }
 
 /// Milliseconds since the Unix epoch.

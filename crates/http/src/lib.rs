@@ -9,6 +9,7 @@ mod events;
 mod listener;
 pub mod push;
 mod streams;
+pub mod subscriptions;
 mod topics;
 
 use std::future::Future;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use spate_broker::Broker;
 use tokio::net::TcpListener;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     /// Renders the process's metrics in Prometheus text format (`GET /metrics`); the log's
     /// per-partition gauges are added to it.
     pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Durable subscriptions; their endpoints answer 503 without them.
+    pub subscriptions: Option<Arc<spate_broker::subscriptions::Subscriptions>>,
     /// Set when the server stops: push streams end so that shutdown does not wait on them.
     pub stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -73,6 +76,29 @@ pub fn router(state: AppState) -> Router {
             get(streams::read).post(streams::append),
         )
         .route("/v1/topics/{topic}/streams/{stream}", get(streams::info))
+        .route("/v1/subscriptions", get(subscriptions::list))
+        .route(
+            "/v1/subscriptions/{name}",
+            get(subscriptions::describe)
+                .put(subscriptions::put)
+                .delete(subscriptions::delete),
+        )
+        .route("/v1/subscriptions/{name}/pull", post(subscriptions::pull))
+        .route("/v1/subscriptions/{name}/ack", post(subscriptions::ack))
+        .route("/v1/subscriptions/{name}/nack", post(subscriptions::nack))
+        .route(
+            "/v1/subscriptions/{name}/extend",
+            post(subscriptions::extend),
+        )
+        .route(
+            "/v1/subscriptions/{name}/dead-letters",
+            get(subscriptions::dead_letters),
+        )
+        .route(
+            "/v1/subscriptions/{name}/redrive",
+            post(subscriptions::redrive),
+        )
+        .route("/v1/subscriptions/{name}/seek", post(subscriptions::seek))
         .route("/v1/ws", get(push::ws))
         .route(
             "/examples/live",

@@ -740,6 +740,39 @@ impl Partition {
         Ok(None)
     }
 
+    /// Deletes the sealed segments that hold only offsets below `offset`: a reader that keeps its
+    /// own checkpoint of a log drops what the checkpoint covers. Returns how many were deleted.
+    pub fn delete_before(&self, offset: u64) -> Result<usize> {
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segments = write_lock(&self.segments);
+            let mut n = 0;
+            while n + 1 < segments.len() && segments[n + 1].base_offset <= offset {
+                n += 1;
+            }
+            segments.drain(..n).collect()
+        };
+        self.delete_segments(&doomed)
+    }
+
+    fn delete_segments(&self, doomed: &[Arc<Segment>]) -> Result<usize> {
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        for segment in doomed {
+            tracing::info!(
+                topic = %self.topic,
+                partition = self.id,
+                base_offset = segment.base_offset,
+                "deleting segment"
+            );
+            segment.delete_files(&*self.storage)?;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .ctx("sync partition directory", &self.dir)?;
+        Ok(doomed.len())
+    }
+
     /// Deletes sealed segments past the retention limits. Returns how many were deleted.
     pub fn apply_retention(&self, now_ms: i64, config: &TopicConfig) -> Result<usize> {
         let doomed: Vec<Arc<Segment>> = {
@@ -763,22 +796,7 @@ impl Partition {
             }
             segments.drain(..n).collect()
         };
-        if doomed.is_empty() {
-            return Ok(0);
-        }
-        for segment in &doomed {
-            tracing::info!(
-                topic = %self.topic,
-                partition = self.id,
-                base_offset = segment.base_offset,
-                "retention: deleting segment"
-            );
-            segment.delete_files(&*self.storage)?;
-        }
-        self.storage
-            .sync_dir(&self.dir)
-            .ctx("sync partition directory", &self.dir)?;
-        Ok(doomed.len())
+        self.delete_segments(&doomed)
     }
 }
 

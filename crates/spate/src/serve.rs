@@ -97,6 +97,14 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let subs_broker = broker.clone();
+    let subscriptions = tokio::task::spawn_blocking(move || {
+        spate_broker::subscriptions::Subscriptions::open(subs_broker)
+    })
+    .await
+    .context("subscription recovery task failed")?
+    .context("cannot load subscriptions")?;
+    subscriptions.start(stopped(stop_rx.clone()));
     let render = prometheus.clone();
     let upkeep = tokio::spawn(async move {
         // Histograms are summarized on upkeep; scrapes also render fresh data.
@@ -117,6 +125,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             ..Default::default()
         },
         metrics: Some(Arc::new(move || render.render())),
+        subscriptions: Some(subscriptions),
         stopping: None,
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));

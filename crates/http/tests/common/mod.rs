@@ -28,16 +28,29 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let subs_broker = broker.clone();
+    let subscriptions = tokio::task::spawn_blocking(move || {
+        spate_broker::subscriptions::Subscriptions::open(subs_broker)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let (stop_subs, stopped) = tokio::sync::oneshot::channel::<()>();
+    subscriptions.start(async move {
+        let _ = stopped.await;
+    });
     let state = AppState {
         broker: broker.clone(),
         limits: HttpLimits::default(),
         push,
         metrics: None,
+        subscriptions: Some(subscriptions),
         stopping: None,
     };
     let task = tokio::spawn(async move {
         spate_http::serve(listener, state, async {
             let _ = rx.await;
+            let _ = stop_subs.send(());
         })
         .await
         .unwrap();

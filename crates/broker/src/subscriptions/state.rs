@@ -1,0 +1,872 @@
+//! The pure core of a subscription: which messages are pending, in flight, waiting for a retry or
+//! on their way to the dead-letter topic, and what each journal operation does to them.
+//!
+//! Every change that must survive a crash is an [`Op`]: the shell decides on one, writes it to the
+//! journal and applies it here with [`Sub::apply`]; recovery applies the same operations in the
+//! same order, so the state after a restart is the state before it. Two changes are not journaled
+//! because time alone decides them: a retry falling due and an ack deadline passing. Recovery
+//! treats every message that was in flight as timed out, which is what the clock would have done.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Event;
+
+/// Where a subscription read a message from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Source {
+    /// The subscription's topic.
+    #[serde(rename = "t")]
+    Topic,
+    /// The dead-letter topic, for dead letters redriven to the subscription.
+    #[serde(rename = "d")]
+    DeadLetters,
+}
+
+/// A message of a subscription: source, partition, offset.
+pub type MsgId = (Source, u32, u64);
+
+/// How messages of one key relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// Any number of messages in flight, in any order.
+    #[default]
+    None,
+    /// A message waits until the previous one of its key is acked or dead-lettered.
+    Key,
+}
+
+/// Retry delays after a nack: `initial_ms * multiplier^(attempt - 1)`, at most `max_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    pub multiplier: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial_ms: 1000,
+            max_ms: 60_000,
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt after attempt `attempt` (1-based) failed.
+    pub fn delay_ms(&self, attempt: u32) -> u64 {
+        let exp = attempt.saturating_sub(1).min(64) as i32;
+        let d = self.initial_ms as f64 * self.multiplier.powi(exp);
+        if d.is_finite() {
+            (d as u64).min(self.max_ms)
+        } else {
+            self.max_ms
+        }
+    }
+}
+
+/// Webhook delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    pub url: String,
+    #[serde(default = "default_push_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_push_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn default_push_timeout() -> u64 {
+    10_000
+}
+
+fn default_push_in_flight() -> u32 {
+    16
+}
+
+/// A subscription's definition, as given to `PUT /v1/subscriptions/{name}` with defaults filled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub topic: String,
+    pub filter: Option<String>,
+    pub types: Option<String>,
+    pub from: String,
+    pub ack_timeout_ms: u64,
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub dead_letter_topic: String,
+    pub ordering: Ordering,
+    pub push: Option<PushConfig>,
+}
+
+/// Counters of a subscription's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub expired: u64,
+    pub dead_lettered: u64,
+}
+
+/// Where a message is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum State {
+    /// May be delivered (when first of its key under key ordering).
+    Ready,
+    /// Delivered; redelivered unless acked by the deadline (ms since the epoch).
+    InFlight { deadline: i64 },
+    /// Nacked or timed out; ready again at `until`.
+    Waiting { until: i64 },
+    /// Out of attempts; the dead-letter write has not been announced in the journal yet.
+    Doomed { reason: String },
+    /// Out of attempts; the journal says it is being written to partition `partition` of the
+    /// dead-letter topic, at or after offset `from`.
+    DeadLettering {
+        reason: String,
+        partition: u32,
+        from: u64,
+    },
+}
+
+/// One pending message.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    /// Deliveries so far.
+    pub attempt: u32,
+    pub state: State,
+    /// Hash of the record key, for key ordering.
+    pub key: Option<u64>,
+    /// The record's timestamp (ms), for the age of the oldest unacked message.
+    pub timestamp_ms: i64,
+    /// The event, when loaded.
+    pub event: Option<Arc<Event>>,
+    /// Position in the ready queue while queued.
+    ready_seq: Option<u64>,
+    /// Due time in the timer set while there.
+    timer: Option<i64>,
+}
+
+/// A message the reader found matching: offset, record timestamp, key hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Found(pub u64, pub i64, pub Option<u64>);
+
+/// A journal operation. Applying the journal from a snapshot rebuilds the state exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Creates (with `start`, one read position per partition) or updates a subscription.
+    Define {
+        config: Config,
+        start: Option<Vec<u64>>,
+        created_ms: i64,
+    },
+    Delete,
+    /// The reader went through partition `partition` up to (not including) `to`; `found` are the
+    /// messages that passed the filter.
+    Read {
+        partition: u32,
+        to: u64,
+        found: Vec<Found>,
+    },
+    Deliver {
+        ids: Vec<MsgId>,
+        deadline: i64,
+    },
+    Ack {
+        ids: Vec<MsgId>,
+    },
+    /// Each message waits until the given time, or is doomed when out of attempts.
+    Nack {
+        items: Vec<(MsgId, i64)>,
+    },
+    Extend {
+        ids: Vec<MsgId>,
+        deadline: i64,
+    },
+    /// A dead-letter write is about to happen to `partition`, whose end was `from`.
+    DeadIntent {
+        id: MsgId,
+        reason: String,
+        partition: u32,
+        from: u64,
+    },
+    /// The dead letter is durable at `partition`/`offset` of the dead-letter topic.
+    Dead {
+        id: MsgId,
+        partition: u32,
+        offset: u64,
+    },
+    /// Dead letters given back to this subscription with fresh attempts.
+    Redrive {
+        letters: Vec<(u32, Found)>,
+    },
+    /// Read positions move; pending messages of the topic are dropped.
+    Seek {
+        positions: Vec<u64>,
+    },
+    /// The whole state of every subscription at this point of the journal.
+    Snapshot {
+        subscriptions: Vec<Snapshot>,
+    },
+}
+
+/// A subscription as stored in a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: String,
+    pub uid: u64,
+    pub config: Config,
+    pub created_ms: i64,
+    pub positions: Vec<u64>,
+    pub msgs: Vec<(MsgId, u32, State, Found)>,
+    pub redriven: Vec<(u32, u64)>,
+    pub stats: Stats,
+}
+
+/// What an ack, nack or extend found for one ack id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Ok,
+    /// Not pending: acked, dead-lettered, dropped by a seek, or never delivered.
+    Unknown,
+    /// Delivered again since, or on its way to the dead-letter topic.
+    Expired,
+}
+
+/// One subscription's state.
+#[derive(Debug)]
+pub struct Sub {
+    /// The journal offset of the definition that created it: a subscription deleted and created
+    /// again under the same name is another one.
+    pub uid: u64,
+    pub config: Config,
+    pub created_ms: i64,
+    /// Next offset the reader looks at, per partition of the topic.
+    pub positions: Vec<u64>,
+    pub msgs: BTreeMap<MsgId, Msg>,
+    /// Dead letters (partition, offset) already given back.
+    pub redriven: BTreeSet<(u32, u64)>,
+    pub stats: Stats,
+    ready: BTreeSet<(u64, MsgId)>,
+    next_seq: u64,
+    timers: BTreeSet<(i64, MsgId)>,
+    /// Pending messages of each key, in order, under key ordering.
+    keys: HashMap<(Source, u32, u64), VecDeque<u64>>,
+}
+
+/// Hash of a record key (FNV-1a): stable across restarts, for key ordering.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Sub {
+    pub fn new(uid: u64, config: Config, created_ms: i64, positions: Vec<u64>) -> Sub {
+        Sub {
+            uid,
+            config,
+            created_ms,
+            positions,
+            msgs: BTreeMap::new(),
+            redriven: BTreeSet::new(),
+            stats: Stats::default(),
+            ready: BTreeSet::new(),
+            next_seq: 0,
+            timers: BTreeSet::new(),
+            keys: HashMap::new(),
+        }
+    }
+
+    pub fn from_snapshot(s: Snapshot) -> Sub {
+        let mut sub = Sub::new(s.uid, s.config, s.created_ms, s.positions);
+        sub.stats = s.stats;
+        sub.redriven = s.redriven.into_iter().collect();
+        for (id, attempt, state, found) in s.msgs {
+            sub.insert(id, found, attempt, state);
+        }
+        sub
+    }
+
+    pub fn snapshot(&self, name: &str) -> Snapshot {
+        Snapshot {
+            name: name.to_string(),
+            uid: self.uid,
+            config: self.config.clone(),
+            created_ms: self.created_ms,
+            positions: self.positions.clone(),
+            msgs: self
+                .msgs
+                .iter()
+                .map(|(id, m)| {
+                    (
+                        *id,
+                        m.attempt,
+                        m.state.clone(),
+                        Found(id.2, m.timestamp_ms, m.key),
+                    )
+                })
+                .collect(),
+            redriven: self.redriven.iter().copied().collect(),
+            stats: self.stats,
+        }
+    }
+
+    /// Messages waiting for delivery (not in flight), queued or not.
+    pub fn waiting(&self) -> usize {
+        self.msgs
+            .values()
+            .filter(|m| matches!(m.state, State::Ready | State::Waiting { .. }))
+            .count()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.msgs
+            .values()
+            .filter(|m| matches!(m.state, State::InFlight { .. }))
+            .count()
+    }
+
+    /// The record time of the oldest unsettled message.
+    pub fn oldest_timestamp(&self) -> Option<i64> {
+        self.msgs.values().map(|m| m.timestamp_ms).min()
+    }
+
+    /// Messages that may be delivered now.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Messages doomed to the dead-letter topic whose write has not been announced.
+    pub fn doomed(&self) -> Vec<MsgId> {
+        self.msgs
+            .iter()
+            .filter(|(_, m)| matches!(m.state, State::Doomed { .. }))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Messages whose dead-letter write was announced but not confirmed.
+    pub fn dead_lettering(&self) -> Vec<MsgId> {
+        self.msgs
+            .iter()
+            .filter(|(_, m)| matches!(m.state, State::DeadLettering { .. }))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn group(&self, id: MsgId, key: Option<u64>) -> Option<(Source, u32, u64)> {
+        match self.config.ordering {
+            Ordering::Key => key.map(|k| (id.0, id.1, k)),
+            Ordering::None => None,
+        }
+    }
+
+    /// Whether `id` may go out now as far as key order is concerned.
+    fn first_of_key(&self, id: MsgId, key: Option<u64>) -> bool {
+        match self.group(id, key) {
+            None => true,
+            Some(g) => self.keys.get(&g).and_then(|q| q.front()) == Some(&id.2),
+        }
+    }
+
+    fn insert(&mut self, id: MsgId, found: Found, attempt: u32, state: State) {
+        if self.msgs.contains_key(&id) {
+            return;
+        }
+        let Found(_, timestamp_ms, key) = found;
+        if let Some(g) = self.group(id, key) {
+            let q = self.keys.entry(g).or_default();
+            // Offsets of a key arrive in order; keep the queue sorted if they do not.
+            let at = q.partition_point(|o| *o < id.2);
+            q.insert(at, id.2);
+        }
+        self.msgs.insert(
+            id,
+            Msg {
+                attempt,
+                state: State::Ready,
+                key,
+                timestamp_ms,
+                event: None,
+                ready_seq: None,
+                timer: None,
+            },
+        );
+        self.set_state(id, state);
+    }
+
+    /// Moves a message to `state`, keeping the ready queue and the timers in step.
+    fn set_state(&mut self, id: MsgId, state: State) {
+        let Some(m) = self.msgs.get_mut(&id) else {
+            return;
+        };
+        if let Some(seq) = m.ready_seq.take() {
+            self.ready.remove(&(seq, id));
+        }
+        if let Some(t) = m.timer.take() {
+            self.timers.remove(&(t, id));
+        }
+        let due = match &state {
+            State::InFlight { deadline } => Some(*deadline),
+            State::Waiting { until } => Some(*until),
+            _ => None,
+        };
+        if let Some(t) = due {
+            m.timer = Some(t);
+            self.timers.insert((t, id));
+        }
+        let ready = state == State::Ready;
+        let key = m.key;
+        m.state = state;
+        if ready && self.first_of_key(id, key) {
+            self.queue(id);
+        }
+    }
+
+    fn queue(&mut self, id: MsgId) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(m) = self.msgs.get_mut(&id) {
+            m.ready_seq = Some(seq);
+            self.ready.insert((seq, id));
+        }
+    }
+
+    /// Removes a settled message and lets the next one of its key go.
+    fn settle(&mut self, id: MsgId) {
+        self.set_state(id, State::Doomed { reason: "".into() });
+        let Some(m) = self.msgs.remove(&id) else {
+            return;
+        };
+        let Some(g) = self.group(id, m.key) else {
+            return;
+        };
+        let Some(q) = self.keys.get_mut(&g) else {
+            return;
+        };
+        if let Some(at) = q.iter().position(|o| *o == id.2) {
+            q.remove(at);
+        }
+        let next = q.front().copied();
+        if q.is_empty() {
+            self.keys.remove(&g);
+        }
+        if let Some(o) = next {
+            let next_id = (id.0, id.1, o);
+            if self
+                .msgs
+                .get(&next_id)
+                .is_some_and(|m| m.state == State::Ready && m.ready_seq.is_none())
+            {
+                self.queue(next_id);
+            }
+        }
+    }
+
+    /// Rebuilds the key queues and the ready queue, after the ordering changed.
+    fn reorder(&mut self) {
+        self.keys.clear();
+        self.ready.clear();
+        let ids: Vec<(MsgId, Option<u64>)> = self.msgs.iter().map(|(id, m)| (*id, m.key)).collect();
+        for (id, key) in &ids {
+            if let Some(g) = self.group(*id, *key) {
+                self.keys.entry(g).or_default().push_back(id.2);
+            }
+        }
+        for (id, key) in ids {
+            let first = self.first_of_key(id, key);
+            let Some(m) = self.msgs.get_mut(&id) else {
+                continue;
+            };
+            m.ready_seq = None;
+            if m.state == State::Ready && first {
+                self.queue(id);
+            }
+        }
+    }
+
+    /// The first `max` messages that may go out now, in the order they became ready.
+    pub fn next_ready(&self, max: usize) -> Vec<MsgId> {
+        self.ready.iter().take(max).map(|(_, id)| *id).collect()
+    }
+
+    /// Whether `attempt` is the current delivery of `id`, which may still be settled by its
+    /// consumer (in flight, or timed out and not yet delivered again).
+    pub fn check(&self, id: MsgId, attempt: u32) -> Settle {
+        match self.msgs.get(&id) {
+            None => Settle::Unknown,
+            Some(m) if m.attempt != attempt => Settle::Expired,
+            Some(m) => match m.state {
+                State::InFlight { .. } | State::Waiting { .. } | State::Ready => Settle::Ok,
+                State::Doomed { .. } | State::DeadLettering { .. } => Settle::Expired,
+            },
+        }
+    }
+
+    /// Whether `id` is in flight under `attempt` (for extends).
+    pub fn check_in_flight(&self, id: MsgId, attempt: u32) -> Settle {
+        match self.check(id, attempt) {
+            Settle::Ok => match self.msgs.get(&id).map(|m| &m.state) {
+                Some(State::InFlight { .. }) => Settle::Ok,
+                _ => Settle::Expired,
+            },
+            other => other,
+        }
+    }
+
+    /// The delay before the next attempt of `id` after a nack without an explicit delay.
+    pub fn backoff_ms(&self, id: MsgId) -> u64 {
+        let attempt = self.msgs.get(&id).map_or(1, |m| m.attempt);
+        self.config.backoff.delay_ms(attempt)
+    }
+
+    /// Applies one journal operation.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Define { config, .. } => {
+                let reorder = config.ordering != self.config.ordering;
+                self.config = config.clone();
+                if reorder {
+                    self.reorder();
+                }
+            }
+            Op::Delete | Op::Snapshot { .. } => {}
+            Op::Read {
+                partition,
+                to,
+                found,
+            } => {
+                for f in found {
+                    self.insert((Source::Topic, *partition, f.0), *f, 0, State::Ready);
+                }
+                if let Some(p) = self.positions.get_mut(*partition as usize) {
+                    *p = (*p).max(*to);
+                }
+            }
+            Op::Deliver { ids, deadline } => {
+                for id in ids {
+                    let Some(m) = self.msgs.get_mut(id) else {
+                        continue;
+                    };
+                    if matches!(m.state, State::Doomed { .. } | State::DeadLettering { .. }) {
+                        continue;
+                    }
+                    m.attempt += 1;
+                    self.stats.delivered += 1;
+                    if m.attempt > 1 {
+                        self.stats.redelivered += 1;
+                    }
+                    self.set_state(
+                        *id,
+                        State::InFlight {
+                            deadline: *deadline,
+                        },
+                    );
+                }
+            }
+            Op::Ack { ids } => {
+                for id in ids {
+                    if self.msgs.contains_key(id) {
+                        self.stats.acked += 1;
+                        self.settle(*id);
+                    }
+                }
+            }
+            Op::Nack { items } => {
+                for (id, until) in items {
+                    let Some(m) = self.msgs.get(id) else {
+                        continue;
+                    };
+                    self.stats.nacked += 1;
+                    let state = if m.attempt >= self.config.max_attempts {
+                        State::Doomed {
+                            reason: format!("nacked on attempt {}", m.attempt),
+                        }
+                    } else {
+                        State::Waiting { until: *until }
+                    };
+                    self.set_state(*id, state);
+                }
+            }
+            Op::Extend { ids, deadline } => {
+                for id in ids {
+                    if matches!(
+                        self.msgs.get(id).map(|m| &m.state),
+                        Some(State::InFlight { .. })
+                    ) {
+                        self.set_state(
+                            *id,
+                            State::InFlight {
+                                deadline: *deadline,
+                            },
+                        );
+                    }
+                }
+            }
+            Op::DeadIntent {
+                id,
+                reason,
+                partition,
+                from,
+            } => {
+                if self.msgs.contains_key(id) {
+                    self.set_state(
+                        *id,
+                        State::DeadLettering {
+                            reason: reason.clone(),
+                            partition: *partition,
+                            from: *from,
+                        },
+                    );
+                }
+            }
+            Op::Dead { id, .. } => {
+                if self.msgs.contains_key(id) {
+                    self.stats.dead_lettered += 1;
+                    self.settle(*id);
+                }
+            }
+            Op::Redrive { letters } => {
+                for (partition, f) in letters {
+                    if self.redriven.insert((*partition, f.0)) {
+                        self.insert((Source::DeadLetters, *partition, f.0), *f, 0, State::Ready);
+                    }
+                }
+            }
+            Op::Seek { positions } => {
+                let dropped: Vec<MsgId> = self
+                    .msgs
+                    .iter()
+                    .filter(|(id, m)| {
+                        id.0 == Source::Topic
+                            && !matches!(
+                                m.state,
+                                State::Doomed { .. } | State::DeadLettering { .. }
+                            )
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in dropped {
+                    self.settle(id);
+                }
+                self.positions = positions.clone();
+            }
+        }
+    }
+
+    /// Moves messages whose time came: retries become ready, expired deliveries are delivered
+    /// again or, out of attempts, doomed. Returns the messages doomed now.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<MsgId> {
+        let mut doomed = Vec::new();
+        while let Some(&(due, id)) = self.timers.first() {
+            if due > now_ms {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(m) = self.msgs.get_mut(&id) else {
+                continue;
+            };
+            m.timer = None;
+            let state = match m.state {
+                State::InFlight { .. } => {
+                    self.stats.expired += 1;
+                    if m.attempt >= self.config.max_attempts {
+                        doomed.push(id);
+                        State::Doomed {
+                            reason: format!("ack timeout on attempt {}", m.attempt),
+                        }
+                    } else {
+                        State::Ready
+                    }
+                }
+                State::Waiting { .. } => State::Ready,
+                _ => continue,
+            };
+            self.set_state(id, state);
+        }
+        doomed
+    }
+
+    /// After recovery: every delivery in flight before the crash has timed out.
+    pub fn recover(&mut self, now_ms: i64) -> Vec<MsgId> {
+        let in_flight: Vec<MsgId> = self
+            .msgs
+            .iter()
+            .filter(|(_, m)| matches!(m.state, State::InFlight { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in in_flight {
+            self.set_state(id, State::InFlight { deadline: now_ms });
+        }
+        self.tick(now_ms)
+    }
+
+    /// The next due time of a retry or deadline.
+    pub fn next_due(&self) -> Option<i64> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(ordering: Ordering, max_attempts: u32) -> Config {
+        Config {
+            topic: "orders".into(),
+            filter: None,
+            types: None,
+            from: "earliest".into(),
+            ack_timeout_ms: 1000,
+            max_attempts,
+            backoff: Backoff::default(),
+            dead_letter_topic: "orders.dlq".into(),
+            ordering,
+            push: None,
+        }
+    }
+
+    fn read(sub: &mut Sub, partition: u32, keys: &[(u64, Option<u64>)]) {
+        let to = keys.iter().map(|(o, _)| o + 1).max().unwrap_or(0);
+        sub.apply(&Op::Read {
+            partition,
+            to,
+            found: keys.iter().map(|(o, k)| Found(*o, 0, *k)).collect(),
+        });
+    }
+
+    fn t(p: u32, o: u64) -> MsgId {
+        (Source::Topic, p, o)
+    }
+
+    #[test]
+    fn key_order_lets_one_message_of_a_key_out_at_a_time() {
+        let mut sub = Sub::new(0, config(Ordering::Key, 5), 0, vec![0]);
+        read(
+            &mut sub,
+            0,
+            &[(0, Some(1)), (1, Some(1)), (2, Some(2)), (3, None)],
+        );
+        assert_eq!(sub.next_ready(10), vec![t(0, 0), t(0, 2), t(0, 3)]);
+        sub.apply(&Op::Deliver {
+            ids: vec![t(0, 0)],
+            deadline: 100,
+        });
+        sub.apply(&Op::Nack {
+            items: vec![(t(0, 0), 50)],
+        });
+        // The retry of key 1 holds back its second message.
+        assert_eq!(sub.next_ready(10), vec![t(0, 2), t(0, 3)]);
+        assert!(sub.tick(49).is_empty());
+        assert_eq!(sub.next_ready(10), vec![t(0, 2), t(0, 3)]);
+        sub.tick(50);
+        assert_eq!(sub.next_ready(10), vec![t(0, 2), t(0, 3), t(0, 0)]);
+        sub.apply(&Op::Deliver {
+            ids: vec![t(0, 0)],
+            deadline: 200,
+        });
+        sub.apply(&Op::Ack { ids: vec![t(0, 0)] });
+        assert_eq!(sub.next_ready(10), vec![t(0, 2), t(0, 3), t(0, 1)]);
+        assert_eq!(sub.stats.acked, 1);
+        assert_eq!(sub.stats.redelivered, 1);
+    }
+
+    #[test]
+    fn out_of_attempts_a_message_is_doomed_by_nack_or_timeout() {
+        let mut sub = Sub::new(0, config(Ordering::None, 2), 0, vec![0]);
+        read(&mut sub, 0, &[(0, None), (1, None)]);
+        for (round, deadline) in [(1, 10), (2, 20)] {
+            sub.apply(&Op::Deliver {
+                ids: vec![t(0, 0), t(0, 1)],
+                deadline,
+            });
+            assert_eq!(sub.check(t(0, 0), round), Settle::Ok);
+            if round == 1 {
+                assert_eq!(sub.tick(deadline).len(), 0);
+            }
+        }
+        assert_eq!(sub.check(t(0, 0), 1), Settle::Expired);
+        sub.apply(&Op::Nack {
+            items: vec![(t(0, 0), 0)],
+        });
+        assert_eq!(sub.tick(20), vec![t(0, 1)]);
+        assert_eq!(sub.doomed(), vec![t(0, 0), t(0, 1)]);
+        assert_eq!(sub.next_ready(10), vec![]);
+        sub.apply(&Op::DeadIntent {
+            id: t(0, 0),
+            reason: "x".into(),
+            partition: 0,
+            from: 7,
+        });
+        assert_eq!(sub.dead_lettering(), vec![t(0, 0)]);
+        sub.apply(&Op::Dead {
+            id: t(0, 0),
+            partition: 0,
+            offset: 7,
+        });
+        assert_eq!(sub.stats.dead_lettered, 1);
+        assert_eq!(sub.check(t(0, 0), 2), Settle::Unknown);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_state() {
+        let mut sub = Sub::new(3, config(Ordering::Key, 5), 9, vec![0, 0]);
+        read(&mut sub, 0, &[(0, Some(1)), (1, Some(1))]);
+        read(&mut sub, 1, &[(4, None)]);
+        sub.apply(&Op::Deliver {
+            ids: vec![t(0, 0), t(1, 4)],
+            deadline: 100,
+        });
+        sub.apply(&Op::Nack {
+            items: vec![(t(1, 4), 300)],
+        });
+        let snap = sub.snapshot("s");
+        let mut copy = Sub::from_snapshot(snap.clone());
+        assert_eq!(copy.snapshot("s"), snap);
+        assert_eq!(copy.next_ready(10), sub.next_ready(10));
+        assert_eq!(copy.tick(300), sub.tick(300));
+        assert_eq!(copy.next_ready(10), sub.next_ready(10));
+    }
+
+    #[test]
+    fn seek_drops_pending_topic_messages_and_moves_positions() {
+        let mut sub = Sub::new(0, config(Ordering::None, 5), 0, vec![0]);
+        read(&mut sub, 0, &[(0, None), (1, None)]);
+        sub.apply(&Op::Redrive {
+            letters: vec![(0, Found(5, 0, None))],
+        });
+        sub.apply(&Op::Seek { positions: vec![0] });
+        assert_eq!(sub.next_ready(10), vec![(Source::DeadLetters, 0, 5)]);
+        assert_eq!(sub.positions, vec![0]);
+        // A dead letter goes back once.
+        sub.apply(&Op::Redrive {
+            letters: vec![(0, Found(5, 0, None))],
+        });
+        assert_eq!(sub.msgs.len(), 1);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let b = Backoff {
+            initial_ms: 100,
+            max_ms: 1000,
+            multiplier: 3.0,
+        };
+        assert_eq!(
+            (1..=5).map(|a| b.delay_ms(a)).collect::<Vec<_>>(),
+            vec![100, 300, 900, 1000, 1000]
+        );
+    }
+}

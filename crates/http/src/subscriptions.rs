@@ -1,0 +1,332 @@
+//! Durable subscriptions: define them, pull and settle messages, browse and redrive dead letters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use spate_broker::subscriptions::{Delivery, Position, Spec, SubError, Subscriptions};
+
+use crate::events::{number, parse_json, read_body};
+use crate::{ApiError, ApiResult, AppState};
+
+impl From<SubError> for ApiError {
+    fn from(e: SubError) -> Self {
+        match e {
+            SubError::NotFound(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "subscription-not-found",
+                e.to_string(),
+            ),
+            SubError::Invalid(_) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-subscription",
+                e.to_string(),
+            ),
+            SubError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "subscription-conflict", e.to_string())
+            }
+            SubError::Broker(e) => e.into(),
+        }
+    }
+}
+
+fn subs(s: &AppState) -> ApiResult<&Arc<Subscriptions>> {
+    s.subscriptions.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "subscriptions-unavailable",
+            "subscriptions are not running on this server",
+        )
+    })
+}
+
+async fn body<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<T> {
+    let bytes = read_body(headers, body, s.limits.max_request_bytes).await?;
+    if bytes.is_empty() {
+        return parse_json(b"{}");
+    }
+    parse_json(&bytes)
+}
+
+/// The JSON form of a delivered message.
+pub fn delivery_json(d: &Delivery) -> Value {
+    json!({
+        "ack_id": d.ack_id,
+        "attempt": d.attempt,
+        "topic": d.topic,
+        "partition": d.partition,
+        "offset": d.offset,
+        "event": d.event.to_json(),
+    })
+}
+
+/// `PUT /v1/subscriptions/{name}`: 201 when created, 200 when updated or unchanged.
+pub async fn put(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let spec: Spec = body(&s, &headers, raw).await?;
+    let (created, info) = subs(&s)?.put(&name, spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!(info))))
+}
+
+pub async fn list(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "subscriptions": subs(&s)?.list() })))
+}
+
+pub async fn describe(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(subs(&s)?.info(&name)?)))
+}
+
+pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    subs(&s)?.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullRequest {
+    #[serde(default = "default_max")]
+    max_messages: usize,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+fn default_max() -> usize {
+    100
+}
+
+/// `POST /v1/subscriptions/{name}/pull`: long poll for up to `max_messages`.
+pub async fn pull(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<Json<Value>> {
+    let req: PullRequest = body(&s, &headers, raw).await?;
+    let max = spate_broker::subscriptions::PULL_MAX;
+    if !(1..=max).contains(&req.max_messages) {
+        return Err(ApiError::bad_request(format!(
+            "`max_messages` must be within 1..={max}"
+        )));
+    }
+    let wait_max = spate_broker::subscriptions::PULL_WAIT_MAX.as_millis() as u64;
+    if req.wait_ms > wait_max {
+        return Err(ApiError::bad_request(format!(
+            "`wait_ms` must be at most {wait_max}"
+        )));
+    }
+    let subs = subs(&s)?;
+    let pulled = subs.pull(&name, req.max_messages, Duration::from_millis(req.wait_ms));
+    let messages = match s.stopping.clone() {
+        Some(mut stop) => tokio::select! {
+            r = pulled => r?,
+            // Shutting down: answer the long poll empty rather than hold the drain.
+            _ = stop.wait_for(|s| *s) => Vec::new(),
+        },
+        None => pulled.await?,
+    };
+    let messages: Vec<Value> = messages.iter().map(delivery_json).collect();
+    Ok(Json(json!({ "messages": messages })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettleRequest {
+    ack_ids: Vec<String>,
+    #[serde(default)]
+    delay_ms: Option<u64>,
+    #[serde(default)]
+    ack_timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Nack,
+    Extend,
+}
+
+async fn settle(
+    s: AppState,
+    name: String,
+    headers: HeaderMap,
+    raw: Body,
+    how: Settle,
+) -> ApiResult<Json<Value>> {
+    let req: SettleRequest = body(&s, &headers, raw).await?;
+    let subs = subs(&s)?;
+    let check = |field: &str, given: bool| {
+        if given {
+            Err(ApiError::bad_request(format!(
+                "`{field}` does not apply to this request"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let results = match how {
+        Settle::Ack => {
+            check("delay_ms", req.delay_ms.is_some())?;
+            check("ack_timeout_ms", req.ack_timeout_ms.is_some())?;
+            subs.ack(&name, &req.ack_ids).await?
+        }
+        Settle::Nack => {
+            check("ack_timeout_ms", req.ack_timeout_ms.is_some())?;
+            subs.nack(&name, &req.ack_ids, req.delay_ms).await?
+        }
+        Settle::Extend => {
+            check("delay_ms", req.delay_ms.is_some())?;
+            subs.extend(&name, &req.ack_ids, req.ack_timeout_ms).await?
+        }
+    };
+    Ok(Json(json!({ "results": results })))
+}
+
+/// `POST /v1/subscriptions/{name}/ack {"ack_ids": [...]}`
+pub async fn ack(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<Json<Value>> {
+    settle(s, name, headers, raw, Settle::Ack).await
+}
+
+/// `POST /v1/subscriptions/{name}/nack {"ack_ids": [...], "delay_ms": optional}`
+pub async fn nack(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<Json<Value>> {
+    settle(s, name, headers, raw, Settle::Nack).await
+}
+
+/// `POST /v1/subscriptions/{name}/extend {"ack_ids": [...], "ack_timeout_ms": optional}`
+pub async fn extend(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<Json<Value>> {
+    settle(s, name, headers, raw, Settle::Extend).await
+}
+
+/// Parses a dead-letter position `<partition>:<offset>`.
+fn position(s: &str) -> ApiResult<(u32, u64)> {
+    s.split_once(':')
+        .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`after` must be <partition>:<offset> as given by `next`, got {s:?}"
+            ))
+        })
+}
+
+/// `GET /v1/subscriptions/{name}/dead-letters?limit=&after=`
+pub async fn dead_letters(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(key) = q.keys().find(|k| !matches!(k.as_str(), "limit" | "after")) {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{key}`"
+        )));
+    }
+    let max = s.broker.limits().read_events_max;
+    let limit: usize = number(&q, "limit")?.unwrap_or(100);
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be within 1..={max}"
+        )));
+    }
+    let after = q.get("after").map(|a| position(a)).transpose()?;
+    let (letters, next) = subs(&s)?.dead_letters(&name, after, limit, None).await?;
+    let letters: Vec<Value> = letters
+        .iter()
+        .map(|l| json!({"partition": l.partition, "offset": l.offset, "event": l.event.to_json()}))
+        .collect();
+    Ok(Json(json!({
+        "dead_letters": letters,
+        "next": next.map(|(p, o)| format!("{p}:{o}")),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveRequest {
+    #[serde(default)]
+    filter: Option<String>,
+    #[serde(default = "default_redrive_limit")]
+    limit: usize,
+}
+
+fn default_redrive_limit() -> usize {
+    1000
+}
+
+/// Dead letters one redrive request gives back at most.
+pub const REDRIVE_MAX: usize = 10_000;
+
+/// `POST /v1/subscriptions/{name}/redrive {"filter": "<CEL>", "limit": N}`
+pub async fn redrive(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<Json<Value>> {
+    let req: RedriveRequest = body(&s, &headers, raw).await?;
+    if !(1..=REDRIVE_MAX).contains(&req.limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be within 1..={REDRIVE_MAX}"
+        )));
+    }
+    let n = subs(&s)?
+        .redrive(&name, req.filter.as_deref(), req.limit)
+        .await?;
+    Ok(Json(json!({ "redriven": n })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeekRequest {
+    to: String,
+}
+
+/// `POST /v1/subscriptions/{name}/seek {"to": "earliest"|"latest"|"<RFC 3339>"}`
+pub async fn seek(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    raw: Body,
+) -> ApiResult<Json<Value>> {
+    let req: SeekRequest = body(&s, &headers, raw).await?;
+    let to = Position::parse(&req.to)?;
+    let subs = subs(&s)?;
+    subs.seek(&name, to).await?;
+    Ok(Json(json!(subs.info(&name)?)))
+}

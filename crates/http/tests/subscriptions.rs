@@ -1,0 +1,658 @@
+//! Durable subscriptions over HTTP against a real server on loopback: ack timeouts, nack backoff,
+//! dead-lettering, key ordering without head-of-line blocking, redrive, seek and bad input.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use common::start;
+use serde_json::{Value, json};
+use spate_http::push::PushLimits;
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Client {
+    fn new(addr: std::net::SocketAddr) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        Reply {
+            status,
+            body: r.json().await.unwrap_or(Value::Null),
+        }
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// Publishes one event with an id, optional key and JSON data.
+    async fn publish(&self, topic: &str, id: &str, key: Option<&str>, data: Value) {
+        let mut e = json!({"specversion": "1.0", "id": id, "source": "/test",
+            "type": "order.created", "data": data});
+        if let Some(k) = key {
+            e["partitionkey"] = json!(k);
+        }
+        let r = self.post(&format!("/v1/topics/{topic}/events"), e).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+
+    async fn subscribe(&self, name: &str, spec: Value) {
+        let r = self.put(&format!("/v1/subscriptions/{name}"), spec).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+
+    async fn pull(&self, name: &str, max: usize, wait_ms: u64) -> Vec<Value> {
+        let r = self
+            .post(
+                &format!("/v1/subscriptions/{name}/pull"),
+                json!({"max_messages": max, "wait_ms": wait_ms}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["messages"].as_array().unwrap().clone()
+    }
+
+    async fn settle(&self, name: &str, op: &str, ids: &[&str], extra: Value) -> Vec<String> {
+        let mut body = json!({ "ack_ids": ids });
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                body[k] = v;
+            }
+        }
+        let r = self
+            .post(&format!("/v1/subscriptions/{name}/{op}"), body)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["result"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    async fn stats(&self, name: &str) -> Value {
+        let r = self.get(&format!("/v1/subscriptions/{name}")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["stats"].clone()
+    }
+}
+
+fn ack_id(m: &Value) -> &str {
+    m["ack_id"].as_str().unwrap()
+}
+
+fn event_id(m: &Value) -> &str {
+    m["event"]["id"].as_str().unwrap()
+}
+
+#[tokio::test]
+async fn an_unacked_message_comes_back_after_the_ack_timeout_and_not_after_an_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "timeouts",
+        json!({"topic": "orders", "from": "earliest", "ack_timeout_ms": 2000}),
+    )
+    .await;
+    c.publish("orders", "o1", None, json!({"n": 1})).await;
+
+    let sent = Instant::now();
+    let first = c.pull("timeouts", 10, 5000).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["attempt"], 1);
+    assert_eq!(event_id(&first[0]), "o1");
+    let stats = c.stats("timeouts").await;
+    assert_eq!(stats["in_flight"], 1);
+
+    let second = c.pull("timeouts", 10, 5000).await;
+    let elapsed = sent.elapsed();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0]["attempt"], 2);
+    assert_eq!(event_id(&second[0]), "o1");
+    // Redelivered once the 2 s timeout ran out, within 10 %.
+    assert!(
+        elapsed >= Duration::from_millis(2000) && elapsed <= Duration::from_millis(2200),
+        "redelivered after {elapsed:?}"
+    );
+    // The first delivery's ack id is stale now; the second one settles it.
+    assert_eq!(
+        c.settle(
+            "timeouts",
+            "ack",
+            &[ack_id(&first[0]), ack_id(&second[0]), "t.0.x.1"],
+            json!({})
+        )
+        .await,
+        vec!["expired", "ok", "malformed"]
+    );
+    assert_eq!(
+        c.settle("timeouts", "ack", &[ack_id(&second[0])], json!({}))
+            .await,
+        vec!["unknown"]
+    );
+    assert!(c.pull("timeouts", 10, 2500).await.is_empty());
+    let stats = c.stats("timeouts").await;
+    assert_eq!(stats["acked"], 1);
+    assert_eq!(stats["delivered"], 2);
+    assert_eq!(stats["redelivered"], 1);
+    assert_eq!(stats["in_flight"], 0);
+    assert_eq!(stats["backlog"], 0);
+
+    // Extending the deadline keeps a message from coming back.
+    c.publish("orders", "o2", None, json!({"n": 2})).await;
+    let m = c.pull("timeouts", 10, 5000).await;
+    assert_eq!(m.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        c.settle(
+            "timeouts",
+            "extend",
+            &[ack_id(&m[0])],
+            json!({"ack_timeout_ms": 3000})
+        )
+        .await,
+        vec!["ok"]
+    );
+    assert!(c.pull("timeouts", 10, 2000).await.is_empty());
+    assert_eq!(
+        c.settle("timeouts", "ack", &[ack_id(&m[0])], json!({}))
+            .await,
+        vec!["ok"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_nack_waits_out_the_backoff_or_the_given_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "retries",
+        json!({"topic": "orders", "from": "earliest", "max_attempts": 10,
+            "backoff": {"initial_ms": 500, "max_ms": 1500, "multiplier": 2.0}}),
+    )
+    .await;
+    c.publish("orders", "o1", None, json!({})).await;
+    let mut m = c.pull("retries", 1, 5000).await.remove(0);
+    // Backoff 500, 1000, then capped at 1500; then an explicit delay of 700.
+    for (attempt, delay) in [(1, 500u64), (2, 1000), (3, 1500), (4, 700)] {
+        assert_eq!(m["attempt"], attempt);
+        let nacked = Instant::now();
+        let extra = if attempt == 4 {
+            json!({"delay_ms": 700})
+        } else {
+            json!({})
+        };
+        assert_eq!(
+            c.settle("retries", "nack", &[ack_id(&m)], extra).await,
+            vec!["ok"]
+        );
+        m = c.pull("retries", 1, 5000).await.remove(0);
+        let waited = nacked.elapsed().as_millis() as u64;
+        assert!(
+            waited >= delay * 9 / 10 && waited <= delay * 11 / 10,
+            "attempt {attempt}: waited {waited} ms for a {delay} ms backoff"
+        );
+    }
+    assert_eq!(c.stats("retries").await["nacked"], 4);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn out_of_attempts_a_message_moves_to_the_dead_letter_topic_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("payments", 3).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "billing",
+        json!({"topic": "payments", "from": "earliest", "max_attempts": 3, "ack_timeout_ms": 300,
+            "backoff": {"initial_ms": 10, "max_ms": 10}}),
+    )
+    .await;
+    c.publish("payments", "poison", Some("acct-7"), json!({"amount": 12}))
+        .await;
+    c.publish("payments", "fine", Some("acct-8"), json!({"amount": 5}))
+        .await;
+    let mut attempts = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for m in c.pull("billing", 10, 500).await {
+            if event_id(&m) == "fine" {
+                assert_eq!(
+                    c.settle("billing", "ack", &[ack_id(&m)], json!({})).await,
+                    vec!["ok"]
+                );
+                continue;
+            }
+            attempts += 1;
+            assert_eq!(m["attempt"], attempts);
+            // The first failure is a nack, the others time out.
+            if attempts == 1 {
+                c.settle("billing", "nack", &[ack_id(&m)], json!({})).await;
+            }
+        }
+        if c.stats("billing").await["dead_lettered"] == 1 {
+            break;
+        }
+    }
+    assert_eq!(attempts, 3);
+    let stats = c.stats("billing").await;
+    assert_eq!(stats["dead_lettered"], 1);
+    assert_eq!(stats["acked"], 1);
+    assert_eq!(stats["backlog"], 0);
+    assert!(c.pull("billing", 10, 700).await.is_empty());
+
+    // Exactly one dead letter in the topic, with the original event and the extensions.
+    let mut found = Vec::new();
+    for p in 0..3 {
+        let r = c
+            .get(&format!(
+                "/v1/topics/payments.dlq/events?partition={p}&offset=0"
+            ))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        found.extend(r.body["events"].as_array().unwrap().clone());
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    let letters = c.get("/v1/subscriptions/billing/dead-letters").await;
+    assert_eq!(letters.status, 200);
+    let list = letters.body["dead_letters"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    let e = &list[0]["event"];
+    assert_eq!(e["id"], "poison");
+    assert_eq!(e["type"], "order.created");
+    assert_eq!(e["data"], json!({"amount": 12}));
+    assert_eq!(e["partitionkey"], "acct-7");
+    assert_eq!(e["spatesubscription"], "billing");
+    assert_eq!(e["spatesourcetopic"], "payments");
+    assert_eq!(e["spateattempts"], "3");
+    assert!(e["spatedlqreason"].as_str().unwrap().contains("attempt 3"));
+    let source = c
+        .get(&format!(
+            "/v1/topics/payments/events?partition={}&offset={}&limit=1",
+            e["spatesourcepartition"].as_str().unwrap(),
+            e["spatesourceoffset"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(source.body["events"][0]["event"]["id"], "poison");
+    assert_eq!(letters.body["next"], Value::Null);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_never_blocks_other_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    for ordering in ["key", "none"] {
+        let name = format!("hol-{ordering}");
+        c.subscribe(
+            &name,
+            json!({"topic": "orders", "from": "latest", "ordering": ordering, "max_attempts": 100,
+                "backoff": {"initial_ms": 60000, "max_ms": 60000}}),
+        )
+        .await;
+    }
+    c.publish("orders", "bad", Some("poison"), json!({})).await;
+    for i in 0..20 {
+        c.publish(
+            "orders",
+            &format!("ok{i}"),
+            Some(&format!("k{}", i % 4)),
+            json!({}),
+        )
+        .await;
+    }
+    for ordering in ["key", "none"] {
+        let name = format!("hol-{ordering}");
+        let started = Instant::now();
+        let mut acked = 0;
+        while acked < 20 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{name}: blocked at {acked}"
+            );
+            for m in c.pull(&name, 100, 1000).await {
+                if event_id(&m) == "bad" {
+                    // Failing with a minute of backoff; the other keys go on.
+                    c.settle(&name, "nack", &[ack_id(&m)], json!({})).await;
+                } else {
+                    c.settle(&name, "ack", &[ack_id(&m)], json!({})).await;
+                    acked += 1;
+                }
+            }
+        }
+        let stats = c.stats(&name).await;
+        assert_eq!(stats["acked"], 20);
+        assert_eq!(stats["backlog"], 1, "{name}: the poison message waits");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn key_ordering_keeps_each_keys_order_through_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "ordered",
+        json!({"topic": "orders", "from": "earliest", "ordering": "key", "max_attempts": 1000,
+            "ack_timeout_ms": 5000, "backoff": {"initial_ms": 5, "max_ms": 20}}),
+    )
+    .await;
+    let keys = ["a", "b", "c", "d", "e"];
+    for i in 0..30 {
+        for k in keys {
+            c.publish("orders", &format!("{k}-{i}"), Some(k), json!({"i": i}))
+                .await;
+        }
+    }
+    let mut next: HashMap<String, u64> = HashMap::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut nacks = 0;
+    let started = Instant::now();
+    while next.values().sum::<u64>() < 150 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "stuck at {next:?}"
+        );
+        let batch = c.pull("ordered", 100, 1000).await;
+        // At most one message of a key is out at a time.
+        let mut seen = std::collections::HashSet::new();
+        for m in &batch {
+            assert!(seen.insert(m["event"]["partitionkey"].as_str().unwrap().to_string()));
+        }
+        for m in batch {
+            let key = m["event"]["partitionkey"].as_str().unwrap().to_string();
+            let i = m["event"]["data"]["i"].as_u64().unwrap();
+            let expected = next.get(&key).copied().unwrap_or(0);
+            assert_eq!(i, expected, "key {key} out of order");
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if rng % 10 < 3 {
+                nacks += 1;
+                assert_eq!(
+                    c.settle("ordered", "nack", &[ack_id(&m)], json!({})).await,
+                    vec!["ok"]
+                );
+            } else {
+                assert_eq!(
+                    c.settle("ordered", "ack", &[ack_id(&m)], json!({})).await,
+                    vec!["ok"]
+                );
+                next.insert(key, expected + 1);
+            }
+        }
+    }
+    assert!(nacks > 10, "only {nacks} retries");
+    assert_eq!(c.stats("ordered").await["acked"], 150);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn redrive_gives_dead_letters_back_to_their_subscription_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("jobs", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "fragile",
+        json!({"topic": "jobs", "from": "earliest", "max_attempts": 1}),
+    )
+    .await;
+    c.subscribe("sturdy", json!({"topic": "jobs", "from": "earliest"}))
+        .await;
+    for (id, n) in [("j1", 1), ("j2", 2), ("j3", 3)] {
+        c.publish("jobs", id, None, json!({"n": n})).await;
+    }
+    for m in c.pull("fragile", 10, 2000).await {
+        c.settle("fragile", "nack", &[ack_id(&m)], json!({})).await;
+    }
+    for m in c.pull("sturdy", 10, 2000).await {
+        c.settle("sturdy", "ack", &[ack_id(&m)], json!({})).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.stats("fragile").await["dead_lettered"] != 3 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Pages of dead letters.
+    let page = c
+        .get("/v1/subscriptions/fragile/dead-letters?limit=2")
+        .await;
+    assert_eq!(page.body["dead_letters"].as_array().unwrap().len(), 2);
+    let next = page.body["next"].as_str().unwrap().to_string();
+    let rest = c
+        .get(&format!(
+            "/v1/subscriptions/fragile/dead-letters?limit=2&after={next}"
+        ))
+        .await;
+    assert_eq!(rest.body["dead_letters"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        c.get("/v1/subscriptions/sturdy/dead-letters").await.body["dead_letters"],
+        json!([])
+    );
+
+    // Redrive the letters with n >= 2: they come back to `fragile` with fresh attempts.
+    let r = c
+        .post(
+            "/v1/subscriptions/fragile/redrive",
+            json!({"filter": "data.n >= 2", "limit": 10}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["redriven"], 2);
+    let again = c.pull("fragile", 10, 2000).await;
+    let mut ids: Vec<&str> = again.iter().map(event_id).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["j2", "j3"]);
+    for m in &again {
+        assert_eq!(m["attempt"], 1);
+        assert_eq!(m["topic"], "jobs.dlq");
+        assert_eq!(
+            c.settle("fragile", "ack", &[ack_id(m)], json!({})).await,
+            vec!["ok"]
+        );
+    }
+    assert!(c.pull("sturdy", 10, 500).await.is_empty());
+    // Redriven letters are no longer parked; the other one still is, and goes once.
+    let parked = c.get("/v1/subscriptions/fragile/dead-letters").await;
+    let parked = parked.body["dead_letters"].as_array().unwrap().clone();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0]["event"]["id"], "j1");
+    let r = c.post("/v1/subscriptions/fragile/redrive", json!({})).await;
+    assert_eq!(r.body["redriven"], 1);
+    let r = c.post("/v1/subscriptions/fragile/redrive", json!({})).await;
+    assert_eq!(r.body["redriven"], 0);
+    assert_eq!(c.pull("fragile", 10, 2000).await.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn seek_replays_and_definitions_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "replay",
+        json!({"topic": "orders", "from": "earliest", "types": "order.*"}),
+    )
+    .await;
+    for i in 0..10 {
+        c.publish(
+            "orders",
+            &format!("o{i}"),
+            Some(&format!("k{i}")),
+            json!({}),
+        )
+        .await;
+    }
+    let mut got = BTreeMap::new();
+    while got.len() < 10 {
+        for m in c.pull("replay", 100, 2000).await {
+            got.insert(event_id(&m).to_string(), ack_id(&m).to_string());
+        }
+    }
+    let ids: Vec<&str> = got.values().map(String::as_str).collect();
+    assert!(
+        c.settle("replay", "ack", &ids, json!({}))
+            .await
+            .iter()
+            .all(|r| r == "ok")
+    );
+    let r = c
+        .post("/v1/subscriptions/replay/seek", json!({"to": "earliest"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut again = 0;
+    while again < 10 {
+        again += c.pull("replay", 100, 2000).await.len();
+    }
+    assert_eq!(again, 10);
+
+    // Updates apply; the topic cannot change.
+    let r = c
+        .put(
+            "/v1/subscriptions/replay",
+            json!({"topic": "orders", "max_attempts": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["max_attempts"], 2);
+    assert_eq!(r.body["dead_letter_topic"], "orders.dlq");
+    server.topic("other", 1).await;
+    let r = c
+        .put("/v1/subscriptions/replay", json!({"topic": "other"}))
+        .await;
+    assert_eq!(r.status, 409);
+
+    // Bad input: a clear 4xx, and nothing created.
+    for (spec, needle) in [
+        (
+            json!({"topic": "orders", "filter": "data.amount >"}),
+            "filter",
+        ),
+        (json!({"topic": "orders", "types": "a..b"}), "filter"),
+        (
+            json!({"topic": "orders", "ack_timeout_ms": 0}),
+            "ack_timeout_ms",
+        ),
+        (
+            json!({"topic": "orders", "max_attempts": 0}),
+            "max_attempts",
+        ),
+        (json!({"topic": "orders", "from": "yesterday"}), "position"),
+        (
+            json!({"topic": "orders", "backoff": {"initial_ms": 10, "max_ms": 5}}),
+            "backoff",
+        ),
+        (
+            json!({"topic": "orders", "dead_letter_topic": "orders"}),
+            "dead_letter_topic",
+        ),
+        (
+            json!({"topic": "orders", "push": {"url": "ftp://x"}}),
+            "push.url",
+        ),
+        (json!({"topic": "orders", "colour": "red"}), "colour"),
+        (json!({"topic": "__subscriptions"}), "internal"),
+    ] {
+        let r = c.put("/v1/subscriptions/bad", spec.clone()).await;
+        assert_eq!(r.status, 400, "{spec}: {:?}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(needle),
+            "{spec}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        c.put("/v1/subscriptions/bad", json!({"topic": "nope"}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        c.put("/v1/subscriptions/b%20d", json!({"topic": "orders"}))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(c.get("/v1/subscriptions/bad").await.status, 404);
+    assert_eq!(
+        c.post("/v1/subscriptions/bad/pull", json!({})).await.status,
+        404
+    );
+    assert_eq!(
+        c.post("/v1/subscriptions/replay/pull", json!({"max_messages": 0}))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        c.post("/v1/subscriptions/replay/ack", json!({"ack_ids": "x"}))
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        c.post("/v1/subscriptions/replay/seek", json!({"to": "soon"}))
+            .await
+            .status,
+        400
+    );
+    let list = c.get("/v1/subscriptions").await;
+    let names: Vec<&str> = list.body["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["replay"]);
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/subscriptions/replay", None)
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(c.get("/v1/subscriptions/replay").await.status, 404);
+    server.stop().await;
+}

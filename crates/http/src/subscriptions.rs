@@ -32,6 +32,9 @@ impl From<SubError> for ApiError {
             SubError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "subscription-conflict", e.to_string())
             }
+            SubError::Stopping => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", e.to_string())
+            }
             SubError::Broker(e) => e.into(),
         }
     }

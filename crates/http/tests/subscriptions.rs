@@ -656,3 +656,118 @@ async fn seek_replays_and_definitions_are_checked() {
     assert_eq!(c.get("/v1/subscriptions/replay").await.status, 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn state_survives_a_restart_from_the_journal_and_from_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "durable",
+        json!({"topic": "orders", "from": "earliest", "ordering": "key", "max_attempts": 5,
+            "ack_timeout_ms": 600000, "backoff": {"initial_ms": 300000, "max_ms": 300000}}),
+    )
+    .await;
+    for i in 0..40 {
+        c.publish(
+            "orders",
+            &format!("o{i}"),
+            Some(&format!("k{}", i % 8)),
+            json!({"i": i}),
+        )
+        .await;
+    }
+    // Ack some, nack some (they wait five minutes), leave some in flight.
+    let mut outstanding = Vec::new();
+    let mut acked = Vec::new();
+    let mut nacked = Vec::new();
+    let mut round = 0;
+    loop {
+        round += 1;
+        let got = c.pull("durable", 8, 500).await;
+        if got.is_empty() {
+            break;
+        }
+        for (k, m) in got.into_iter().enumerate() {
+            let id = event_id(&m).to_string();
+            match (round + k) % 4 {
+                0 if nacked.len() < 3 => {
+                    c.settle("durable", "nack", &[ack_id(&m)], json!({})).await;
+                    nacked.push(id);
+                }
+                1 if outstanding.len() < 2 => outstanding.push(id),
+                _ => {
+                    c.settle("durable", "ack", &[ack_id(&m)], json!({})).await;
+                    acked.push(id);
+                }
+            }
+        }
+        if round == 3 {
+            // Half the history goes into a snapshot; the rest stays in the journal after it.
+            server.subscriptions.snapshot().await.unwrap();
+        }
+    }
+    assert!(
+        round > 4 && acked.len() >= 10,
+        "{round} rounds, {} acked",
+        acked.len()
+    );
+    assert_eq!((nacked.len(), outstanding.len()), (3, 2));
+    let before = c.stats("durable").await;
+    assert_eq!(before["in_flight"], 2);
+    server.stop().await;
+
+    let server = start(dir.path(), PushLimits::default()).await;
+    let c = Client::new(server.addr);
+    let after = c.stats("durable").await;
+    for field in [
+        "acked",
+        "nacked",
+        "delivered",
+        "redelivered",
+        "dead_lettered",
+    ] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    // In-flight messages came back; the nacked ones wait out their backoff, holding their keys.
+    assert_eq!(after["in_flight"], 0);
+    assert_eq!(
+        after["backlog"].as_u64().unwrap(),
+        before["backlog"].as_u64().unwrap() + before["in_flight"].as_u64().unwrap()
+    );
+    let mut rest = Vec::new();
+    loop {
+        let got = c.pull("durable", 100, 1000).await;
+        if got.is_empty() {
+            break;
+        }
+        for m in got {
+            rest.push(event_id(&m).to_string());
+            c.settle("durable", "ack", &[ack_id(&m)], json!({})).await;
+        }
+    }
+    for id in &acked {
+        assert!(!rest.contains(id), "{id} was acked before the restart");
+    }
+    for id in &outstanding {
+        assert!(rest.contains(id), "{id} was in flight at the restart");
+    }
+    for id in &nacked {
+        assert!(
+            !rest.contains(id),
+            "{id} is still in its five-minute backoff"
+        );
+    }
+    // Everything not acked and not held behind a nacked key came back.
+    let held: std::collections::HashSet<u64> = nacked
+        .iter()
+        .map(|id| id[1..].parse::<u64>().unwrap() % 8)
+        .collect();
+    for i in 0..40u64 {
+        let id = format!("o{i}");
+        let expected = !acked.contains(&id) && !nacked.contains(&id) && !held.contains(&(i % 8));
+        assert_eq!(rest.contains(&id), expected, "{id}");
+    }
+    server.stop().await;
+}

@@ -19,6 +19,8 @@ enum Op {
         ms: Option<u64>,
         bytes: Option<u64>,
     },
+    /// Delete the segments wholly before the record at this index.
+    DeleteBefore(prop::sample::Index),
     Reopen,
     Crash(u64),
     Read {
@@ -34,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1i64..5000).prop_map(Op::Tick),
         1 => (proptest::option::of(1u64..20_000), proptest::option::of(2000u64..20_000))
             .prop_map(|(ms, bytes)| Op::Retention { ms, bytes }),
+        1 => any::<prop::sample::Index>().prop_map(Op::DeleteBefore),
         1 => Just(Op::Reopen),
         1 => any::<u64>().prop_map(Op::Crash),
         2 => (any::<prop::sample::Index>(), 1u64..6000).prop_map(|(at, max_bytes)| Op::Read { at, max_bytes }),
@@ -102,6 +105,20 @@ proptest! {
                         prop_assert!(info.segments == 1 || info.size_bytes <= max + config.segment_bytes + 4096,
                             "size {} left above the limit {}", info.size_bytes, max);
                     }
+                    model.records.retain(|r| r.0 >= start);
+                }
+                Op::DeleteBefore(at) => {
+                    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+                    let before = if model.records.is_empty() {
+                        model.next_offset
+                    } else {
+                        model.records[at.index(model.records.len())].0
+                    };
+                    let old_start = p.log_start_offset();
+                    p.delete_before(before).unwrap();
+                    let start = p.log_start_offset();
+                    // Whole segments before the offset go; nothing at or after it.
+                    prop_assert!(start <= before.max(old_start), "start {} past {}", start, before);
                     model.records.retain(|r| r.0 >= start);
                 }
                 Op::Reopen => {

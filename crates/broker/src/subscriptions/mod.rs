@@ -68,6 +68,8 @@ pub enum SubError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("the server is stopping")]
+    Stopping,
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
@@ -339,6 +341,8 @@ pub struct Subscriptions {
     journal: Arc<Partition>,
     journal_config: TopicConfig,
     inner: Mutex<Inner>,
+    /// Set once the server stops: nothing more is written to the journal.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 fn compile(config: &Config) -> Arc<Filter> {
@@ -428,6 +432,7 @@ impl Subscriptions {
             journal,
             journal_config: topic.config.clone(),
             inner: Mutex::new(inner),
+            stopped: Default::default(),
         }))
     }
 
@@ -464,6 +469,9 @@ impl Subscriptions {
 
     /// Appends one journal record, under the lock, without waiting for it to be durable.
     fn write(&self, inner: &mut Inner, name: &str, op: &Op) -> Result<Appended> {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(SubError::Stopping);
+        }
         let value = serde_json::to_vec(op)
             .map_err(|e| BrokerError::Internal(format!("journal record: {e}")))?;
         let now = now_ms();
@@ -653,6 +661,9 @@ impl Subscriptions {
         let max = max.clamp(1, PULL_MAX);
         let deadline = tokio::time::Instant::now() + wait.min(PULL_WAIT_MAX);
         loop {
+            if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(Vec::new());
+            }
             let ready = {
                 let inner = self.lock();
                 inner
@@ -1111,10 +1122,13 @@ impl Subscriptions {
     async fn reader(self: Arc<Self>, name: String, uid: u64) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
             match self.read_step(&name, uid).await {
                 Ok(Some(true)) => backoff = Duration::from_millis(100),
                 Ok(Some(false)) => {}
-                Ok(None) => return,
+                Ok(None) | Err(SubError::Stopping) => return,
                 Err(e) => {
                     tracing::warn!(subscription = %name, error = %e, "subscription reader failed; retrying");
                     tokio::time::sleep(backoff).await;
@@ -1259,7 +1273,7 @@ impl Subscriptions {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.dead_letter_step(&name, uid, id).await {
-                Ok(true) => return,
+                Ok(true) | Err(SubError::Stopping) => return,
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(subscription = %name, error = %e, "dead-letter move failed; retrying");
@@ -1461,7 +1475,15 @@ impl Subscriptions {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    self.stopped.store(true, std::sync::atomic::Ordering::Release);
+                    // Wake readers and pulls so that they see it.
+                    for e in self.lock().subs.values() {
+                        e.wake.notify_one();
+                        e.ready.notify_waiters();
+                    }
+                    return;
+                }
                 _ = tick.tick() => {
                     let now = now_ms();
                     let mut doomed = Vec::new();

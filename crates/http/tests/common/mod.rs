@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 pub struct Server {
     pub addr: std::net::SocketAddr,
     pub broker: Arc<Broker>,
+    pub subscriptions: Arc<spate_broker::subscriptions::Subscriptions>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -44,7 +45,7 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
         limits: HttpLimits::default(),
         push,
         metrics: None,
-        subscriptions: Some(subscriptions),
+        subscriptions: Some(subscriptions.clone()),
         stopping: None,
     };
     let task = tokio::spawn(async move {
@@ -58,6 +59,7 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
     Server {
         addr,
         broker,
+        subscriptions,
         stop: Some(tx),
         task,
     }

@@ -4,6 +4,7 @@
 //! caller bound, with a cap on connections and a graceful shutdown. Handlers parse and check input,
 //! call the broker, and map results to JSON; they know nothing of files.
 
+mod consume;
 mod error;
 mod events;
 mod listener;
@@ -11,6 +12,7 @@ pub mod push;
 mod streams;
 pub mod subscriptions;
 mod topics;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;

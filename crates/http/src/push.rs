@@ -26,7 +26,7 @@ use spate_broker::{BrokerError, Event};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::{ApiError, ApiResult, AppState};
+use crate::{ApiError, ApiResult, AppState, consume};
 
 /// Settings of the push channels.
 #[derive(Debug, Clone)]
@@ -285,7 +285,7 @@ pub async fn ws(State(s): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
 }
 
 /// A message for the writer task.
-enum Out {
+pub(crate) enum Out {
     Text(String),
 }
 
@@ -367,6 +367,7 @@ async fn connection(s: AppState, socket: WebSocket) {
         tx: tx.clone(),
         closer,
         subs: HashMap::new(),
+        consumers: HashMap::new(),
         publishes: Arc::new(Semaphore::new(64)),
     };
     let mut stopping = s.stopping.clone();
@@ -394,6 +395,9 @@ async fn connection(s: AppState, socket: WebSocket) {
     for (_, h) in conn.subs.drain() {
         h.abort();
     }
+    for (_, (_, h)) in conn.consumers.drain() {
+        h.abort();
+    }
     drop(conn);
     drop(tx);
     let _ = writer.await;
@@ -412,6 +416,8 @@ struct Connection {
     tx: mpsc::Sender<Out>,
     closer: Closer,
     subs: HashMap<String, JoinHandle<()>>,
+    /// Subscription consumers by subscription name.
+    consumers: HashMap<String, (Arc<consume::Credit>, JoinHandle<()>)>,
     publishes: Arc<Semaphore>,
 }
 
@@ -444,6 +450,9 @@ impl Connection {
             Some("subscribe") => self.subscribe(&v).await,
             Some("unsubscribe") => self.unsubscribe(&v).await,
             Some("publish") => self.publish(v).await,
+            Some("consume") => self.consume(&v).await,
+            Some("ack") => self.settle(&v, false).await,
+            Some("nack") => self.settle(&v, true).await,
             Some(op) => {
                 self.reply(error(None, "unknown-op", format!("unknown op {op:?}")))
                     .await
@@ -599,7 +608,170 @@ impl Connection {
         self.subs.insert(id, handle);
     }
 
+    async fn consume(&mut self, v: &Value) {
+        let Some(name) = v.get("subscription").and_then(Value::as_str) else {
+            return self
+                .reply(error(
+                    None,
+                    "malformed",
+                    "consume needs a string `subscription`",
+                ))
+                .await;
+        };
+        let tag = Some(("subscription", name));
+        let max = match v.get("max_in_flight") {
+            None => 100,
+            Some(n) => match n.as_u64() {
+                Some(n) if (1..=consume::MAX_IN_FLIGHT as u64).contains(&n) => n as usize,
+                _ => {
+                    return self
+                        .reply(error(
+                            tag,
+                            "malformed",
+                            format!(
+                                "`max_in_flight` must be within 1..={}",
+                                consume::MAX_IN_FLIGHT
+                            ),
+                        ))
+                        .await;
+                }
+            },
+        };
+        let Some(subs) = self.s.subscriptions.clone() else {
+            return self
+                .reply(error(
+                    tag,
+                    "subscriptions-unavailable",
+                    "subscriptions are not running",
+                ))
+                .await;
+        };
+        self.consumers.retain(|_, (_, h)| !h.is_finished());
+        if self.consumers.contains_key(name) {
+            return self
+                .reply(error(
+                    tag,
+                    "duplicate-consumer",
+                    "this connection already consumes this subscription",
+                ))
+                .await;
+        }
+        if let Err(e) = subs.info(name) {
+            let api: ApiError = e.into();
+            return self.reply(error(tag, api.kind, api.detail.clone())).await;
+        }
+        let credit = consume::Credit::new(name.to_string(), max);
+        let handle = tokio::spawn(consume::run(subs, credit.clone(), self.tx.clone()));
+        self.consumers.insert(name.to_string(), (credit, handle));
+        self.reply(json!({"op": "consuming", "subscription": name}))
+            .await;
+    }
+
+    async fn settle(&mut self, v: &Value, nack: bool) {
+        let op = if nack { "nack" } else { "ack" };
+        let Some(ack_id) = v.get("ack_id").and_then(Value::as_str).map(str::to_string) else {
+            return self
+                .reply(error(
+                    None,
+                    "malformed",
+                    format!("{op} needs a string `ack_id`"),
+                ))
+                .await;
+        };
+        let tag = Some(("ack_id", ack_id.as_str()));
+        let delay_ms = match v.get("delay_ms") {
+            None => None,
+            Some(d) if nack => match d.as_u64() {
+                Some(d) => Some(d),
+                None => {
+                    return self
+                        .reply(error(
+                            tag,
+                            "malformed",
+                            "`delay_ms` must be a non-negative integer",
+                        ))
+                        .await;
+                }
+            },
+            Some(_) => {
+                return self
+                    .reply(error(tag, "malformed", "`delay_ms` applies to nack only"))
+                    .await;
+            }
+        };
+        let credit = self
+            .consumers
+            .values()
+            .find(|(c, _)| c.holds(&ack_id))
+            .map(|(c, _)| c.clone());
+        let name = match (&credit, v.get("subscription").and_then(Value::as_str)) {
+            (Some(c), _) => c.subscription.clone(),
+            (None, Some(n)) => n.to_string(),
+            (None, None) => {
+                return self
+                    .reply(error(
+                        tag,
+                        "unknown-ack-id",
+                        "no consumer of this connection holds this ack id; name the `subscription`",
+                    ))
+                    .await;
+            }
+        };
+        let Some(subs) = self.s.subscriptions.clone() else {
+            return self
+                .reply(error(
+                    tag,
+                    "subscriptions-unavailable",
+                    "subscriptions are not running",
+                ))
+                .await;
+        };
+        let Ok(permit) = self.publishes.clone().acquire_owned().await else {
+            return;
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let ids = [ack_id.clone()];
+            let result = if nack {
+                subs.nack(&name, &ids, delay_ms).await
+            } else {
+                subs.ack(&name, &ids).await
+            };
+            let reply = match result {
+                Ok(results) => {
+                    if let Some(c) = &credit {
+                        c.release(&ack_id);
+                    }
+                    consume::settled(if nack { "nacked" } else { "acked" }, &name, &results)
+                }
+                Err(e) => {
+                    let api: ApiError = e.into();
+                    error(Some(("ack_id", &ack_id)), api.kind, api.detail.clone())
+                }
+            };
+            let _ = tx.send(Out::Text(reply.to_string())).await;
+            drop(permit);
+        });
+    }
+
     async fn unsubscribe(&mut self, v: &Value) {
+        if let Some(name) = v.get("subscription").and_then(Value::as_str) {
+            return match self.consumers.remove(name) {
+                Some((_, h)) => {
+                    h.abort();
+                    self.reply(json!({"op": "unsubscribed", "subscription": name}))
+                        .await
+                }
+                None => {
+                    self.reply(error(
+                        Some(("subscription", name)),
+                        "unknown-subscription",
+                        "this connection does not consume this subscription",
+                    ))
+                    .await
+                }
+            };
+        }
         let Some(id) = v.get("id").and_then(Value::as_str) else {
             return self
                 .reply(error(None, "malformed", "unsubscribe needs a string `id`"))

@@ -771,3 +771,178 @@ async fn state_survives_a_restart_from_the_journal_and_from_a_snapshot() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_consumer_gets_at_most_max_in_flight_and_settles_on_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "live",
+        json!({"topic": "orders", "from": "earliest", "backoff": {"initial_ms": 50, "max_ms": 50}}),
+    )
+    .await;
+    server.publish("orders", 0, 30).await;
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "consume", "subscription": "nope"}))
+        .await;
+    let m = ws.recv().await;
+    assert_eq!(
+        (&m["op"], &m["code"]),
+        (&json!("error"), &json!("subscription-not-found"))
+    );
+    ws.send(json!({"op": "consume", "subscription": "live", "max_in_flight": 5}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "consuming");
+    // Five arrive, then nothing until one is settled.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let m = ws.recv().await;
+        assert_eq!(m["op"], "message", "{m}");
+        assert_eq!(m["subscription"], "live");
+        held.push(m);
+    }
+    assert!(ws.recv_within(Duration::from_millis(500)).await.is_none());
+    let mut acked = std::collections::HashSet::new();
+    let mut nacked_once = false;
+    while acked.len() < 30 {
+        let m = held.remove(0);
+        let id = m["event"]["id"].as_str().unwrap().to_string();
+        if !nacked_once {
+            nacked_once = true;
+            ws.send(json!({"op": "nack", "ack_id": m["ack_id"]})).await;
+        } else {
+            ws.send(json!({"op": "ack", "ack_id": m["ack_id"]})).await;
+            acked.insert(id);
+        }
+        // Replies and new messages arrive in any order.
+        loop {
+            let r = ws.recv().await;
+            match r["op"].as_str().unwrap() {
+                "acked" | "nacked" => {
+                    assert_eq!(r["result"], "ok", "{r}");
+                    break;
+                }
+                "message" => held.push(r),
+                _ => panic!("{r}"),
+            }
+        }
+        while let Some(r) = ws.recv_within(Duration::from_millis(100)).await {
+            assert_eq!(r["op"], "message", "{r}");
+            held.push(r);
+        }
+        assert!(held.len() <= 5, "{} in flight", held.len());
+        if acked.len() < 30 {
+            assert!(!held.is_empty());
+        }
+    }
+    let stats = c.stats("live").await;
+    assert_eq!(stats["acked"], 30);
+    assert_eq!(stats["nacked"], 1);
+    ws.send(json!({"op": "ack", "ack_id": "t.0.0.9"})).await;
+    assert_eq!(ws.recv().await["code"], "unknown-ack-id");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn webhooks_get_binary_cloudevents_and_failures_are_retried() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Hook {
+        calls: Mutex<HashMap<String, u32>>,
+        headers: Mutex<Vec<HashMap<String, String>>>,
+        bodies: Mutex<Vec<Value>>,
+        now: AtomicUsize,
+        peak: AtomicUsize,
+    }
+    let hook = Arc::new(Hook::default());
+    let h = hook.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let h = h.clone();
+                async move {
+                    let now = h.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    h.peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    let id = headers["ce-id"].to_str().unwrap().to_string();
+                    let n = {
+                        let mut calls = h.calls.lock().unwrap();
+                        let n = calls.entry(id).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    h.headers.lock().unwrap().push(
+                        headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                            .collect(),
+                    );
+                    h.bodies
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&body).unwrap());
+                    h.now.fetch_sub(1, Ordering::SeqCst);
+                    // The first two attempts of every event fail.
+                    if n <= 2 {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    let hook_server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "hooked",
+        json!({"topic": "orders", "from": "earliest", "max_attempts": 5,
+            "backoff": {"initial_ms": 20, "max_ms": 50},
+            "push": {"url": format!("http://{hook_addr}/hook"), "timeout_ms": 2000, "max_in_flight": 4}}),
+    )
+    .await;
+    for i in 0..20 {
+        c.publish(
+            "orders",
+            &format!("w{i}"),
+            Some(&format!("k{i}")),
+            json!({"i": i}),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.stats("hooked").await["acked"] != 20 {
+        assert!(Instant::now() < deadline, "{:?}", c.stats("hooked").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = c.stats("hooked").await;
+    assert_eq!(stats["nacked"], 40);
+    assert_eq!(stats["dead_lettered"], 0);
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 20);
+    assert!(calls.values().all(|n| *n == 3), "{calls:?}");
+    let peak = hook.peak.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&peak), "{peak} requests at once");
+    let headers = hook.headers.lock().unwrap();
+    let first = &headers[0];
+    assert_eq!(first["ce-specversion"], "1.0");
+    assert_eq!(first["ce-type"], "order.created");
+    assert_eq!(first["ce-source"], "/test");
+    assert!(first["ce-partitionkey"].starts_with('k'));
+    assert_eq!(first["content-type"], "application/json");
+    assert!(hook.bodies.lock().unwrap().iter().all(|b| b["i"].is_u64()));
+    drop(headers);
+    server.stop().await;
+    hook_server.abort();
+}

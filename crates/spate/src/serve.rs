@@ -105,6 +105,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     .context("subscription recovery task failed")?
     .context("cannot load subscriptions")?;
     subscriptions.start(stopped(stop_rx.clone()));
+    tokio::spawn(spate_http::webhooks::run(
+        subscriptions.clone(),
+        stopped(stop_rx.clone()),
+    ));
     let render = prometheus.clone();
     let upkeep = tokio::spawn(async move {
         // Histograms are summarized on upkeep; scrapes also render fresh data.

@@ -616,6 +616,26 @@ impl Subscriptions {
             .collect()
     }
 
+    /// Which of `ack_ids` are deliveries still in flight, for consumers that count their credit.
+    pub fn still_in_flight(&self, name: &str, ack_ids: &[String]) -> Vec<bool> {
+        let inner = self.lock();
+        let Some(e) = inner.subs.get(name) else {
+            return vec![false; ack_ids.len()];
+        };
+        ack_ids
+            .iter()
+            .map(|a| {
+                parse_ack_id(a)
+                    .is_some_and(|(id, attempt)| e.sub.check_in_flight(id, attempt) == Settle::Ok)
+            })
+            .collect()
+    }
+
+    /// The uid of subscription `name`, while it exists.
+    pub fn uid(&self, name: &str) -> Option<u64> {
+        self.lock().subs.get(name).map(|e| e.sub.uid)
+    }
+
     /// Whether subscription `name` is still the one created as `uid`.
     pub fn is_current(&self, name: &str, uid: u64) -> bool {
         self.lock().subs.get(name).is_some_and(|e| e.sub.uid == uid)

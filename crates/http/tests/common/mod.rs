@@ -36,10 +36,15 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
     .await
     .unwrap()
     .unwrap();
-    let (stop_subs, stopped) = tokio::sync::oneshot::channel::<()>();
-    subscriptions.start(async move {
-        let _ = stopped.await;
-    });
+    let (stop_subs, stopped) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    subscriptions.start(stopped());
+    tokio::spawn(spate_http::webhooks::run(subscriptions.clone(), stopped()));
     let state = AppState {
         broker: broker.clone(),
         limits: HttpLimits::default(),
@@ -49,9 +54,9 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
         stopping: None,
     };
     let task = tokio::spawn(async move {
-        spate_http::serve(listener, state, async {
+        spate_http::serve(listener, state, async move {
             let _ = rx.await;
-            let _ = stop_subs.send(());
+            let _ = stop_subs.send(true);
         })
         .await
         .unwrap();

@@ -41,7 +41,12 @@ async fn producer(client: reqwest::Client, url: String, cycle: usize, seed: u64,
     let mut rng = Rng(seed | 1);
     for batch in 0.. {
         let events: Vec<(String, bool)> = (0..10)
-            .map(|i| (format!("c{cycle}-b{batch}-{i}"), rng.next() % 10 == 0))
+            .map(|i| {
+                (
+                    format!("c{cycle}-b{batch}-{i}"),
+                    rng.next().is_multiple_of(10),
+                )
+            })
             .collect();
         let body: Vec<Value> = events
             .iter()

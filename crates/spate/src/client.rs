@@ -26,7 +26,7 @@ impl Client {
         }
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+    pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
         let res = req
             .send()
             .await
@@ -49,7 +49,11 @@ impl Client {
         Ok(body)
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 

@@ -8,6 +8,7 @@ mod bench_streams;
 mod client;
 mod config;
 mod serve;
+mod sub_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +59,13 @@ enum Command {
         source: Option<String>,
         /// The event data: JSON, or text sent as text/plain.
         data: Option<String>,
+    },
+    /// Durable subscriptions: create, list, describe, pull, redrive.
+    Sub {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: sub_cli::SubCommand,
     },
     /// Event-sourcing streams: append with an expected version, read.
     Stream {
@@ -285,6 +293,9 @@ fn main() -> Result<()> {
                 client::Client::new(&server.server)
                     .tail(&topic, &from, partition, follow)
                     .await
+            }
+            Command::Sub { server, command } => {
+                sub_cli::run(&client::Client::new(&server.server), command).await
             }
             Command::Bench { command } => bench::run(command).await,
         }

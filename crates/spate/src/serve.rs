@@ -248,6 +248,23 @@ fn describe_metrics() {
         "spate_filter_errors_total",
         "Filter evaluations that failed on an event (counted as no match)."
     );
+    describe_gauge!(
+        "spate_subscription_backlog",
+        "Messages of a subscription waiting for delivery, including unread records of its topic."
+    );
+    describe_gauge!(
+        "spate_subscription_oldest_unacked_seconds",
+        Unit::Seconds,
+        "Age of a subscription's oldest unsettled message."
+    );
+    describe_counter!(
+        "spate_subscription_redeliveries_total",
+        "Deliveries of a subscription's messages beyond the first."
+    );
+    describe_counter!(
+        "spate_subscription_dead_letters_total",
+        "Messages a subscription moved to its dead-letter topic."
+    );
     describe_counter!(
         "spate_slow_consumers_total",
         "Push connections closed because they fell too far behind."

@@ -448,3 +448,93 @@ fn cli_appends_to_and_reads_a_stream() {
     assert!(!ok);
     assert!(err.contains("404"), "{err}");
 }
+
+#[tokio::test]
+async fn cli_manages_subscriptions_and_metrics_count_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let url = server.url.clone();
+    let run = |args: &[&str]| {
+        let (ok, out, err) = cli(&url, args, None);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    run(&["topics", "create", "jobs", "--partitions", "2"]);
+    let out = run(&[
+        "sub",
+        "create",
+        "cli",
+        "--topic",
+        "jobs",
+        "--from",
+        "earliest",
+        "--max-attempts",
+        "1",
+        "--ack-timeout-ms",
+        "200",
+    ]);
+    assert!(out.contains("dead letters to jobs.dlq"), "{out}");
+    for i in 0..3 {
+        run(&[
+            "publish",
+            "jobs",
+            "--type",
+            "job.created",
+            &format!("{{\"i\": {i}}}"),
+        ]);
+    }
+    // Pulled and never acked: after 200 ms each is out of its one attempt.
+    let out = run(&["sub", "pull", "cli", "--max", "10", "--wait-ms", "2000"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let d: Value = serde_json::from_str(&run(&["sub", "describe", "cli"])).unwrap();
+        if d["stats"]["dead_lettered"] == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{d}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(run(&["sub", "redrive", "cli"]).contains("redrove 3"));
+    let (ok, out, err) = cli(
+        &url,
+        &[
+            "sub",
+            "pull",
+            "cli",
+            "--max",
+            "10",
+            "--wait-ms",
+            "2000",
+            "--ack",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 3);
+    assert!(err.contains("acked 3"), "{err}");
+    let list = run(&["sub", "list"]);
+    assert!(list.lines().nth(1).unwrap().starts_with("cli "), "{list}");
+    let (ok, _, err) = cli(&url, &["sub", "describe", "nope"], None);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+
+    // Metrics are exported every second.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let body = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "spate_subscription_dead_letters_total{subscription=\"cli\"} 3",
+        "spate_subscription_redeliveries_total{subscription=\"cli\"} 0",
+        "spate_subscription_backlog{subscription=\"cli\"} 0",
+        "spate_subscription_oldest_unacked_seconds{subscription=\"cli\"} 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line} in\n{body}");
+    }
+    run(&["sub", "delete", "cli"]);
+    server.terminate();
+}

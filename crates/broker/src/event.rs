@@ -349,6 +349,52 @@ impl Event {
         event
     }
 
+    /// The structured JSON form as text, the same as `to_json().to_string()` up to the order of
+    /// members, written directly: JSON data is checked and copied as it is, not parsed into a tree.
+    pub fn json_string(&self) -> String {
+        use std::fmt::Write;
+        let data_len = self.data.as_ref().map_or(0, Vec::len);
+        let mut out = String::with_capacity(data_len * 4 / 3 + 256);
+        out.push_str("{\"specversion\":\"1.0\"");
+        let put = |out: &mut String, name: &str, v: &str| {
+            let _ = write!(out, ",{}:{}", Value::from(name), Value::from(v));
+        };
+        let attrs = [
+            ("id", self.id.as_deref()),
+            ("source", self.source.as_deref()),
+            ("type", Some(self.event_type.as_str())),
+            ("subject", self.subject.as_deref()),
+            ("time", self.time.as_deref()),
+            ("datacontenttype", self.datacontenttype.as_deref()),
+            ("dataschema", self.dataschema.as_deref()),
+        ];
+        for (name, v) in attrs {
+            if let Some(v) = v {
+                put(&mut out, name, v);
+            }
+        }
+        for (k, v) in &self.extensions {
+            put(&mut out, k, v);
+        }
+        if let Some(data) = &self.data {
+            let json = self
+                .datacontenttype
+                .as_deref()
+                .is_none_or(is_json_media_type);
+            match std::str::from_utf8(data) {
+                Ok(text) if json && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
+                    out.push_str(",\"data\":");
+                    out.push_str(text.trim());
+                }
+                _ => {
+                    let _ = write!(out, ",\"data_base64\":\"{}\"", BASE64.encode(data));
+                }
+            }
+        }
+        out.push('}');
+        out
+    }
+
     /// The structured JSON form. JSON data stays JSON; other data becomes `data_base64`.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
@@ -401,6 +447,38 @@ mod tests {
             headers: nr.headers,
         };
         Event::from_record(&r, ("t", 0))
+    }
+
+    #[test]
+    fn the_json_text_is_the_json_form() {
+        let mut events = vec![
+            Event::from_json(json!({
+                "type": "order.created", "subject": "o-\"1\"\n", "partitionkey": "k\u{e9}",
+                "priority": 3, "data": {"amount": 12.5, "tags": ["a", "\u{1f600}"]}
+            }))
+            .unwrap(),
+            Event::from_json(json!({"type": "t", "data": "plain"})).unwrap(),
+            Event::from_json(json!({"type": "t"})).unwrap(),
+        ];
+        let raw = |ct: Option<&str>, data: &[u8]| Event {
+            event_type: "raw".into(),
+            datacontenttype: ct.map(str::to_string),
+            data: Some(data.to_vec()),
+            ..Event::default()
+        };
+        events.push(raw(None, b" {\"a\": 1}\n"));
+        events.push(raw(Some("application/json"), b"{\"a\": 1} trailing"));
+        events.push(raw(Some("text/plain"), b"{}"));
+        events.push(raw(None, &[0xff, 0x00, 0x7b]));
+        events.push(raw(
+            Some("application/cloudevents+json; charset=utf-8"),
+            b"[1,2]",
+        ));
+        for e in &mut events {
+            e.fill_defaults(0);
+            let text: Value = serde_json::from_str(&e.json_string()).unwrap();
+            assert_eq!(text, e.to_json(), "{e:?}");
+        }
     }
 
     #[test]

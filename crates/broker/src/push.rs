@@ -40,7 +40,7 @@ pub struct LiveEvent {
 
 impl LiveEvent {
     pub fn new(partition: u32, offset: u64, event: Event) -> LiveEvent {
-        let json = event.to_json().to_string();
+        let json = event.json_string();
         LiveEvent {
             partition,
             offset,

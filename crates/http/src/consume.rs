@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::ApiError;
 use crate::push::Out;
-use crate::subscriptions::delivery_json;
+use crate::subscriptions::write_delivery;
 
 /// Unsettled messages one consumer may hold, at most.
 pub const MAX_IN_FLIGHT: usize = 1000;
@@ -96,10 +96,18 @@ pub(crate) async fn run(subs: Arc<Subscriptions>, credit: Arc<Credit>, tx: mpsc:
         }
         for d in messages {
             credit.held().insert(d.ack_id.clone());
-            let mut v = delivery_json(&d);
-            v["op"] = json!("message");
-            v["subscription"] = json!(name);
-            if tx.send(Out::Text(v.to_string())).await.is_err() {
+            let mut text = String::with_capacity(1500);
+            text.push('{');
+            write_delivery(
+                &mut text,
+                &format!(
+                    "\"op\":\"message\",\"subscription\":{},",
+                    Value::from(name.as_str())
+                ),
+                &d,
+            );
+            text.push('}');
+            if tx.send(Out::Text(text)).await.is_err() {
                 return;
             }
         }

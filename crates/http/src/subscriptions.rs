@@ -8,7 +8,8 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use spate_broker::subscriptions::{Delivery, Position, Spec, SubError, Subscriptions};
@@ -62,16 +63,19 @@ async fn body<T: serde::de::DeserializeOwned>(
     parse_json(&bytes)
 }
 
-/// The JSON form of a delivered message.
-pub fn delivery_json(d: &Delivery) -> Value {
-    json!({
-        "ack_id": d.ack_id,
-        "attempt": d.attempt,
-        "topic": d.topic,
-        "partition": d.partition,
-        "offset": d.offset,
-        "event": d.event.to_json(),
-    })
+/// The JSON members of a delivered message (without braces), after `prefix` members.
+pub fn write_delivery(out: &mut String, prefix: &str, d: &Delivery) {
+    use std::fmt::Write;
+    let _ = write!(
+        out,
+        "{prefix}\"ack_id\":{},\"attempt\":{},\"topic\":{},\"partition\":{},\"offset\":{},\"event\":",
+        Value::from(d.ack_id.as_str()),
+        d.attempt,
+        Value::from(d.topic.as_str()),
+        d.partition,
+        d.offset
+    );
+    out.push_str(&d.event.json_string());
 }
 
 /// `PUT /v1/subscriptions/{name}`: 201 when created, 200 when updated or unchanged.
@@ -126,7 +130,7 @@ pub async fn pull(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let req: PullRequest = body(&s, &headers, raw).await?;
     let max = spate_broker::subscriptions::PULL_MAX;
     if !(1..=max).contains(&req.max_messages) {
@@ -150,8 +154,19 @@ pub async fn pull(
         },
         None => pulled.await?,
     };
-    let messages: Vec<Value> = messages.iter().map(delivery_json).collect();
-    Ok(Json(json!({ "messages": messages })))
+    // Written directly: events are copied as JSON text rather than built into a tree.
+    let mut out = String::with_capacity(messages.len() * 1500 + 16);
+    out.push_str("{\"messages\":[");
+    for (i, d) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('{');
+        write_delivery(&mut out, "", d);
+        out.push('}');
+    }
+    out.push_str("]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }
 
 #[derive(Deserialize)]

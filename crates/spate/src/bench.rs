@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Event-sourcing appends with expected versions and stream reads, beside PostgreSQL as an
     /// event store when given one.
     Streams(crate::bench_streams::StreamsBenchArgs),
+    /// Durable subscriptions: pull + ack throughput and end-to-end latency, beside Redis Streams
+    /// consumer groups when given a Redis server.
+    Subs(crate::bench_subs::SubsBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +64,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Kafka(args) => crate::bench_kafka::run(args).await,
         BenchCommand::Push(args) => crate::bench_push::run(args).await,
         BenchCommand::Streams(args) => crate::bench_streams::run(args).await,
+        BenchCommand::Subs(args) => crate::bench_subs::run(args).await,
     }
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod bench_kafka;
 mod bench_push;
 mod bench_streams;
+mod bench_subs;
 mod client;
 mod config;
 mod serve;

@@ -118,6 +118,10 @@ struct PullRequest {
     max_messages: usize,
     #[serde(default)]
     wait_ms: u64,
+    /// Messages to ack before pulling: one round trip per batch for a consumer that acks what it
+    /// processed as it asks for more.
+    #[serde(default)]
+    ack_ids: Vec<String>,
 }
 
 fn default_max() -> usize {
@@ -145,6 +149,11 @@ pub async fn pull(
         )));
     }
     let subs = subs(&s)?;
+    let acked = if req.ack_ids.is_empty() {
+        None
+    } else {
+        Some(subs.ack(&name, &req.ack_ids).await?)
+    };
     let pulled = subs.pull(&name, req.max_messages, Duration::from_millis(req.wait_ms));
     let messages = match s.stopping.clone() {
         Some(mut stop) => tokio::select! {
@@ -165,7 +174,12 @@ pub async fn pull(
         write_delivery(&mut out, "", d);
         out.push('}');
     }
-    out.push_str("]}");
+    out.push(']');
+    if let Some(results) = acked {
+        out.push_str(",\"results\":");
+        out.push_str(&serde_json::to_string(&results).unwrap_or_else(|_| "[]".into()));
+    }
+    out.push('}');
     Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
 }
 

@@ -944,3 +944,48 @@ async fn webhooks_get_binary_cloudevents_and_failures_are_retried() {
     server.stop().await;
     hook_server.abort();
 }
+
+#[tokio::test]
+async fn a_pull_acks_the_previous_batch_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "chained",
+        json!({"topic": "orders", "from": "earliest", "ack_timeout_ms": 500}),
+    )
+    .await;
+    for i in 0..6 {
+        c.publish("orders", &format!("o{i}"), None, json!({})).await;
+    }
+    let first = c.pull("chained", 3, 2000).await;
+    let ids: Vec<&str> = first.iter().map(ack_id).collect();
+    let r = c
+        .post(
+            "/v1/subscriptions/chained/pull",
+            json!({"max_messages": 3, "wait_ms": 2000, "ack_ids": [ids[0], ids[1], ids[2], "t.0.99.1"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let results: Vec<&str> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, vec!["ok", "ok", "ok", "unknown"]);
+    let second: Vec<&str> = r.body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(event_id)
+        .collect();
+    assert_eq!(second, vec!["o3", "o4", "o5"]);
+    // The first batch is settled; the second comes back after its timeout.
+    let again = c.pull("chained", 10, 2000).await;
+    let again: Vec<&str> = again.iter().map(event_id).collect();
+    assert_eq!(again, vec!["o3", "o4", "o5"]);
+    assert_eq!(c.stats("chained").await["acked"], 3);
+    server.stop().await;
+}

@@ -62,6 +62,56 @@ fn stamp(base: Instant) -> u64 {
     base.elapsed().as_nanos() as u64
 }
 
+/// How far a throughput run is: messages received and settled, and when the last was settled.
+struct Progress {
+    total: u64,
+    received: AtomicU64,
+    settled: AtomicU64,
+    started: Instant,
+    finished: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Arc<Progress> {
+        Arc::new(Progress {
+            total,
+            received: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
+            started: Instant::now(),
+            finished: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn all_received(&self) -> bool {
+        self.received.load(Ordering::Relaxed) >= self.total
+    }
+
+    fn settled(&self, n: usize) {
+        if n > 0 && self.settled.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= self.total {
+            let mut f = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+            f.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Messages per second from the start to the last ack.
+    fn rate(&self) -> f64 {
+        let end = self
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(Instant::now);
+        self.total as f64 / (end - self.started).as_secs_f64()
+    }
+}
+
+fn mode(combined: bool) -> &'static str {
+    if combined { "combined" } else { "separate" }
+}
+
 struct Latency {
     p50: f64,
     p99: f64,
@@ -109,25 +159,36 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
             ""
         }
     );
-    let mut spate_rates = Vec::new();
-    let mut redis_rates = Vec::new();
-    for run in 0..a.runs {
-        let r = spate.throughput(&a, run).await?;
-        println!("  run {run}: spate {r:>10.0} msg/s");
-        spate_rates.push(r);
-        if let Some(addr) = &redis {
-            let r = redis_throughput(addr, &a, run).await?;
-            println!("  run {run}: redis {r:>10.0} msg/s");
-            redis_rates.push(r);
+    for combined in [false, true] {
+        let mut spate_rates = Vec::new();
+        let mut redis_rates = Vec::new();
+        for run in 0..a.runs {
+            let r = spate.throughput(&a, run, combined).await?;
+            println!("  run {run}: spate {r:>10.0} msg/s");
+            spate_rates.push(r);
+            if let Some(addr) = &redis {
+                let r = redis_throughput(addr, &a, run, combined).await?;
+                println!("  run {run}: redis {r:>10.0} msg/s");
+                redis_rates.push(r);
+            }
         }
-    }
-    let s = median(&mut spate_rates);
-    println!("pull + ack throughput, median of {} runs:", a.runs);
-    println!("  spate  {s:>10.0} msg/s");
-    if !redis_rates.is_empty() {
-        let r = median(&mut redis_rates);
-        println!("  redis  {r:>10.0} msg/s");
-        println!("  ratio spate/redis {:.2}x", s / r);
+        let s = median(&mut spate_rates);
+        println!(
+            "pull + ack throughput, {} (ack {}), median of {} runs:",
+            mode(combined),
+            if combined {
+                "sent with the next pull; Redis pipelines XACK with the next XREADGROUP"
+            } else {
+                "in its own request after each pull"
+            },
+            a.runs
+        );
+        println!("  spate  {s:>10.0} msg/s");
+        if !redis_rates.is_empty() {
+            let r = median(&mut redis_rates);
+            println!("  redis  {r:>10.0} msg/s");
+            println!("  ratio spate/redis {:.2}x", s / r);
+        }
     }
     println!(
         "end-to-end latency at {} msg/s for {} s (publish request to arrival at a consumer):",
@@ -195,6 +256,27 @@ impl Spate {
         Ok(b)
     }
 
+    /// The server's fsync count and total seconds so far.
+    async fn fsyncs(&self) -> Result<(f64, f64)> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((
+            value("spate_fsync_seconds_count "),
+            value("spate_fsync_seconds_sum "),
+        ))
+    }
+
     async fn setup(&self, a: &SubsBenchArgs, name: &str) -> Result<()> {
         self.post(
             "/v1/topics",
@@ -232,8 +314,8 @@ impl Spate {
             "data": {"t": t, "pad": pad}})
     }
 
-    async fn throughput(&self, a: &SubsBenchArgs, run: usize) -> Result<f64> {
-        let name = format!("subs-{run}");
+    async fn throughput(&self, a: &SubsBenchArgs, run: usize, combined: bool) -> Result<f64> {
+        let name = format!("subs-{run}-{}", mode(combined));
         self.setup(a, &name).await?;
         let pad = "x".repeat(a.message_bytes.saturating_sub(24));
         let mut i = 0;
@@ -244,42 +326,51 @@ impl Spate {
             i += n;
         }
         self.subscribe(&name, "earliest").await?;
-        let done = Arc::new(AtomicU64::new(0));
-        let started = Instant::now();
+        let fsyncs_before = self.fsyncs().await?;
+        let progress = Progress::new(a.messages as u64);
         let mut tasks = Vec::new();
         for _ in 0..a.consumers {
-            let (http, base, name, done) = (
+            let (http, base, name, progress) = (
                 self.http.clone(),
                 self.base.clone(),
                 name.clone(),
-                done.clone(),
+                progress.clone(),
             );
-            let (total, batch) = (a.messages as u64, a.batch);
+            let batch = a.batch;
             tasks.push(tokio::spawn(async move {
                 let me = Spate { http, base };
                 let mut times = (histogram(), histogram());
-                while done.load(Ordering::Relaxed) < total {
+                let pull = format!("/v1/subscriptions/{name}/pull");
+                let ack = format!("/v1/subscriptions/{name}/ack");
+                let mut pending: Vec<String> = Vec::new();
+                loop {
+                    if progress.all_received() {
+                        if !pending.is_empty() {
+                            me.post(&ack, &json!({ "ack_ids": pending })).await?;
+                            progress.settled(pending.len());
+                        }
+                        break;
+                    }
                     let t0 = Instant::now();
-                    let got: Pulled = serde_json::from_slice(
-                        &me.post_raw(
-                            &format!("/v1/subscriptions/{name}/pull"),
-                            &json!({"max_messages": batch, "wait_ms": 200}),
-                        )
-                        .await?,
-                    )?;
+                    let mut body = json!({"max_messages": batch, "wait_ms": 200});
+                    if combined {
+                        body["ack_ids"] = json!(pending);
+                    }
+                    let got: Pulled = serde_json::from_slice(&me.post_raw(&pull, &body).await?)?;
                     times.0.record(t0.elapsed().as_nanos() as u64)?;
-                    let ids: Vec<&str> = got.messages.iter().map(|m| m.ack_id.as_str()).collect();
-                    if ids.is_empty() {
+                    if combined {
+                        progress.settled(pending.len());
+                    }
+                    pending = got.messages.into_iter().map(|m| m.ack_id).collect();
+                    progress.received(pending.len());
+                    if combined || pending.is_empty() {
                         continue;
                     }
                     let t1 = Instant::now();
-                    me.post(
-                        &format!("/v1/subscriptions/{name}/ack"),
-                        &json!({ "ack_ids": ids }),
-                    )
-                    .await?;
+                    me.post(&ack, &json!({ "ack_ids": pending })).await?;
                     times.1.record(t1.elapsed().as_nanos() as u64)?;
-                    done.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    progress.settled(pending.len());
+                    pending.clear();
                 }
                 Ok::<_, anyhow::Error>(times)
             }));
@@ -290,11 +381,18 @@ impl Spate {
             pulls.add(p)?;
             acks.add(k)?;
         }
-        let rate = a.messages as f64 / started.elapsed().as_secs_f64();
+        let rate = progress.rate();
+        let fsyncs_after = self.fsyncs().await?;
+        let (n, secs) = (
+            fsyncs_after.0 - fsyncs_before.0,
+            fsyncs_after.1 - fsyncs_before.1,
+        );
         println!(
-            "    spate pull p50 {:.2} ms, ack p50 {:.2} ms",
+            "    spate {}: pull p50 {:.2} ms, ack p50 {:.2} ms; {n:.0} fsyncs, mean {:.2} ms",
+            mode(combined),
             pulls.value_at_quantile(0.5) as f64 / 1e6,
-            acks.value_at_quantile(0.5) as f64 / 1e6
+            acks.value_at_quantile(0.5) as f64 / 1e6,
+            if n > 0.0 { secs / n * 1e3 } else { 0.0 }
         );
         Ok(rate)
     }
@@ -537,8 +635,13 @@ async fn redis_group(r: &mut Redis, stream: &str, from: &str) -> Result<()> {
     Ok(())
 }
 
-async fn redis_throughput(addr: &str, a: &SubsBenchArgs, run: usize) -> Result<f64> {
-    let stream = format!("subs-{run}");
+async fn redis_throughput(
+    addr: &str,
+    a: &SubsBenchArgs,
+    run: usize,
+    combined: bool,
+) -> Result<f64> {
+    let stream = format!("subs-{run}-{}", mode(combined));
     let mut r = Redis::connect(addr).await?;
     r.cmd(&[b"DEL", stream.as_bytes()]).await?;
     let payload = vec![b'x'; a.message_bytes];
@@ -551,43 +654,73 @@ async fn redis_throughput(addr: &str, a: &SubsBenchArgs, run: usize) -> Result<f
     }
     r.cmd(&[b"XGROUP", b"CREATE", stream.as_bytes(), b"g", b"0"])
         .await?;
-    let done = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let progress = Progress::new(a.messages as u64);
     let mut tasks = Vec::new();
     for c in 0..a.consumers {
-        let (addr, stream, done) = (addr.to_string(), stream.clone(), done.clone());
-        let (total, batch) = (a.messages as u64, a.batch.to_string());
+        let (addr, stream, progress) = (addr.to_string(), stream.clone(), progress.clone());
+        let batch = a.batch.to_string();
         tasks.push(tokio::spawn(async move {
             let mut r = Redis::connect(&addr).await?;
             let consumer = format!("c{c}");
-            while done.load(Ordering::Relaxed) < total {
-                let reply = r
-                    .cmd(&[
-                        b"XREADGROUP",
-                        b"GROUP",
-                        b"g",
-                        consumer.as_bytes(),
-                        b"COUNT",
-                        batch.as_bytes(),
-                        b"BLOCK",
-                        b"200",
-                        b"STREAMS",
-                        stream.as_bytes(),
-                        b">",
-                    ])
-                    .await?;
-                let got = entries(reply);
-                if got.is_empty() {
+            let read = |stream: &str| -> Vec<Vec<u8>> {
+                [
+                    "XREADGROUP",
+                    "GROUP",
+                    "g",
+                    &consumer,
+                    "COUNT",
+                    &batch,
+                    "BLOCK",
+                    "200",
+                    "STREAMS",
+                    stream,
+                    ">",
+                ]
+                .iter()
+                .map(|a| a.as_bytes().to_vec())
+                .collect()
+            };
+            let ack = |ids: &[Vec<u8>]| -> Vec<Vec<u8>> {
+                let mut c = vec![b"XACK".to_vec(), stream.as_bytes().to_vec(), b"g".to_vec()];
+                c.extend(ids.iter().cloned());
+                c
+            };
+            let mut pending: Vec<Vec<u8>> = Vec::new();
+            loop {
+                if progress.all_received() {
+                    if !pending.is_empty() {
+                        r.pipeline(&[ack(&pending)]).await?;
+                        progress.settled(pending.len());
+                    }
+                    break;
+                }
+                // Combined: the previous batch's XACK and the next XREADGROUP in one round trip.
+                let mut cmds = Vec::new();
+                if combined && !pending.is_empty() {
+                    cmds.push(ack(&pending));
+                }
+                cmds.push(read(&stream));
+                let mut replies = r.pipeline(&cmds).await?;
+                let reply = replies.pop().expect("one reply per command");
+                if let Some(acked) = replies.pop() {
+                    ensure!(
+                        matches!(acked, Resp::Int(n) if n == pending.len() as i64),
+                        "XACK answered {acked:?}"
+                    );
+                    progress.settled(pending.len());
+                }
+                pending = entries(reply).into_iter().map(|(id, _)| id).collect();
+                progress.received(pending.len());
+                if combined || pending.is_empty() {
                     continue;
                 }
-                let mut ack: Vec<&[u8]> = vec![b"XACK", stream.as_bytes(), b"g"];
-                ack.extend(got.iter().map(|(id, _)| id.as_slice()));
-                let acked = r.cmd(&ack).await?;
+                let acked = r.pipeline(&[ack(&pending)]).await?.remove(0);
                 ensure!(
-                    matches!(acked, Resp::Int(n) if n == got.len() as i64),
+                    matches!(acked, Resp::Int(n) if n == pending.len() as i64),
                     "XACK answered {acked:?}"
                 );
-                done.fetch_add(got.len() as u64, Ordering::Relaxed);
+                progress.settled(pending.len());
+                pending.clear();
             }
             Ok::<_, anyhow::Error>(())
         }));
@@ -595,7 +728,7 @@ async fn redis_throughput(addr: &str, a: &SubsBenchArgs, run: usize) -> Result<f
     for t in tasks {
         t.await??;
     }
-    let rate = a.messages as f64 / started.elapsed().as_secs_f64();
+    let rate = progress.rate();
     r.cmd(&[b"DEL", stream.as_bytes()]).await?;
     Ok(rate)
 }

@@ -52,11 +52,13 @@ pub const MAX_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=1000;
 /// Nack delays and backoff times allowed: up to a day.
 pub const DELAY_MS_MAX: u64 = 86_400_000;
 /// Records the reader takes from one partition per step.
-const READ_CHUNK: usize = 1000;
+const READ_CHUNK: usize = 500;
 /// How often retries and deadlines are checked.
 const TICK: Duration = Duration::from_millis(5);
 /// Journal bytes after which a snapshot is written.
 const SNAPSHOT_AFTER_BYTES: u64 = 4 << 20;
+/// Journal records nobody waits for (deliveries, reads) are synced at least this often.
+const JOURNAL_SYNC_EVERY: Duration = Duration::from_millis(100);
 /// A snapshot is also written this often while anything changed.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
 
@@ -343,6 +345,14 @@ pub struct Subscriptions {
     inner: Mutex<Inner>,
     /// Set once the server stops: nothing more is written to the journal.
     stopped: std::sync::atomic::AtomicBool,
+    syncer: Syncer,
+}
+
+/// What the journal's sync thread is asked for: the offset that must become durable.
+#[derive(Default)]
+struct Syncer {
+    wanted: Mutex<(u64, bool)>,
+    asked: std::sync::Condvar,
 }
 
 fn compile(config: &Config) -> Arc<Filter> {
@@ -433,6 +443,7 @@ impl Subscriptions {
             journal_config: topic.config.clone(),
             inner: Mutex::new(inner),
             stopped: Default::default(),
+            syncer: Syncer::default(),
         }))
     }
 
@@ -464,34 +475,85 @@ impl Subscriptions {
                 tokio::spawn(self.clone().dead_letter(name.clone(), uid, id));
             }
         }
+        let me = self.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("subscription-journal-sync".into())
+            .spawn(move || me.sync_loop())
+        {
+            tracing::error!(error = %e, "cannot start the journal sync thread");
+        }
         tokio::spawn(self.clone().ticker(shutdown));
     }
 
     /// Appends one journal record, under the lock, without waiting for it to be durable.
     fn write(&self, inner: &mut Inner, name: &str, op: &Op) -> Result<Appended> {
+        let mut bytes = encode(name, op)?;
+        self.append(inner, &mut bytes)
+    }
+
+    /// Appends an encoded journal record (see [`encode`]), under the lock.
+    fn append(&self, inner: &mut Inner, bytes: &mut [u8]) -> Result<Appended> {
         if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
             return Err(SubError::Stopping);
         }
-        let value = serde_json::to_vec(op)
-            .map_err(|e| BrokerError::Internal(format!("journal record: {e}")))?;
-        let now = now_ms();
-        let record = NewRecord {
-            timestamp_ms: now,
-            key: Some(name.as_bytes().to_vec()),
-            value: Some(value),
-            headers: Vec::new(),
-        };
-        let mut bytes = batch::encode(std::slice::from_ref(&record)).expect("one record");
         inner.since_snapshot += bytes.len() as u64;
         Ok(self
             .journal
-            .append_unsynced(&mut bytes, now, &self.journal_config)?)
+            .append_unsynced(bytes, now_ms(), &self.journal_config)?)
     }
 
+    /// Waits until a journal record may be acknowledged: requests wait on the journal's high
+    /// watermark (which, under group commit, advances once synced) while one thread syncs for all
+    /// of them, instead of each taking a blocking thread.
     async fn durable(&self, appended: Appended) -> Result<()> {
-        let journal = self.journal.clone();
-        blocking(move || Ok(journal.wait_acknowledgeable(appended)?)).await?;
-        Ok(())
+        let end = appended.last_offset + 1;
+        let mut hw = self.broker.watch(&self.journal);
+        loop {
+            if *hw.borrow_and_update() >= end {
+                return Ok(());
+            }
+            if self.journal.is_poisoned() {
+                // The sync failed: the append is not acknowledged.
+                return Err(spate_log::Error::Poisoned {
+                    topic: JOURNAL_TOPIC.into(),
+                    partition: 0,
+                }
+                .into());
+            }
+            {
+                let mut w = self.syncer.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                if w.0 < end {
+                    w.0 = end;
+                    self.syncer.asked.notify_one();
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(1), hw.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return Err(BrokerError::Internal("journal watch closed".into()).into());
+            }
+        }
+    }
+
+    /// The journal's sync thread: syncs whenever a request waits for a record to be durable.
+    fn sync_loop(self: Arc<Self>) {
+        loop {
+            {
+                let mut w = self.syncer.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                while !w.1 && w.0 <= self.journal.high_watermark() {
+                    w = self.syncer.asked.wait(w).unwrap_or_else(|e| e.into_inner());
+                }
+                if w.1 {
+                    return;
+                }
+            }
+            if let Err(e) = self.journal.flush() {
+                tracing::error!(error = %e, "subscription journal sync failed");
+                // Waiters see the poisoned journal; nothing more can be synced.
+                return;
+            }
+        }
     }
 
     /// Creates or updates a subscription; `true` when created.
@@ -676,7 +738,7 @@ impl Subscriptions {
     }
 
     /// Delivers up to `max` messages, waiting up to `wait` for the first. Each delivery is
-    /// durable (it counts an attempt) before it is returned.
+    /// journaled (it counts an attempt) before it is returned.
     pub async fn pull(&self, name: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let max = max.clamp(1, PULL_MAX);
         let deadline = tokio::time::Instant::now() + wait.min(PULL_WAIT_MAX);
@@ -727,8 +789,11 @@ impl Subscriptions {
                     Some((a, out, topic, dlq))
                 }
             };
-            if let Some((appended, out, topic, dlq)) = taken {
-                self.durable(appended).await?;
+            if let Some((_, out, topic, dlq)) = taken {
+                // The delivery is journaled but not waited for: the ack that follows waits for it
+                // (the journal is synced in order), and the ticker syncs what is left within
+                // JOURNAL_SYNC_EVERY. A process crash loses nothing; a power loss may forget that a
+                // delivery just made counted as an attempt.
                 return self.deliveries(name, out, &topic, &dlq).await;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -1233,13 +1298,7 @@ impl Subscriptions {
                 if to <= from {
                     continue;
                 }
-                let mut inner = self.lock();
-                let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
-                    return Ok(None);
-                };
-                if e.generation != generation || e.sub.positions.get(index) != Some(&from) {
-                    return Ok(Some(true));
-                }
+                // Encoded before taking the lock, which other requests wait on.
                 let op = Op::Read {
                     partition,
                     to,
@@ -1252,7 +1311,15 @@ impl Subscriptions {
                         })
                         .collect(),
                 };
-                self.write(&mut inner, name, &op)?;
+                let mut record = encode(name, &op)?;
+                let mut inner = self.lock();
+                let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
+                    return Ok(None);
+                };
+                if e.generation != generation || e.sub.positions.get(index) != Some(&from) {
+                    return Ok(Some(true));
+                }
+                self.append(&mut inner, &mut record)?;
                 let e = inner.subs.get_mut(name).expect("checked above");
                 e.sub.apply(&op);
                 for r in found {
@@ -1490,6 +1557,7 @@ impl Subscriptions {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut metrics_every = tokio::time::interval(Duration::from_secs(1));
+        let mut sync_every = tokio::time::interval(JOURNAL_SYNC_EVERY);
         let mut snapshot_every = tokio::time::interval(Duration::from_secs(2));
         let mut last_snapshot = tokio::time::Instant::now();
         tokio::pin!(shutdown);
@@ -1497,6 +1565,11 @@ impl Subscriptions {
             tokio::select! {
                 _ = &mut shutdown => {
                     self.stopped.store(true, std::sync::atomic::Ordering::Release);
+                    {
+                        let mut w = self.syncer.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                        w.1 = true;
+                        self.syncer.asked.notify_one();
+                    }
                     // Wake readers and pulls so that they see it.
                     for e in self.lock().subs.values() {
                         e.wake.notify_one();
@@ -1524,6 +1597,14 @@ impl Subscriptions {
                     }
                     for (name, uid, id) in doomed {
                         tokio::spawn(self.clone().dead_letter(name, uid, id));
+                    }
+                }
+                _ = sync_every.tick() => {
+                    if self.journal.log_end_offset() > self.journal.high_watermark() {
+                        let journal = self.journal.clone();
+                        if let Err(e) = blocking(move || Ok(journal.flush()?)).await {
+                            tracing::warn!(error = %e, "subscription journal sync failed");
+                        }
                     }
                 }
                 _ = metrics_every.tick() => self.export_metrics(),
@@ -1581,6 +1662,19 @@ impl Subscriptions {
         }
         Ok(())
     }
+}
+
+/// A journal record batch holding one operation.
+fn encode(name: &str, op: &Op) -> Result<Vec<u8>> {
+    let value = serde_json::to_vec(op)
+        .map_err(|e| BrokerError::Internal(format!("journal record: {e}")))?;
+    let record = NewRecord {
+        timestamp_ms: now_ms(),
+        key: Some(name.as_bytes().to_vec()),
+        value: Some(value),
+        headers: Vec::new(),
+    };
+    Ok(batch::encode(std::slice::from_ref(&record)).expect("one record"))
 }
 
 /// The record time of an event (its `time` attribute, which records without CloudEvents headers

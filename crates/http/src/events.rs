@@ -199,7 +199,7 @@ pub async fn read(
     State(s): State<AppState>,
     Path(topic): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<axum::response::Response> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     for key in q.keys() {
         if !matches!(key.as_str(), "partition" | "offset" | "time" | "limit") {
@@ -235,12 +235,19 @@ pub async fn read(
         (None, None) => Start::Offset(0),
     };
     let page = s.broker.read(&topic, partition, start, limit).await?;
-    let events: Vec<Value> = page
-        .events
-        .iter()
-        .map(|e| json!({"partition": e.partition, "offset": e.offset, "event": e.event.to_json()}))
-        .collect();
-    Ok(Json(
-        json!({ "events": events, "next_offset": page.next_offset }),
-    ))
+    let mut out = String::with_capacity(page.events.len() * 700 + 32);
+    out.push_str("{\"events\":[");
+    for (i, e) in page.events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{{\"partition\":{},\"offset\":{},\"event\":",
+            e.partition, e.offset
+        ));
+        out.push_str(&e.event.json_string());
+        out.push('}');
+    }
+    out.push_str(&format!("],\"next_offset\":{}}}", page.next_offset));
+    Ok(crate::json_text(out))
 }

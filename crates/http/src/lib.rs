@@ -58,6 +58,15 @@ pub struct AppState {
     pub stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
+/// A response whose body is JSON text written by hand.
+pub(crate) fn json_text(body: String) -> axum::response::Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 /// The v1 API.
 pub fn router(state: AppState) -> Router {
     Router::new()

@@ -55,7 +55,7 @@ pub async fn read(
     State(s): State<AppState>,
     Path((topic, stream)): Path<(String, String)>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<axum::response::Response> {
     let q = query(q, &["from_version", "limit", "direction"])?;
     let max = s.broker.limits().read_events_max;
     let limit: usize = number(&q, "limit")?.unwrap_or(100);
@@ -79,14 +79,22 @@ pub async fn read(
         .read_stream(&topic, &stream, from, limit, backward)
         .await?
         .ok_or_else(|| not_found(&stream))?;
-    let events: Vec<Value> = events
-        .iter()
-        .map(|e| {
-            json!({"version": e.version, "partition": e.partition, "offset": e.offset,
-                "event": e.event.to_json()})
-        })
-        .collect();
-    Ok(Json(json!({ "events": events })))
+    // Written directly: events are copied as JSON text rather than built into a tree.
+    let mut out = String::with_capacity(events.len() * 700 + 16);
+    out.push_str("{\"events\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{{\"version\":{},\"partition\":{},\"offset\":{},\"event\":",
+            e.version, e.partition, e.offset
+        ));
+        out.push_str(&e.event.json_string());
+        out.push('}');
+    }
+    out.push_str("]}");
+    Ok(crate::json_text(out))
 }
 
 /// `GET /v1/topics/{topic}/streams/{stream}`

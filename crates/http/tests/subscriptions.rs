@@ -989,3 +989,40 @@ async fn a_pull_acks_the_previous_batch_first() {
     assert_eq!(c.stats("chained").await["acked"], 3);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_webhook_that_cannot_be_reached_nacks_until_the_dead_letter_topic() {
+    // A plain-HTTP listener behind an https:// URL: every TLS handshake fails.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/hook", axum::routing::post(|| async { "ok" }));
+    let hook = tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "unreachable",
+        json!({"topic": "orders", "from": "earliest", "max_attempts": 2,
+            "backoff": {"initial_ms": 10, "max_ms": 10},
+            "push": {"url": format!("https://{addr}/hook"), "timeout_ms": 1000}}),
+    )
+    .await;
+    c.publish("orders", "o1", None, json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.stats("unreachable").await["dead_lettered"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            c.stats("unreachable").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = c.stats("unreachable").await;
+    assert_eq!(
+        (stats["nacked"].clone(), stats["acked"].clone()),
+        (json!(2), json!(0))
+    );
+    server.stop().await;
+    hook.abort();
+}

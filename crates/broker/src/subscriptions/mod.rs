@@ -190,12 +190,16 @@ impl Spec {
             ));
         }
         if let Some(push) = &self.push {
-            let rest = push.url.strip_prefix("http://").ok_or_else(|| {
-                SubError::Invalid(format!(
-                    "push.url must be an http:// URL (https is not supported yet), got {:?}",
-                    push.url
-                ))
-            })?;
+            let rest = push
+                .url
+                .strip_prefix("http://")
+                .or_else(|| push.url.strip_prefix("https://"))
+                .ok_or_else(|| {
+                    SubError::Invalid(format!(
+                        "push.url must be an http:// or https:// URL, got {:?}",
+                        push.url
+                    ))
+                })?;
             let host = rest.split(['/', '?']).next().unwrap_or("");
             if host.is_empty() || push.url.len() > 2048 || push.url.contains(char::is_whitespace) {
                 return bad(format!("push.url {:?} is not a valid URL", push.url));

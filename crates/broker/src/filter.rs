@@ -75,9 +75,21 @@ impl Expression {
 
     /// Evaluates the expression with the event's variables.
     pub fn evaluate(&self, input: &FilterInput) -> Result<Value, String> {
+        self.evaluate_with(input, &[])
+    }
+
+    /// Evaluates the expression with the event's variables and `extra` ones (which win).
+    pub fn evaluate_with(
+        &self,
+        input: &FilterInput,
+        extra: &[(&str, Value)],
+    ) -> Result<Value, String> {
         let mut ctx = Context::with_env(env().clone());
         for (name, value) in &input.vars {
             ctx.add_variable_from_value(name.as_str(), value.clone());
+        }
+        for (name, value) in extra {
+            ctx.add_variable_from_value(*name, value.clone());
         }
         Value::resolve(&self.expr, &ctx).map_err(|e| e.to_string())
     }
@@ -191,6 +203,36 @@ impl FilterInput {
         attrs.push(("event".into(), Value::Map(Map { map: Arc::new(map) })));
         FilterInput { vars: attrs }
     }
+}
+
+/// A CEL value as JSON; functions, opaque values and non-finite numbers have no JSON form.
+pub fn to_json(v: &Value) -> Result<Json, String> {
+    Ok(match v {
+        Value::Null => Json::Null,
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Int(i) => Json::from(*i),
+        Value::UInt(u) => Json::from(*u),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .ok_or_else(|| format!("{f} has no JSON form"))?,
+        Value::String(s) => Json::String(s.to_string()),
+        Value::Bytes(b) => Json::String(String::from_utf8_lossy(b).into_owned()),
+        Value::List(l) => Json::Array(l.iter().map(to_json).collect::<Result<_, _>>()?),
+        Value::Map(m) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in m.map.iter() {
+                let k = match k {
+                    Key::String(s) => s.to_string(),
+                    Key::Int(i) => i.to_string(),
+                    Key::Uint(u) => u.to_string(),
+                    Key::Bool(b) => b.to_string(),
+                };
+                out.insert(k, to_json(v)?);
+            }
+            Json::Object(out)
+        }
+        other => return Err(format!("a {:?} value has no JSON form", other.type_of())),
+    })
 }
 
 /// A JSON value as a CEL value: integers stay integers, other numbers are doubles.

@@ -9,6 +9,7 @@ pub mod event;
 pub mod filter;
 pub mod groups;
 pub mod partitioner;
+pub mod projections;
 pub mod push;
 pub mod streams;
 pub mod subscriptions;

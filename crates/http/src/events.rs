@@ -177,7 +177,22 @@ pub async fn publish(
     let body = read_body(&headers, body, s.limits.max_request_bytes).await?;
     let events = parse_events(&headers, body)?;
     let placements = s.broker.publish(&topic, events).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "offsets": placements }))))
+    let position = position_after(&topic, placements.iter().map(|p| (p.partition, p.offset)));
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "offsets": placements, "position": position })),
+    ))
+}
+
+/// The read-your-writes token after writes at (partition, offset): projections that reached it
+/// have applied them.
+pub(crate) fn position_after(topic: &str, written: impl Iterator<Item = (u32, u64)>) -> String {
+    let mut next = std::collections::BTreeMap::new();
+    for (p, o) in written {
+        let e = next.entry(p).or_insert(0);
+        *e = (*e).max(o + 1);
+    }
+    spate_broker::projections::position_token(topic, &next)
 }
 
 pub(crate) fn number<T: std::str::FromStr>(

@@ -8,6 +8,7 @@ mod consume;
 mod error;
 mod events;
 mod listener;
+mod projections;
 pub mod push;
 mod streams;
 pub mod subscriptions;
@@ -52,6 +53,8 @@ pub struct AppState {
     /// Renders the process's metrics in Prometheus text format (`GET /metrics`); the log's
     /// per-partition gauges are added to it.
     pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Projections; their endpoints answer 503 without them.
+    pub projections: Option<Arc<spate_broker::projections::Projections>>,
     /// Durable subscriptions; their endpoints answer 503 without them.
     pub subscriptions: Option<Arc<spate_broker::subscriptions::Subscriptions>>,
     /// Set when the server stops: push streams end so that shutdown does not wait on them.
@@ -87,6 +90,16 @@ pub fn router(state: AppState) -> Router {
             get(streams::read).post(streams::append),
         )
         .route("/v1/topics/{topic}/streams/{stream}", get(streams::info))
+        .route("/v1/projections", get(projections::list))
+        .route(
+            "/v1/projections/{name}",
+            get(projections::describe)
+                .put(projections::put)
+                .delete(projections::delete),
+        )
+        .route("/v1/projections/{name}/rebuild", post(projections::rebuild))
+        .route("/v1/projections/{name}/rows", get(projections::rows))
+        .route("/v1/projections/{name}/rows/{key}", get(projections::row))
         .route("/v1/subscriptions", get(subscriptions::list))
         .route(
             "/v1/subscriptions/{name}",

@@ -47,7 +47,12 @@ pub async fn append(
         .broker
         .append_to_stream(&topic, &stream, expected, events)
         .await?;
-    Ok((StatusCode::CREATED, Json(json!(placed))))
+    let mut body = json!(placed);
+    body["position"] = json!(crate::events::position_after(
+        &topic,
+        placed.offsets.iter().map(|o| (placed.partition, *o)),
+    ));
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// `GET /v1/topics/{topic}/streams/{stream}/events?from_version=&limit=&direction=forward|backward`

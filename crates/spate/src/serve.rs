@@ -109,6 +109,15 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         subscriptions.clone(),
         stopped(stop_rx.clone()),
     ));
+    let proj_broker = broker.clone();
+    let proj_dir = config.data_dir.join("projections");
+    let projections = tokio::task::spawn_blocking(move || {
+        spate_broker::projections::Projections::open(proj_broker, &proj_dir)
+    })
+    .await
+    .context("projection store task failed")?
+    .context("cannot open the projection store")?;
+    projections.start();
     let render = prometheus.clone();
     let upkeep = tokio::spawn(async move {
         // Histograms are summarized on upkeep; scrapes also render fresh data.
@@ -129,6 +138,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             ..Default::default()
         },
         metrics: Some(Arc::new(move || render.render())),
+        projections: Some(projections.clone()),
         subscriptions: Some(subscriptions),
         stopping: None,
     };
@@ -193,6 +203,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let _ = maintenance.await;
     upkeep.abort();
     broker.flush().await.context("final sync failed")?;
+    projections
+        .stop()
+        .await
+        .context("final sync of the projection store failed")?;
     tracing::info!("stopped");
     drop(lock);
     Ok(())

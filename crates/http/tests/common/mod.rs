@@ -19,11 +19,22 @@ pub struct Server {
     pub addr: std::net::SocketAddr,
     pub broker: Arc<Broker>,
     pub subscriptions: Arc<spate_broker::subscriptions::Subscriptions>,
+    pub projections: Option<Arc<spate_broker::projections::Projections>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 pub async fn start(dir: &Path, push: PushLimits) -> Server {
+    start_with(dir, push, false).await
+}
+
+/// A server with projections too. Their store locks its directory until the process ends, so
+/// such a server is not restarted in-process (whole-binary tests cover restarts).
+pub async fn start_with_projections(dir: &Path) -> Server {
+    start_with(dir, PushLimits::default(), true).await
+}
+
+async fn start_with(dir: &Path, push: PushLimits, with_projections: bool) -> Server {
     let log = Log::open(Arc::new(FsStorage), dir, LogConfig::default()).unwrap();
     let broker = Arc::new(Broker::new(Arc::new(log), Limits::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -36,6 +47,20 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
     .await
     .unwrap()
     .unwrap();
+    let projections = if with_projections {
+        let proj_broker = broker.clone();
+        let proj_dir = dir.join("projections");
+        let p = tokio::task::spawn_blocking(move || {
+            spate_broker::projections::Projections::open(proj_broker, &proj_dir)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        p.start();
+        Some(p)
+    } else {
+        None
+    };
     let (stop_subs, stopped) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stopped.clone();
@@ -50,6 +75,7 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
         limits: HttpLimits::default(),
         push,
         metrics: None,
+        projections: projections.clone(),
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
     };
@@ -65,6 +91,7 @@ pub async fn start(dir: &Path, push: PushLimits) -> Server {
         addr,
         broker,
         subscriptions,
+        projections,
         stop: Some(tx),
         task,
     }
@@ -77,6 +104,9 @@ impl Server {
         self.task.abort();
         let _ = self.task.await;
         self.broker.flush().await.unwrap();
+        if let Some(p) = self.projections.take() {
+            p.stop().await.unwrap();
+        }
     }
 
     pub async fn topic(&self, name: &str, partitions: u32) {

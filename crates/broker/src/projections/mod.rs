@@ -1,0 +1,693 @@
+//! Projections: read models folded from a topic, stored in an embedded LSM store (fjall),
+//! queryable by key or key range, with read-your-writes through position tokens.
+//!
+//! Each projection has a follower that reads its topic from the beginning, applies each event to
+//! the row it belongs to ([`reduce`]), and writes the changed rows together with the offsets it
+//! reached, per partition, in one atomic batch: after a crash the store holds a prefix of the
+//! applied events and its offsets say which, so the follower goes on from there and the state
+//! equals a fresh fold. Only durable records are applied. A changed definition (or a rebuild)
+//! starts a new generation of rows, folded from the start; the old generation is deleted.
+
+pub mod reduce;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::{Broker, BrokerError, blocking, now_ms, read_events};
+pub use reduce::{Compiled, Definition, OnError, Outcome, Row};
+
+/// Projections a server holds at most.
+pub const PROJECTIONS_MAX: usize = 256;
+/// Rows one list request returns at most.
+pub const LIST_MAX: usize = 1000;
+/// Events the follower applies per batch.
+const APPLY_CHUNK: usize = 1000;
+
+#[derive(Debug, Error)]
+pub enum ProjectionError {
+    #[error("projection {0} does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the projection did not reach the position within {0:?}")]
+    Timeout(Duration),
+    #[error("projection store: {0}")]
+    Store(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl From<spate_log::Error> for ProjectionError {
+    fn from(e: spate_log::Error) -> Self {
+        ProjectionError::Broker(e.into())
+    }
+}
+
+impl From<fjall::Error> for ProjectionError {
+    fn from(e: fjall::Error) -> Self {
+        ProjectionError::Store(e.to_string())
+    }
+}
+
+pub type Result<T, E = ProjectionError> = std::result::Result<T, E>;
+
+/// A read-your-writes token: the offsets after a write, per partition of a topic, as
+/// `<topic>:<partition>.<next offset>,...`. Opaque to clients.
+pub fn position_token(topic: &str, next: &BTreeMap<u32, u64>) -> String {
+    let parts: Vec<String> = next.iter().map(|(p, o)| format!("{p}.{o}")).collect();
+    format!("{topic}:{}", parts.join(","))
+}
+
+/// Parses a position token.
+pub fn parse_position(token: &str) -> Result<(String, BTreeMap<u32, u64>)> {
+    let bad = || ProjectionError::Invalid(format!("{token:?} is not a position token"));
+    let (topic, rest) = token.split_once(':').ok_or_else(bad)?;
+    let mut out = BTreeMap::new();
+    for part in rest.split(',').filter(|p| !p.is_empty()) {
+        let (p, o) = part.split_once('.').ok_or_else(bad)?;
+        out.insert(p.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?);
+    }
+    Ok((topic.to_string(), out))
+}
+
+/// What the store keeps of a projection beside its rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    definition: Definition,
+    generation: u64,
+    /// Next offset to apply, per partition of the topic.
+    positions: Vec<u64>,
+    errors: u64,
+    last_error: Option<String>,
+    halted: bool,
+    /// The topic's end when the generation started: caught up once past it.
+    rebuild_until: Vec<u64>,
+}
+
+/// A projection's status, as shown by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub definition: Definition,
+    pub status: &'static str,
+    pub position: String,
+    pub lag_records: u64,
+    pub lag_seconds: f64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+struct Proj {
+    compiled: Arc<Compiled>,
+    meta: Mutex<Meta>,
+    /// Positions applied, for read-your-writes waits.
+    applied: watch::Sender<Vec<u64>>,
+    /// Set (under the commit lock) once replaced or deleted: its follower writes nothing more.
+    retired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proj {
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The projections of a server.
+pub struct Projections {
+    broker: Arc<Broker>,
+    db: fjall::Database,
+    metas: fjall::Keyspace,
+    rows: fjall::Keyspace,
+    projs: Mutex<BTreeMap<String, Arc<Proj>>>,
+    /// Held while a follower commits and while a projection is replaced or deleted, so that a
+    /// retired follower never overwrites its successor's state.
+    commit: Arc<Mutex<()>>,
+    /// Set when the server stops: followers end.
+    stopped: watch::Sender<bool>,
+}
+
+fn row_prefix(name: &str, generation: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 10);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+fn row_key(name: &str, generation: u64, key: &str) -> Vec<u8> {
+    let mut k = row_prefix(name, generation);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("projection state serializes")
+}
+
+impl Projections {
+    /// Opens (or creates) the store in `dir` and loads every projection (blocking). Call
+    /// [`Projections::start`] next.
+    pub fn open(broker: Arc<Broker>, dir: &std::path::Path) -> Result<Arc<Projections>> {
+        let db = fjall::Database::builder(dir).open()?;
+        let metas = db.keyspace("projections", fjall::KeyspaceCreateOptions::default)?;
+        let rows = db.keyspace("rows", fjall::KeyspaceCreateOptions::default)?;
+        let mut projs = BTreeMap::new();
+        for item in metas.iter() {
+            let (k, v) = item.into_inner()?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let meta: Meta = serde_json::from_slice(&v)
+                .map_err(|e| ProjectionError::Store(format!("projection {name}: {e}")))?;
+            let compiled = meta
+                .definition
+                .clone()
+                .compile()
+                .map_err(|e| ProjectionError::Store(format!("projection {name}: {e}")))?;
+            let (applied, _) = watch::channel(meta.positions.clone());
+            projs.insert(
+                name,
+                Arc::new(Proj {
+                    compiled: Arc::new(compiled),
+                    meta: Mutex::new(meta),
+                    applied,
+                    retired: Default::default(),
+                }),
+            );
+        }
+        tracing::info!(projections = projs.len(), "projections loaded");
+        Ok(Arc::new(Projections {
+            broker,
+            db,
+            metas,
+            rows,
+            projs: Mutex::new(projs),
+            commit: Arc::default(),
+            stopped: watch::channel(false).0,
+        }))
+    }
+
+    fn projs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Proj>>> {
+        self.projs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the followers.
+    pub fn start(self: &Arc<Self>) {
+        let all: Vec<(String, Arc<Proj>)> = self
+            .projs()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
+        for (name, p) in all {
+            tokio::spawn(self.clone().follow(name, p));
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<Proj>> {
+        self.projs()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ProjectionError::NotFound(name.to_string()))
+    }
+
+    /// Creates or updates a projection; `true` when created. A changed definition folds a new
+    /// generation of rows from the start of the topic.
+    pub async fn put(
+        self: &Arc<Self>,
+        name: &str,
+        definition: Definition,
+    ) -> Result<(bool, Status)> {
+        spate_log::config::validate_topic_name(name)
+            .map_err(|e| ProjectionError::Invalid(format!("invalid projection name: {e}")))?;
+        if crate::is_internal(&definition.topic) {
+            return Err(ProjectionError::Invalid(format!(
+                "topic {} is internal",
+                definition.topic
+            )));
+        }
+        let compiled = definition
+            .clone()
+            .compile()
+            .map_err(ProjectionError::Invalid)?;
+        self.broker.topic(&definition.topic)?;
+        let existing = self.projs().get(name).cloned();
+        let created = existing.is_none();
+        if let Some(p) = &existing {
+            if p.compiled.definition == definition {
+                return Ok((false, self.status(name)?));
+            }
+            if p.compiled.definition.topic != definition.topic {
+                return Err(ProjectionError::Conflict(format!(
+                    "projection {name} reads topic {}; delete it to read another",
+                    p.compiled.definition.topic
+                )));
+            }
+        } else if self.projs().len() >= PROJECTIONS_MAX {
+            return Err(ProjectionError::Invalid(format!(
+                "a server holds at most {PROJECTIONS_MAX} projections"
+            )));
+        }
+        let generation = existing.as_ref().map_or(0, |p| p.meta().generation + 1);
+        self.begin(name, compiled, generation).await?;
+        if let Some(old) = existing {
+            self.drop_rows(name, old.meta().generation);
+        }
+        Ok((created, self.status(name)?))
+    }
+
+    /// Starts generation `generation` of a projection, from the start of its topic.
+    async fn begin(
+        self: &Arc<Self>,
+        name: &str,
+        compiled: Compiled,
+        generation: u64,
+    ) -> Result<()> {
+        let topic = self.broker.topic(&compiled.definition.topic)?;
+        let positions: Vec<u64> = topic
+            .partitions
+            .iter()
+            .map(|p| p.log_start_offset())
+            .collect();
+        let ends: Vec<u64> = topic
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark())
+            .collect();
+        let meta = Meta {
+            definition: compiled.definition.clone(),
+            generation,
+            positions: positions.clone(),
+            errors: 0,
+            last_error: None,
+            halted: false,
+            rebuild_until: ends,
+        };
+        let metas = self.metas.clone();
+        let (key, value) = (name.as_bytes().to_vec(), encode(&meta));
+        let db = self.db.clone();
+        let previous = self.projs().get(name).cloned();
+        let commit = self.commit.clone();
+        blocking(move || {
+            let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = previous {
+                old.retired
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+            metas
+                .insert(key, value)
+                .and_then(|_| db.persist(fjall::PersistMode::SyncAll))
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
+        })
+        .await?;
+        let (applied, _) = watch::channel(positions);
+        let p = Arc::new(Proj {
+            compiled: Arc::new(compiled),
+            meta: Mutex::new(meta),
+            applied,
+            retired: Default::default(),
+        });
+        self.projs().insert(name.to_string(), p.clone());
+        tokio::spawn(self.clone().follow(name.to_string(), p));
+        Ok(())
+    }
+
+    /// Folds the projection again from the start into a new generation of rows.
+    pub async fn rebuild(self: &Arc<Self>, name: &str) -> Result<Status> {
+        let p = self.get(name)?;
+        let old = p.meta().generation;
+        let compiled = p
+            .compiled
+            .definition
+            .clone()
+            .compile()
+            .map_err(ProjectionError::Invalid)?;
+        self.begin(name, compiled, old + 1).await?;
+        self.drop_rows(name, old);
+        self.status(name)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let p = self
+            .projs()
+            .remove(name)
+            .ok_or_else(|| ProjectionError::NotFound(name.to_string()))?;
+        let metas = self.metas.clone();
+        let key = name.as_bytes().to_vec();
+        let (commit, retired) = (self.commit.clone(), p.retired.clone());
+        blocking(move || {
+            let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
+            retired.store(true, std::sync::atomic::Ordering::Release);
+            metas
+                .remove(key)
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
+        })
+        .await?;
+        self.drop_rows(name, p.meta().generation);
+        Ok(())
+    }
+
+    /// Deletes the rows of a generation, in the background.
+    fn drop_rows(&self, name: &str, generation: u64) {
+        let (db, rows, prefix) = (
+            self.db.clone(),
+            self.rows.clone(),
+            row_prefix(name, generation),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut batch = db.batch();
+            for item in rows.prefix(&prefix) {
+                let Ok(k) = item.key() else { break };
+                batch.remove(&rows, k);
+                if batch.len() >= 10_000 {
+                    let full = std::mem::replace(&mut batch, db.batch());
+                    if let Err(e) = full.commit() {
+                        tracing::warn!(error = %e, "dropping old projection rows failed");
+                        return;
+                    }
+                }
+            }
+            if let Err(e) = batch.commit() {
+                tracing::warn!(error = %e, "dropping old projection rows failed");
+            }
+        });
+    }
+
+    pub fn list(&self) -> Vec<Status> {
+        let names: Vec<String> = self.projs().keys().cloned().collect();
+        names.iter().filter_map(|n| self.status(n).ok()).collect()
+    }
+
+    pub fn status(&self, name: &str) -> Result<Status> {
+        let p = self.get(name)?;
+        let meta = p.meta().clone();
+        let topic = self.broker.topic(&meta.definition.topic).ok();
+        let mut lag = 0;
+        let mut oldest: Option<i64> = None;
+        if let Some(t) = &topic {
+            for (i, part) in t.partitions.iter().enumerate() {
+                let pos = meta.positions.get(i).copied().unwrap_or(0);
+                let hw = part.high_watermark();
+                lag += hw.saturating_sub(pos);
+                if pos < hw
+                    && let Ok(page) = read_events(part, &t.name, i as u32, pos, 1)
+                    && let Some(e) = page.events.first()
+                {
+                    let ms = e
+                        .event
+                        .time
+                        .as_deref()
+                        .and_then(|s| {
+                            time::OffsetDateTime::parse(
+                                s,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .ok()
+                        })
+                        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+                    oldest = match (oldest, ms) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+        }
+        let caught_up = meta
+            .positions
+            .iter()
+            .zip(&meta.rebuild_until)
+            .all(|(p, e)| p >= e);
+        let next: BTreeMap<u32, u64> = meta
+            .positions
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (i as u32, *o))
+            .collect();
+        Ok(Status {
+            name: name.to_string(),
+            status: if meta.halted {
+                "halted"
+            } else if caught_up {
+                "running"
+            } else {
+                "rebuilding"
+            },
+            position: position_token(&meta.definition.topic, &next),
+            lag_records: lag,
+            lag_seconds: oldest.map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0),
+            errors: meta.errors,
+            last_error: meta.last_error.clone(),
+            definition: meta.definition,
+        })
+    }
+
+    /// Waits (at most `wait`) until the projection has applied everything before `token`.
+    pub async fn wait_for(&self, name: &str, token: &str, wait: Duration) -> Result<()> {
+        let p = self.get(name)?;
+        let (topic, want) = parse_position(token)?;
+        if topic != p.compiled.definition.topic {
+            return Err(ProjectionError::Invalid(format!(
+                "the position is on topic {topic}; projection {name} reads {}",
+                p.compiled.definition.topic
+            )));
+        }
+        let mut rx = p.applied.subscribe();
+        let reached = |v: &Vec<u64>| {
+            want.iter()
+                .all(|(part, o)| v.get(*part as usize).is_some_and(|a| a >= o))
+        };
+        match tokio::time::timeout(wait, rx.wait_for(reached)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ProjectionError::NotFound(name.to_string())),
+            Err(_) => Err(ProjectionError::Timeout(wait)),
+        }
+    }
+
+    /// One row, or `None`.
+    pub async fn row(&self, name: &str, key: &str) -> Result<Option<Row>> {
+        let p = self.get(name)?;
+        let k = row_key(name, p.meta().generation, key);
+        let rows = self.rows.clone();
+        let v = blocking(move || {
+            rows.get(k)
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
+        })
+        .await?;
+        v.map(|v| serde_json::from_slice(&v).map_err(|e| ProjectionError::Store(e.to_string())))
+            .transpose()
+    }
+
+    /// Rows whose key starts with `prefix`, in key order, after key `after`, at most `limit`; and
+    /// whether more follow.
+    pub async fn rows(
+        &self,
+        name: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, Row)>, bool)> {
+        let p = self.get(name)?;
+        let base = row_prefix(name, p.meta().generation);
+        let start = match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => {
+                let mut k = base.clone();
+                k.extend_from_slice(a.as_bytes());
+                k.push(0);
+                k
+            }
+            _ => {
+                let mut k = base.clone();
+                k.extend_from_slice(prefix.as_bytes());
+                k
+            }
+        };
+        let mut scope = base.clone();
+        scope.extend_from_slice(prefix.as_bytes());
+        let rows = self.rows.clone();
+        let limit = limit.clamp(1, LIST_MAX);
+        blocking(move || {
+            let mut out = Vec::new();
+            for item in rows.range(start..) {
+                let (k, v) = item
+                    .into_inner()
+                    .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))?;
+                if !k.starts_with(&scope) {
+                    break;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                let key = String::from_utf8_lossy(&k[base.len()..]).into_owned();
+                let row: Row = serde_json::from_slice(&v)
+                    .map_err(|e| BrokerError::Internal(format!("projection row: {e}")))?;
+                out.push((key, row));
+            }
+            Ok((out, false))
+        })
+        .await
+        .map_err(ProjectionError::from)
+    }
+
+    /// Stops the followers and makes the store durable.
+    pub async fn stop(&self) -> Result<()> {
+        self.stopped.send_replace(true);
+        let db = self.db.clone();
+        blocking(move || {
+            db.persist(fjall::PersistMode::SyncAll)
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn current(&self, name: &str, p: &Arc<Proj>) -> bool {
+        !*self.stopped.borrow()
+            && !p.retired.load(std::sync::atomic::Ordering::Acquire)
+            && self.projs().get(name).is_some_and(|c| Arc::ptr_eq(c, p))
+    }
+
+    /// Follows the topic for one generation of a projection until it is replaced or deleted.
+    async fn follow(self: Arc<Self>, name: String, p: Arc<Proj>) {
+        let mut backoff = Duration::from_millis(100);
+        while self.current(&name, &p) {
+            match self.follow_step(&name, &p).await {
+                Ok(true) => backoff = Duration::from_millis(100),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(projection = %name, error = %e, "projection follower failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Applies what is there to apply, or waits for news. `true` when it applied something.
+    async fn follow_step(&self, name: &str, p: &Arc<Proj>) -> Result<bool> {
+        let topic = self.broker.topic(&p.compiled.definition.topic)?;
+        let mut watches: Vec<_> = topic
+            .partitions
+            .iter()
+            .map(|part| {
+                let mut rx = self.broker.watch(part);
+                rx.borrow_and_update();
+                rx
+            })
+            .collect();
+        let halted = p.meta().halted;
+        let mut progressed = false;
+        if !halted {
+            for (index, part) in topic.partitions.iter().enumerate() {
+                let from = p.meta().positions.get(index).copied().unwrap_or(0);
+                if from >= part.high_watermark() {
+                    continue;
+                }
+                if self
+                    .apply_chunk(name, p, &topic, index as u32, from)
+                    .await?
+                {
+                    progressed = true;
+                }
+                if p.meta().halted {
+                    break;
+                }
+            }
+        }
+        if progressed {
+            return Ok(true);
+        }
+        let changes: Vec<_> = watches
+            .iter_mut()
+            .map(|rx| {
+                Box::pin(async move {
+                    let _ = rx.changed().await;
+                })
+            })
+            .collect();
+        let mut stopped = self.stopped.subscribe();
+        tokio::select! {
+            _ = futures_util::future::select_all(changes), if !halted => {}
+            _ = stopped.wait_for(|s| *s) => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        Ok(false)
+    }
+
+    /// Applies up to [`APPLY_CHUNK`] events of one partition from `from`, in one atomic batch.
+    async fn apply_chunk(
+        &self,
+        name: &str,
+        p: &Arc<Proj>,
+        topic: &Arc<spate_log::Topic>,
+        partition: u32,
+        from: u64,
+    ) -> Result<bool> {
+        let part = topic.partition(partition)?.clone();
+        let (tname, compiled) = (topic.name.clone(), p.compiled.clone());
+        let mut meta = p.meta().clone();
+        let generation = meta.generation;
+        let (rows, db, metas) = (self.rows.clone(), self.db.clone(), self.metas.clone());
+        let key_name = name.to_string();
+        let (commit, retired) = (self.commit.clone(), p.retired.clone());
+        let outcome = blocking(move || {
+            let start = from.max(part.log_start_offset());
+            let page = read_events(&part, &tname, partition, start, APPLY_CHUNK)?;
+            let mut touched: HashMap<String, Row> = HashMap::new();
+            let mut next = page.next_offset.max(start);
+            for r in &page.events {
+                let result = compiled.apply(&r.event, partition, r.offset, |k| {
+                    touched.get(k).cloned().or_else(|| {
+                        rows.get(row_key(&key_name, generation, k))
+                            .ok()
+                            .flatten()
+                            .and_then(|v| serde_json::from_slice(&v).ok())
+                    })
+                });
+                match result {
+                    Ok(Outcome::Row { key, row }) => {
+                        touched.insert(key, row);
+                    }
+                    Ok(Outcome::Skipped) => {}
+                    Err(e) => {
+                        meta.errors += 1;
+                        meta.last_error = Some(format!("offset {partition}:{}: {e}", r.offset));
+                        if compiled.definition.on_error == OnError::Halt {
+                            meta.halted = true;
+                            next = r.offset;
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(pos) = meta.positions.get_mut(partition as usize) {
+                *pos = next;
+            }
+            let mut batch = db.batch();
+            for (k, row) in &touched {
+                batch.insert(&rows, row_key(&key_name, generation, k), encode(row));
+            }
+            batch.insert(&metas, key_name.as_bytes().to_vec(), encode(&meta));
+            let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
+            if retired.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok((meta, false));
+            }
+            batch
+                .commit()
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))?;
+            Ok((meta, next > from))
+        })
+        .await?;
+        let (meta, progressed) = outcome;
+        if !self.current(name, p) {
+            return Ok(false);
+        }
+        let positions = meta.positions.clone();
+        *p.meta() = meta;
+        p.applied.send_replace(positions);
+        Ok(progressed)
+    }
+}

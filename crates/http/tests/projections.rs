@@ -1,0 +1,367 @@
+//! Projections over HTTP against a real server on loopback: aggregates, merge patches and folds
+//! queried by key and range, read-your-writes, errors halting or skipped, and rebuilds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::start_with_projections;
+use serde_json::{Value, json};
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl Client {
+    fn new(addr: std::net::SocketAddr) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        Reply {
+            status,
+            body: r.json().await.unwrap_or(Value::Null),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    /// Publishes events (key, data) in one request; returns the position token.
+    async fn publish(&self, topic: &str, events: &[(&str, Value)]) -> String {
+        let batch: Vec<Value> = events
+            .iter()
+            .enumerate()
+            .map(|(i, (k, d))| {
+                json!({"specversion": "1.0", "id": format!("{k}-{i}"), "source": "/t",
+                    "type": "order.created", "partitionkey": k, "data": d})
+            })
+            .collect();
+        let r = self
+            .http
+            .post(format!("{}/v1/topics/{topic}/events", self.base))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(serde_json::to_vec(&batch).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let body: Value = r.json().await.unwrap();
+        body["position"].as_str().unwrap().to_string()
+    }
+
+    async fn status_until(&self, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.get(&format!("/v1/projections/{name}")).await.body;
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn aggregates_are_queried_by_key_and_range_with_read_your_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 3).await;
+    let c = Client::new(server.addr);
+    let r = c
+        .put(
+            "/v1/projections/revenue",
+            json!({"topic": "orders", "types": "order.*",
+                "reduce": {"aggregate": {"orders": "count()", "revenue": "sum(data.amount)"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let mut events = Vec::new();
+    for i in 0..30u64 {
+        events.push((
+            ["cust-a", "cust-b", "cust-c", "other"][(i % 4) as usize],
+            json!({"amount": i}),
+        ));
+    }
+    let position = c.publish("orders", &events).await;
+    // Read-your-writes: the rows reflect the publish when asked after its position.
+    let row = c
+        .get(&format!(
+            "/v1/projections/revenue/rows/cust-a?after_position={position}"
+        ))
+        .await;
+    assert_eq!(row.status, 200, "{:?}", row.body);
+    let amounts_a: u64 = (0..30u64).filter(|i| i % 4 == 0).sum();
+    assert_eq!(
+        row.body["value"],
+        json!({"orders": 8, "revenue": amounts_a})
+    );
+    assert_eq!(row.body["key"], "cust-a");
+    // Range queries in key order, paginated.
+    let page = c
+        .get("/v1/projections/revenue/rows?prefix=cust-&limit=2")
+        .await;
+    let keys: Vec<&str> = page.body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["cust-a", "cust-b"]);
+    assert_eq!(page.body["next"], "cust-b");
+    let rest = c
+        .get("/v1/projections/revenue/rows?prefix=cust-&limit=2&after=cust-b")
+        .await;
+    assert_eq!(rest.body["rows"][0]["key"], "cust-c");
+    assert_eq!(rest.body["next"], Value::Null);
+    assert_eq!(
+        c.get("/v1/projections/revenue/rows/nobody").await.status,
+        404
+    );
+    let status = c.status_until("revenue", |s| s["lag_records"] == 0).await;
+    assert_eq!(status["status"], "running");
+    assert_eq!(status["errors"], 0);
+
+    // A new definition folds again from the start.
+    let r = c
+        .put(
+            "/v1/projections/revenue",
+            json!({"topic": "orders", "reduce": {"aggregate": {"largest": "max(data.amount)"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let row = c
+        .get(&format!(
+            "/v1/projections/revenue/rows/other?after_position={position}"
+        ))
+        .await;
+    assert_eq!(row.body["value"], json!({"largest": 27}));
+    let r = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/projections/revenue/rebuild",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let row = c
+        .get(&format!(
+            "/v1/projections/revenue/rows/other?after_position={position}"
+        ))
+        .await;
+    assert_eq!(row.body["value"], json!({"largest": 27}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn merge_patches_and_folds_keep_entity_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    for (name, reduce) in [
+        ("state", json!({"merge": true})),
+        (
+            "totals",
+            json!({"init": "{'count': 0, 'total': 0}",
+                "apply": "{'count': state.count + 1, 'total': state.total + data.amount}"}),
+        ),
+    ] {
+        let r = c
+            .put(
+                &format!("/v1/projections/{name}"),
+                json!({"topic": "orders", "reduce": reduce}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let position = c
+        .publish(
+            "orders",
+            &[
+                ("o-1", json!({"status": "new", "amount": 5, "note": "gift"})),
+                ("o-1", json!({"status": "paid", "amount": 7, "note": null})),
+            ],
+        )
+        .await;
+    let state = c
+        .get(&format!(
+            "/v1/projections/state/rows/o-1?after_position={position}"
+        ))
+        .await;
+    assert_eq!(state.body["value"], json!({"status": "paid", "amount": 7}));
+    let totals = c
+        .get(&format!(
+            "/v1/projections/totals/rows/o-1?after_position={position}"
+        ))
+        .await;
+    assert_eq!(totals.body["value"], json!({"count": 2, "total": 12}));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_event_halts_or_is_skipped_as_defined() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    for (name, on_error) in [("strict", "halt"), ("lenient", "skip")] {
+        let r = c
+            .put(
+                &format!("/v1/projections/{name}"),
+                json!({"topic": "orders", "on_error": on_error,
+                    "reduce": {"aggregate": {"revenue": "sum(data.amount)"}}}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let position = c
+        .publish(
+            "orders",
+            &[
+                ("k", json!({"amount": 1})),
+                ("k", json!({"amount": "two"})),
+                ("k", json!({"amount": 3})),
+            ],
+        )
+        .await;
+    let lenient = c
+        .get(&format!(
+            "/v1/projections/lenient/rows/k?after_position={position}"
+        ))
+        .await;
+    assert_eq!(lenient.body["value"], json!({"revenue": 4}));
+    let s = c.status_until("lenient", |s| s["errors"] == 1).await;
+    assert!(
+        s["last_error"].as_str().unwrap().contains("offset 0:1"),
+        "{s}"
+    );
+    assert_eq!(s["status"], "running");
+
+    let s = c.status_until("strict", |s| s["status"] == "halted").await;
+    assert!(
+        s["last_error"].as_str().unwrap().contains("offset 0:1"),
+        "{s}"
+    );
+    assert!(
+        s["last_error"].as_str().unwrap().contains("not a number"),
+        "{s}"
+    );
+    assert_eq!(s["lag_records"], 2);
+    // It stopped before the offending event; a read after the publish times out.
+    let r = c
+        .get(&format!(
+            "/v1/projections/strict/rows/k?after_position={position}&timeout_ms=300"
+        ))
+        .await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(
+        c.get("/v1/projections/strict/rows/k").await.body["value"],
+        json!({"revenue": 1})
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_definitions_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 1).await;
+    server.topic("other", 1).await;
+    let c = Client::new(server.addr);
+    for (body, needle) in [
+        (json!({"topic": "orders", "reduce": {}}), "exactly one"),
+        (
+            json!({"topic": "orders", "reduce": {"aggregate": {"n": "median(x)"}}}),
+            "unknown function",
+        ),
+        (
+            json!({"topic": "orders", "reduce": {"merge": true}, "filter": "data.x >"}),
+            "filter",
+        ),
+        (
+            json!({"topic": "orders", "reduce": {"merge": true}, "key": "("}),
+            "key",
+        ),
+        (
+            json!({"topic": "orders", "reduce": {"merge": true}, "colour": 1}),
+            "colour",
+        ),
+        (
+            json!({"topic": "__subscriptions", "reduce": {"merge": true}}),
+            "internal",
+        ),
+    ] {
+        let r = c.put("/v1/projections/p", body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(needle),
+            "{body}: {:?}",
+            r.body
+        );
+    }
+    let r = c
+        .put(
+            "/v1/projections/p",
+            json!({"topic": "nope", "reduce": {"merge": true}}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    let r = c
+        .put(
+            "/v1/projections/p",
+            json!({"topic": "orders", "reduce": {"merge": true}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let r = c
+        .put(
+            "/v1/projections/p",
+            json!({"topic": "other", "reduce": {"merge": true}}),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    let r = c
+        .get("/v1/projections/p/rows/x?after_position=other:0.1")
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = c
+        .get("/v1/projections/p/rows/x?after_position=garbage")
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(c.get("/v1/projections/p/rows?limit=0").await.status, 400);
+    assert_eq!(
+        c.get("/v1/projections").await.body["projections"][0]["name"],
+        "p"
+    );
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/projections/p", None)
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(c.get("/v1/projections/p").await.status, 404);
+    server.stop().await;
+}

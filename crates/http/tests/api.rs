@@ -288,7 +288,10 @@ async fn events_are_published_in_all_three_modes_and_read_back() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-    assert_eq!(r.body, json!({"offsets": [{"partition": 0, "offset": 0}]}));
+    assert_eq!(
+        r.body,
+        json!({"offsets": [{"partition": 0, "offset": 0}], "position": "orders:0.1"})
+    );
 
     // Batched, offsets in request order.
     let r = app
@@ -300,7 +303,8 @@ async fn events_are_published_in_all_three_modes_and_read_back() {
         .await;
     assert_eq!(
         r.body,
-        json!({"offsets": [{"partition": 0, "offset": 1}, {"partition": 0, "offset": 2}, {"partition": 0, "offset": 3}]})
+        json!({"offsets": [{"partition": 0, "offset": 1}, {"partition": 0, "offset": 2}, {"partition": 0, "offset": 3}],
+            "position": "orders:0.4"})
     );
 
     // Binary: attributes in ce- headers (percent-encoded), data in the body.
@@ -314,7 +318,10 @@ async fn events_are_published_in_all_three_modes_and_read_back() {
         .body(Body::from(vec![0u8, 1, 2, 255]))
         .unwrap();
     let r = app.send(req).await;
-    assert_eq!(r.body, json!({"offsets": [{"partition": 0, "offset": 4}]}));
+    assert_eq!(
+        r.body,
+        json!({"offsets": [{"partition": 0, "offset": 4}], "position": "orders:0.5"})
+    );
 
     let r = app
         .get("/v1/topics/orders/events?partition=0&offset=0&limit=100")

@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// Durable subscriptions: pull + ack throughput and end-to-end latency, beside Redis Streams
     /// consumer groups when given a Redis server.
     Subs(crate::bench_subs::SubsBenchArgs),
+    /// Projections: the rate a count + sum aggregate is folded and point reads meanwhile, beside
+    /// PostgreSQL doing the same with upserts when given one.
+    Projections(crate::bench_projections::ProjectionsBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -65,6 +68,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Push(args) => crate::bench_push::run(args).await,
         BenchCommand::Streams(args) => crate::bench_streams::run(args).await,
         BenchCommand::Subs(args) => crate::bench_subs::run(args).await,
+        BenchCommand::Projections(args) => crate::bench_projections::run(args).await,
     }
 }
 

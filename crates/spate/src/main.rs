@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_kafka;
+mod bench_projections;
 mod bench_push;
 mod bench_streams;
 mod bench_subs;

@@ -70,11 +70,35 @@ enum Agg {
     CountDistinct,
 }
 
+/// An aggregate's argument: a plain field path of `data` (`data.amount`, `data.customer.id`)
+/// read straight from the JSON, or any other CEL expression.
+#[derive(Debug)]
+enum Arg {
+    Path(Vec<String>),
+    Cel(Expression),
+}
+
 #[derive(Debug)]
 struct Aggregate {
     name: String,
     agg: Agg,
-    arg: Option<Expression>,
+    arg: Option<Arg>,
+}
+
+/// `data.a.b` as the path `[a, b]`; `None` for anything else.
+fn data_path(source: &str) -> Option<Vec<String>> {
+    let mut parts = source.trim().split('.');
+    if parts.next()? != "data" {
+        return None;
+    }
+    let path: Vec<String> = parts.map(str::to_string).collect();
+    let ident = |s: &String| {
+        !s.is_empty()
+            && !s.as_bytes()[0].is_ascii_digit()
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !matches!(s.as_str(), "true" | "false" | "null" | "in")
+    };
+    (!path.is_empty() && path.iter().all(ident)).then_some(path)
 }
 
 #[derive(Debug)]
@@ -160,7 +184,13 @@ fn parse_aggregate(name: &str, source: &str) -> Result<Aggregate, String> {
         (Agg::Count, true) => None,
         (Agg::Count, false) => return Err(format!("aggregate {name}: count() takes no argument")),
         (_, true) => return Err(format!("aggregate {name}: {func}() needs an argument")),
-        (_, false) => Some(compile(&format!("aggregate {name}"), inner)?),
+        (_, false) => {
+            let expr = compile(&format!("aggregate {name}"), inner)?;
+            Some(match data_path(inner) {
+                Some(path) => Arg::Path(path),
+                None => Arg::Cel(expr),
+            })
+        }
     };
     Ok(Aggregate {
         name: name.to_string(),
@@ -282,13 +312,17 @@ pub fn merge_patch(target: &mut Json, patch: &Json) {
 
 impl Compiled {
     /// The row key of an event.
-    pub fn key_of(&self, event: &Event, input: &FilterInput) -> Result<String, String> {
+    fn key_of<'a>(
+        &self,
+        event: &Event,
+        input: &mut impl FnMut() -> &'a FilterInput,
+    ) -> Result<String, String> {
         let base = match &self.key {
             None => event
                 .partition_key()
                 .map(str::to_string)
                 .ok_or("the event has no partitionkey (record key) and the definition no key")?,
-            Some(k) => match k.evaluate(input)? {
+            Some(k) => match k.evaluate(input())? {
                 cel::Value::String(s) => s.to_string(),
                 other => {
                     return Err(format!(
@@ -309,6 +343,16 @@ impl Compiled {
         })
     }
 
+    /// Whether rows can grow large enough to need a size check.
+    fn unbounded_rows(&self) -> bool {
+        match &self.reducer {
+            Reducer::Merge | Reducer::Fold { .. } => true,
+            Reducer::Aggregate { aggs, .. } => aggs
+                .iter()
+                .any(|a| matches!(a.agg, Agg::Last | Agg::CountDistinct)),
+        }
+    }
+
     /// Applies one event to the row it belongs to. `current` reads the row's present state.
     pub fn apply(
         &self,
@@ -317,12 +361,28 @@ impl Compiled {
         offset: u64,
         current: impl FnOnce(&str) -> Option<Row>,
     ) -> Result<Outcome, String> {
-        let input = FilterInput::new(event);
+        // CEL variables and parsed data are built only when something needs them.
+        let cel_input = std::cell::OnceCell::new();
+        let input = || cel_input.get_or_init(|| FilterInput::new(event));
+        let parsed = std::cell::OnceCell::new();
+        let data = || {
+            parsed
+                .get_or_init(|| {
+                    event
+                        .data
+                        .as_deref()
+                        .and_then(|d| serde_json::from_slice::<Json>(d).ok())
+                })
+                .as_ref()
+        };
         // A filter that fails on an event counts as no match, as for every filter.
-        if self.filter.judge(event, || &input) != crate::filter::Verdict::Match {
+        if !self.filter.is_empty()
+            && self.filter.judge(event, input) != crate::filter::Verdict::Match
+        {
             return Ok(Outcome::Skipped);
         }
-        let key = self.key_of(event, &input)?;
+        let mut key_input = input;
+        let key = self.key_of(event, &mut key_input)?;
         let old = current(&key);
         let (value, acc) = match &self.reducer {
             Reducer::Merge => {
@@ -334,10 +394,10 @@ impl Compiled {
             Reducer::Fold { init, apply } => {
                 let state = match old {
                     Some(r) => from_json(&r.value),
-                    None => init.evaluate(&input).map_err(|e| format!("init: {e}"))?,
+                    None => init.evaluate(input()).map_err(|e| format!("init: {e}"))?,
                 };
                 let next = apply
-                    .evaluate_with(&input, &[("state", state)])
+                    .evaluate_with(input(), &[("state", state)])
                     .map_err(|e| format!("apply: {e}"))?;
                 (
                     to_json(&next).map_err(|e| format!("apply: {e}"))?,
@@ -351,10 +411,23 @@ impl Compiled {
                 };
                 for a in aggs {
                     let arg = match &a.arg {
-                        Some(e) => Some(
-                            to_json(&e.evaluate(&input).map_err(|e| format!("{}: {e}", a.name))?)
-                                .map_err(|e| format!("{}: {e}", a.name))?,
+                        Some(Arg::Cel(e)) => Some(
+                            to_json(
+                                &e.evaluate(input())
+                                    .map_err(|e| format!("{}: {e}", a.name))?,
+                            )
+                            .map_err(|e| format!("{}: {e}", a.name))?,
                         ),
+                        Some(Arg::Path(path)) => {
+                            let mut at = data()
+                                .ok_or_else(|| format!("{}: the event has no JSON data", a.name))?;
+                            for field in path {
+                                at = at
+                                    .get(field)
+                                    .ok_or_else(|| format!("{}: no such key: {field}", a.name))?;
+                            }
+                            Some(at.clone())
+                        }
                         None => None,
                     };
                     aggregate(a, arg, &mut value, &mut acc)?;
@@ -368,11 +441,13 @@ impl Compiled {
             offset,
             acc,
         };
-        let size = serde_json::to_vec(&row).map_or(usize::MAX, |v| v.len());
-        if size > ROW_BYTES_MAX {
-            return Err(format!(
-                "row {key:?} would take {size} bytes, over the limit of {ROW_BYTES_MAX}"
-            ));
+        if self.unbounded_rows() {
+            let size = serde_json::to_vec(&row).map_or(usize::MAX, |v| v.len());
+            if size > ROW_BYTES_MAX {
+                return Err(format!(
+                    "row {key:?} would take {size} bytes, over the limit of {ROW_BYTES_MAX}"
+                ));
+            }
         }
         Ok(Outcome::Row { key, row })
     }
@@ -600,6 +675,34 @@ mod tests {
             ],
         );
         assert_eq!(rows["o"].value, json!({"count": 2, "total": 12}));
+    }
+
+    #[test]
+    fn field_paths_read_directly_agree_with_cel() {
+        let direct =
+            def(json!({"aggregate": {"s": "sum(data.order.amount)", "l": "last(data.order)"}}));
+        let cel = def(
+            json!({"aggregate": {"s": "sum(data['order']['amount'])", "l": "last(data['order'])"}}),
+        );
+        let t = "2026-01-01T00:00:00Z";
+        let events = [
+            event("a", t, json!({"order": {"amount": 2.5, "tags": ["x"]}})),
+            event("a", t, json!({"order": {"amount": 4}})),
+        ];
+        assert_eq!(
+            fold(&direct, &events)["a"].value,
+            fold(&cel, &events)["a"].value
+        );
+        let missing = event("a", t, json!({"other": 1}));
+        assert!(direct.apply(&missing, 0, 0, |_| None).is_err());
+        assert!(cel.apply(&missing, 0, 0, |_| None).is_err());
+        assert_eq!(
+            data_path("data.a_1.b"),
+            Some(vec!["a_1".into(), "b".into()])
+        );
+        assert_eq!(data_path("data.a + 1"), None);
+        assert_eq!(data_path("data"), None);
+        assert_eq!(data_path("event.data.a"), None);
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub const PROJECTIONS_MAX: usize = 256;
 /// Rows one list request returns at most.
 pub const LIST_MAX: usize = 1000;
 /// Events the follower applies per batch.
-const APPLY_CHUNK: usize = 1000;
+const APPLY_CHUNK: usize = 2000;
+/// Rows a follower keeps decoded in memory (cleared when full); the store stays the truth.
+const ROW_CACHE_MAX: usize = 500_000;
 
 #[derive(Debug, Error)]
 pub enum ProjectionError {
@@ -111,6 +113,8 @@ struct Proj {
     applied: watch::Sender<Vec<u64>>,
     /// Set (under the commit lock) once replaced or deleted: its follower writes nothing more.
     retired: Arc<std::sync::atomic::AtomicBool>,
+    /// Rows as last committed, so the follower need not read and decode them again.
+    cache: Arc<Mutex<HashMap<String, Row>>>,
 }
 
 impl Proj {
@@ -177,6 +181,7 @@ impl Projections {
                     meta: Mutex::new(meta),
                     applied,
                     retired: Default::default(),
+                    cache: Arc::default(),
                 }),
             );
         }
@@ -310,6 +315,7 @@ impl Projections {
             meta: Mutex::new(meta),
             applied,
             retired: Default::default(),
+            cache: Arc::default(),
         });
         self.projs().insert(name.to_string(), p.clone());
         tokio::spawn(self.clone().follow(name.to_string(), p));
@@ -629,20 +635,25 @@ impl Projections {
         let generation = meta.generation;
         let (rows, db, metas) = (self.rows.clone(), self.db.clone(), self.metas.clone());
         let key_name = name.to_string();
-        let (commit, retired) = (self.commit.clone(), p.retired.clone());
+        let (commit, retired, cache) = (self.commit.clone(), p.retired.clone(), p.cache.clone());
         let outcome = blocking(move || {
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
             let start = from.max(part.log_start_offset());
             let page = read_events(&part, &tname, partition, start, APPLY_CHUNK)?;
             let mut touched: HashMap<String, Row> = HashMap::new();
             let mut next = page.next_offset.max(start);
             for r in &page.events {
                 let result = compiled.apply(&r.event, partition, r.offset, |k| {
-                    touched.get(k).cloned().or_else(|| {
-                        rows.get(row_key(&key_name, generation, k))
-                            .ok()
-                            .flatten()
-                            .and_then(|v| serde_json::from_slice(&v).ok())
-                    })
+                    touched
+                        .get(k)
+                        .or_else(|| cache.get(k))
+                        .cloned()
+                        .or_else(|| {
+                            rows.get(row_key(&key_name, generation, k))
+                                .ok()
+                                .flatten()
+                                .and_then(|v| serde_json::from_slice(&v).ok())
+                        })
                 });
                 match result {
                     Ok(Outcome::Row { key, row }) => {
@@ -672,9 +683,14 @@ impl Projections {
             if retired.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok((meta, false));
             }
-            batch
-                .commit()
-                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))?;
+            if let Err(e) = batch.commit() {
+                cache.clear();
+                return Err(BrokerError::Internal(format!("projection store: {e}")));
+            }
+            if cache.len() + touched.len() > ROW_CACHE_MAX {
+                cache.clear();
+            }
+            cache.extend(touched);
             Ok((meta, next > from))
         })
         .await?;

@@ -451,6 +451,7 @@ impl Connection {
             Some("unsubscribe") => self.unsubscribe(&v).await,
             Some("publish") => self.publish(v).await,
             Some("consume") => self.consume(&v).await,
+            Some("watch") => self.watch(&v).await,
             Some("ack") => self.settle(&v, false).await,
             Some("nack") => self.settle(&v, true).await,
             Some(op) => {
@@ -606,6 +607,114 @@ impl Connection {
             self.s.push.max_behind,
         ));
         self.subs.insert(id, handle);
+    }
+
+    async fn watch(&mut self, v: &Value) {
+        let Some(projection) = v.get("projection").and_then(Value::as_str) else {
+            return self
+                .reply(error(
+                    None,
+                    "malformed",
+                    "watch needs a string `projection`",
+                ))
+                .await;
+        };
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or(projection)
+            .to_string();
+        let tag = Some(("id", id.as_str()));
+        let key = v.get("key").and_then(Value::as_str).map(str::to_string);
+        let prefix = v.get("prefix").and_then(Value::as_str).map(str::to_string);
+        if key.is_some() && prefix.is_some() {
+            return self
+                .reply(error(tag, "malformed", "give `key` or `prefix`, not both"))
+                .await;
+        }
+        if self.subs.contains_key(&id) {
+            return self
+                .reply(error(
+                    tag,
+                    "duplicate-id",
+                    "an open subscription or watch has this id",
+                ))
+                .await;
+        }
+        let Some(projections) = self.s.projections.clone() else {
+            return self
+                .reply(error(
+                    tag,
+                    "projections-unavailable",
+                    "projections are not running",
+                ))
+                .await;
+        };
+        let mut changes = match projections.watch(projection) {
+            Ok(rx) => rx,
+            Err(e) => {
+                let api: ApiError = e.into();
+                return self.reply(error(tag, api.kind, api.detail.clone())).await;
+            }
+        };
+        self.reply(json!({"op": "watching", "id": id, "projection": projection}))
+            .await;
+        let (tx, projection) = (self.tx.clone(), projection.to_string());
+        let handle = tokio::spawn(async move {
+            let head = format!(
+                "{{\"op\":\"row\",\"id\":{},\"projection\":{},",
+                Value::from(id.as_str()),
+                Value::from(projection.as_str())
+            );
+            loop {
+                let reason = match changes.recv().await {
+                    Ok(c) => {
+                        let wanted = match (&key, &prefix) {
+                            (Some(k), _) => &c.key == k,
+                            (_, Some(p)) => c.key.starts_with(p.as_str()),
+                            _ => true,
+                        };
+                        if !wanted {
+                            continue;
+                        }
+                        let msg = format!(
+                            "{head}\"key\":{},\"value\":{},\"partition\":{},\"offset\":{}}}",
+                            Value::from(c.key.as_str()),
+                            c.row.value,
+                            c.row.partition,
+                            c.row.offset
+                        );
+                        if tx.send(Out::Text(msg)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => (
+                        "slow-consumer",
+                        format!("the watch fell {n} changes behind; read the rows and watch again"),
+                    ),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => (
+                        "projection-changed",
+                        "the projection was redefined, rebuilt or deleted; read the rows and watch again"
+                            .to_string(),
+                    ),
+                };
+                let v = error(Some(("id", &id)), reason.0, reason.1);
+                let _ = tx.send(Out::Text(v.to_string())).await;
+                return;
+            }
+        });
+        self.subs.insert(
+            v.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or(
+                    v.get("projection")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default(),
+                )
+                .to_string(),
+            handle,
+        );
     }
 
     async fn consume(&mut self, v: &Value) {

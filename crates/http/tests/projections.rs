@@ -365,3 +365,67 @@ async fn invalid_definitions_are_refused_with_the_reason() {
     assert_eq!(c.get("/v1/projections/p").await.status, 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_watch_pushes_each_row_change_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 2).await;
+    let c = Client::new(server.addr);
+    let r = c
+        .put(
+            "/v1/projections/sums",
+            json!({"topic": "orders", "reduce": {"aggregate": {"sum": "sum(data.amount)"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "watch", "id": "w1", "projection": "sums", "key": "a"}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "watching");
+    ws.send(json!({"op": "watch", "id": "w2", "projection": "sums", "prefix": "b"}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "watching");
+    ws.send(json!({"op": "watch", "projection": "nope"})).await;
+    assert_eq!(ws.recv().await["code"], "projection-not-found");
+    let mut events = Vec::new();
+    for i in 1..=5u64 {
+        events.push(("a", json!({"amount": i})));
+        events.push(("b1", json!({"amount": 10 * i})));
+        events.push(("c", json!({"amount": 100})));
+    }
+    c.publish("orders", &events).await;
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    while a.len() < 5 || b.len() < 5 {
+        let m = ws.recv().await;
+        assert_eq!(m["op"], "row", "{m}");
+        assert_eq!(m["projection"], "sums");
+        match m["id"].as_str().unwrap() {
+            "w1" => {
+                assert_eq!(m["key"], "a");
+                a.push(m["value"]["sum"].as_u64().unwrap());
+            }
+            "w2" => {
+                assert_eq!(m["key"], "b1");
+                b.push(m["value"]["sum"].as_u64().unwrap());
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(a, [1, 3, 6, 10, 15]);
+    assert_eq!(b, [10, 30, 60, 100, 150]);
+    // Nothing else: no change of `c`, no repeats.
+    assert!(ws.recv_within(Duration::from_millis(300)).await.is_none());
+    // A redefinition ends the watch.
+    let r = c
+        .put(
+            "/v1/projections/sums",
+            json!({"topic": "orders", "reduce": {"aggregate": {"n": "count()"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let m = ws.recv().await;
+    assert_eq!(m["code"], "projection-changed", "{m}");
+    server.stop().await;
+}

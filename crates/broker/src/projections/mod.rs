@@ -115,7 +115,19 @@ struct Proj {
     retired: Arc<std::sync::atomic::AtomicBool>,
     /// Rows as last committed, so the follower need not read and decode them again.
     cache: Arc<Mutex<HashMap<String, Row>>>,
+    /// Each row change, in order, once committed: for watchers.
+    changes: tokio::sync::broadcast::Sender<Arc<Change>>,
 }
+
+/// A row change pushed to watchers.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub key: String,
+    pub row: Row,
+}
+
+/// Changes a watcher may fall behind by before it is cut off.
+pub const WATCH_BUFFER: usize = 8192;
 
 impl Proj {
     fn meta(&self) -> MutexGuard<'_, Meta> {
@@ -182,6 +194,7 @@ impl Projections {
                     applied,
                     retired: Default::default(),
                     cache: Arc::default(),
+                    changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
                 }),
             );
         }
@@ -316,6 +329,7 @@ impl Projections {
             applied,
             retired: Default::default(),
             cache: Arc::default(),
+            changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
         });
         self.projs().insert(name.to_string(), p.clone());
         tokio::spawn(self.clone().follow(name.to_string(), p));
@@ -471,6 +485,12 @@ impl Projections {
             Ok(Err(_)) => Err(ProjectionError::NotFound(name.to_string())),
             Err(_) => Err(ProjectionError::Timeout(wait)),
         }
+    }
+
+    /// Row changes of a projection from now on, in order (each event's change once). The
+    /// receiver ends when the projection is redefined, rebuilt or deleted.
+    pub fn watch(&self, name: &str) -> Result<tokio::sync::broadcast::Receiver<Arc<Change>>> {
+        Ok(self.get(name)?.changes.subscribe())
     }
 
     /// One row, or `None`.
@@ -636,11 +656,14 @@ impl Projections {
         let (rows, db, metas) = (self.rows.clone(), self.db.clone(), self.metas.clone());
         let key_name = name.to_string();
         let (commit, retired, cache) = (self.commit.clone(), p.retired.clone(), p.cache.clone());
+        // Every change is kept, in order, only while someone watches.
+        let watched = p.changes.receiver_count() > 0;
         let outcome = blocking(move || {
             let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
             let start = from.max(part.log_start_offset());
             let page = read_events(&part, &tname, partition, start, APPLY_CHUNK)?;
             let mut touched: HashMap<String, Row> = HashMap::new();
+            let mut changes: Vec<Change> = Vec::new();
             let mut next = page.next_offset.max(start);
             for r in &page.events {
                 let result = compiled.apply(&r.event, partition, r.offset, |k| {
@@ -657,6 +680,12 @@ impl Projections {
                 });
                 match result {
                     Ok(Outcome::Row { key, row }) => {
+                        if watched {
+                            changes.push(Change {
+                                key: key.clone(),
+                                row: row.clone(),
+                            });
+                        }
                         touched.insert(key, row);
                     }
                     Ok(Outcome::Skipped) => {}
@@ -681,7 +710,7 @@ impl Projections {
             batch.insert(&metas, key_name.as_bytes().to_vec(), encode(&meta));
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
             if retired.load(std::sync::atomic::Ordering::Acquire) {
-                return Ok((meta, false));
+                return Ok((meta, false, Vec::new()));
             }
             if let Err(e) = batch.commit() {
                 cache.clear();
@@ -691,16 +720,19 @@ impl Projections {
                 cache.clear();
             }
             cache.extend(touched);
-            Ok((meta, next > from))
+            Ok((meta, next > from, changes))
         })
         .await?;
-        let (meta, progressed) = outcome;
+        let (meta, progressed, changes) = outcome;
         if !self.current(name, p) {
             return Ok(false);
         }
         let positions = meta.positions.clone();
         *p.meta() = meta;
         p.applied.send_replace(positions);
+        for c in changes {
+            let _ = p.changes.send(Arc::new(c));
+        }
         Ok(progressed)
     }
 }

@@ -660,6 +660,7 @@ impl Connection {
         self.reply(json!({"op": "watching", "id": id, "projection": projection}))
             .await;
         let (tx, projection) = (self.tx.clone(), projection.to_string());
+        let watch_id = id.clone();
         let handle = tokio::spawn(async move {
             let head = format!(
                 "{{\"op\":\"row\",\"id\":{},\"projection\":{},",
@@ -704,17 +705,7 @@ impl Connection {
                 return;
             }
         });
-        self.subs.insert(
-            v.get("id")
-                .and_then(Value::as_str)
-                .unwrap_or(
-                    v.get("projection")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default(),
-                )
-                .to_string(),
-            handle,
-        );
+        self.subs.insert(watch_id, handle);
     }
 
     async fn consume(&mut self, v: &Value) {

@@ -6,18 +6,22 @@
 //! that the bytes are missing. This allocator serves large allocations with anonymous mappings that
 //! reserve address space without committing memory (`MAP_NORESERVE`): pages are backed only when
 //! written, so a reservation the decoder never fills costs nothing and is unmapped when the decode
-//! fails. Smaller allocations go to the system allocator, unchanged.
+//! fails. Smaller allocations go to mimalloc, which holds up better than glibc's allocator under
+//! the server's many short-lived buffers and threads.
 //!
 //! Binaries that serve the Kafka protocol install it with
 //! `#[global_allocator] static ALLOC: spate_kafka::alloc::ReservingAlloc = spate_kafka::alloc::ReservingAlloc;`.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::null_mut;
+
+/// The allocator of everything not mapped directly.
+use mimalloc::MiMalloc as Small;
 
 /// Allocations at least this large are mapped directly.
 const LARGE_BYTES: usize = 64 << 20;
-/// Mappings are page-aligned; larger alignments go to the system allocator.
+/// Mappings are page-aligned; larger alignments go to `Small`.
 const PAGE_BYTES: usize = 4096;
 
 pub struct ReservingAlloc;
@@ -26,7 +30,7 @@ fn mapped(layout: &Layout) -> bool {
     layout.size() >= LARGE_BYTES && layout.align() <= PAGE_BYTES
 }
 
-// SAFETY: every pointer handed out is either from `System` (and returned to it) or from an
+// SAFETY: every pointer handed out is either from `Small` (mimalloc, and returned to it) or from an
 // anonymous private mapping of exactly `layout.size()` bytes (and unmapped with that size); the
 // choice depends only on the layout, which callers pass back unchanged. Mappings are page-aligned,
 // which satisfies every alignment routed to them.
@@ -34,7 +38,7 @@ unsafe impl GlobalAlloc for ReservingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if !mapped(&layout) {
             // SAFETY: forwarded with the caller's guarantees.
-            return unsafe { System.alloc(layout) };
+            return unsafe { Small.alloc(layout) };
         }
         // SAFETY: an anonymous mapping with no address hint has no preconditions.
         let p = unsafe {
@@ -57,7 +61,7 @@ unsafe impl GlobalAlloc for ReservingAlloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if !mapped(&layout) {
             // SAFETY: forwarded with the caller's guarantees.
-            return unsafe { System.alloc_zeroed(layout) };
+            return unsafe { Small.alloc_zeroed(layout) };
         }
         // Anonymous mappings are zero-filled.
         // SAFETY: same layout contract as `alloc`.
@@ -69,8 +73,8 @@ unsafe impl GlobalAlloc for ReservingAlloc {
             // SAFETY: `ptr` came from `alloc` with this size, so it is a mapping of this length.
             unsafe { libc::munmap(ptr.cast(), layout.size()) };
         } else {
-            // SAFETY: `ptr` came from `System` with this layout.
-            unsafe { System.dealloc(ptr, layout) };
+            // SAFETY: `ptr` came from `Small` with this layout.
+            unsafe { Small.dealloc(ptr, layout) };
         }
     }
 
@@ -79,7 +83,7 @@ unsafe impl GlobalAlloc for ReservingAlloc {
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         match (mapped(&layout), mapped(&new_layout)) {
             // SAFETY: forwarded with the caller's guarantees.
-            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            (false, false) => unsafe { Small.realloc(ptr, layout, new_size) },
             (true, true) => {
                 // SAFETY: `ptr` is a mapping of `layout.size()` bytes; MREMAP_MAYMOVE keeps content.
                 let p = unsafe {
@@ -114,7 +118,7 @@ mod tests {
     #[test]
     fn a_huge_reservation_that_is_never_filled_costs_nothing() {
         let a = ReservingAlloc;
-        // Far more than the machine's memory: refused by the system allocator, reserved here.
+        // Far more than the machine's memory: refused by a heap allocator, reserved here.
         let layout = Layout::from_size_align(1 << 40, 8).unwrap();
         // SAFETY: valid layout; the block is released below with the same layout.
         unsafe {

@@ -666,11 +666,13 @@ impl Projections {
             let mut changes: Vec<Change> = Vec::new();
             let mut next = page.next_offset.max(start);
             for r in &page.events {
+                // Rows move out of the cache into this batch and back once it is committed (the
+                // cache is cleared if the commit fails).
                 let result = compiled.apply(&r.event, partition, r.offset, |k| {
                     touched
                         .get(k)
-                        .or_else(|| cache.get(k))
                         .cloned()
+                        .or_else(|| cache.remove(k))
                         .or_else(|| {
                             rows.get(row_key(&key_name, generation, k))
                                 .ok()

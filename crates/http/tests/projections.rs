@@ -5,49 +5,22 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::start_with_projections;
+use common::{Http, start_with_projections};
 use serde_json::{Value, json};
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-}
+/// The API client with this file's helpers.
+struct Client(Http);
 
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    body: Value,
+impl std::ops::Deref for Client {
+    type Target = Http;
+    fn deref(&self) -> &Http {
+        &self.0
+    }
 }
 
 impl Client {
     fn new(addr: std::net::SocketAddr) -> Client {
-        Client {
-            http: reqwest::Client::new(),
-            base: format!("http://{addr}"),
-        }
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Reply {
-        let mut r = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let r = r.send().await.unwrap();
-        let status = r.status().as_u16();
-        Reply {
-            status,
-            body: r.json().await.unwrap_or(Value::Null),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Reply {
-        self.send(reqwest::Method::GET, path, None).await
-    }
-
-    async fn put(&self, path: &str, body: Value) -> Reply {
-        self.send(reqwest::Method::PUT, path, Some(body)).await
+        Client(Http::new(addr))
     }
 
     /// Publishes events (key, data) in one request; returns the position token.

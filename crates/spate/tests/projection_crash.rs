@@ -121,21 +121,14 @@ async fn verify(client: &reqwest::Client, url: &str, seed: u64, cycle: usize) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_leaves_projections_equal_to_a_fresh_fold() {
-    let cycles: usize = std::env::var("SPATE_PROJECTION_CRASH_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let seed = common::seed();
-    println!(
-        "projection kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)"
-    );
-    let mut rng = Rng(seed | 1);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let common::CrashLoop {
+        cycles,
+        seed,
+        mut rng,
+        data,
+        client,
+        dir: _dir,
+    } = common::CrashLoop::new("SPATE_PROJECTION_CRASH_CYCLES", "projection");
     for cycle in 0..cycles {
         let server = common::start(&data, &["--fsync", "batch"]);
         if cycle == 0 {

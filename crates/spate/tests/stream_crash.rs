@@ -213,21 +213,14 @@ async fn verify(client: &reqwest::Client, url: &str, acked: &Acked, cycle: usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_keeps_stream_appends_whole_and_acknowledged() {
-    let cycles: usize = std::env::var("SPATE_STREAM_CRASH_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let seed = common::seed();
-    println!(
-        "stream kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)"
-    );
-    let mut rng = Rng(seed | 1);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let common::CrashLoop {
+        cycles,
+        seed,
+        mut rng,
+        data,
+        client,
+        dir: _dir,
+    } = common::CrashLoop::new("SPATE_STREAM_CRASH_CYCLES", "stream");
     let acked: Acked = Arc::default();
     let mut killed_with_writes = 0;
     for cycle in 0..cycles {

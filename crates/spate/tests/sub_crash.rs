@@ -193,21 +193,14 @@ async fn stats(client: &reqwest::Client, url: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_message_and_redelivers_no_acked_one() {
-    let cycles: usize = std::env::var("SPATE_SUB_CRASH_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let seed = common::seed();
-    println!(
-        "subscription kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)"
-    );
-    let mut rng = Rng(seed | 1);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let common::CrashLoop {
+        cycles,
+        seed,
+        mut rng,
+        data,
+        client,
+        dir: _dir,
+    } = common::CrashLoop::new("SPATE_SUB_CRASH_CYCLES", "subscription");
     let oracle: Shared = Arc::default();
     for cycle in 0..cycles {
         let server = common::start(&data, &["--fsync", "batch"]);

@@ -129,6 +129,43 @@ impl Rng {
     }
 }
 
+/// What a kill -9 loop starts from: its cycles (from the environment variable it names, 20 by
+/// default), the seed and a generator seeded with it, a data directory and an HTTP client.
+pub struct CrashLoop {
+    pub cycles: usize,
+    pub seed: u64,
+    pub rng: Rng,
+    pub data: std::path::PathBuf,
+    pub client: reqwest::Client,
+    /// Holds the data directory; removed when dropped.
+    pub dir: tempfile::TempDir,
+}
+
+impl CrashLoop {
+    pub fn new(cycles_var: &str, what: &str) -> CrashLoop {
+        let cycles = std::env::var(cycles_var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        let seed = seed();
+        println!(
+            "{what} kill -9 loop: {cycles} cycles, seed {seed} (SPATE_CRASH_SEED={seed} reproduces)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        CrashLoop {
+            cycles,
+            seed,
+            rng: Rng(seed | 1),
+            data: dir.path().join("data"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            dir,
+        }
+    }
+}
+
 /// The seed of a randomized test: `SPATE_CRASH_SEED`, or one from the clock.
 pub fn seed() -> u64 {
     std::env::var("SPATE_CRASH_SEED")

@@ -226,13 +226,7 @@ async fn kill_9_keeps_stream_appends_whole_and_acknowledged() {
     for cycle in 0..cycles {
         let server = common::start(&data, &["--fsync", "batch"]);
         if cycle == 0 {
-            let r = client
-                .post(format!("{}/v1/topics", server.url))
-                .json(&json!({"name": TOPIC, "partitions": 3}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 201);
+            common::create_topic(&client, &server.url, TOPIC, 3).await;
         }
         verify(&client, &server.url, &acked, cycle, seed).await;
         let before = acked.lock().unwrap().len();

@@ -205,13 +205,7 @@ async fn kill_9_loses_no_message_and_redelivers_no_acked_one() {
     for cycle in 0..cycles {
         let server = common::start(&data, &["--fsync", "batch"]);
         if cycle == 0 {
-            let r = client
-                .post(format!("{}/v1/topics", server.url))
-                .json(&json!({"name": TOPIC, "partitions": 3}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 201);
+            common::create_topic(&client, &server.url, TOPIC, 3).await;
             let r = client
                 .put(format!("{}/v1/subscriptions/{SUB}", server.url))
                 .json(

@@ -166,6 +166,17 @@ impl CrashLoop {
     }
 }
 
+/// Creates a topic over HTTP, expecting 201.
+pub async fn create_topic(client: &reqwest::Client, url: &str, name: &str, partitions: u32) {
+    let r = client
+        .post(format!("{url}/v1/topics"))
+        .json(&serde_json::json!({"name": name, "partitions": partitions}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "create topic {name}");
+}
+
 /// The seed of a randomized test: `SPATE_CRASH_SEED`, or one from the clock.
 pub fn seed() -> u64 {
     std::env::var("SPATE_CRASH_SEED")

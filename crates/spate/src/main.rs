@@ -9,6 +9,7 @@ mod bench_streams;
 mod bench_subs;
 mod client;
 mod config;
+mod projection_cli;
 mod serve;
 mod sub_cli;
 
@@ -61,6 +62,13 @@ enum Command {
         source: Option<String>,
         /// The event data: JSON, or text sent as text/plain.
         data: Option<String>,
+    },
+    /// Projections: create, list, get (status or a row), rebuild, delete.
+    Projection {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: projection_cli::ProjectionCommand,
     },
     /// Durable subscriptions: create, list, describe, pull, redrive.
     Sub {
@@ -295,6 +303,9 @@ fn main() -> Result<()> {
                 client::Client::new(&server.server)
                     .tail(&topic, &from, partition, follow)
                     .await
+            }
+            Command::Projection { server, command } => {
+                projection_cli::run(&client::Client::new(&server.server), command).await
             }
             Command::Sub { server, command } => {
                 sub_cli::run(&client::Client::new(&server.server), command).await

@@ -280,6 +280,23 @@ fn describe_metrics() {
         "Messages a subscription moved to its dead-letter topic."
     );
     describe_counter!(
+        "spate_projection_records_applied_total",
+        "Log records a projection went through (applied or left out by its filter)."
+    );
+    describe_counter!(
+        "spate_projection_errors_total",
+        "Events a projection's definition failed on."
+    );
+    describe_gauge!(
+        "spate_projection_lag_records",
+        "Records of a projection's topic not applied yet."
+    );
+    describe_gauge!(
+        "spate_projection_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest record a projection has not applied yet."
+    );
+    describe_counter!(
         "spate_slow_consumers_total",
         "Push connections closed because they fell too far behind."
     );

@@ -538,3 +538,88 @@ async fn cli_manages_subscriptions_and_metrics_count_them() {
     run(&["sub", "delete", "cli"]);
     server.terminate();
 }
+
+#[tokio::test]
+async fn cli_manages_projections_and_metrics_show_their_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let url = server.url.clone();
+    let run = |args: &[&str]| {
+        let (ok, out, err) = cli(&url, args, None);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    run(&["topics", "create", "orders", "--partitions", "2"]);
+    let out = run(&[
+        "projection",
+        "create",
+        "spend",
+        "--topic",
+        "orders",
+        "--reduce",
+        r#"{"aggregate": {"n": "count()", "total": "sum(data.amount)"}}"#,
+    ]);
+    assert!(out.contains("projection spend on orders"), "{out}");
+    for amount in [3, 4] {
+        run(&[
+            "publish",
+            "orders",
+            "--type",
+            "order.paid",
+            "--key",
+            "alice",
+            &format!("{{\"amount\": {amount}}}"),
+        ]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let row = loop {
+        let (ok, out, _) = cli(&url, &["projection", "get", "spend", "alice"], None);
+        if ok {
+            let row: Value = serde_json::from_str(&out).unwrap();
+            if row["value"]["n"] == 2 {
+                break row;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(row["value"]["total"], 7);
+    let status: Value = serde_json::from_str(&run(&["projection", "get", "spend"])).unwrap();
+    assert_eq!(status["status"], "running");
+    let list = run(&["projection", "list"]);
+    assert!(list.lines().nth(1).unwrap().starts_with("spend "), "{list}");
+    assert!(run(&["projection", "rebuild", "spend"]).contains("rebuilding"));
+    let (ok, _, err) = cli(
+        &url,
+        &[
+            "projection",
+            "create",
+            "bad",
+            "--topic",
+            "orders",
+            "--reduce",
+            "{}",
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("400") && err.contains("exactly one"), "{err}");
+
+    // Metrics are exported every second.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let body = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "spate_projection_lag_records{projection=\"spend\"} 0",
+        "spate_projection_errors_total{projection=\"spend\"} 0",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line} in\n{body}");
+    }
+    assert!(body.contains("spate_projection_records_applied_total{projection=\"spend\"}"));
+    run(&["projection", "delete", "spend"]);
+    server.terminate();
+}

@@ -214,8 +214,25 @@ impl Projections {
         self.projs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the followers.
+    /// Starts the followers, and the export of each projection's lag as metrics every second.
     pub fn start(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                if *me.stopped.borrow() {
+                    return;
+                }
+                for s in me.list() {
+                    metrics::gauge!("spate_projection_lag_records", "projection" => s.name.clone())
+                        .set(s.lag_records as f64);
+                    metrics::gauge!("spate_projection_lag_seconds", "projection" => s.name)
+                        .set(s.lag_seconds);
+                }
+            }
+        });
         let all: Vec<(String, Arc<Proj>)> = self
             .projs()
             .iter()
@@ -729,6 +746,15 @@ impl Projections {
         if !self.current(name, p) {
             return Ok(false);
         }
+        let next = meta
+            .positions
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(from);
+        metrics::counter!("spate_projection_records_applied_total", "projection" => name.to_string())
+            .increment(next.saturating_sub(from));
+        metrics::counter!("spate_projection_errors_total", "projection" => name.to_string())
+            .absolute(meta.errors);
         let positions = meta.positions.clone();
         *p.meta() = meta;
         p.applied.send_replace(positions);

@@ -10,7 +10,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
-use spate_broker::projections::{Definition, ProjectionError, Projections, Row};
+use spate_broker::projections::{AsOf, Definition, ProjectionError, Projections, Row};
 
 use crate::events::{number, parse_json, read_body};
 use crate::{ApiError, ApiResult, AppState};
@@ -140,16 +140,34 @@ pub async fn rebuild(
     Ok(Json(json!(projections(&s)?.rebuild(&name).await?)))
 }
 
-/// `GET /v1/projections/{name}/rows/{key}?after_position=&timeout_ms=`
+/// `GET /v1/projections/{name}/rows/{key}?after_position=&timeout_ms=&as_of=`
 pub async fn row(
     State(s): State<AppState>,
     Path((name, key)): Path<(String, String)>,
     q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let q = query(q, &["after_position", "timeout_ms"])?;
+    let q = query(q, &["after_position", "timeout_ms", "as_of"])?;
     let p = projections(&s)?;
     read_your_writes(p, &name, &q).await?;
-    match p.row(&name, &key).await? {
+    let row = match q.get("as_of") {
+        None => p.row(&name, &key).await?,
+        Some(a) => {
+            let as_of = match a.parse::<u64>() {
+                Ok(o) => AsOf::Offset(o),
+                Err(_) => AsOf::Time(
+                    time::OffsetDateTime::parse(a, &time::format_description::well_known::Rfc3339)
+                        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                        .map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "`as_of` must be an offset or an RFC 3339 time, got {a:?}"
+                            ))
+                        })?,
+                ),
+            };
+            p.row_as_of(&name, &key, as_of).await?
+        }
+    };
+    match row {
         Some(row) => Ok(Json(row_json(&key, &row))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -79,6 +79,14 @@ pub fn parse_position(token: &str) -> Result<(String, BTreeMap<u32, u64>)> {
     Ok((topic.to_string(), out))
 }
 
+/// A point in a stream's history: a log offset, or a time (ms since the epoch) compared with
+/// the events' `time`.
+#[derive(Debug, Clone, Copy)]
+pub enum AsOf {
+    Offset(u64),
+    Time(i64),
+}
+
 /// What the store keeps of a projection beside its rows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Meta {
@@ -508,6 +516,50 @@ impl Projections {
     /// receiver ends when the projection is redefined, rebuilt or deleted.
     pub fn watch(&self, name: &str) -> Result<tokio::sync::broadcast::Receiver<Arc<Change>>> {
         Ok(self.get(name)?.changes.subscribe())
+    }
+
+    /// The row of stream `key` as it was after the events up to `as_of`: the stream's events
+    /// are read through the stream index and folded again, from its first. Only for projections
+    /// keyed by stream (no `key` expression, no window).
+    pub async fn row_as_of(&self, name: &str, key: &str, as_of: AsOf) -> Result<Option<Row>> {
+        let p = self.get(name)?;
+        let def = &p.compiled.definition;
+        if def.key.is_some() || def.reduce.window.is_some() {
+            return Err(ProjectionError::Invalid(format!(
+                "as_of needs a projection keyed by stream (no key expression, no window); {name} is not"
+            )));
+        }
+        let mut row: Option<Row> = None;
+        let mut from = 0;
+        loop {
+            let page = self
+                .broker
+                .read_stream(&def.topic, key, Some(from), 1000, false)
+                .await?;
+            let Some(events) = page.filter(|e| !e.is_empty()) else {
+                return Ok(row);
+            };
+            for e in &events {
+                let past = match as_of {
+                    AsOf::Offset(o) => e.offset > o,
+                    AsOf::Time(t) => reduce::event_ms(&e.event) > t,
+                };
+                if past {
+                    return Ok(row);
+                }
+                match p
+                    .compiled
+                    .apply(&e.event, e.partition, e.offset, |_| row.clone())
+                {
+                    Ok(Outcome::Row { row: r, .. }) => row = Some(r),
+                    Ok(Outcome::Skipped) => {}
+                    Err(_) if def.on_error == OnError::Skip => {}
+                    // Where the projection halts, the state stays as it was.
+                    Err(_) => return Ok(row),
+                }
+                from = e.version + 1;
+            }
+        }
     }
 
     /// One row, or `None`.

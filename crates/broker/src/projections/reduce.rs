@@ -277,7 +277,8 @@ pub enum Outcome {
     Row { key: String, row: Row },
 }
 
-fn event_ms(event: &Event) -> i64 {
+/// An event's `time` in ms since the epoch (0 without one).
+pub fn event_ms(event: &Event) -> i64 {
     event
         .time
         .as_deref()

@@ -500,3 +500,83 @@ async fn as_of_folds_the_stream_up_to_that_point() {
     assert_eq!(r.status, 400);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 3).await;
+    let c = Client::new(server.addr);
+    let reduce = json!({"aggregate": {"n": "count()", "total": "sum(data.amount)", "top": "max(data.amount)"}});
+    let r = c
+        .put(
+            "/v1/projections/live",
+            json!({"topic": "orders", "reduce": reduce}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let writer = {
+        let c = Client::new(server.addr);
+        tokio::spawn(async move {
+            let mut position = String::new();
+            for batch in 0..40u64 {
+                let events: Vec<(String, Value)> = (0..50u64)
+                    .map(|i| {
+                        (
+                            format!("k{}", (batch * 7 + i) % 37),
+                            json!({"amount": batch * 50 + i}),
+                        )
+                    })
+                    .collect();
+                let refs: Vec<(&str, Value)> = events
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
+                position = c.publish("orders", &refs).await;
+            }
+            position
+        })
+    };
+    // Rebuild twice while the writer runs.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let r = c
+            .send(reqwest::Method::POST, "/v1/projections/live/rebuild", None)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let position = writer.await.unwrap();
+    // A projection defined after the fact folds the whole log from scratch.
+    let r = c
+        .put(
+            "/v1/projections/fresh",
+            json!({"topic": "orders", "reduce": reduce}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let rows = |name: &'static str| {
+        let c = &c;
+        let position = position.clone();
+        async move {
+            let r = c
+                .get(&format!(
+                    "/v1/projections/{name}/rows?limit=1000&after_position={position}"
+                ))
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            let rows: Vec<(Value, Value)> = r.body["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r["key"].clone(), r["value"].clone()))
+                .collect();
+            rows
+        }
+    };
+    let live = rows("live").await;
+    assert_eq!(live.len(), 37);
+    assert_eq!(live, rows("fresh").await);
+    let n: u64 = live.iter().map(|(_, v)| v["n"].as_u64().unwrap()).sum();
+    assert_eq!(n, 2000);
+    server.stop().await;
+}

@@ -580,3 +580,55 @@ async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
     assert_eq!(n, 2000);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_rebuild_serves_the_old_rows_until_it_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    let r = c
+        .put(
+            "/v1/projections/counts",
+            json!({"topic": "orders", "reduce": {"aggregate": {"n": "count()"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let mut position = String::new();
+    for _ in 0..20 {
+        let events: Vec<(&str, Value)> = (0..500).map(|_| ("k", json!({}))).collect();
+        position = c.publish("orders", &events).await;
+    }
+    let before = c
+        .get(&format!(
+            "/v1/projections/counts/rows/k?after_position={position}"
+        ))
+        .await;
+    assert_eq!(before.body["value"]["n"], 10_000);
+    let r = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/projections/counts/rebuild",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // While the rebuild folds 10,000 events, reads see the whole old row, never a partial one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = c.get("/v1/projections/counts/rows/k").await;
+        assert_eq!(row.body["value"]["n"], 10_000, "{:?}", row.body);
+        let s = c.get("/v1/projections/counts").await.body;
+        match s["status"].as_str().unwrap() {
+            "rebuilding" => {}
+            "running" => break,
+            other => panic!("{other}"),
+        }
+        assert!(Instant::now() < deadline);
+    }
+    assert_eq!(
+        c.get("/v1/projections/counts/rows/k").await.body["value"]["n"],
+        10_000
+    );
+    server.stop().await;
+}

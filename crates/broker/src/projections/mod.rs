@@ -125,6 +125,16 @@ struct Proj {
     cache: Arc<Mutex<HashMap<String, Row>>>,
     /// Each row change, in order, once committed: for watchers.
     changes: tokio::sync::broadcast::Sender<Arc<Change>>,
+    /// A rebuild not yet caught up: its state is stored under [`pending_key`] and queries are
+    /// served by the generation before it until it takes over.
+    pending: std::sync::atomic::AtomicBool,
+}
+
+/// Where the state of a projection's rebuild in progress is stored.
+fn pending_key(name: &str) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.extend_from_slice(b"\0next");
+    k
 }
 
 /// A row change pushed to watchers.
@@ -138,8 +148,48 @@ pub struct Change {
 pub const WATCH_BUFFER: usize = 8192;
 
 impl Proj {
+    fn new(compiled: Compiled, meta: Meta, pending: bool) -> Arc<Proj> {
+        let (applied, _) = watch::channel(meta.positions.clone());
+        Arc::new(Proj {
+            compiled: Arc::new(compiled),
+            meta: Mutex::new(meta),
+            applied,
+            retired: Default::default(),
+            cache: Arc::default(),
+            changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
+            pending: std::sync::atomic::AtomicBool::new(pending),
+        })
+    }
+
     fn meta(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_pending(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Where its state is stored.
+    fn meta_key(&self, name: &str) -> Vec<u8> {
+        if self.is_pending() {
+            pending_key(name)
+        } else {
+            name.as_bytes().to_vec()
+        }
+    }
+
+    /// Whether it has applied everything its topic held when it started.
+    fn caught_up(&self) -> bool {
+        let m = self.meta();
+        m.positions
+            .iter()
+            .zip(&m.rebuild_until)
+            .all(|(p, e)| p >= e)
     }
 }
 
@@ -150,6 +200,8 @@ pub struct Projections {
     metas: fjall::Keyspace,
     rows: fjall::Keyspace,
     projs: Mutex<BTreeMap<String, Arc<Proj>>>,
+    /// Rebuilds in progress, by name.
+    pending: Mutex<BTreeMap<String, Arc<Proj>>>,
     /// Held while a follower commits and while a projection is replaced or deleted, so that a
     /// retired follower never overwrites its successor's state.
     commit: Arc<Mutex<()>>,
@@ -171,6 +223,27 @@ fn row_key(name: &str, generation: u64, key: &str) -> Vec<u8> {
     k
 }
 
+/// The state of a new generation: from the start of the topic, caught up once past its end now.
+fn fresh_meta(topic: &spate_log::Topic, compiled: &Compiled, generation: u64) -> Meta {
+    Meta {
+        definition: compiled.definition.clone(),
+        generation,
+        positions: topic
+            .partitions
+            .iter()
+            .map(|p| p.log_start_offset())
+            .collect(),
+        errors: 0,
+        last_error: None,
+        halted: false,
+        rebuild_until: topic
+            .partitions
+            .iter()
+            .map(|p| p.high_watermark())
+            .collect(),
+    }
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("projection state serializes")
 }
@@ -183,9 +256,13 @@ impl Projections {
         let metas = db.keyspace("projections", fjall::KeyspaceCreateOptions::default)?;
         let rows = db.keyspace("rows", fjall::KeyspaceCreateOptions::default)?;
         let mut projs = BTreeMap::new();
+        let mut pending = BTreeMap::new();
         for item in metas.iter() {
             let (k, v) = item.into_inner()?;
-            let name = String::from_utf8_lossy(&k).into_owned();
+            let (name, is_pending) = match k.strip_suffix(b"\0next".as_slice()) {
+                Some(n) => (String::from_utf8_lossy(n).into_owned(), true),
+                None => (String::from_utf8_lossy(&k).into_owned(), false),
+            };
             let meta: Meta = serde_json::from_slice(&v)
                 .map_err(|e| ProjectionError::Store(format!("projection {name}: {e}")))?;
             let compiled = meta
@@ -193,18 +270,12 @@ impl Projections {
                 .clone()
                 .compile()
                 .map_err(|e| ProjectionError::Store(format!("projection {name}: {e}")))?;
-            let (applied, _) = watch::channel(meta.positions.clone());
-            projs.insert(
-                name,
-                Arc::new(Proj {
-                    compiled: Arc::new(compiled),
-                    meta: Mutex::new(meta),
-                    applied,
-                    retired: Default::default(),
-                    cache: Arc::default(),
-                    changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
-                }),
-            );
+            let p = Proj::new(compiled, meta, is_pending);
+            if is_pending {
+                pending.insert(name, p);
+            } else {
+                projs.insert(name, p);
+            }
         }
         tracing::info!(projections = projs.len(), "projections loaded");
         Ok(Arc::new(Projections {
@@ -213,6 +284,7 @@ impl Projections {
             metas,
             rows,
             projs: Mutex::new(projs),
+            pending: Mutex::new(pending),
             commit: Arc::default(),
             stopped: watch::channel(false).0,
         }))
@@ -220,6 +292,29 @@ impl Projections {
 
     fn projs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Proj>>> {
         self.projs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending_map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Proj>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Abandons a rebuild in progress, if any.
+    async fn abandon_rebuild(&self, name: &str) -> Result<()> {
+        let Some(p) = self.pending_map().remove(name) else {
+            return Ok(());
+        };
+        let (metas, commit, key) = (self.metas.clone(), self.commit.clone(), pending_key(name));
+        let q = p.clone();
+        blocking(move || {
+            let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
+            q.retire();
+            metas
+                .remove(key)
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
+        })
+        .await?;
+        self.drop_rows(name, p.meta().generation);
+        Ok(())
     }
 
     /// Starts the followers, and the export of each projection's lag as metrics every second.
@@ -241,11 +336,16 @@ impl Projections {
                 }
             }
         });
-        let all: Vec<(String, Arc<Proj>)> = self
+        let mut all: Vec<(String, Arc<Proj>)> = self
             .projs()
             .iter()
             .map(|(n, p)| (n.clone(), p.clone()))
             .collect();
+        all.extend(
+            self.pending_map()
+                .iter()
+                .map(|(n, p)| (n.clone(), p.clone())),
+        );
         for (name, p) in all {
             tokio::spawn(self.clone().follow(name, p));
         }
@@ -295,6 +395,7 @@ impl Projections {
                 "a server holds at most {PROJECTIONS_MAX} projections"
             )));
         }
+        self.abandon_rebuild(name).await?;
         let generation = existing.as_ref().map_or(0, |p| p.meta().generation + 1);
         self.begin(name, compiled, generation).await?;
         if let Some(old) = existing {
@@ -311,25 +412,7 @@ impl Projections {
         generation: u64,
     ) -> Result<()> {
         let topic = self.broker.topic(&compiled.definition.topic)?;
-        let positions: Vec<u64> = topic
-            .partitions
-            .iter()
-            .map(|p| p.log_start_offset())
-            .collect();
-        let ends: Vec<u64> = topic
-            .partitions
-            .iter()
-            .map(|p| p.high_watermark())
-            .collect();
-        let meta = Meta {
-            definition: compiled.definition.clone(),
-            generation,
-            positions: positions.clone(),
-            errors: 0,
-            last_error: None,
-            halted: false,
-            rebuild_until: ends,
-        };
+        let meta = fresh_meta(&topic, &compiled, generation);
         let metas = self.metas.clone();
         let (key, value) = (name.as_bytes().to_vec(), encode(&meta));
         let db = self.db.clone();
@@ -347,36 +430,83 @@ impl Projections {
                 .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
         })
         .await?;
-        let (applied, _) = watch::channel(positions);
-        let p = Arc::new(Proj {
-            compiled: Arc::new(compiled),
-            meta: Mutex::new(meta),
-            applied,
-            retired: Default::default(),
-            cache: Arc::default(),
-            changes: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
-        });
+        let p = Proj::new(compiled, meta, false);
         self.projs().insert(name.to_string(), p.clone());
         tokio::spawn(self.clone().follow(name.to_string(), p));
         Ok(())
     }
 
-    /// Folds the projection again from the start into a new generation of rows.
+    /// Folds the projection again from the start into a new generation of rows, serving the
+    /// current rows until the new ones have caught up, then switching over at once.
     pub async fn rebuild(self: &Arc<Self>, name: &str) -> Result<Status> {
-        let p = self.get(name)?;
-        let old = p.meta().generation;
-        let compiled = p
+        let current = self.get(name)?;
+        self.abandon_rebuild(name).await?;
+        let compiled = current
             .compiled
             .definition
             .clone()
             .compile()
             .map_err(ProjectionError::Invalid)?;
-        self.begin(name, compiled, old + 1).await?;
-        self.drop_rows(name, old);
+        let topic = self.broker.topic(&compiled.definition.topic)?;
+        let meta = fresh_meta(&topic, &compiled, current.meta().generation + 1);
+        let (metas, db, key, value) = (
+            self.metas.clone(),
+            self.db.clone(),
+            pending_key(name),
+            encode(&meta),
+        );
+        blocking(move || {
+            metas
+                .insert(key, value)
+                .and_then(|_| db.persist(fjall::PersistMode::SyncAll))
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
+        })
+        .await?;
+        let p = Proj::new(compiled, meta, true);
+        self.pending_map().insert(name.to_string(), p.clone());
+        tokio::spawn(self.clone().follow(name.to_string(), p));
         self.status(name)
     }
 
+    /// Makes a caught-up rebuild the projection: its state moves to the projection's key in one
+    /// atomic batch, the generation before it retires and its rows are deleted.
+    async fn promote(&self, name: &str, p: &Arc<Proj>) -> Result<()> {
+        let old = self.projs().get(name).cloned();
+        let (db, metas, commit) = (self.db.clone(), self.metas.clone(), self.commit.clone());
+        let (q, old_q, key) = (p.clone(), old.clone(), name.to_string());
+        let promoted = blocking(move || {
+            let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
+            if q.retired.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(false);
+            }
+            let mut batch = db.batch();
+            batch.insert(&metas, key.as_bytes().to_vec(), encode(&*q.meta()));
+            batch.remove(&metas, pending_key(&key));
+            batch
+                .commit()
+                .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))?;
+            q.pending.store(false, std::sync::atomic::Ordering::Release);
+            if let Some(o) = old_q {
+                o.retire();
+            }
+            Ok(true)
+        })
+        .await?;
+        if !promoted {
+            return Ok(());
+        }
+        self.projs().insert(name.to_string(), p.clone());
+        self.pending_map().remove(name);
+        if let Some(o) = old {
+            self.drop_rows(name, o.meta().generation);
+        }
+        tracing::info!(projection = name, "rebuild caught up and took over");
+        Ok(())
+    }
+
     pub async fn delete(&self, name: &str) -> Result<()> {
+        self.get(name)?;
+        self.abandon_rebuild(name).await?;
         let p = self
             .projs()
             .remove(name)
@@ -465,7 +595,8 @@ impl Projections {
             .positions
             .iter()
             .zip(&meta.rebuild_until)
-            .all(|(p, e)| p >= e);
+            .all(|(p, e)| p >= e)
+            && !self.pending_map().contains_key(name);
         let next: BTreeMap<u32, u64> = meta
             .positions
             .iter()
@@ -639,13 +770,24 @@ impl Projections {
     fn current(&self, name: &str, p: &Arc<Proj>) -> bool {
         !*self.stopped.borrow()
             && !p.retired.load(std::sync::atomic::Ordering::Acquire)
-            && self.projs().get(name).is_some_and(|c| Arc::ptr_eq(c, p))
+            && (self.projs().get(name).is_some_and(|c| Arc::ptr_eq(c, p))
+                || self
+                    .pending_map()
+                    .get(name)
+                    .is_some_and(|c| Arc::ptr_eq(c, p)))
     }
 
     /// Follows the topic for one generation of a projection until it is replaced or deleted.
     async fn follow(self: Arc<Self>, name: String, p: Arc<Proj>) {
         let mut backoff = Duration::from_millis(100);
         while self.current(&name, &p) {
+            if p.is_pending() && p.caught_up() {
+                if let Err(e) = self.promote(&name, &p).await {
+                    tracing::warn!(projection = %name, error = %e, "switching to a rebuild failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                }
+                continue;
+            }
             match self.follow_step(&name, &p).await {
                 Ok(true) => backoff = Duration::from_millis(100),
                 Ok(false) => {}
@@ -724,6 +866,7 @@ impl Projections {
         let generation = meta.generation;
         let (rows, db, metas) = (self.rows.clone(), self.db.clone(), self.metas.clone());
         let key_name = name.to_string();
+        let meta_key = p.meta_key(name);
         let (commit, retired, cache) = (self.commit.clone(), p.retired.clone(), p.cache.clone());
         // Every change is kept, in order, only while someone watches.
         let watched = p.changes.receiver_count() > 0;
@@ -778,7 +921,7 @@ impl Projections {
             for (k, row) in &touched {
                 batch.insert(&rows, row_key(&key_name, generation, k), encode(row));
             }
-            batch.insert(&metas, key_name.as_bytes().to_vec(), encode(&meta));
+            batch.insert(&metas, meta_key, encode(&meta));
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
             if retired.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok((meta, false, Vec::new()));

@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/projections/{name}/rebuild", post(projections::rebuild))
         .route("/v1/projections/{name}/rows", get(projections::rows))
+        .route("/v1/projections/{name}/sse", get(projections::sse))
         .route("/v1/projections/{name}/rows/{key}", get(projections::row))
         .route("/v1/subscriptions", get(subscriptions::list))
         .route(

@@ -210,3 +210,64 @@ pub async fn rows(
         json!({ "rows": rows, "next": next.unwrap_or(Value::Null) }),
     ))
 }
+
+/// `GET /v1/projections/{name}/sse?key=|prefix=`: row changes as Server-Sent Events (`row`
+/// events with `{"key", "value", "partition", "offset"}`), as the WebSocket `watch` gives them.
+pub async fn sse(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let q = query(q, &["key", "prefix"])?;
+    let (key, prefix) = (q.get("key").cloned(), q.get("prefix").cloned());
+    if key.is_some() && prefix.is_some() {
+        return Err(ApiError::bad_request("give `key` or `prefix`, not both"));
+    }
+    let changes = projections(&s)?.watch(&name)?;
+    let stopping = s.stopping.clone();
+    let stream = futures_util::stream::unfold(Some((changes, stopping)), move |state| {
+        let (key, prefix) = (key.clone(), prefix.clone());
+        async move {
+            let (mut changes, mut stopping) = state?;
+            loop {
+                let next = tokio::select! {
+                    n = changes.recv() => n,
+                    _ = crate::push::stopped(&mut stopping) => return None,
+                };
+                let event = match next {
+                    Ok(c) => {
+                        let wanted = match (&key, &prefix) {
+                            (Some(k), _) => &c.key == k,
+                            (_, Some(p)) => c.key.starts_with(p.as_str()),
+                            _ => true,
+                        };
+                        if !wanted {
+                            continue;
+                        }
+                        SseEvent::default()
+                            .event("row")
+                            .data(row_json(&c.key, &c.row).to_string())
+                    }
+                    Err(e) => {
+                        let code = match e {
+                            tokio::sync::broadcast::error::RecvError::Lagged(_) => "slow-consumer",
+                            tokio::sync::broadcast::error::RecvError::Closed => {
+                                "projection-changed"
+                            }
+                        };
+                        let event = SseEvent::default()
+                            .event("error")
+                            .data(json!({"code": code, "message": e.to_string()}).to_string());
+                        return Some((Ok::<_, std::convert::Infallible>(event), None));
+                    }
+                };
+                return Some((Ok(event), Some((changes, stopping))));
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}

@@ -189,7 +189,7 @@ pub async fn sse(
 }
 
 /// Resolves when the server stops (never without a signal).
-async fn stopped(stopping: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+pub(crate) async fn stopped(stopping: &mut Option<tokio::sync::watch::Receiver<bool>>) {
     match stopping {
         Some(rx) => {
             let _ = rx.wait_for(|s| *s).await;

@@ -632,3 +632,64 @@ async fn a_rebuild_serves_the_old_rows_until_it_takes_over() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn row_changes_stream_over_sse_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    let r = c
+        .put(
+            "/v1/projections/sums",
+            json!({"topic": "orders", "reduce": {"aggregate": {"sum": "sum(data.amount)"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let mut sse = c
+        .http
+        .get(format!("{}/v1/projections/sums/sse?prefix=a", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status().as_u16(), 200);
+    c.publish(
+        "orders",
+        &[
+            ("a1", json!({"amount": 1})),
+            ("b", json!({"amount": 5})),
+            ("a1", json!({"amount": 2})),
+            ("a2", json!({"amount": 4})),
+        ],
+    )
+    .await;
+    let mut text = String::new();
+    while text.matches("event: row").count() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), sse.chunk())
+            .await
+            .expect("SSE data within 10 s")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let rows: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let seen: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap(),
+                r["value"]["sum"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [("a1", 1), ("a1", 3), ("a2", 4)]);
+    let r = c.get("/v1/projections/sums/sse?key=a&prefix=b").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(c.get("/v1/projections/nope/sse").await.status, 404);
+    drop(sse);
+    server.stop().await;
+}

@@ -1,8 +1,9 @@
 //! Event filters: a CEL expression over the CloudEvent and a pattern over its type.
 //!
 //! The expression sees the event's attributes as variables (`id`, `source`, `type`, `subject`,
-//! `time`, `datacontenttype`, `dataschema`, extensions by name), its `data` parsed as JSON (or a
-//! string when it is not JSON), and the whole event as `event` (so `event.data.amount` works too).
+//! `time`, `datacontenttype`, `dataschema`, extensions by name, `key` for the record key), its
+//! `data` parsed as JSON (or a string when it is not JSON), and the whole event as `event` (so
+//! `event.data.amount` works too).
 //! A type pattern is dot-separated: `*` matches one segment, `>` (last only) one or more.
 //!
 //! Expressions are compiled once; an event's variables are built once ([`FilterInput`]) and shared
@@ -178,6 +179,10 @@ impl FilterInput {
             if let Some(v) = v {
                 attrs.push((name.into(), Value::from(v.as_str())));
             }
+        }
+        // `key`: the record key (the `partitionkey` extension); an extension named `key` wins.
+        if let Some(k) = event.partition_key() {
+            attrs.push(("key".into(), Value::from(k)));
         }
         for (k, v) in &event.extensions {
             attrs.push((k.clone(), Value::from(v.as_str())));

@@ -409,10 +409,11 @@ async fn as_of_folds_the_stream_up_to_that_point() {
     let server = start_with_projections(dir.path()).await;
     server.topic("orders", 2).await;
     let c = Client::new(server.addr);
+    // Keyed by stream: the record key, named as the CEL variable `key`.
     let r = c
         .put(
             "/v1/projections/state",
-            json!({"topic": "orders", "reduce": {"merge": true}}),
+            json!({"topic": "orders", "key": "key", "reduce": {"merge": true}}),
         )
         .await;
     assert_eq!(r.status, 201);

@@ -52,10 +52,9 @@ pub async fn run(subs: Arc<Subscriptions>, shutdown: impl std::future::Future<Ou
 
 /// Whether subscription `name` still is `uid` with this push configuration.
 fn current(subs: &Subscriptions, name: &str, uid: u64, push: &PushConfig) -> bool {
-    subs.uid(name) == Some(uid)
-        && subs
-            .info(name)
-            .is_ok_and(|i| i.config.push.as_ref() == Some(push))
+    // Checked before every pull: a lookup, not the subscription's stats.
+    subs.push_config(name)
+        .is_some_and(|(u, p)| u == uid && p.as_ref() == Some(push))
 }
 
 async fn deliver(

@@ -697,9 +697,12 @@ impl Subscriptions {
             .collect()
     }
 
-    /// The uid of subscription `name`, while it exists.
-    pub fn uid(&self, name: &str) -> Option<u64> {
-        self.lock().subs.get(name).map(|e| e.sub.uid)
+    /// The uid and webhook definition of subscription `name`, while it exists.
+    pub fn push_config(&self, name: &str) -> Option<(u64, Option<PushConfig>)> {
+        self.lock()
+            .subs
+            .get(name)
+            .map(|e| (e.sub.uid, e.sub.config.push.clone()))
     }
 
     /// Whether subscription `name` is still the one created as `uid`.

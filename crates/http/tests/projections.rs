@@ -46,6 +46,14 @@ impl Client {
         body["position"].as_str().unwrap().to_string()
     }
 
+    /// Creates a projection, expecting 201.
+    async fn define(&self, name: &str, definition: Value) {
+        let r = self
+            .put(&format!("/v1/projections/{name}"), definition)
+            .await;
+        assert_eq!(r.status, 201, "{name}: {:?}", r.body);
+    }
+
     async fn status_until(&self, name: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -59,20 +67,24 @@ impl Client {
     }
 }
 
-#[tokio::test]
-async fn aggregates_are_queried_by_key_and_range_with_read_your_writes() {
+/// A server with projections and a topic `orders` of `partitions`, and a client.
+async fn setup(partitions: u32) -> (tempfile::TempDir, common::Server, Client) {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 3).await;
+    server.topic("orders", partitions).await;
     let c = Client::new(server.addr);
-    let r = c
-        .put(
-            "/v1/projections/revenue",
-            json!({"topic": "orders", "types": "order.*",
+    (dir, server, c)
+}
+
+#[tokio::test]
+async fn aggregates_are_queried_by_key_and_range_with_read_your_writes() {
+    let (_dir, server, c) = setup(3).await;
+    c.define(
+        "revenue",
+        json!({"topic": "orders", "types": "order.*",
                 "reduce": {"aggregate": {"orders": "count()", "revenue": "sum(data.amount)"}}}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{:?}", r.body);
+    )
+    .await;
     let mut events = Vec::new();
     for i in 0..30u64 {
         events.push((
@@ -152,10 +164,7 @@ async fn aggregates_are_queried_by_key_and_range_with_read_your_writes() {
 
 #[tokio::test]
 async fn merge_patches_and_folds_keep_entity_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 2).await;
-    let c = Client::new(server.addr);
+    let (_dir, server, c) = setup(2).await;
     for (name, reduce) in [
         ("state", json!({"merge": true})),
         (
@@ -164,13 +173,8 @@ async fn merge_patches_and_folds_keep_entity_state() {
                 "apply": "{'count': state.count + 1, 'total': state.total + data.amount}"}),
         ),
     ] {
-        let r = c
-            .put(
-                &format!("/v1/projections/{name}"),
-                json!({"topic": "orders", "reduce": reduce}),
-            )
+        c.define(name, json!({"topic": "orders", "reduce": reduce}))
             .await;
-        assert_eq!(r.status, 201, "{:?}", r.body);
     }
     let position = c
         .publish(
@@ -198,19 +202,14 @@ async fn merge_patches_and_folds_keep_entity_state() {
 
 #[tokio::test]
 async fn a_failing_event_halts_or_is_skipped_as_defined() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 1).await;
-    let c = Client::new(server.addr);
+    let (_dir, server, c) = setup(1).await;
     for (name, on_error) in [("strict", "halt"), ("lenient", "skip")] {
-        let r = c
-            .put(
-                &format!("/v1/projections/{name}"),
-                json!({"topic": "orders", "on_error": on_error,
+        c.define(
+            name,
+            json!({"topic": "orders", "on_error": on_error,
                     "reduce": {"aggregate": {"revenue": "sum(data.amount)"}}}),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{:?}", r.body);
+        )
+        .await;
     }
     let position = c
         .publish(
@@ -304,13 +303,8 @@ async fn invalid_definitions_are_refused_with_the_reason() {
         )
         .await;
     assert_eq!(r.status, 404);
-    let r = c
-        .put(
-            "/v1/projections/p",
-            json!({"topic": "orders", "reduce": {"merge": true}}),
-        )
+    c.define("p", json!({"topic": "orders", "reduce": {"merge": true}}))
         .await;
-    assert_eq!(r.status, 201);
     let r = c
         .put(
             "/v1/projections/p",
@@ -341,17 +335,12 @@ async fn invalid_definitions_are_refused_with_the_reason() {
 
 #[tokio::test]
 async fn a_watch_pushes_each_row_change_once_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 2).await;
-    let c = Client::new(server.addr);
-    let r = c
-        .put(
-            "/v1/projections/sums",
-            json!({"topic": "orders", "reduce": {"aggregate": {"sum": "sum(data.amount)"}}}),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    let (_dir, server, c) = setup(2).await;
+    c.define(
+        "sums",
+        json!({"topic": "orders", "reduce": {"aggregate": {"sum": "sum(data.amount)"}}}),
+    )
+    .await;
     let mut ws = server.ws().await;
     ws.send(json!({"op": "watch", "id": "w1", "projection": "sums", "key": "a"}))
         .await;
@@ -405,25 +394,18 @@ async fn a_watch_pushes_each_row_change_once_in_order() {
 
 #[tokio::test]
 async fn as_of_folds_the_stream_up_to_that_point() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 2).await;
-    let c = Client::new(server.addr);
+    let (_dir, server, c) = setup(2).await;
     // Keyed by stream: the record key, named as the CEL variable `key`.
-    let r = c
-        .put(
-            "/v1/projections/state",
-            json!({"topic": "orders", "key": "key", "reduce": {"merge": true}}),
-        )
-        .await;
-    assert_eq!(r.status, 201);
-    let r = c
-        .put(
-            "/v1/projections/by-status",
-            json!({"topic": "orders", "key": "data.status", "reduce": {"aggregate": {"n": "count()"}}}),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    c.define(
+        "state",
+        json!({"topic": "orders", "key": "key", "reduce": {"merge": true}}),
+    )
+    .await;
+    c.define(
+        "by-status",
+        json!({"topic": "orders", "key": "data.status", "reduce": {"aggregate": {"n": "count()"}}}),
+    )
+    .await;
     // Stream o-1 changes three times, with another stream's events in between.
     let changes = [
         json!({"status": "new", "items": 1}),
@@ -504,18 +486,10 @@ async fn as_of_folds_the_stream_up_to_that_point() {
 
 #[tokio::test]
 async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 3).await;
-    let c = Client::new(server.addr);
+    let (_dir, server, c) = setup(3).await;
     let reduce = json!({"aggregate": {"n": "count()", "total": "sum(data.amount)", "top": "max(data.amount)"}});
-    let r = c
-        .put(
-            "/v1/projections/live",
-            json!({"topic": "orders", "reduce": reduce}),
-        )
+    c.define("live", json!({"topic": "orders", "reduce": reduce}))
         .await;
-    assert_eq!(r.status, 201);
     let writer = {
         let c = Client::new(server.addr);
         tokio::spawn(async move {
@@ -548,13 +522,8 @@ async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
     }
     let position = writer.await.unwrap();
     // A projection defined after the fact folds the whole log from scratch.
-    let r = c
-        .put(
-            "/v1/projections/fresh",
-            json!({"topic": "orders", "reduce": reduce}),
-        )
+    c.define("fresh", json!({"topic": "orders", "reduce": reduce}))
         .await;
-    assert_eq!(r.status, 201);
     let rows = |name: &'static str| {
         let c = &c;
         let position = position.clone();
@@ -584,17 +553,12 @@ async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
 
 #[tokio::test]
 async fn a_rebuild_serves_the_old_rows_until_it_takes_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 1).await;
-    let c = Client::new(server.addr);
-    let r = c
-        .put(
-            "/v1/projections/counts",
-            json!({"topic": "orders", "reduce": {"aggregate": {"n": "count()"}}}),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    let (_dir, server, c) = setup(1).await;
+    c.define(
+        "counts",
+        json!({"topic": "orders", "reduce": {"aggregate": {"n": "count()"}}}),
+    )
+    .await;
     let mut position = String::new();
     for _ in 0..20 {
         let events: Vec<(&str, Value)> = (0..500).map(|_| ("k", json!({}))).collect();
@@ -636,17 +600,12 @@ async fn a_rebuild_serves_the_old_rows_until_it_takes_over() {
 
 #[tokio::test]
 async fn row_changes_stream_over_sse_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_with_projections(dir.path()).await;
-    server.topic("orders", 1).await;
-    let c = Client::new(server.addr);
-    let r = c
-        .put(
-            "/v1/projections/sums",
-            json!({"topic": "orders", "reduce": {"aggregate": {"sum": "sum(data.amount)"}}}),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    let (_dir, server, c) = setup(1).await;
+    c.define(
+        "sums",
+        json!({"topic": "orders", "reduce": {"aggregate": {"sum": "sum(data.amount)"}}}),
+    )
+    .await;
     let mut sse = c
         .http
         .get(format!("{}/v1/projections/sums/sse?prefix=a", c.base))

@@ -30,6 +30,24 @@ fn cli(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) 
     )
 }
 
+/// Runs a CLI command expecting success; its standard output.
+fn cli_ok(url: &str, args: &[&str]) -> String {
+    let (ok, out, err) = cli(url, args, None);
+    assert!(ok, "{args:?}: {err}");
+    out
+}
+
+/// `/metrics` once the per-second export of subscription and projection metrics has run.
+async fn metrics_after_export(url: &str) -> String {
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Runs `spate serve` on a data directory expecting it to exit (a refused start).
 fn serve_to_exit(data_dir: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spate"))
@@ -454,11 +472,7 @@ async fn cli_manages_subscriptions_and_metrics_count_them() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let url = server.url.clone();
-    let run = |args: &[&str]| {
-        let (ok, out, err) = cli(&url, args, None);
-        assert!(ok, "{args:?}: {err}");
-        out
-    };
+    let run = |args: &[&str]| cli_ok(&url, args);
     run(&["topics", "create", "jobs", "--partitions", "2"]);
     let out = run(&[
         "sub",
@@ -520,13 +534,7 @@ async fn cli_manages_subscriptions_and_metrics_count_them() {
     assert!(err.contains("404"), "{err}");
 
     // Metrics are exported every second.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let body = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = metrics_after_export(&url).await;
     for line in [
         "spate_subscription_dead_letters_total{subscription=\"cli\"} 3",
         "spate_subscription_redeliveries_total{subscription=\"cli\"} 0",
@@ -544,11 +552,7 @@ async fn cli_manages_projections_and_metrics_show_their_lag() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let url = server.url.clone();
-    let run = |args: &[&str]| {
-        let (ok, out, err) = cli(&url, args, None);
-        assert!(ok, "{args:?}: {err}");
-        out
-    };
+    let run = |args: &[&str]| cli_ok(&url, args);
     run(&["topics", "create", "orders", "--partitions", "2"]);
     let out = run(&[
         "projection",
@@ -606,13 +610,7 @@ async fn cli_manages_projections_and_metrics_show_their_lag() {
     assert!(err.contains("400") && err.contains("exactly one"), "{err}");
 
     // Metrics are exported every second.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let body = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = metrics_after_export(&url).await;
     for line in [
         "spate_projection_lag_records{projection=\"spend\"} 0",
         "spate_projection_errors_total{projection=\"spend\"} 0",

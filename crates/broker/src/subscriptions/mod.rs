@@ -349,14 +349,6 @@ pub struct Subscriptions {
     inner: Mutex<Inner>,
     /// Set once the server stops: nothing more is written to the journal.
     stopped: std::sync::atomic::AtomicBool,
-    syncer: Syncer,
-}
-
-/// What the journal's sync thread is asked for: the offset that must become durable.
-#[derive(Default)]
-struct Syncer {
-    wanted: Mutex<(u64, bool)>,
-    asked: std::sync::Condvar,
 }
 
 fn compile(config: &Config) -> Arc<Filter> {
@@ -447,7 +439,6 @@ impl Subscriptions {
             journal_config: topic.config.clone(),
             inner: Mutex::new(inner),
             stopped: Default::default(),
-            syncer: Syncer::default(),
         }))
     }
 
@@ -479,13 +470,6 @@ impl Subscriptions {
                 tokio::spawn(self.clone().dead_letter(name.clone(), uid, id));
             }
         }
-        let me = self.clone();
-        if let Err(e) = std::thread::Builder::new()
-            .name("subscription-journal-sync".into())
-            .spawn(move || me.sync_loop())
-        {
-            tracing::error!(error = %e, "cannot start the journal sync thread");
-        }
         tokio::spawn(self.clone().ticker(shutdown));
     }
 
@@ -506,58 +490,10 @@ impl Subscriptions {
             .append_unsynced(bytes, now_ms(), &self.journal_config)?)
     }
 
-    /// Waits until a journal record may be acknowledged: requests wait on the journal's high
-    /// watermark (which, under group commit, advances once synced) while one thread syncs for all
-    /// of them, instead of each taking a blocking thread.
     async fn durable(&self, appended: Appended) -> Result<()> {
-        let end = appended.last_offset + 1;
-        let mut hw = self.broker.watch(&self.journal);
-        loop {
-            if *hw.borrow_and_update() >= end {
-                return Ok(());
-            }
-            if self.journal.is_poisoned() {
-                // The sync failed: the append is not acknowledged.
-                return Err(spate_log::Error::Poisoned {
-                    topic: JOURNAL_TOPIC.into(),
-                    partition: 0,
-                }
-                .into());
-            }
-            {
-                let mut w = self.syncer.wanted.lock().unwrap_or_else(|e| e.into_inner());
-                if w.0 < end {
-                    w.0 = end;
-                    self.syncer.asked.notify_one();
-                }
-            }
-            if tokio::time::timeout(Duration::from_secs(1), hw.changed())
-                .await
-                .is_ok_and(|r| r.is_err())
-            {
-                return Err(BrokerError::Internal("journal watch closed".into()).into());
-            }
-        }
-    }
-
-    /// The journal's sync thread: syncs whenever a request waits for a record to be durable.
-    fn sync_loop(self: Arc<Self>) {
-        loop {
-            {
-                let mut w = self.syncer.wanted.lock().unwrap_or_else(|e| e.into_inner());
-                while !w.1 && w.0 <= self.journal.high_watermark() {
-                    w = self.syncer.asked.wait(w).unwrap_or_else(|e| e.into_inner());
-                }
-                if w.1 {
-                    return;
-                }
-            }
-            if let Err(e) = self.journal.flush() {
-                tracing::error!(error = %e, "subscription journal sync failed");
-                // Waiters see the poisoned journal; nothing more can be synced.
-                return;
-            }
-        }
+        let journal = self.journal.clone();
+        blocking(move || Ok(journal.wait_acknowledgeable(appended)?)).await?;
+        Ok(())
     }
 
     /// Creates or updates a subscription; `true` when created.
@@ -1572,11 +1508,6 @@ impl Subscriptions {
             tokio::select! {
                 _ = &mut shutdown => {
                     self.stopped.store(true, std::sync::atomic::Ordering::Release);
-                    {
-                        let mut w = self.syncer.wanted.lock().unwrap_or_else(|e| e.into_inner());
-                        w.1 = true;
-                        self.syncer.asked.notify_one();
-                    }
                     // Wake readers and pulls so that they see it.
                     for e in self.lock().subs.values() {
                         e.wake.notify_one();

@@ -1516,7 +1516,9 @@ impl Subscriptions {
                     return;
                 }
                 _ = tick.tick() => {
-                    let now = now_ms();
+                    // Times are whole milliseconds, read truncated: millisecond `t` has
+                    // passed once the clock reads `t + 1`, so no timer fires early.
+                    let now = now_ms() - 1;
                     let mut doomed = Vec::new();
                     {
                         let mut inner = self.lock();

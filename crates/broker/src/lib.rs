@@ -5,9 +5,11 @@
 //! (interval fsyncs, retention) running. Later features (consumer groups, subscriptions, streams,
 //! projections, detectors) live here too.
 
+pub mod detectors;
 pub mod event;
 pub mod filter;
 pub mod groups;
+pub mod monitor;
 pub mod partitioner;
 pub mod projections;
 pub mod push;
@@ -96,7 +98,9 @@ pub struct ReadPage {
 /// Whether a topic is one the server keeps for itself (committed offsets, the subscription
 /// journal): clients may read it but not write to or delete it.
 pub fn is_internal(topic: &str) -> bool {
-    topic == groups::OFFSETS_TOPIC || topic == subscriptions::JOURNAL_TOPIC
+    topic == groups::OFFSETS_TOPIC
+        || topic == subscriptions::JOURNAL_TOPIC
+        || topic == monitor::METRICS_TOPIC
 }
 
 /// Milliseconds since the Unix epoch.
@@ -364,12 +368,22 @@ impl Broker {
 
     /// Stores events, returning where each went, in order. Nothing is written unless every event
     /// is valid; returns once all are durable under the fsync policy.
-    pub async fn publish(&self, topic: &str, mut events: Vec<Event>) -> Result<Vec<Placement>> {
+    pub async fn publish(&self, topic: &str, events: Vec<Event>) -> Result<Vec<Placement>> {
+        if is_internal(topic) {
+            self.topic(topic)?;
+            return Err(BrokerError::InternalTopic(topic.to_string()));
+        }
+        self.publish_any(topic, events).await
+    }
+
+    /// As [`Broker::publish`], to internal topics too: for the server's own writers.
+    pub(crate) async fn publish_any(
+        &self,
+        topic: &str,
+        mut events: Vec<Event>,
+    ) -> Result<Vec<Placement>> {
         let started = std::time::Instant::now();
         let topic = self.topic(topic)?;
-        if is_internal(&topic.name) {
-            return Err(BrokerError::InternalTopic(topic.name.clone()));
-        }
         for (index, e) in events.iter().enumerate() {
             let size = e.record_bytes();
             if size > self.limits.max_event_bytes {

@@ -5,6 +5,7 @@
 //! call the broker, and map results to JSON; they know nothing of files.
 
 mod consume;
+mod detectors;
 mod error;
 mod events;
 mod listener;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// Projections; their endpoints answer 503 without them.
     pub projections: Option<Arc<spate_broker::projections::Projections>>,
+    /// Detectors; their endpoints answer 503 without them.
+    pub detectors: Option<Arc<spate_broker::detectors::Detectors>>,
     /// Durable subscriptions; their endpoints answer 503 without them.
     pub subscriptions: Option<Arc<spate_broker::subscriptions::Subscriptions>>,
     /// Set when the server stops: push streams end so that shutdown does not wait on them.
@@ -90,6 +93,14 @@ pub fn router(state: AppState) -> Router {
             get(streams::read).post(streams::append),
         )
         .route("/v1/topics/{topic}/streams/{stream}", get(streams::info))
+        .route("/v1/detectors", get(detectors::list))
+        .route(
+            "/v1/detectors/{name}",
+            get(detectors::describe)
+                .put(detectors::put)
+                .delete(detectors::delete),
+        )
+        .route("/v1/detectors/{name}/series", get(detectors::series))
         .route("/v1/projections", get(projections::list))
         .route(
             "/v1/projections/{name}",

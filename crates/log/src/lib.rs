@@ -16,6 +16,7 @@ pub mod mem;
 mod partition;
 pub mod producers;
 mod segment;
+pub mod stats;
 mod topics;
 
 pub use config::{FsyncPolicy, LogConfig, TopicConfig};

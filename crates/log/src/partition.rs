@@ -634,7 +634,9 @@ impl Partition {
             };
             let started = std::time::Instant::now();
             let result = file.sync();
-            self.metrics.fsync.record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            self.metrics.fsync.record(took.as_secs_f64());
+            crate::stats::record_fsync(took);
             s = lock(&self.sync);
             s.syncing = false;
             match result {

@@ -33,10 +33,12 @@ pub struct ServeConfig {
     pub repair: bool,
     /// A WebSocket or SSE subscriber behind the live tail for longer than this is disconnected.
     pub push_max_behind_ms: u64,
+    /// How often the server writes its own metrics to the `__metrics` topic (0: never).
+    pub metrics_interval_ms: u64,
 }
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 13] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -49,6 +51,7 @@ pub const KEYS: [&str; 12] = [
     "retention_check_ms",
     "repair",
     "push_max_behind_ms",
+    "metrics_interval_ms",
 ];
 
 impl Default for ServeConfig {
@@ -66,6 +69,7 @@ impl Default for ServeConfig {
             retention_check_ms: 30_000,
             repair: false,
             push_max_behind_ms: 60_000,
+            metrics_interval_ms: 5_000,
         }
     }
 }

@@ -9,6 +9,7 @@ mod bench_streams;
 mod bench_subs;
 mod client;
 mod config;
+mod nab;
 mod projection_cli;
 mod serve;
 mod sub_cli;
@@ -98,6 +99,8 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Score the auto anomaly detector on NAB (Numenta Anomaly Benchmark) data.
+    Nab(nab::NabArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -310,6 +313,7 @@ fn main() -> Result<()> {
             Command::Sub { server, command } => {
                 sub_cli::run(&client::Client::new(&server.server), command).await
             }
+            Command::Nab(args) => nab::run(args),
             Command::Bench { command } => bench::run(command).await,
         }
     })

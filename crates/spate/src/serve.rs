@@ -118,6 +118,15 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     .context("projection store task failed")?
     .context("cannot open the projection store")?;
     projections.start();
+    let det_broker = broker.clone();
+    let det_dir = config.data_dir.join("detectors");
+    let detectors = tokio::task::spawn_blocking(move || {
+        spate_broker::detectors::Detectors::open(det_broker, &det_dir)
+    })
+    .await
+    .context("detector store task failed")?
+    .context("cannot open the detector store")?;
+    detectors.start();
     let render = prometheus.clone();
     let upkeep = tokio::spawn(async move {
         // Histograms are summarized on upkeep; scrapes also render fresh data.
@@ -139,7 +148,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         },
         metrics: Some(Arc::new(move || render.render())),
         projections: Some(projections.clone()),
-        subscriptions: Some(subscriptions),
+        detectors: Some(detectors.clone()),
+        subscriptions: Some(subscriptions.clone()),
         stopping: None,
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
@@ -167,6 +177,19 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         coordinator.clone(),
         stopped(stop_rx.clone()),
     ));
+    if config.metrics_interval_ms > 0 {
+        tokio::spawn(spate_broker::monitor::run(
+            broker.clone(),
+            spate_broker::monitor::Sources {
+                subscriptions: Some(subscriptions.clone()),
+                groups: Some(coordinator.clone()),
+                projections: Some(projections.clone()),
+                detectors: Some(detectors.clone()),
+            },
+            Duration::from_millis(config.metrics_interval_ms),
+            stopped(stop_rx.clone()),
+        ));
+    }
     let kafka_server = tokio::spawn(spate_kafka::serve(
         kafka,
         broker.clone(),
@@ -207,6 +230,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .stop()
         .await
         .context("final sync of the projection store failed")?;
+    detectors
+        .stop()
+        .await
+        .context("final checkpoint of the detectors failed")?;
     tracing::info!("stopped");
     drop(lock);
     Ok(())

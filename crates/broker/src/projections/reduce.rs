@@ -86,7 +86,7 @@ struct Aggregate {
 }
 
 /// `data.a.b` as the path `[a, b]`; `None` for anything else.
-fn data_path(source: &str) -> Option<Vec<String>> {
+pub(crate) fn data_path(source: &str) -> Option<Vec<String>> {
     let mut parts = source.trim().split('.');
     if parts.next()? != "data" {
         return None;

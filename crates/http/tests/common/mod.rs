@@ -20,21 +20,33 @@ pub struct Server {
     pub broker: Arc<Broker>,
     pub subscriptions: Arc<spate_broker::subscriptions::Subscriptions>,
     pub projections: Option<Arc<spate_broker::projections::Projections>>,
+    pub detectors: Option<Arc<spate_broker::detectors::Detectors>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 pub async fn start(dir: &Path, push: PushLimits) -> Server {
-    start_with(dir, push, false).await
+    start_with(dir, push, false, false).await
+}
+
+/// A server with detectors too (not restarted in-process either: their store locks its
+/// directory as the projections' does).
+pub async fn start_with_detectors(dir: &Path) -> Server {
+    start_with(dir, PushLimits::default(), false, true).await
 }
 
 /// A server with projections too. Their store locks its directory until the process ends, so
 /// such a server is not restarted in-process (whole-binary tests cover restarts).
 pub async fn start_with_projections(dir: &Path) -> Server {
-    start_with(dir, PushLimits::default(), true).await
+    start_with(dir, PushLimits::default(), true, false).await
 }
 
-async fn start_with(dir: &Path, push: PushLimits, with_projections: bool) -> Server {
+async fn start_with(
+    dir: &Path,
+    push: PushLimits,
+    with_projections: bool,
+    with_detectors: bool,
+) -> Server {
     let log = Log::open(Arc::new(FsStorage), dir, LogConfig::default()).unwrap();
     let broker = Arc::new(Broker::new(Arc::new(log), Limits::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -61,6 +73,20 @@ async fn start_with(dir: &Path, push: PushLimits, with_projections: bool) -> Ser
     } else {
         None
     };
+    let detectors = if with_detectors {
+        let det_broker = broker.clone();
+        let det_dir = dir.join("detectors");
+        let d = tokio::task::spawn_blocking(move || {
+            spate_broker::detectors::Detectors::open(det_broker, &det_dir)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        d.start();
+        Some(d)
+    } else {
+        None
+    };
     let (stop_subs, stopped) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stopped.clone();
@@ -76,6 +102,7 @@ async fn start_with(dir: &Path, push: PushLimits, with_projections: bool) -> Ser
         push,
         metrics: None,
         projections: projections.clone(),
+        detectors: detectors.clone(),
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
     };
@@ -92,6 +119,7 @@ async fn start_with(dir: &Path, push: PushLimits, with_projections: bool) -> Ser
         broker,
         subscriptions,
         projections,
+        detectors,
         stop: Some(tx),
         task,
     }
@@ -106,6 +134,9 @@ impl Server {
         self.broker.flush().await.unwrap();
         if let Some(p) = self.projections.take() {
             p.stop().await.unwrap();
+        }
+        if let Some(d) = self.detectors.take() {
+            d.stop().await.unwrap();
         }
     }
 

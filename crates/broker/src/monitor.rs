@@ -1,0 +1,219 @@
+//! Self-monitoring: every few seconds the server writes its own vital signs as events to the
+//! internal topic `__metrics`, so detectors (and any reader) can watch them like any other series.
+//!
+//! Each event has type `spate.metric`, subject `<name>` or `<name>:<label>` and data
+//! `{"name", "series", "labels", "value"}`: produce rate per topic (events/s), consumer lag per
+//! group (records), backlog per subscription (messages), lag per projection and detector
+//! (records), and fsync latency (mean and max over the interval, ms).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use spate_log::TopicConfig;
+
+use crate::event::{Event, now_rfc3339};
+use crate::{Broker, BrokerError, now_ms};
+
+/// The internal topic of the server's own metrics.
+pub const METRICS_TOPIC: &str = "__metrics";
+/// How long metric events are kept.
+const RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+/// Where the metrics come from beside the log.
+#[derive(Default, Clone)]
+pub struct Sources {
+    pub subscriptions: Option<Arc<crate::subscriptions::Subscriptions>>,
+    pub groups: Option<Arc<crate::groups::Coordinator>>,
+    pub projections: Option<Arc<crate::projections::Projections>>,
+    pub detectors: Option<Arc<crate::detectors::Detectors>>,
+}
+
+/// One metric sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: &'static str,
+    pub label: Option<(&'static str, String)>,
+    pub value: f64,
+}
+
+struct Previous {
+    at: Instant,
+    ends: HashMap<String, u64>,
+    fsyncs: (u64, u64),
+}
+
+/// Computes the samples of one interval.
+fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Vec<Sample> {
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let mut ends = HashMap::new();
+    for t in broker.log().topics() {
+        if crate::is_internal(&t.name) {
+            continue;
+        }
+        let end = t.partitions.iter().map(|p| p.log_end_offset()).sum::<u64>();
+        ends.insert(t.name.clone(), end);
+    }
+    let fsyncs = spate_log::stats::fsyncs();
+    let max_fsync = spate_log::stats::take_max_fsync_micros();
+    if let Some(p) = prev.as_ref() {
+        let secs = now.duration_since(p.at).as_secs_f64().max(1e-3);
+        for (name, end) in &ends {
+            let before = p.ends.get(name).copied().unwrap_or(*end);
+            out.push(Sample {
+                name: "produce_rate",
+                label: Some(("topic", name.clone())),
+                value: end.saturating_sub(before) as f64 / secs,
+            });
+        }
+        let (n, us) = (fsyncs.0 - p.fsyncs.0, fsyncs.1 - p.fsyncs.1);
+        out.push(Sample {
+            name: "fsync_ms",
+            label: None,
+            value: if n == 0 {
+                0.0
+            } else {
+                us as f64 / n as f64 / 1000.0
+            },
+        });
+        out.push(Sample {
+            name: "fsync_max_ms",
+            label: None,
+            value: max_fsync as f64 / 1000.0,
+        });
+        out.push(Sample {
+            name: "fsync_rate",
+            label: None,
+            value: n as f64 / secs,
+        });
+    }
+    *prev = Some(Previous {
+        at: now,
+        ends,
+        fsyncs,
+    });
+    if let Some(groups) = &sources.groups {
+        for g in groups.list() {
+            let mut lag = 0u64;
+            for (topic, parts) in groups.fetch_offsets(&g.group_id, None) {
+                let Ok(t) = broker.topic(&topic) else {
+                    continue;
+                };
+                for (p, committed) in parts {
+                    if let (Ok(part), Some(c)) = (t.partition(p), committed) {
+                        lag += part.high_watermark().saturating_sub(c.offset.max(0) as u64);
+                    }
+                }
+            }
+            out.push(Sample {
+                name: "consumer_lag",
+                label: Some(("group", g.group_id)),
+                value: lag as f64,
+            });
+        }
+    }
+    if let Some(subs) = &sources.subscriptions {
+        for s in subs.list() {
+            out.push(Sample {
+                name: "subscription_backlog",
+                label: Some(("subscription", s.name.clone())),
+                value: s.stats.backlog as f64,
+            });
+            out.push(Sample {
+                name: "subscription_oldest_unacked_ms",
+                label: Some(("subscription", s.name)),
+                value: s.stats.oldest_unacked_age_ms as f64,
+            });
+        }
+    }
+    if let Some(projections) = &sources.projections {
+        for s in projections.list() {
+            out.push(Sample {
+                name: "projection_lag",
+                label: Some(("projection", s.name)),
+                value: s.lag_records as f64,
+            });
+        }
+    }
+    if let Some(detectors) = &sources.detectors {
+        for s in detectors.list() {
+            out.push(Sample {
+                name: "detector_lag",
+                label: Some(("detector", s.name)),
+                value: s.lag_records as f64,
+            });
+        }
+    }
+    out
+}
+
+fn to_event(s: &Sample, now: i64) -> Event {
+    let series = match &s.label {
+        Some((_, v)) => format!("{}:{v}", s.name),
+        None => s.name.to_string(),
+    };
+    let labels: BTreeMap<&str, &str> = s.label.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let data = json!({"name": s.name, "series": series, "labels": labels, "value": s.value});
+    let mut extensions = BTreeMap::new();
+    extensions.insert("partitionkey".to_string(), series.clone());
+    Event {
+        id: None,
+        source: Some("/spate".into()),
+        event_type: "spate.metric".into(),
+        subject: Some(series),
+        time: Some(now_rfc3339(now)),
+        datacontenttype: Some("application/json".into()),
+        dataschema: None,
+        extensions,
+        data: Some(serde_json::to_vec(&data).expect("metric serializes")),
+    }
+}
+
+async fn ensure_topic(broker: &Broker) -> crate::Result<()> {
+    if broker.topic(METRICS_TOPIC).is_ok() {
+        return Ok(());
+    }
+    let config = TopicConfig {
+        partitions: 1,
+        retention_ms: Some(RETENTION_MS),
+        ..TopicConfig::default()
+    };
+    match broker.create_topic(METRICS_TOPIC.to_string(), config).await {
+        Ok(_) | Err(BrokerError::Log(spate_log::Error::TopicExists(_))) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the server's metrics to [`METRICS_TOPIC`] every `every` until `stop` resolves.
+pub async fn run(
+    broker: Arc<Broker>,
+    sources: Sources,
+    every: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prev = None;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let samples = sample(&broker, &sources, &mut prev);
+        if samples.is_empty() {
+            continue;
+        }
+        let now = now_ms();
+        let events: Vec<Event> = samples.iter().map(|s| to_event(s, now)).collect();
+        let result = match ensure_topic(&broker).await {
+            Ok(()) => broker.publish_any(METRICS_TOPIC, events).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot write the server's metrics");
+        }
+    }
+}

@@ -75,6 +75,10 @@ pub struct Params {
     pub shape_len: usize,
     /// Novelty: the largest distance (max norm) at which a shape matches a prototype.
     pub vigilance: f64,
+    /// Novelty: how much a new shape counts less for each new shape seen recently (their count
+    /// decays by `novelty_decay` per point), so a series that keeps changing shape stops alarming.
+    pub novelty_damping: f64,
+    pub novelty_decay: f64,
     /// Novelty: prototypes kept (the least used is replaced), and how far a matched prototype
     /// moves towards the shape.
     pub prototypes: usize,
@@ -103,34 +107,36 @@ impl Default for Params {
             slow_alpha: 0.05,
             scale_alpha: 0.005,
             season_alpha: 0.2,
-            bias_alpha: 0.01,
-            day_bins: 144,
-            week_bins: 672,
+            bias_alpha: 0.2,
+            day_bins: 96,
+            week_bins: 336,
             min_visits: 5,
             clip: 3.0,
-            floor: 0.02,
-            zcap: 15.0,
+            floor: 0.01,
+            zcap: 20.0,
             short: 3,
-            long_alpha: 0.002,
-            slow_avg_alpha: 0.2,
-            slow_stats_alpha: 0.002,
+            long_alpha: 0.004,
+            slow_avg_alpha: 0.1,
+            slow_stats_alpha: 0.0005,
             slow_weight: 0.6,
             likelihood_warmup: 50,
             shape_warmup: 150,
             shape_pad: 0.1,
-            shape_smooth: 0.1,
-            shape_stride: 8,
-            shape_len: 6,
-            vigilance: 0.1,
+            shape_smooth: 0.3,
+            shape_stride: 12,
+            shape_len: 4,
+            vigilance: 0.05,
+            novelty_damping: 0.1,
+            novelty_decay: 0.999,
             prototypes: 256,
             learn_rate: 0.05,
             gate_floor: 0.6,
             gate_decay: 0.95,
-            refractory: 25,
+            refractory: 12,
             tau: 0.2,
             alert_at: 0.2,
             band: 4.0,
-            season_clip: 5.0,
+            season_clip: 10.0,
         }
     }
 }
@@ -228,6 +234,8 @@ struct Shapes {
     tick: u64,
     recent: Vec<f64>,
     prototypes: Vec<(Vec<f64>, f64)>,
+    /// New shapes seen lately (decaying).
+    created: f64,
 }
 
 impl Shapes {
@@ -279,6 +287,7 @@ impl Shapes {
                 nearest = (d, i);
             }
         }
+        self.created *= p.novelty_decay;
         if nearest.0 > p.vigilance {
             if self.prototypes.len() < p.prototypes {
                 self.prototypes.push((shape, 1.0));
@@ -287,12 +296,13 @@ impl Shapes {
             {
                 self.prototypes[i] = (shape, 1.0);
             }
+            self.created += 1.0;
             let d = if nearest.0.is_finite() {
                 nearest.0
             } else {
                 1.0
             };
-            d / p.vigilance
+            d / p.vigilance / (1.0 + p.novelty_damping * (self.created - 1.0))
         } else {
             let (q, uses) = &mut self.prototypes[nearest.1];
             *uses += 1.0;

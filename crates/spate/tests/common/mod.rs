@@ -15,6 +15,11 @@ pub struct Server {
 
 /// Starts `spate serve` on a free loopback port and waits (bounded) until it prints its address.
 pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+    start_env(data_dir, extra, &[])
+}
+
+/// As [`start`], with extra environment variables (settings such as `SPATE_METRICS_INTERVAL_MS`).
+pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spate"))
         .arg("serve")
         .arg("--data-dir")
@@ -26,6 +31,7 @@ pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
             &["--kafka-addr", "127.0.0.1:0"][..]
         })
         .args(extra)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

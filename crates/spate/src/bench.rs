@@ -33,6 +33,9 @@ pub enum BenchCommand {
     /// Projections: the rate a count + sum aggregate is folded and point reads meanwhile, beside
     /// PostgreSQL doing the same with upserts when given one.
     Projections(crate::bench_projections::ProjectionsBenchArgs),
+    /// Detectors: the auto detector's points/s on one core, and events/s through a detector in a
+    /// server beside a projection over the same events.
+    Detect(crate::bench_detect::DetectBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +72,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Streams(args) => crate::bench_streams::run(args).await,
         BenchCommand::Subs(args) => crate::bench_subs::run(args).await,
         BenchCommand::Projections(args) => crate::bench_projections::run(args).await,
+        BenchCommand::Detect(args) => crate::bench_detect::run(args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 //! `tail`) and benchmarks (`bench`).
 
 mod bench;
+mod bench_detect;
 mod bench_kafka;
 mod bench_projections;
 mod bench_push;

@@ -103,6 +103,29 @@ pub fn is_internal(topic: &str) -> bool {
         || topic == monitor::METRICS_TOPIC
 }
 
+/// The high watermarks of a topic's partitions, as seen when it was taken.
+pub struct TopicWatch(Vec<tokio::sync::watch::Receiver<u64>>);
+
+impl TopicWatch {
+    /// Resolves once any partition's high watermark moves on (never for a topic without
+    /// partitions).
+    pub async fn changed(&mut self) {
+        if self.0.is_empty() {
+            return std::future::pending().await;
+        }
+        let changes: Vec<_> = self
+            .0
+            .iter_mut()
+            .map(|rx| {
+                Box::pin(async move {
+                    let _ = rx.changed().await;
+                })
+            })
+            .collect();
+        futures_util::future::select_all(changes).await;
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -364,6 +387,22 @@ impl Broker {
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
         Ok(self.log.topic(name)?)
+    }
+
+    /// Watches every partition of `topic` from now: take it before looking at the partitions'
+    /// ends, so that no append goes unnoticed, then wait on [`TopicWatch::changed`].
+    pub fn watch_topic(&self, topic: &Topic) -> TopicWatch {
+        TopicWatch(
+            topic
+                .partitions
+                .iter()
+                .map(|p| {
+                    let mut rx = self.watch(p);
+                    rx.borrow_and_update();
+                    rx
+                })
+                .collect(),
+        )
     }
 
     /// Stores events, returning where each went, in order. Nothing is written unless every event

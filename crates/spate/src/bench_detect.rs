@@ -48,7 +48,7 @@ fn reading(s: u64, i: u64) -> (i64, f64) {
     x ^= x >> 32;
     let noise = (x % 1000) as f64 / 500.0 - 1.0;
     let phase = ((i + s * 17) % 288) as f64 / 288.0 * std::f64::consts::TAU;
-    let spike = if x % 5000 == 0 { 40.0 } else { 0.0 };
+    let spike = if x.is_multiple_of(5000) { 40.0 } else { 0.0 };
     (
         1_767_225_600_000 + i as i64 * 300_000,
         50.0 + 10.0 * phase.sin() + 2.0 * noise + spike,

@@ -740,15 +740,7 @@ impl Detectors {
     /// Processes what there is, or waits for news.
     async fn follow_step(&self, name: &str, d: &Arc<Det>) -> Result<()> {
         let topic = self.broker.topic(&d.compiled.definition.topic)?;
-        let mut watches: Vec<_> = topic
-            .partitions
-            .iter()
-            .map(|part| {
-                let mut rx = self.broker.watch(part);
-                rx.borrow_and_update();
-                rx
-            })
-            .collect();
+        let mut news = self.broker.watch_topic(&topic);
         let mut progressed = false;
         for (index, part) in topic.partitions.iter().enumerate() {
             let from = d.live().positions.get(index).copied().unwrap_or(0);
@@ -762,17 +754,9 @@ impl Detectors {
         if progressed {
             return Ok(());
         }
-        let changes: Vec<_> = watches
-            .iter_mut()
-            .map(|rx| {
-                Box::pin(async move {
-                    let _ = rx.changed().await;
-                })
-            })
-            .collect();
         let mut stopped = self.stopped.subscribe();
         tokio::select! {
-            _ = futures_util::future::select_all(changes) => {}
+            _ = news.changed() => {}
             _ = stopped.wait_for(|s| *s) => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }

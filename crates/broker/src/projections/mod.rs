@@ -807,15 +807,7 @@ impl Projections {
     /// Applies what is there to apply, or waits for news. `true` when it applied something.
     async fn follow_step(&self, name: &str, p: &Arc<Proj>) -> Result<bool> {
         let topic = self.broker.topic(&p.compiled.definition.topic)?;
-        let mut watches: Vec<_> = topic
-            .partitions
-            .iter()
-            .map(|part| {
-                let mut rx = self.broker.watch(part);
-                rx.borrow_and_update();
-                rx
-            })
-            .collect();
+        let mut news = self.broker.watch_topic(&topic);
         let halted = p.meta().halted;
         let mut progressed = false;
         if !halted {
@@ -838,17 +830,9 @@ impl Projections {
         if progressed {
             return Ok(true);
         }
-        let changes: Vec<_> = watches
-            .iter_mut()
-            .map(|rx| {
-                Box::pin(async move {
-                    let _ = rx.changed().await;
-                })
-            })
-            .collect();
         let mut stopped = self.stopped.subscribe();
         tokio::select! {
-            _ = futures_util::future::select_all(changes), if !halted => {}
+            _ = news.changed(), if !halted => {}
             _ = stopped.wait_for(|s| *s) => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }

@@ -1195,16 +1195,7 @@ impl Subscriptions {
             }
         };
         // Watch the ends before looking at them, so no append goes unnoticed.
-        let watches_empty = topic.partitions.is_empty();
-        let mut watches: Vec<_> = topic
-            .partitions
-            .iter()
-            .map(|p| {
-                let mut rx = self.broker.watch(p);
-                rx.borrow_and_update();
-                rx
-            })
-            .collect();
+        let mut news = self.broker.watch_topic(&topic);
         let mut progressed = false;
         if room > 0 {
             for (index, p) in topic.partitions.iter().enumerate() {
@@ -1280,18 +1271,8 @@ impl Subscriptions {
             return Ok(Some(true));
         }
         // Nothing to read: wait for new records, room in the window or a change.
-        // Topics have at least one partition, so there is something to select from.
-        let changes: Vec<_> = watches
-            .iter_mut()
-            .map(|rx| {
-                Box::pin(async move {
-                    let _ = rx.changed().await;
-                })
-            })
-            .collect();
-        let any = futures_util::future::select_all(changes);
         tokio::select! {
-            _ = any, if room > 0 && !watches_empty => {}
+            _ = news.changed(), if room > 0 => {}
             _ = woken => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }

@@ -299,6 +299,21 @@ struct OffsetKey {
 /// A topic's partitions and their committed offsets (`None` when nothing was committed).
 pub type TopicOffsets = (String, Vec<(u32, Option<Committed>)>);
 
+/// Where a group stands on one partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupPosition {
+    pub topic: String,
+    pub partition: u32,
+    pub committed: u64,
+    pub end: u64,
+}
+
+impl GroupPosition {
+    pub fn lag(&self) -> u64 {
+        self.end.saturating_sub(self.committed)
+    }
+}
+
 /// A summary of a group, for ListGroups and DescribeGroups.
 #[derive(Debug, Clone)]
 pub struct GroupSummary {
@@ -777,6 +792,28 @@ impl Coordinator {
                 by_topic.into_iter().collect()
             }
         }
+    }
+
+    /// A group's committed offsets with the end of each partition, for lag.
+    pub fn positions(&self, broker: &crate::Broker, group_id: &str) -> Vec<GroupPosition> {
+        let mut out = Vec::new();
+        for (topic, parts) in self.fetch_offsets(group_id, None) {
+            let Ok(t) = broker.topic(&topic) else {
+                continue;
+            };
+            for (partition, committed) in parts {
+                if let (Ok(p), Some(c)) = (t.partition(partition), committed) {
+                    let committed = c.offset.max(0) as u64;
+                    out.push(GroupPosition {
+                        topic: topic.clone(),
+                        partition,
+                        committed,
+                        end: p.high_watermark(),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Groups with members or offsets.

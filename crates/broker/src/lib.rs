@@ -13,6 +13,7 @@ pub mod monitor;
 pub mod partitioner;
 pub mod projections;
 pub mod push;
+pub mod stats;
 pub mod streams;
 pub mod subscriptions;
 

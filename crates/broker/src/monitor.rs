@@ -2,9 +2,10 @@
 //! internal topic `__metrics`, so detectors (and any reader) can watch them like any other series.
 //!
 //! Each event has type `spate.metric`, subject `<name>` or `<name>:<label>` and data
-//! `{"name", "series", "labels", "value"}`: produce rate per topic (events/s), consumer lag per
-//! group (records), backlog per subscription (messages), lag per projection and detector
-//! (records), and fsync latency (mean and max over the interval, ms).
+//! `{"name", "series", "labels", "value"}`: produce rate per topic (events/s), bytes appended
+//! and events delivered per second, open connections, consumer lag per group (records), backlog
+//! per subscription (messages), lag per projection and detector (records), and fsync latency
+//! (mean and max over the interval, ms).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,6 +43,8 @@ struct Previous {
     at: Instant,
     ends: HashMap<String, u64>,
     fsyncs: (u64, u64),
+    bytes: u64,
+    delivered: u64,
 }
 
 /// Computes the samples of one interval.
@@ -58,6 +61,8 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
     }
     let fsyncs = spate_log::stats::fsyncs();
     let max_fsync = spate_log::stats::take_max_fsync_micros();
+    let bytes = spate_log::stats::bytes_appended();
+    let delivered = crate::stats::delivered_total();
     if let Some(p) = prev.as_ref() {
         let secs = now.duration_since(p.at).as_secs_f64().max(1e-3);
         for (name, end) in &ends {
@@ -88,25 +93,36 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
             label: None,
             value: n as f64 / secs,
         });
+        out.push(Sample {
+            name: "bytes_in_rate",
+            label: None,
+            value: bytes.saturating_sub(p.bytes) as f64 / secs,
+        });
+        out.push(Sample {
+            name: "delivery_rate",
+            label: None,
+            value: delivered.saturating_sub(p.delivered) as f64 / secs,
+        });
     }
+    out.push(Sample {
+        name: "connections",
+        label: None,
+        value: crate::stats::connections_open().max(0) as f64,
+    });
     *prev = Some(Previous {
         at: now,
         ends,
         fsyncs,
+        bytes,
+        delivered,
     });
     if let Some(groups) = &sources.groups {
         for g in groups.list() {
-            let mut lag = 0u64;
-            for (topic, parts) in groups.fetch_offsets(&g.group_id, None) {
-                let Ok(t) = broker.topic(&topic) else {
-                    continue;
-                };
-                for (p, committed) in parts {
-                    if let (Ok(part), Some(c)) = (t.partition(p), committed) {
-                        lag += part.high_watermark().saturating_sub(c.offset.max(0) as u64);
-                    }
-                }
-            }
+            let lag = groups
+                .positions(broker, &g.group_id)
+                .iter()
+                .map(|p| p.lag())
+                .sum::<u64>();
             out.push(Sample {
                 name: "consumer_lag",
                 label: Some(("group", g.group_id)),

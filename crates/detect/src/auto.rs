@@ -321,9 +321,8 @@ pub struct Scored {
     pub score: f64,
     /// Whether the point raises an alert at the configured sensitivity.
     pub alert: bool,
-    /// The band the trusted model expected the value in.
-    pub low: f64,
-    pub high: f64,
+    /// The band the trusted model expected the value in (low, high), once it has one.
+    pub band: Option<(f64, f64)>,
 }
 
 /// The state of one series.
@@ -506,8 +505,7 @@ impl Series {
         Scored {
             score: p.calibrate(score),
             alert,
-            low: e - p.band * s,
-            high: e + p.band * s,
+            band: Some((e - p.band * s, e + p.band * s)),
         }
     }
 }

@@ -83,10 +83,13 @@ pub struct Alert {
     pub time_ms: i64,
 }
 
-/// A point's outcome: its score and the alert it raised, if any.
+/// A point's outcome: its score, the band it was expected in (either side may be open) and the
+/// alert it raised, if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
     pub score: f64,
+    pub low: Option<f64>,
+    pub high: Option<f64>,
     pub alert: Option<Alert>,
 }
 
@@ -226,7 +229,7 @@ impl Detector {
         let cooled = s
             .last_alert_ms
             .is_none_or(|last| t.saturating_sub(last) >= cooldown);
-        let (score, alert) = match (&mut s.state, &self.algorithm) {
+        let (score, (low, high), alert) = match (&mut s.state, &self.algorithm) {
             (State::Threshold { rule, announced }, Algorithm::Threshold(def)) => {
                 let (low, high) = RuleState::expected(def);
                 let make = |kind| Alert {
@@ -249,19 +252,20 @@ impl Detector {
                     }
                     Transition::Cleared | Transition::None => None,
                 };
-                (if rule.raised { 1.0 } else { 0.0 }, alert)
+                (if rule.raised { 1.0 } else { 0.0 }, (low, high), alert)
             }
             (State::Auto(a), Algorithm::Auto(_)) => {
                 let scored = a.score(params, t, value);
+                let (low, high) = (scored.band.map(|b| b.0), scored.band.map(|b| b.1));
                 let alert = (scored.alert && cooled).then_some(Alert {
                     kind: AlertKind::Anomaly,
                     value,
                     score: scored.score,
-                    low: Some(scored.low),
-                    high: Some(scored.high),
+                    low,
+                    high,
                     time_ms: t,
                 });
-                (scored.score, alert)
+                (scored.score, (low, high), alert)
             }
             _ => unreachable!("a series' state matches its detector's algorithm"),
         };
@@ -273,7 +277,12 @@ impl Detector {
         if alert.is_some() {
             self.totals.alerts += 1;
         }
-        Observed { score, alert }
+        Observed {
+            score,
+            low,
+            high,
+            alert,
+        }
     }
 
     /// The series changed since the last call, each with its place in the least-recently-seen
@@ -331,6 +340,11 @@ impl Detector {
             .take(limit)
             .filter_map(|n| self.series.get(n).map(|e| (n.clone(), e.state.last_ms)))
             .collect()
+    }
+
+    /// Whether a series is tracked.
+    pub fn tracks(&self, series: &str) -> bool {
+        self.series.contains_key(series)
     }
 
     /// Series in least-recently-seen order, oldest first.

@@ -24,6 +24,9 @@ impl From<DetectorError> for ApiError {
             DetectorError::NotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "detector-not-found", e.to_string())
             }
+            DetectorError::SeriesNotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "series-not-found", e.to_string())
+            }
             DetectorError::Invalid(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid-detector", e.to_string())
             }
@@ -105,5 +108,16 @@ pub async fn series(
     }
     Ok(Json(
         json!({ "series": detectors(&s)?.series(&name, limit)? }),
+    ))
+}
+
+/// `GET /v1/detectors/{name}/series/{series}`: the series' recent points (value, score, expected
+/// band, alert), oldest first.
+pub async fn points(
+    State(s): State<AppState>,
+    Path((name, series)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "series": series, "points": detectors(&s)?.points(&name, &series)? }),
     ))
 }

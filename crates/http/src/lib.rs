@@ -8,6 +8,7 @@ mod consume;
 mod detectors;
 mod error;
 mod events;
+mod groups;
 mod listener;
 mod projections;
 pub mod push;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// Projections; their endpoints answer 503 without them.
     pub projections: Option<Arc<spate_broker::projections::Projections>>,
+    /// Kafka consumer groups, shown read-only; 503 without them.
+    pub groups: Option<Arc<spate_broker::groups::Coordinator>>,
     /// Detectors; their endpoints answer 503 without them.
     pub detectors: Option<Arc<spate_broker::detectors::Detectors>>,
     /// Durable subscriptions; their endpoints answer 503 without them.
@@ -101,6 +104,12 @@ pub fn router(state: AppState) -> Router {
                 .delete(detectors::delete),
         )
         .route("/v1/detectors/{name}/series", get(detectors::series))
+        .route(
+            "/v1/detectors/{name}/series/{series}",
+            get(detectors::points),
+        )
+        .route("/v1/groups", get(groups::list))
+        .route("/v1/topics/{topic}/preview", post(topics::preview))
         .route("/v1/projections", get(projections::list))
         .route(
             "/v1/projections/{name}",
@@ -136,6 +145,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/subscriptions/{name}/seek", post(subscriptions::seek))
         .route("/v1/ws", get(push::ws))
+        .route("/", get(console_page))
+        .route("/console/console.js", get(console_js))
+        .route("/console/console.css", get(console_css))
         .route(
             "/examples/live",
             get(|| async { axum::response::Html(include_str!("live.html")) }),
@@ -149,6 +161,39 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The web console: one page and its script and styles, embedded in the binary.
+async fn console_page() -> impl IntoResponse {
+    asset(
+        "text/html; charset=utf-8",
+        include_str!("../console/index.html"),
+    )
+}
+
+async fn console_js() -> impl IntoResponse {
+    asset(
+        "text/javascript; charset=utf-8",
+        include_str!("../console/console.js"),
+    )
+}
+
+async fn console_css() -> impl IntoResponse {
+    asset(
+        "text/css; charset=utf-8",
+        include_str!("../console/console.css"),
+    )
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> axum::response::Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

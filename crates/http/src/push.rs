@@ -251,6 +251,7 @@ fn error_code(e: &FeedError) -> &'static str {
 
 fn delivered(protocol: &'static str, e: &LiveEvent) {
     metrics::counter!("spate_deliveries_total", "protocol" => protocol).increment(1);
+    spate_broker::stats::delivered(1);
     metrics::histogram!("spate_durable_to_delivered_seconds", "protocol" => protocol)
         .record(e.seen_at.elapsed().as_secs_f64());
 }
@@ -261,6 +262,7 @@ struct ConnectionGauge(&'static str);
 impl ConnectionGauge {
     fn new(protocol: &'static str) -> Self {
         metrics::gauge!("spate_connections", "protocol" => protocol).increment(1.0);
+        spate_broker::stats::connections(1);
         ConnectionGauge(protocol)
     }
 }
@@ -268,6 +270,7 @@ impl ConnectionGauge {
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
         metrics::gauge!("spate_connections", "protocol" => self.0).decrement(1.0);
+        spate_broker::stats::connections(-1);
     }
 }
 

@@ -107,3 +107,129 @@ pub async fn delete(State(s): State<AppState>, Path(topic): Path<String>) -> Api
     s.broker.delete_topic(topic).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Events a preview looks at, at most.
+const PREVIEW_MAX: usize = 1000;
+
+/// `POST /v1/topics/{topic}/preview`: what a filter (and a series and value expression) would make
+/// of a topic's recent events, for builders and filter boxes. Nothing is created.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewRequest {
+    filter: Option<String>,
+    types: Option<String>,
+    series: Option<String>,
+    value: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The JSON paths of a value's object fields, as `prefix.a`, `prefix.a.b`, down to `depth`.
+fn paths(v: &Value, prefix: &str, depth: usize, out: &mut std::collections::BTreeSet<String>) {
+    let Value::Object(map) = v else { return };
+    for (k, child) in map {
+        let simple = !k.is_empty()
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let path = if simple {
+            format!("{prefix}.{k}")
+        } else {
+            format!("{prefix}[{}]", Value::from(k.as_str()))
+        };
+        if depth > 1 && child.is_object() {
+            paths(child, &path, depth - 1, out);
+        } else {
+            out.insert(path);
+        }
+    }
+}
+
+pub async fn preview(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    use spate_broker::filter::{Expression, Filter, FilterInput, Verdict, to_json};
+    let bytes = read_body(&headers, body, s.limits.max_request_bytes).await?;
+    let req: PreviewRequest = parse_json(&bytes)?;
+    let limit = req.limit.unwrap_or(100);
+    if !(1..=PREVIEW_MAX).contains(&limit) {
+        return Err(crate::ApiError::bad_request(format!(
+            "`limit` must be within 1..={PREVIEW_MAX}"
+        )));
+    }
+    let filter = Filter::new(req.filter.as_deref(), req.types.as_deref())
+        .map_err(|e| crate::ApiError::bad_request(format!("invalid filter: {e}")))?;
+    let compile = |what: &str, src: &Option<String>| {
+        src.as_deref()
+            .map(Expression::compile)
+            .transpose()
+            .map_err(|e| crate::ApiError::bad_request(format!("invalid {what}: {e}")))
+    };
+    let series = compile("series", &req.series)?;
+    let value = compile("value", &req.value)?;
+    let t = s.broker.topic(&topic)?;
+    let mut recent = Vec::new();
+    for p in &t.partitions {
+        let from = p
+            .high_watermark()
+            .saturating_sub(limit as u64)
+            .max(p.log_start_offset());
+        let page = s
+            .broker
+            .read(&topic, p.id, spate_broker::Start::Offset(from), limit)
+            .await?;
+        recent.extend(page.events);
+    }
+    // The most recent `limit` events over all partitions, oldest first.
+    recent.sort_by_key(|r| spate_broker::projections::reduce::event_ms(&r.event));
+    let recent = &recent[recent.len().saturating_sub(limit)..];
+    let mut fields = std::collections::BTreeSet::new();
+    let mut matched = Vec::new();
+    let mut errors = 0;
+    for r in recent {
+        let json = r.event.to_json();
+        for attr in ["type", "subject", "source", "partitionkey"] {
+            if json.get(attr).is_some() {
+                fields.insert(attr.to_string());
+            }
+        }
+        if let Some(data) = json.get("data") {
+            paths(data, "data", 3, &mut fields);
+        }
+        let input = std::cell::OnceCell::new();
+        let get = || input.get_or_init(|| FilterInput::new(&r.event));
+        match filter.judge(&r.event, get) {
+            Verdict::Match => {}
+            Verdict::NoMatch => continue,
+            Verdict::Error => {
+                errors += 1;
+                continue;
+            }
+        }
+        let mut eval = |e: &Option<Expression>| match e {
+            None => Value::Null,
+            Some(e) => match e
+                .evaluate(get())
+                .map_err(|_| ())
+                .and_then(|v| to_json(&v).map_err(|_| ()))
+            {
+                Ok(v) => v,
+                Err(()) => {
+                    errors += 1;
+                    Value::Null
+                }
+            },
+        };
+        let (sv, vv) = (eval(&series), eval(&value));
+        matched.push(json!({
+            "partition": r.partition, "offset": r.offset, "event": json, "series": sv, "value": vv,
+        }));
+    }
+    Ok(Json(json!({
+        "scanned": recent.len(),
+        "matched": matched,
+        "errors": errors,
+        "fields": fields,
+    })))
+}

@@ -116,8 +116,10 @@ pub async fn serve(
         let stop = stop_rx.clone();
         connections.spawn(async move {
             metrics::gauge!("spate_connections", "protocol" => "kafka").increment(1.0);
+            spate_broker::stats::connections(1);
             let result = connection(stream, ctx, stop).await;
             metrics::gauge!("spate_connections", "protocol" => "kafka").decrement(1.0);
+            spate_broker::stats::connections(-1);
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "kafka connection closed");
             }

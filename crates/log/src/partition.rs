@@ -567,6 +567,7 @@ impl Partition {
             .records
             .increment(appended.last_offset + 1 - appended.base_offset);
         self.metrics.bytes.increment(batches.len() as u64);
+        crate::stats::record_append(batches.len() as u64);
         Ok(appended)
     }
 

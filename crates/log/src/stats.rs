@@ -6,6 +6,16 @@ use std::time::Duration;
 static COUNT: AtomicU64 = AtomicU64::new(0);
 static MICROS: AtomicU64 = AtomicU64::new(0);
 static MAX_MICROS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn record_append(bytes: u64) {
+    BYTES.fetch_add(bytes, Ordering::Relaxed);
+}
+
+/// Record batch bytes appended so far, over all partitions.
+pub fn bytes_appended() -> u64 {
+    BYTES.load(Ordering::Relaxed)
+}
 
 pub(crate) fn record_fsync(took: Duration) {
     let us = took.as_micros().min(u128::from(u64::MAX)) as u64;

@@ -127,6 +127,19 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     .context("detector store task failed")?
     .context("cannot open the detector store")?;
     detectors.start();
+    let log_for_groups = broker.log().clone();
+    let coordinator = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            spate_broker::groups::Coordinator::open(
+                log_for_groups,
+                GROUP_INITIAL_REBALANCE_DELAY,
+                spate_broker::now_ms(),
+            )
+        })
+        .await
+        .context("group coordinator task failed")?
+        .context("cannot load consumer group offsets")?,
+    );
     let render = prometheus.clone();
     let upkeep = tokio::spawn(async move {
         // Histograms are summarized on upkeep; scrapes also render fresh data.
@@ -149,6 +162,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         metrics: Some(Arc::new(move || render.render())),
         projections: Some(projections.clone()),
         detectors: Some(detectors.clone()),
+        groups: Some(coordinator.clone()),
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
     };
@@ -160,19 +174,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         max_connections: config.max_connections,
         ..spate_kafka::KafkaConfig::default()
     };
-    let log_for_groups = broker.log().clone();
-    let coordinator = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            spate_broker::groups::Coordinator::open(
-                log_for_groups,
-                GROUP_INITIAL_REBALANCE_DELAY,
-                spate_broker::now_ms(),
-            )
-        })
-        .await
-        .context("group coordinator task failed")?
-        .context("cannot load consumer group offsets")?,
-    );
     tokio::spawn(spate_kafka::run_coordinator_clock(
         coordinator.clone(),
         stopped(stop_rx.clone()),

@@ -36,11 +36,15 @@ pub const SERIES_DEFAULT: usize = 10_000;
 const APPLY_CHUNK: usize = 2000;
 /// How often changed series are checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// Recent points kept per series for charts (in memory only).
+pub const RECENT_POINTS: usize = 120;
 
 #[derive(Debug, Error)]
 pub enum DetectorError {
     #[error("detector {0} does not exist")]
     NotFound(String),
+    #[error("{0}")]
+    SeriesNotFound(String),
     #[error("{0}")]
     Invalid(String),
     #[error("detector store: {0}")]
@@ -232,7 +236,29 @@ pub struct Status {
     pub restored: String,
 }
 
-/// A point's score, for charts and previews.
+/// A recent point of a series, for charts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub time: String,
+    pub value: f64,
+    pub score: f64,
+    pub low: Option<f64>,
+    pub high: Option<f64>,
+    /// Whether it raised an alert.
+    pub alert: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RecentPoint {
+    t: i64,
+    value: f64,
+    score: f32,
+    low: Option<f64>,
+    high: Option<f64>,
+    alert: bool,
+}
+
+/// A series tracked, for listings.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeriesInfo {
     pub series: String,
@@ -248,6 +274,8 @@ struct Live {
     /// partition, source offset, type).
     already: HashSet<(u32, u64, String)>,
     checkpointed: Instant,
+    /// The last [`RECENT_POINTS`] points of each series, since the server started.
+    recent: std::collections::HashMap<String, std::collections::VecDeque<RecentPoint>>,
 }
 
 struct Det {
@@ -377,6 +405,7 @@ impl Detectors {
             last_error: meta.last_error.clone(),
             already,
             checkpointed: Instant::now(),
+            recent: Default::default(),
         };
         Ok((compiled, live))
     }
@@ -537,6 +566,7 @@ impl Detectors {
                 last_error: None,
                 already: HashSet::new(),
                 checkpointed: Instant::now(),
+                recent: Default::default(),
             }),
             compiled: Arc::new(compiled),
             retired: Default::default(),
@@ -695,6 +725,33 @@ impl Detectors {
             .collect())
     }
 
+    /// The recent points of one series, oldest first.
+    pub fn points(&self, name: &str, series: &str) -> Result<Vec<Point>> {
+        let d = self
+            .dets()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DetectorError::NotFound(name.to_string()))?;
+        let l = d.live();
+        if !l.detector.tracks(series) {
+            return Err(DetectorError::SeriesNotFound(format!(
+                "detector {name} tracks no series {series:?}"
+            )));
+        }
+        Ok(l.recent.get(series).map_or_else(Vec::new, |ring| {
+            ring.iter()
+                .map(|p| Point {
+                    time: now_rfc3339(p.t),
+                    value: p.value,
+                    score: f64::from(p.score),
+                    low: p.low,
+                    high: p.high,
+                    alert: p.alert,
+                })
+                .collect()
+        }))
+    }
+
     /// Checkpoints every detector and stops the followers.
     pub async fn stop(&self) -> Result<()> {
         self.stopped.send_replace(true);
@@ -787,7 +844,20 @@ impl Detectors {
                     Ok(None) => {}
                     Ok(Some((series, value))) => {
                         let t = event_ms_of(&r.event);
-                        if let Some(alert) = live.detector.observe(&series, t, value).alert {
+                        let seen = live.detector.observe(&series, t, value);
+                        let ring = live.recent.entry(series.clone()).or_default();
+                        if ring.len() == RECENT_POINTS {
+                            ring.pop_front();
+                        }
+                        ring.push_back(RecentPoint {
+                            t,
+                            value,
+                            score: seen.score as f32,
+                            low: seen.low,
+                            high: seen.high,
+                            alert: seen.alert.is_some(),
+                        });
+                        if let Some(alert) = seen.alert {
                             let kind = alert.kind.event_type().to_string();
                             if !live.already.remove(&(partition, r.offset, kind)) {
                                 alerts.push(alert_event(
@@ -845,6 +915,9 @@ impl Detectors {
             let mut l = d.live();
             l.checkpointed = Instant::now();
             let (changed, evicted) = l.detector.take_changes();
+            for s in &evicted {
+                l.recent.remove(s);
+            }
             let meta = Meta {
                 definition: d.compiled.definition.clone(),
                 generation: d.generation,

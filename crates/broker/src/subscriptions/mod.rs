@@ -782,6 +782,7 @@ impl Subscriptions {
                 event,
             });
         }
+        crate::stats::delivered(deliveries.len() as u64);
         if !lost.is_empty() {
             // Retention removed them from the log: nothing is left to deliver.
             tracing::warn!(

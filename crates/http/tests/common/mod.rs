@@ -103,6 +103,7 @@ async fn start_with(
         metrics: None,
         projections: projections.clone(),
         detectors: detectors.clone(),
+        groups: None,
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
     };

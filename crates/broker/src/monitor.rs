@@ -3,9 +3,9 @@
 //!
 //! Each event has type `spate.metric`, subject `<name>` or `<name>:<label>` and data
 //! `{"name", "series", "labels", "value"}`: produce rate per topic (events/s), bytes appended
-//! and events delivered per second, open connections, consumer lag per group (records), backlog
-//! per subscription (messages), lag per projection and detector (records), and fsync latency
-//! (mean and max over the interval, ms).
+//! and events delivered per second, open connections, consumer lag per group (records and
+//! seconds), backlog and in-flight messages per subscription, lag per projection and detector
+//! (records), and fsync latency (mean and max over the interval, ms).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -118,15 +118,31 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
     });
     if let Some(groups) = &sources.groups {
         for g in groups.list() {
-            let lag = groups
-                .positions(broker, &g.group_id)
+            let positions = groups.positions(broker, &g.group_id);
+            let lag = positions.iter().map(|p| p.lag()).sum::<u64>();
+            // In seconds: the age of the oldest record the group has not consumed.
+            let oldest = positions
                 .iter()
-                .map(|p| p.lag())
-                .sum::<u64>();
+                .filter(|p| p.lag() > 0)
+                .filter_map(|p| {
+                    let t = broker.topic(&p.topic).ok()?;
+                    let part = t.partition(p.partition).ok()?;
+                    let page =
+                        crate::read_events(part, &p.topic, p.partition, p.committed, 1).ok()?;
+                    page.events
+                        .first()
+                        .map(|e| crate::projections::reduce::event_ms(&e.event))
+                })
+                .min();
             out.push(Sample {
                 name: "consumer_lag",
-                label: Some(("group", g.group_id)),
+                label: Some(("group", g.group_id.clone())),
                 value: lag as f64,
+            });
+            out.push(Sample {
+                name: "consumer_lag_seconds",
+                label: Some(("group", g.group_id)),
+                value: oldest.map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0),
             });
         }
     }
@@ -136,6 +152,11 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
                 name: "subscription_backlog",
                 label: Some(("subscription", s.name.clone())),
                 value: s.stats.backlog as f64,
+            });
+            out.push(Sample {
+                name: "subscription_in_flight",
+                label: Some(("subscription", s.name.clone())),
+                value: s.stats.in_flight as f64,
             });
             out.push(Sample {
                 name: "subscription_oldest_unacked_ms",

@@ -379,6 +379,29 @@ pages.topic = (main, topic) => {
   let sub = null;
   let paused = false;
   let seen = 0;
+  // Events are drawn in batches, at most 5 times a second, so a fast topic cannot swamp the page.
+  const TAIL_ROWS = 500;
+  let pending = [];
+  let flushing = null;
+  function row(m) {
+    const tr = h("tr", { class: "clickable", tabindex: 0, "data-id": m.event.id }, h("td", {}, `${m.partition}:${m.offset}`),
+      h("td", {}, m.event.type), h("td", {}, m.event.id), h("td", {}, m.event.partitionkey || ""),
+      h("td", {}, m.event.data !== undefined ? JSON.stringify(m.event.data).slice(0, 80) : ""));
+    const open = () => { rows.querySelectorAll(".selected").forEach((r) => r.classList.remove("selected")); tr.classList.add("selected"); inspect(box, m); };
+    tr.addEventListener("click", open);
+    tr.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+    return tr;
+  }
+  function flush() {
+    flushing = null;
+    const batch = pending;
+    pending = [];
+    const frag = document.createDocumentFragment();
+    for (let i = batch.length - 1; i >= Math.max(0, batch.length - TAIL_ROWS); i--) frag.append(row(batch[i]));
+    rows.prepend(frag);
+    while (rows.children.length > TAIL_ROWS) rows.lastChild.remove();
+    count.textContent = `${seen} events`;
+  }
   const positions = {}; // partition → next offset, to resume after a pause
   function start(fromValue) {
     if (sub) live.drop(sub);
@@ -389,15 +412,9 @@ pages.topic = (main, topic) => {
     sub = live.subscribe(params, (m) => {
       positions[m.partition] = m.offset + 1;
       seen += 1;
-      count.textContent = `${seen} events`;
-      const tr = h("tr", { class: "clickable", tabindex: 0, "data-id": m.event.id }, h("td", {}, `${m.partition}:${m.offset}`),
-        h("td", {}, m.event.type), h("td", {}, m.event.id), h("td", {}, m.event.partitionkey || ""),
-        h("td", {}, m.event.data !== undefined ? JSON.stringify(m.event.data).slice(0, 80) : ""));
-      const open = () => { rows.querySelectorAll(".selected").forEach((r) => r.classList.remove("selected")); tr.classList.add("selected"); inspect(box, m); };
-      tr.addEventListener("click", open);
-      tr.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
-      rows.prepend(tr);
-      while (rows.children.length > 500) rows.lastChild.remove();
+      pending.push(m);
+      if (pending.length > 2 * TAIL_ROWS) pending = pending.slice(-TAIL_ROWS);
+      if (!flushing) flushing = setTimeout(flush, 200);
     }, (m) => { error.textContent = m.message || m.code; });
   }
   function fromChoice() {
@@ -407,7 +424,7 @@ pages.topic = (main, topic) => {
   const apply = h("button", { id: "tail-apply", type: "submit" }, "Apply");
   const form = h("form", { class: "inline", onsubmit: (e) => {
     e.preventDefault();
-    rows.replaceChildren(); seen = 0; count.textContent = "0 events";
+    rows.replaceChildren(); seen = 0; pending = []; count.textContent = "0 events";
     for (const k of Object.keys(positions)) delete positions[k];
     paused = false; pause.textContent = "Pause";
     start(fromChoice());
@@ -443,7 +460,7 @@ pages.topic = (main, topic) => {
       box),
     h("h2", {}, "Publish"), pub, presult);
   start("latest");
-  return () => { if (sub) live.drop(sub); };
+  return () => { if (sub) live.drop(sub); if (flushing) clearTimeout(flushing); };
 };
 
 pages.streams = (main) => {
@@ -497,9 +514,14 @@ pages.subscriptions = (main) => {
   const body = h("tbody");
   const groups = h("tbody");
   const err = h("div", { class: "error" });
+  const lagChart = chartCard("Consumer group lag (s)");
+  const lagSeconds = new Series(10 * 60000);
+  const metrics = followMetrics(10, (m) => {
+    if (m.name === "consumer_lag_seconds" && m.labels) lagSeconds.add(m.labels.group, m.t, m.value);
+  });
   main.append(err, h("table", {}, h("thead", {}, h("tr", {}, ["subscription", "topic", "backlog", "in flight", "oldest unacked", "acked", "dead-lettered"].map((t) => h("th", {}, t)))), body),
-    h("h2", {}, "Consumer groups"),
-    h("table", {}, h("thead", {}, h("tr", {}, ["group", "state", "members", "lag (records)"].map((t) => h("th", {}, t)))), groups));
+    h("h2", {}, "Consumer groups"), h("div", { class: "grid" }, lagChart.el),
+    h("table", {}, h("thead", {}, h("tr", {}, ["group", "state", "members", "lag (records)", "lag (s)"].map((t) => h("th", {}, t)))), groups));
   async function refresh() {
     try {
       const { subscriptions } = await api("GET", "/v1/subscriptions");
@@ -508,25 +530,28 @@ pages.subscriptions = (main) => {
         h("td", {}, fmt(s.stats.backlog)), h("td", {}, fmt(s.stats.in_flight)), h("td", {}, ago(s.stats.oldest_unacked_age_ms)),
         h("td", {}, fmt(s.stats.acked)), h("td", {}, fmt(s.stats.dead_lettered)))));
       const { groups: list } = await api("GET", "/v1/groups");
-      groups.replaceChildren(...list.map((g) => h("tr", {}, h("td", {}, g.group), h("td", {}, g.state), h("td", {}, g.members), h("td", {}, fmt(g.lag)))));
+      groups.replaceChildren(...list.map((g) => h("tr", {}, h("td", {}, g.group), h("td", {}, g.state), h("td", {}, g.members),
+        h("td", {}, fmt(g.lag)), h("td", {}, fmt(lagSeconds.last(g.group), 1)))));
+      drawChart(lagChart.canvas, [...lagSeconds.map.keys()].map((k) => ({ label: k, points: lagSeconds.get(k) })));
     } catch (x) { err.textContent = x.message; }
   }
   refresh();
   const timer = setInterval(refresh, 2000);
-  return () => clearInterval(timer);
+  return () => { clearInterval(timer); live.drop(metrics); };
 };
 
 pages.subscription = (main, name) => {
   main.append(h("h1", {}, `Subscription ${name}`));
   const stats = h("div", { class: "grid" });
   const backlog = chartCard("Backlog");
+  const inflight = chartCard("In flight");
   const oldest = chartCard("Oldest unacked (s)");
   const def = h("pre");
   const err = h("div", { class: "error", role: "alert" });
   const dead = h("tbody", { id: "dlq-rows" });
   const redriveFilter = h("input", { id: "redrive-filter", class: "wide", placeholder: "CEL over the dead letters, empty for all" });
   const result = h("div", { id: "dlq-result", class: "ok", role: "status" });
-  main.append(stats, h("div", { class: "grid" }, backlog.el, oldest.el), h("h2", {}, "Definition"), def,
+  main.append(stats, h("div", { class: "grid" }, backlog.el, inflight.el, oldest.el), h("h2", {}, "Definition"), def,
     h("h2", {}, "Dead-letter queue"), err,
     h("form", { class: "inline", onsubmit: async (e) => {
       e.preventDefault();
@@ -568,14 +593,17 @@ pages.subscription = (main, name) => {
       delete copy.stats;
       def.textContent = JSON.stringify(copy, null, 2);
       backlog.value.textContent = fmt(st.backlog);
+      inflight.value.textContent = fmt(st.in_flight);
       oldest.value.textContent = ago(st.oldest_unacked_age_ms);
     } catch (x) { err.textContent = x.message; }
     drawChart(backlog.canvas, [{ label: "backlog", points: s.get("backlog") }]);
+    drawChart(inflight.canvas, [{ label: "in flight", points: s.get("inflight") }]);
     drawChart(oldest.canvas, [{ label: "oldest", points: s.get("oldest") }]);
   }
   const sub = followMetrics(10, (m) => {
     if (!m.labels || m.labels.subscription !== name) return;
     if (m.name === "subscription_backlog") s.add("backlog", m.t, m.value);
+    if (m.name === "subscription_in_flight") s.add("inflight", m.t, m.value);
     if (m.name === "subscription_oldest_unacked_ms") s.add("oldest", m.t, m.value / 1000);
   });
   refresh();

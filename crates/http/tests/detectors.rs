@@ -426,3 +426,61 @@ async fn invalid_definitions_are_refused_with_the_reason_and_change_nothing() {
     assert_eq!(r.status, 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_preview_shows_what_a_filter_and_expressions_make_of_recent_events() {
+    let (_dir, server, c) = setup().await;
+    let points: Vec<(&str, i64, f64)> = (0..10)
+        .map(|i| ("p1", T0 + i * 1000, 30.0 + i as f64))
+        .collect();
+    c.readings("telemetry", &points).await;
+    let r = c
+        .post(
+            "/v1/topics/telemetry/preview",
+            json!({"filter": "data.temperature >= 35.0", "series": "data.sensor_id",
+                "value": "data.temperature", "limit": 8}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The 8 most recent readings (32..39), of which 35..39 pass.
+    assert_eq!(r.body["scanned"], 8);
+    let values: Vec<f64> = r.body["matched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, [35.0, 36.0, 37.0, 38.0, 39.0]);
+    assert_eq!(r.body["matched"][0]["series"], "p1");
+    assert_eq!(r.body["errors"], 0);
+    let fields: Vec<&str> = r.body["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    for f in ["data.sensor_id", "data.temperature", "type", "source"] {
+        assert!(fields.contains(&f), "{fields:?}");
+    }
+    // Bad expressions are refused with the reason; nothing is created either way.
+    for (body, reason) in [
+        (json!({"filter": "data.temperature >"}), "invalid filter"),
+        (json!({"value": "data.("}), "invalid value"),
+        (json!({"limit": 0}), "limit"),
+        (json!({"limit": 5000}), "limit"),
+        (json!({"colour": "red"}), "colour"),
+    ] {
+        let r = c.post("/v1/topics/telemetry/preview", body.clone()).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(reason),
+            "{body}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        c.post("/v1/topics/nowhere/preview", json!({})).await.status,
+        404
+    );
+    server.stop().await;
+}

@@ -353,6 +353,27 @@ impl Broker {
         blocking(move || Ok(log.create_topic(&name, config, now_ms())?)).await
     }
 
+    /// The topic `name`, created with `config` when missing: for the server's own writers (dead
+    /// letters, alerts, metrics). A creation of the same topic under way elsewhere is waited for.
+    pub async fn topic_or_create(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>> {
+        for _ in 0..1000 {
+            match self.topic(name) {
+                Ok(t) => return Ok(t),
+                Err(BrokerError::Log(spate_log::Error::UnknownTopic(_))) => {}
+                Err(e) => return Err(e),
+            }
+            match self.create_topic(name.to_string(), config.clone()).await {
+                Ok(t) => return Ok(t),
+                // Someone else is creating it: it appears once its files are in place.
+                Err(BrokerError::Log(spate_log::Error::TopicExists(_))) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.topic(name)
+    }
+
     pub async fn delete_topic(&self, name: String) -> Result<()> {
         let topic = self.topic(&name)?;
         if is_internal(&name) {

@@ -15,7 +15,7 @@ use serde_json::json;
 use spate_log::TopicConfig;
 
 use crate::event::{Event, now_rfc3339};
-use crate::{Broker, BrokerError, now_ms};
+use crate::{Broker, now_ms};
 
 /// The internal topic of the server's own metrics.
 pub const METRICS_TOPIC: &str = "__metrics";
@@ -66,7 +66,8 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
     if let Some(p) = prev.as_ref() {
         let secs = now.duration_since(p.at).as_secs_f64().max(1e-3);
         for (name, end) in &ends {
-            let before = p.ends.get(name).copied().unwrap_or(*end);
+            // A topic created since the last sample counts from its start.
+            let before = p.ends.get(name).copied().unwrap_or(0);
             out.push(Sample {
                 name: "produce_rate",
                 label: Some(("topic", name.clone())),
@@ -209,18 +210,15 @@ fn to_event(s: &Sample, now: i64) -> Event {
 }
 
 async fn ensure_topic(broker: &Broker) -> crate::Result<()> {
-    if broker.topic(METRICS_TOPIC).is_ok() {
-        return Ok(());
-    }
     let config = TopicConfig {
         partitions: 1,
         retention_ms: Some(RETENTION_MS),
         ..TopicConfig::default()
     };
-    match broker.create_topic(METRICS_TOPIC.to_string(), config).await {
-        Ok(_) | Err(BrokerError::Log(spate_log::Error::TopicExists(_))) => Ok(()),
-        Err(e) => Err(e),
-    }
+    broker
+        .topic_or_create(METRICS_TOPIC, config)
+        .await
+        .map(|_| ())
 }
 
 /// Writes the server's metrics to [`METRICS_TOPIC`] every `every` until `stop` resolves.

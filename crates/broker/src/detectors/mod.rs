@@ -891,18 +891,9 @@ impl Detectors {
     }
 
     async fn write_alerts(&self, alert_topic: &str, alerts: Vec<Event>) -> Result<()> {
-        if let Err(BrokerError::Log(spate_log::Error::UnknownTopic(_))) =
-            self.broker.topic(alert_topic)
-        {
-            match self
-                .broker
-                .create_topic(alert_topic.to_string(), TopicConfig::default())
-                .await
-            {
-                Ok(_) | Err(BrokerError::Log(spate_log::Error::TopicExists(_))) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.broker
+            .topic_or_create(alert_topic, TopicConfig::default())
+            .await?;
         self.broker.publish(alert_topic, alerts).await?;
         Ok(())
     }

@@ -1317,29 +1317,16 @@ impl Subscriptions {
         };
         match state {
             State::Doomed { reason } => {
-                let dlq = match self.broker.topic(&config.dead_letter_topic) {
-                    Ok(t) => t,
-                    Err(BrokerError::Log(spate_log::Error::UnknownTopic(_))) => {
-                        let created = self
-                            .broker
-                            .create_topic(
-                                config.dead_letter_topic.clone(),
-                                TopicConfig {
-                                    partitions: partitions.max(1),
-                                    ..TopicConfig::default()
-                                },
-                            )
-                            .await;
-                        match created {
-                            Ok(t) => t,
-                            Err(BrokerError::Log(spate_log::Error::TopicExists(_))) => {
-                                self.broker.topic(&config.dead_letter_topic)?
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+                let dlq = self
+                    .broker
+                    .topic_or_create(
+                        &config.dead_letter_topic,
+                        TopicConfig {
+                            partitions: partitions.max(1),
+                            ..TopicConfig::default()
+                        },
+                    )
+                    .await?;
                 let event = match event {
                     Some(e) => e,
                     None => {

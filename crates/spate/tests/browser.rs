@@ -23,7 +23,6 @@ fn the_console_drives_topics_subscriptions_projections_and_detectors() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start_env(dir.path(), &[], &[("SPATE_METRICS_INTERVAL_MS", "1000")]);
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
-    let _ = std::fs::remove_dir_all(&shots);
     let stdout = common::interop(
         "node",
         "console.js",
@@ -47,6 +46,32 @@ fn the_console_drives_topics_subscriptions_projections_and_detectors() {
         let png = shots.join(format!("{page}.png"));
         let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
         assert!(size > 1000, "no screenshot of {page} at {}", png.display());
+    }
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// Every page of the console in headless Firefox (Debian's firefox-esr over WebDriver BiDi,
+/// `tests/interop/console_firefox.js`): it renders, goes live, tails a published event, and no
+/// console or page error happens.
+#[test]
+fn the_console_works_in_firefox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots");
+    let stdout = common::interop(
+        "node",
+        "console_firefox.js",
+        &[&server.url, shots.to_str().unwrap()],
+    );
+    assert!(stdout.contains("\"ok\":true"), "{stdout}");
+    println!("{stdout}");
+    for page in ["overview", "topics", "topic", "streams", "builders"] {
+        let png = shots.join(format!("{page}-firefox.png"));
+        assert!(
+            std::fs::metadata(&png).is_ok_and(|m| m.len() > 1000),
+            "no screenshot {}",
+            png.display()
+        );
     }
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -149,6 +149,27 @@ fn consumer_groups_split_rebalance_and_resume_after_restarts() {
     // Three members split three partitions; one leaves and two take over; a restarted consumer
     // resumes at the committed offsets.
     groups_step("split", &server.kafka, "range");
+    // The group as the HTTP API shows it: everything consumed and committed, nobody left.
+    let groups: serde_json::Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("{}/v1/groups", server.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let g = &groups["groups"][0];
+    assert_eq!(g["group"], "grp", "{groups}");
+    assert_eq!(g["state"], "Empty", "{groups}");
+    assert_eq!(g["members"], 0);
+    assert_eq!(g["lag"], 0, "{groups}");
+    let offsets = g["offsets"].as_array().unwrap();
+    assert_eq!(offsets.len(), 3);
+    let committed: u64 = offsets
+        .iter()
+        .map(|o| o["committed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(committed, 3900);
     assert_eq!(server.terminate().code(), Some(0));
     // Committed offsets survive a server restart.
     let server = common::start(dir.path(), &[]);

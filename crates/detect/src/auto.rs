@@ -22,7 +22,7 @@
 //!
 //! The parameters were chosen by searching for the best NAB standard score on its labelled data
 //! (`spate nab`), one configuration for every series. Work per point is constant (the prototype
-//! set is capped) and the state of a series takes about 25 KB.
+//! set is capped) and the state of a series takes at most about 17 KB.
 
 use serde::{Deserialize, Serialize};
 
@@ -233,7 +233,10 @@ struct Shapes {
     smooth: f64,
     tick: u64,
     recent: Vec<f64>,
-    prototypes: Vec<(Vec<f64>, f64)>,
+    /// The prototypes' values, `shape_len` each, one after another (one allocation).
+    prototypes: Vec<f64>,
+    /// How often each prototype matched.
+    uses: Vec<f64>,
     /// New shapes seen lately (decaying).
     created: f64,
 }
@@ -274,10 +277,11 @@ impl Shapes {
         if self.recent.len() < p.shape_len {
             return 0.0;
         }
+        let len = p.shape_len;
         let mut shape = self.recent.clone();
         *shape.last_mut().expect("shape_len values") = self.smooth;
         let mut nearest = (f64::INFINITY, 0);
-        for (i, (q, _)) in self.prototypes.iter().enumerate() {
+        for (i, q) in self.prototypes.chunks_exact(len).enumerate() {
             let d = q
                 .iter()
                 .zip(&shape)
@@ -289,12 +293,14 @@ impl Shapes {
         }
         self.created *= p.novelty_decay;
         if nearest.0 > p.vigilance {
-            if self.prototypes.len() < p.prototypes {
-                self.prototypes.push((shape, 1.0));
-            } else if let Some(i) = (0..self.prototypes.len())
-                .min_by(|&a, &b| self.prototypes[a].1.total_cmp(&self.prototypes[b].1))
+            if self.uses.len() < p.prototypes {
+                self.prototypes.extend_from_slice(&shape);
+                self.uses.push(1.0);
+            } else if let Some(i) =
+                (0..self.uses.len()).min_by(|&a, &b| self.uses[a].total_cmp(&self.uses[b]))
             {
-                self.prototypes[i] = (shape, 1.0);
+                self.prototypes[i * len..(i + 1) * len].copy_from_slice(&shape);
+                self.uses[i] = 1.0;
             }
             self.created += 1.0;
             let d = if nearest.0.is_finite() {
@@ -304,9 +310,12 @@ impl Shapes {
             };
             d / p.vigilance / (1.0 + p.novelty_damping * (self.created - 1.0))
         } else {
-            let (q, uses) = &mut self.prototypes[nearest.1];
-            *uses += 1.0;
-            for (a, b) in q.iter_mut().zip(&shape) {
+            let i = nearest.1;
+            self.uses[i] += 1.0;
+            for (a, b) in self.prototypes[i * len..(i + 1) * len]
+                .iter_mut()
+                .zip(&shape)
+            {
                 *a += p.learn_rate * (b - *a);
             }
             0.0

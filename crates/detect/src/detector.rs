@@ -440,3 +440,32 @@ mod tests {
         assert!(!copy.restore("y", 1, &changed[0].2));
     }
 }
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    #[test]
+    fn an_auto_series_state_stays_bounded_however_long_it_runs() {
+        let mut d = Detector::new(Algorithm::Auto(AutoConfig { sensitivity: 0.5 }), 0, 1);
+        let mut x = 0u64;
+        let mut level = 0.0;
+        let mut sizes = Vec::new();
+        for i in 0..60_000i64 {
+            // A wandering random walk with jumps: new shapes keep coming.
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let step = ((x >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 4.0;
+            level += step + if x.is_multiple_of(997) { 50.0 } else { 0.0 };
+            d.observe("s", i * 60_000, level);
+            if i % 20_000 == 19_999 {
+                let (changed, _) = d.take_changes();
+                sizes.push(changed[0].2.len());
+            }
+        }
+        // Seasonal bins, at most 256 prototypes and fixed buffers: the state is bounded (its
+        // largest possible encoding is about 16 KB).
+        assert!(sizes.iter().all(|&s| s < 24 * 1024), "{sizes:?}");
+    }
+}

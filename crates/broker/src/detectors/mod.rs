@@ -248,13 +248,14 @@ pub struct Point {
     pub alert: bool,
 }
 
+/// Kept small (f32, NaN for an open side): one ring per series.
 #[derive(Debug, Clone, Copy)]
 struct RecentPoint {
     t: i64,
-    value: f64,
+    value: f32,
     score: f32,
-    low: Option<f64>,
-    high: Option<f64>,
+    low: f32,
+    high: f32,
     alert: bool,
 }
 
@@ -740,13 +741,16 @@ impl Detectors {
         }
         Ok(l.recent.get(series).map_or_else(Vec::new, |ring| {
             ring.iter()
-                .map(|p| Point {
-                    time: now_rfc3339(p.t),
-                    value: p.value,
-                    score: f64::from(p.score),
-                    low: p.low,
-                    high: p.high,
-                    alert: p.alert,
+                .map(|p| {
+                    let side = |v: f32| (!v.is_nan()).then_some(f64::from(v));
+                    Point {
+                        time: now_rfc3339(p.t),
+                        value: f64::from(p.value),
+                        score: f64::from(p.score),
+                        low: side(p.low),
+                        high: side(p.high),
+                        alert: p.alert,
+                    }
                 })
                 .collect()
         }))
@@ -851,10 +855,10 @@ impl Detectors {
                         }
                         ring.push_back(RecentPoint {
                             t,
-                            value,
+                            value: value as f32,
                             score: seen.score as f32,
-                            low: seen.low,
-                            high: seen.high,
+                            low: seen.low.map_or(f32::NAN, |v| v as f32),
+                            high: seen.high.map_or(f32::NAN, |v| v as f32),
                             alert: seen.alert.is_some(),
                         });
                         if let Some(alert) = seen.alert {

@@ -849,7 +849,10 @@ impl Detectors {
                     Ok(Some((series, value))) => {
                         let t = event_ms_of(&r.event);
                         let seen = live.detector.observe(&series, t, value);
-                        let ring = live.recent.entry(series.clone()).or_default();
+                        if !live.recent.contains_key(&series) {
+                            live.recent.insert(series.clone(), Default::default());
+                        }
+                        let ring = live.recent.get_mut(&series).expect("inserted");
                         if ring.len() == RECENT_POINTS {
                             ring.pop_front();
                         }

@@ -10,6 +10,7 @@ mod bench_streams;
 mod bench_subs;
 mod client;
 mod config;
+mod detector_cli;
 mod nab;
 mod projection_cli;
 mod serve;
@@ -71,6 +72,13 @@ enum Command {
         server: ServerArg,
         #[command(subcommand)]
         command: projection_cli::ProjectionCommand,
+    },
+    /// Detectors: create, list, get (status or a series' recent points), delete.
+    Detector {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        command: detector_cli::DetectorCommand,
     },
     /// Durable subscriptions: create, list, describe, pull, redrive.
     Sub {
@@ -307,6 +315,9 @@ fn main() -> Result<()> {
                 client::Client::new(&server.server)
                     .tail(&topic, &from, partition, follow)
                     .await
+            }
+            Command::Detector { server, command } => {
+                detector_cli::run(&client::Client::new(&server.server), command).await
             }
             Command::Projection { server, command } => {
                 projection_cli::run(&client::Client::new(&server.server), command).await

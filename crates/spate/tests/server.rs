@@ -621,3 +621,89 @@ async fn cli_manages_projections_and_metrics_show_their_lag() {
     run(&["projection", "delete", "spend"]);
     server.terminate();
 }
+
+#[tokio::test]
+async fn cli_manages_detectors_and_metrics_count_their_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let url = server.url.clone();
+    let run = |args: &[&str]| cli_ok(&url, args);
+    run(&["topics", "create", "vitals", "--partitions", "1"]);
+    let out = run(&[
+        "detector",
+        "create",
+        "fever",
+        "--topic",
+        "vitals",
+        "--series",
+        "data.patient",
+        "--value",
+        "data.temp",
+        "--algorithm",
+        r#"{"kind": "threshold", "max": 39.5}"#,
+        "--cooldown-ms",
+        "0",
+    ]);
+    assert!(out.contains("detector fever on vitals"), "{out}");
+    for temp in ["37.0", "40.1"] {
+        run(&[
+            "publish",
+            "vitals",
+            "--type",
+            "vital.temp",
+            "--key",
+            "p1",
+            &format!("{{\"patient\": \"p1\", \"temp\": {temp}}}"),
+        ]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let status: Value = serde_json::from_str(&run(&["detector", "get", "fever"])).unwrap();
+        if status["points"] == 2 {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status["alerts"], 1);
+    let points: Value = serde_json::from_str(&run(&["detector", "get", "fever", "p1"])).unwrap();
+    let temps: Vec<f64> = points["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(temps, [37.0, 40.1]);
+    assert_eq!(points["points"][1]["alert"], true);
+    let list = run(&["detector", "list"]);
+    assert!(list.lines().nth(1).unwrap().starts_with("fever "), "{list}");
+    let (ok, _, err) = cli(
+        &url,
+        &[
+            "detector",
+            "create",
+            "bad",
+            "--topic",
+            "vitals",
+            "--value",
+            "data.temp",
+            "--algorithm",
+            r#"{"kind": "threshold"}"#,
+        ],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("400") && err.contains("min, max"), "{err}");
+
+    // Metrics are exported every second.
+    let body = metrics_after_export(&url).await;
+    assert!(
+        body.lines()
+            .any(|l| l == "spate_detector_alerts_total{detector=\"fever\"} 1"),
+        "{body}"
+    );
+    run(&["detector", "delete", "fever"]);
+    let (ok, _, err) = cli(&url, &["detector", "get", "fever"], None);
+    assert!(!ok && err.contains("404"), "{err}");
+    server.terminate();
+}

@@ -248,11 +248,11 @@ pub struct Point {
     pub alert: bool,
 }
 
-/// Kept small (f32, NaN for an open side): one ring per series.
+/// Kept small (the score and band as f32, NaN for an open side): one ring per series.
 #[derive(Debug, Clone, Copy)]
 struct RecentPoint {
     t: i64,
-    value: f32,
+    value: f64,
     score: f32,
     low: f32,
     high: f32,
@@ -745,7 +745,7 @@ impl Detectors {
                     let side = |v: f32| (!v.is_nan()).then_some(f64::from(v));
                     Point {
                         time: now_rfc3339(p.t),
-                        value: f64::from(p.value),
+                        value: p.value,
                         score: f64::from(p.score),
                         low: side(p.low),
                         high: side(p.high),
@@ -858,7 +858,7 @@ impl Detectors {
                         }
                         ring.push_back(RecentPoint {
                             t,
-                            value: value as f32,
+                            value,
                             score: seen.score as f32,
                             low: seen.low.map_or(f32::NAN, |v| v as f32),
                             high: seen.high.map_or(f32::NAN, |v| v as f32),

@@ -127,6 +127,37 @@ impl TopicWatch {
     }
 }
 
+/// How far a follower whose next offsets are `positions` (per partition) is behind `topic`:
+/// records left to read, and the `time` (ms since the epoch) of the oldest event among them.
+pub(crate) fn follower_lag(topic: &Topic, positions: &[u64]) -> (u64, Option<i64>) {
+    let mut lag = 0;
+    let mut oldest: Option<i64> = None;
+    for (i, part) in topic.partitions.iter().enumerate() {
+        let pos = positions.get(i).copied().unwrap_or(0);
+        let hw = part.high_watermark();
+        lag += hw.saturating_sub(pos);
+        if pos < hw
+            && let Ok(page) = read_events(part, &topic.name, i as u32, pos, 1)
+            && let Some(e) = page.events.first()
+        {
+            let ms = e
+                .event
+                .time
+                .as_deref()
+                .and_then(|s| {
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+            oldest = match (oldest, ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    (lag, oldest)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()

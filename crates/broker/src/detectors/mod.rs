@@ -137,15 +137,7 @@ impl Extract {
         input: impl FnOnce() -> &'a FilterInput,
     ) -> Result<Json, String> {
         match self {
-            Extract::Path(path) => {
-                let mut at = data().ok_or("the event has no JSON data")?;
-                for field in path {
-                    at = at
-                        .get(field)
-                        .ok_or_else(|| format!("no such key: {field}"))?;
-                }
-                Ok(at.clone())
-            }
+            Extract::Path(path) => crate::projections::reduce::data_at(data(), path).cloned(),
             Extract::Cel(e) => to_json(&e.evaluate(input())?),
         }
     }
@@ -663,22 +655,10 @@ impl Detectors {
                 l.detector.max_series(),
             )
         };
-        let mut lag = 0;
-        let mut oldest: Option<i64> = None;
-        if let Ok(t) = self.broker.topic(&def.topic) {
-            for (i, part) in t.partitions.iter().enumerate() {
-                let pos = positions.get(i).copied().unwrap_or(0);
-                let hw = part.high_watermark();
-                lag += hw.saturating_sub(pos);
-                if pos < hw
-                    && let Ok(page) = read_events(part, &t.name, i as u32, pos, 1)
-                    && let Some(e) = page.events.first()
-                {
-                    let ms = event_ms_of(&e.event);
-                    oldest = Some(oldest.map_or(ms, |o: i64| o.min(ms)));
-                }
-            }
-        }
+        let (lag, oldest) = self
+            .broker
+            .topic(&def.topic)
+            .map_or((0, None), |t| crate::follower_lag(&t, &positions));
         let token = |p: &[u64]| {
             let next: BTreeMap<u32, u64> =
                 p.iter().enumerate().map(|(i, o)| (i as u32, *o)).collect();

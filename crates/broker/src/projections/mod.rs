@@ -561,36 +561,9 @@ impl Projections {
         let p = self.get(name)?;
         let meta = p.meta().clone();
         let topic = self.broker.topic(&meta.definition.topic).ok();
-        let mut lag = 0;
-        let mut oldest: Option<i64> = None;
-        if let Some(t) = &topic {
-            for (i, part) in t.partitions.iter().enumerate() {
-                let pos = meta.positions.get(i).copied().unwrap_or(0);
-                let hw = part.high_watermark();
-                lag += hw.saturating_sub(pos);
-                if pos < hw
-                    && let Ok(page) = read_events(part, &t.name, i as u32, pos, 1)
-                    && let Some(e) = page.events.first()
-                {
-                    let ms = e
-                        .event
-                        .time
-                        .as_deref()
-                        .and_then(|s| {
-                            time::OffsetDateTime::parse(
-                                s,
-                                &time::format_description::well_known::Rfc3339,
-                            )
-                            .ok()
-                        })
-                        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
-                    oldest = match (oldest, ms) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                }
-            }
-        }
+        let (lag, oldest) = topic
+            .as_ref()
+            .map_or((0, None), |t| crate::follower_lag(t, &meta.positions));
         let caught_up = meta
             .positions
             .iter()

@@ -86,6 +86,17 @@ struct Aggregate {
 }
 
 /// `data.a.b` as the path `[a, b]`; `None` for anything else.
+/// The value at `path` (field names) in an event's JSON data.
+pub(crate) fn data_at<'a>(data: Option<&'a Json>, path: &[String]) -> Result<&'a Json, String> {
+    let mut at = data.ok_or("the event has no JSON data")?;
+    for field in path {
+        at = at
+            .get(field)
+            .ok_or_else(|| format!("no such key: {field}"))?;
+    }
+    Ok(at)
+}
+
 pub(crate) fn data_path(source: &str) -> Option<Vec<String>> {
     let mut parts = source.trim().split('.');
     if parts.next()? != "data" {
@@ -419,16 +430,11 @@ impl Compiled {
                             )
                             .map_err(|e| format!("{}: {e}", a.name))?,
                         ),
-                        Some(Arg::Path(path)) => {
-                            let mut at = data()
-                                .ok_or_else(|| format!("{}: the event has no JSON data", a.name))?;
-                            for field in path {
-                                at = at
-                                    .get(field)
-                                    .ok_or_else(|| format!("{}: no such key: {field}", a.name))?;
-                            }
-                            Some(at.clone())
-                        }
+                        Some(Arg::Path(path)) => Some(
+                            data_at(data(), path)
+                                .map_err(|e| format!("{}: {e}", a.name))?
+                                .clone(),
+                        ),
                         None => None,
                     };
                     aggregate(a, arg, &mut value, &mut acc)?;

@@ -291,6 +291,21 @@ impl Event {
         (self.data.as_ref().map_or(0, Vec::len) + self.event_type.len() + a + e + 64) as u64
     }
 
+    /// The `partitionkey` of the event a stored record carries (as [`Event::from_record`] gives
+    /// it), without decoding the rest: the record key, else a `ce_partitionkey` header.
+    pub fn record_partition_key(record: &Record) -> Option<String> {
+        if let Some(key) = &record.key {
+            return Some(String::from_utf8_lossy(key).into_owned());
+        }
+        record
+            .headers
+            .iter()
+            .rev()
+            .find(|(name, value)| name == "ce_partitionkey" && value.is_some())
+            .and_then(|(_, v)| v.as_ref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
     /// The event a stored record carries. `origin` names the record for events synthesized from
     /// records without CloudEvents headers: (topic, partition).
     pub fn from_record(record: &Record, origin: (&str, u32)) -> Event {

@@ -6,6 +6,7 @@
 //! projections, detectors) live here too.
 
 pub mod detectors;
+mod durable;
 pub mod event;
 pub mod filter;
 pub mod groups;
@@ -341,6 +342,8 @@ pub struct Broker {
     limits: Limits,
     /// High watermark channels of partitions that someone waits on, keyed by partition identity.
     watches: std::sync::Mutex<std::collections::HashMap<usize, tokio::sync::watch::Receiver<u64>>>,
+    /// The fsync runners of partitions with appends waiting to be durable.
+    syncers: durable::Syncers,
     /// Picks the partition of unkeyed events, one request at a time.
     spread: AtomicU32,
     /// The next idempotent producer id.
@@ -354,15 +357,16 @@ pub struct Broker {
 impl Broker {
     pub fn new(log: Arc<Log>, limits: Limits) -> Broker {
         Broker {
+            streams: streams::Streams::new(log.dir().join("streams")),
             log,
             limits,
             watches: Default::default(),
+            syncers: Default::default(),
             spread: AtomicU32::new(0),
             // Ids start from the clock (1024 per millisecond), so ids stay unique across restarts
             // without storing a counter.
             producer_ids: std::sync::atomic::AtomicI64::new(now_ms().max(0) << 10),
             hubs: push::Hubs::default(),
-            streams: streams::Streams::default(),
         }
     }
 
@@ -415,6 +419,7 @@ impl Broker {
         let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         for p in &topic.partitions {
             watches.remove(&(Arc::as_ptr(p) as usize));
+            self.syncers.forget(p);
         }
         Ok(())
     }
@@ -532,20 +537,44 @@ impl Broker {
                     chunk.push(record);
                 }
                 buf.extend(batch::encode(&chunk).expect("every partition has a record"));
-                let appended = p.append(&mut buf, now, &config)?;
-                Ok::<_, BrokerError>((partition, appended.base_offset, indexes))
+                let appended = p.append_unsynced(&mut buf, now, &config)?;
+                Ok::<_, BrokerError>((p, partition, appended, indexes))
             }));
         }
+        let mut written = Vec::new();
         for task in tasks {
-            let (partition, base_offset, indexes) = task
-                .await
-                .map_err(|e| BrokerError::Internal(format!("append task failed: {e}")))??;
+            written.push(
+                task.await
+                    .map_err(|e| BrokerError::Internal(format!("append task failed: {e}")))?,
+            );
+        }
+        // Every partition's fsync at once; a failed append leaves the others to finish first.
+        for (p, _, appended, _) in written.iter().flatten() {
+            self.sync_soon(p, *appended);
+        }
+        let mut first_error = None;
+        for w in written {
+            let (p, partition, appended, indexes) = match w {
+                Ok(w) => w,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            if let Err(e) = self.acknowledgeable(&p, appended).await {
+                first_error.get_or_insert(e);
+                continue;
+            }
+            let base_offset = appended.base_offset;
             for (k, index) in indexes.into_iter().enumerate() {
                 placements[index] = Placement {
                     partition,
                     offset: base_offset + k as u64,
                 };
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         metrics::histogram!("spate_publish_to_durable_seconds", "protocol" => "http")
             .record(started.elapsed().as_secs_f64());

@@ -2,30 +2,38 @@
 //! is the 0-based index of an event within it. Appends can require an expected version (optimistic
 //! concurrency) and are idempotent by event id; reads of one stream go through an index.
 //!
-//! The index (stream → the offsets of its events, in version order) is kept per partition, in
-//! memory, by a follower of the log that starts from the beginning of the log the first time a
-//! topic's streams are used; records appended by any door (Kafka, plain publishes) join their
-//! stream in offset order. Appends through [`Broker::append_to_stream`] are serialized per
-//! partition and enter the index as soon as they are written, before they are durable, so the next
-//! version check sees them. A check first makes sure the index covers everything appended to the
-//! partition by other doors (waiting for the follower when needed), so it never misses a version.
+//! The index (stream → version → offset) lives in an embedded store (`<data>/streams`), one entry
+//! per event, kept per partition by a follower of the log: it reads the records' keys as they
+//! become durable and writes their entries together with the offset it has applied up to, in one
+//! atomic batch. After a restart or a crash it goes on from that checkpoint, so the index always
+//! equals one built from the log up to the checkpoint. Records appended by any door (Kafka, plain
+//! publishes) join their stream in offset order.
+//!
+//! Appends through [`Broker::append_to_stream`] are serialized per partition. Their version check
+//! reads the stream's length from memory for hot streams (from the store otherwise) plus the
+//! stream's appends written but not yet applied by the follower, which are held in memory until
+//! it has. A check first makes sure the index covers everything appended to the partition by
+//! other doors (waiting for the follower when needed), so it never misses a version.
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use fjall::Readable;
 use spate_log::batch::NewRecord;
 use spate_log::{Partition, Topic};
 use tokio::sync::watch;
 
-use crate::{
-    Broker, BrokerError, Event, Result, batch, blocking, now_ms, partitioner, read_events,
-};
+use crate::{Broker, BrokerError, Event, Result, batch, blocking, now_ms, partitioner};
 
 /// How long a version check waits for the index to cover records written by other doors.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
-/// Records the follower reads per step.
-const FOLLOW_PAGE_EVENTS: usize = 1000;
+/// Bytes of record batches the follower reads per step.
+const FOLLOW_PAGE_BYTES: u64 = 1 << 20;
+/// Streams per partition whose length is kept in memory (the most recently used, roughly).
+const HOT_STREAMS: usize = 65_536;
 
 /// What an append expects of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,15 +91,179 @@ pub struct StreamEvent {
     pub event: Event,
 }
 
+/// The embedded store of the stream indexes.
+struct Store {
+    db: fjall::Database,
+    /// `partition prefix | stream length (u32) | stream | version (u64)` → offset (u64), all big
+    /// endian, so that one stream's entries are adjacent and in version order.
+    entries: fjall::Keyspace,
+    /// `partition prefix` → the offset (u64) up to which the partition's entries reflect the log.
+    checkpoints: fjall::Keyspace,
+}
+
+fn store_err(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Internal(format!("stream index: {e}"))
+}
+
+/// Names a partition of one incarnation of a topic (a topic deleted and created again under the
+/// same name gets a fresh index): `name length (u16) | name | created_ms (i64) | partition (u32)`.
+fn partition_prefix(topic: &Topic, partition: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.name.len() + 14);
+    k.extend_from_slice(&(topic.name.len() as u16).to_be_bytes());
+    k.extend_from_slice(topic.name.as_bytes());
+    k.extend_from_slice(&topic.created_ms.to_be_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// The topic name and creation time a partition prefix names.
+fn parse_partition_prefix(k: &[u8]) -> Option<(&str, i64)> {
+    let len = u16::from_be_bytes(k.get(..2)?.try_into().ok()?) as usize;
+    let name = std::str::from_utf8(k.get(2..2 + len)?).ok()?;
+    let created = i64::from_be_bytes(k.get(2 + len..10 + len)?.try_into().ok()?);
+    Some((name, created))
+}
+
+fn stream_prefix(partition: &[u8], stream: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(partition.len() + 4 + stream.len() + 8);
+    k.extend_from_slice(partition);
+    k.extend_from_slice(&(stream.len() as u32).to_be_bytes());
+    k.extend_from_slice(stream.as_bytes());
+    k
+}
+
+fn entry_key(stream_prefix: &[u8], version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream_prefix.len() + 8);
+    k.extend_from_slice(stream_prefix);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+impl Store {
+    fn open(dir: &std::path::Path) -> Result<Store> {
+        let db = fjall::Database::builder(dir).open().map_err(store_err)?;
+        let entries = db
+            .keyspace("entries", fjall::KeyspaceCreateOptions::default)
+            .map_err(store_err)?;
+        let checkpoints = db
+            .keyspace("checkpoints", fjall::KeyspaceCreateOptions::default)
+            .map_err(store_err)?;
+        Ok(Store {
+            db,
+            entries,
+            checkpoints,
+        })
+    }
+
+    /// Removes the indexes of topics that no longer exist (or were created again since).
+    fn purge(&self, log: &spate_log::Log) -> Result<()> {
+        let mut stale = Vec::new();
+        for item in self.checkpoints.iter() {
+            let k = item.key().map_err(store_err)?;
+            let alive = parse_partition_prefix(&k).is_some_and(|(name, created)| {
+                log.topic(name).is_ok_and(|t| t.created_ms == created)
+            });
+            if !alive {
+                stale.push(k);
+            }
+        }
+        for prefix in stale {
+            let mut batch = self.db.batch();
+            for item in self.entries.prefix(&prefix) {
+                batch.remove(&self.entries, item.key().map_err(store_err)?);
+                if batch.len() >= 10_000 {
+                    std::mem::replace(&mut batch, self.db.batch())
+                        .commit()
+                        .map_err(store_err)?;
+                }
+            }
+            batch.remove(&self.checkpoints, prefix.clone());
+            batch.commit().map_err(store_err)?;
+        }
+        Ok(())
+    }
+
+    /// The number of versions of a stream in the store.
+    fn len(&self, reader: &impl Readable, stream_prefix: &[u8]) -> Result<u64> {
+        match reader.prefix(&self.entries, stream_prefix).next_back() {
+            None => Ok(0),
+            Some(item) => {
+                let k = item.key().map_err(store_err)?;
+                let version = be_u64(&k[stream_prefix.len()..])
+                    .ok_or_else(|| store_err("an entry key has no version"))?;
+                Ok(version + 1)
+            }
+        }
+    }
+
+    /// The (version, offset) entries of a stream within `versions`, in version order.
+    fn offsets(
+        &self,
+        reader: &impl Readable,
+        stream_prefix: &[u8],
+        versions: Range<u64>,
+    ) -> Result<Vec<(u64, u64)>> {
+        if versions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let from = entry_key(stream_prefix, versions.start);
+        let to = entry_key(stream_prefix, versions.end);
+        reader
+            .range(&self.entries, from..to)
+            .map(|item| {
+                let (k, v) = item.into_inner().map_err(store_err)?;
+                let version = be_u64(&k[stream_prefix.len()..]);
+                match (version, be_u64(&v)) {
+                    (Some(version), Some(offset)) => Ok((version, offset)),
+                    _ => Err(store_err("malformed entry")),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Lengths of recently used streams as of the follower's checkpoint, in two generations: a full
+/// current generation becomes the previous one and the older is dropped.
 #[derive(Default)]
-struct Index {
-    /// Offsets of each stream's events, in version order.
-    streams: HashMap<String, Vec<u64>>,
+struct Hot {
+    current: HashMap<String, u64>,
+    previous: HashMap<String, u64>,
+}
+
+impl Hot {
+    fn get(&self, stream: &str) -> Option<u64> {
+        self.current
+            .get(stream)
+            .or_else(|| self.previous.get(stream))
+            .copied()
+    }
+
+    fn put(&mut self, stream: String, len: u64) {
+        if self.current.len() >= HOT_STREAMS / 2 && !self.current.contains_key(&stream) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(stream, len);
+    }
+}
+
+/// What a partition's index holds in memory, changed under one lock with the store's checkpoint.
+struct Mem {
+    /// The store reflects the log below this offset.
+    applied: u64,
+    hot: Hot,
+    /// Offsets (at or after `applied`) of stream appends the follower has not applied yet, per
+    /// stream: their versions follow the stored ones.
+    pending: HashMap<String, Vec<u64>>,
 }
 
 struct PartitionStreams {
     partition: Arc<Partition>,
-    index: RwLock<Index>,
+    prefix: Vec<u8>,
+    mem: RwLock<Mem>,
     /// The offset up to which the follower has applied the log.
     applied: watch::Sender<u64>,
     /// Serializes stream appends; holds the log end after the last one.
@@ -100,13 +272,29 @@ struct PartitionStreams {
 
 pub(crate) struct TopicStreams {
     topic: Arc<Topic>,
+    store: Arc<Store>,
     parts: Vec<PartitionStreams>,
 }
 
 /// The stream indexes of the topics in use.
-#[derive(Default)]
 pub(crate) struct Streams {
+    dir: PathBuf,
+    store: tokio::sync::Mutex<Option<Arc<Store>>>,
     topics: Mutex<HashMap<String, Arc<TopicStreams>>>,
+    followers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Streams {
+    pub(crate) fn new(dir: PathBuf) -> Streams {
+        Streams {
+            dir,
+            store: Default::default(),
+            topics: Default::default(),
+            followers: Default::default(),
+            stop: watch::channel(false).0,
+        }
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -117,41 +305,186 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
+impl PartitionStreams {
+    /// The stream's length including appends not yet applied by the follower (for version
+    /// checks), and its offsets at `versions` (for retries), from memory for hot streams.
+    fn current(
+        &self,
+        store: &Store,
+        stream: &str,
+        versions: Option<Range<u64>>,
+    ) -> Result<(u64, Vec<u64>)> {
+        let sp = stream_prefix(&self.prefix, stream);
+        // The write lock keeps the follower from committing between the store and memory.
+        let mut mem = write(&self.mem);
+        let stored = match mem.hot.get(stream) {
+            Some(n) => n,
+            None => {
+                let n = store.len(&store.db.snapshot(), &sp)?;
+                mem.hot.put(stream.to_string(), n);
+                n
+            }
+        };
+        let pending = mem.pending.get(stream).map_or(&[][..], Vec::as_slice);
+        let len = stored + pending.len() as u64;
+        let mut offsets = Vec::new();
+        if let Some(v) = versions {
+            let end = v.end.min(len);
+            let v = v.start.min(end)..end;
+            offsets.extend(
+                store
+                    .offsets(&store.db.snapshot(), &sp, v.start..v.end.min(stored))?
+                    .into_iter()
+                    .map(|(_, o)| o),
+            );
+            offsets.extend(
+                pending[(v.start.max(stored) - stored) as usize
+                    ..(v.end.max(stored) - stored) as usize]
+                    .iter()
+                    .copied(),
+            );
+        }
+        Ok((len, offsets))
+    }
+}
+
 impl Broker {
-    /// The streams of `topic`, starting its index follower on first use.
-    fn topic_streams(self: &Arc<Self>, name: &str) -> Result<Arc<TopicStreams>> {
+    /// The streams of `topic`, opening the index store and starting the topic's followers on
+    /// first use.
+    async fn topic_streams(self: &Arc<Self>, name: &str) -> Result<Arc<TopicStreams>> {
         let topic = self.topic(name)?;
         if crate::is_internal(&topic.name) {
             return Err(BrokerError::InternalTopic(topic.name.clone()));
         }
-        let mut topics = self
+        if let Some(t) = self.streams_of(name, &topic) {
+            return Ok(t);
+        }
+        let mut store = self.streams.store.lock().await;
+        if *self.streams.stop.borrow() {
+            return Err(BrokerError::Stream(StreamError::Unavailable));
+        }
+        if let Some(t) = self.streams_of(name, &topic) {
+            return Ok(t);
+        }
+        let st = match &*store {
+            Some(s) => s.clone(),
+            None => {
+                let (dir, log) = (self.streams.dir.clone(), self.log.clone());
+                let s = blocking(move || {
+                    let s = Store::open(&dir)?;
+                    s.purge(&log)?;
+                    Ok(Arc::new(s))
+                })
+                .await?;
+                *store = Some(s.clone());
+                s
+            }
+        };
+        let (t2, st2) = (topic.clone(), st.clone());
+        let parts = blocking(move || {
+            t2.partitions
+                .iter()
+                .map(|p| {
+                    let prefix = partition_prefix(&t2, p.id);
+                    let checkpoint = st2
+                        .checkpoints
+                        .get(&prefix)
+                        .map_err(store_err)?
+                        .and_then(|v| be_u64(&v));
+                    let start = p.log_start_offset();
+                    let applied = match checkpoint {
+                        // The log lost what the index had seen (a repair truncated it): rebuild.
+                        Some(c) if c > p.high_watermark() => {
+                            tracing::warn!(topic = %t2.name, partition = p.id, checkpoint = c, "the stream index is ahead of the log; rebuilding it");
+                            let mut batch = st2.db.batch();
+                            for item in st2.entries.prefix(&prefix) {
+                                batch.remove(&st2.entries, item.key().map_err(store_err)?);
+                            }
+                            batch.remove(&st2.checkpoints, prefix.clone());
+                            batch.commit().map_err(store_err)?;
+                            start
+                        }
+                        Some(c) => c.max(start),
+                        None => start,
+                    };
+                    Ok(PartitionStreams {
+                        partition: p.clone(),
+                        prefix,
+                        mem: RwLock::new(Mem {
+                            applied,
+                            hot: Hot::default(),
+                            pending: HashMap::new(),
+                        }),
+                        applied: watch::channel(applied).0,
+                        writer: tokio::sync::Mutex::new(0),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+        let t = Arc::new(TopicStreams {
+            topic,
+            store: st,
+            parts,
+        });
+        self.streams
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), t.clone());
+        let mut followers = self
+            .streams
+            .followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        followers.retain(|f| !f.is_finished());
+        for i in 0..t.parts.len() {
+            followers.push(tokio::spawn(follow(
+                self.clone(),
+                t.clone(),
+                i,
+                self.streams.stop.subscribe(),
+            )));
+        }
+        Ok(t)
+    }
+
+    fn streams_of(&self, name: &str, topic: &Arc<Topic>) -> Option<Arc<TopicStreams>> {
+        let topics = self
             .streams
             .topics
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = topics.get(name)
-            && Arc::ptr_eq(&t.topic, &topic)
-        {
-            return Ok(t.clone());
+        topics
+            .get(name)
+            .filter(|t| Arc::ptr_eq(&t.topic, topic))
+            .cloned()
+    }
+
+    /// Stops the stream index followers and closes the index store, synced: for shutdown.
+    /// Stream requests after this fail as unavailable.
+    pub async fn close_streams(&self) -> Result<()> {
+        let mut store = self.streams.store.lock().await;
+        self.streams.stop.send_replace(true);
+        let followers: Vec<_> = std::mem::take(
+            &mut *self
+                .streams
+                .followers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for f in followers {
+            let _ = f.await;
         }
-        let t = Arc::new(TopicStreams {
-            parts: topic
-                .partitions
-                .iter()
-                .map(|p| PartitionStreams {
-                    partition: p.clone(),
-                    index: RwLock::new(Index::default()),
-                    applied: watch::channel(p.log_start_offset()).0,
-                    writer: tokio::sync::Mutex::new(0),
-                })
-                .collect(),
-            topic,
-        });
-        topics.insert(name.to_string(), t.clone());
-        for i in 0..t.parts.len() {
-            tokio::spawn(follow(self.clone(), t.clone(), i));
+        self.streams
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        if let Some(s) = store.take() {
+            blocking(move || s.db.persist(fjall::PersistMode::SyncAll).map_err(store_err)).await?;
         }
-        Ok(t)
+        Ok(())
     }
 
     /// Appends `events` to `stream` of `topic` if the stream is at `expected`: all or nothing, with
@@ -174,7 +507,7 @@ impl Broker {
                 "no events to append".into(),
             )));
         }
-        let ts = self.topic_streams(topic)?;
+        let ts = self.topic_streams(topic).await?;
         let now = now_ms();
         let mut size = 0;
         for (index, e) in events.iter_mut().enumerate() {
@@ -212,6 +545,7 @@ impl Broker {
         let part = &ts.parts[index as usize];
         let records: Vec<NewRecord> = events.iter().map(|e| e.to_record(now)).collect();
         let encoded = batch::encode(&records).expect("events are not empty");
+        let n = events.len() as u64;
         let mut writer_end = part.writer.lock().await;
         let (current, appended) = loop {
             // Everything other doors appended must be in the index before the check.
@@ -219,7 +553,12 @@ impl Broker {
             if end > *writer_end {
                 wait_applied(part, end).await?;
             }
-            let current = read(&part.index).streams.get(stream).map_or(0, Vec::len) as u64;
+            let first = match expected {
+                Expected::NoStream => Some(0),
+                Expected::Version(v) => Some(v + 1),
+                Expected::Any | Expected::Exists => None,
+            };
+            let (current, at) = part.current(&ts.store, stream, first.map(|f| f..f + n))?;
             let fits = match expected {
                 Expected::Any => true,
                 Expected::NoStream => current == 0,
@@ -227,28 +566,16 @@ impl Broker {
                 Expected::Version(v) => current == v + 1,
             };
             if !fits {
-                let first = match expected {
-                    Expected::NoStream => Some(0),
-                    Expected::Version(v) => Some(v + 1),
-                    Expected::Any | Expected::Exists => None,
-                };
                 if let Some(first) = first
-                    && first + events.len() as u64 <= current
+                    && first + n <= current
+                    && same_ids(self, &part.partition, &ts.topic.name, index, &at, &events).await?
                 {
-                    let at: Vec<u64> = read(&part.index)
-                        .streams
-                        .get(stream)
-                        .map_or(Vec::new(), |o| {
-                            o[first as usize..first as usize + events.len()].to_vec()
-                        });
-                    if same_ids(self, &part.partition, &ts.topic.name, index, &at, &events).await? {
-                        return Ok(StreamAppend {
-                            first_version: first,
-                            last_version: first + events.len() as u64 - 1,
-                            partition: index,
-                            offsets: at,
-                        });
-                    }
+                    return Ok(StreamAppend {
+                        first_version: first,
+                        last_version: first + n - 1,
+                        partition: index,
+                        offsets: at,
+                    });
                 }
                 return Err(BrokerError::Stream(StreamError::WrongVersion {
                     current: current.checked_sub(1),
@@ -273,23 +600,22 @@ impl Broker {
             }
         };
         {
-            let mut index = write(&part.index);
-            let offsets = index.streams.entry(stream.to_string()).or_default();
-            // The follower may have seen these already, if another writer's fsync made them
+            let mut mem = write(&part.mem);
+            // The follower may have applied these already, if another writer's fsync made them
             // durable first.
-            let last = offsets.last().copied();
-            offsets.extend(
-                (appended.base_offset..=appended.last_offset)
-                    .filter(|&o| last.is_none_or(|l| o > l)),
-            );
+            let applied = mem.applied;
+            let pending = mem.pending.entry(stream.to_string()).or_default();
+            pending.extend((appended.base_offset..=appended.last_offset).filter(|&o| o >= applied));
+            if pending.is_empty() {
+                mem.pending.remove(stream);
+            }
         }
         *writer_end = appended.last_offset + 1;
         drop(writer_end);
-        let p = part.partition.clone();
-        blocking(move || Ok(p.wait_acknowledgeable(appended)?)).await?;
+        self.acknowledgeable(&part.partition, appended).await?;
         Ok(StreamAppend {
             first_version: current,
-            last_version: current + events.len() as u64 - 1,
+            last_version: current + n - 1,
             partition: index,
             offsets: (appended.base_offset..=appended.last_offset).collect(),
         })
@@ -301,9 +627,17 @@ impl Broker {
         topic: &str,
         stream: &str,
     ) -> Result<Option<StreamInfo>> {
-        let (_, index, _, info) = self
-            .with_durable_offsets(topic, stream, |offsets| {
-                Some((offsets.len() as u64, *offsets.first()?, *offsets.last()?))
+        let (_, index, info) = self
+            .with_durable_stream(topic, stream, |v| {
+                if v.len == 0 {
+                    return Ok(None);
+                }
+                let first = v.offsets(0..1)?;
+                let last = v.offsets(v.len - 1..v.len)?;
+                Ok(first
+                    .first()
+                    .zip(last.first())
+                    .map(|(f, l)| (v.len, f.1, l.1)))
             })
             .await?;
         Ok(info.map(|(len, first, last)| StreamInfo {
@@ -325,24 +659,19 @@ impl Broker {
         backward: bool,
     ) -> Result<Option<Vec<StreamEvent>>> {
         // The wanted (version, offset) pairs, in ascending order.
-        let (ts, index, _, wanted) = self
-            .with_durable_offsets(topic, stream, |offsets| {
-                if offsets.is_empty() {
-                    return None;
+        let (ts, index, wanted) = self
+            .with_durable_stream(topic, stream, move |v| {
+                if v.len == 0 {
+                    return Ok(None);
                 }
-                let len = offsets.len() as u64;
                 let range = if backward {
-                    let top = from_version.unwrap_or(u64::MAX).min(len - 1) + 1;
+                    let top = from_version.unwrap_or(u64::MAX).min(v.len - 1) + 1;
                     top.saturating_sub(limit as u64)..top
                 } else {
-                    let from = from_version.unwrap_or(0).min(len);
-                    from..(from + limit as u64).min(len)
+                    let from = from_version.unwrap_or(0).min(v.len);
+                    from..(from + limit as u64).min(v.len)
                 };
-                Some(
-                    range
-                        .map(|v| (v, offsets[v as usize]))
-                        .collect::<Vec<(u64, u64)>>(),
-                )
+                v.offsets(range).map(Some)
             })
             .await?;
         let Some(wanted) = wanted else {
@@ -376,27 +705,41 @@ impl Broker {
         Ok(Some(events))
     }
 
-    /// Runs `f` on a stream's durable offsets, in version order, once the index covers the
-    /// partition's log up to the high watermark returned beside `f`'s result.
-    async fn with_durable_offsets<T>(
+    /// Runs `f` (blocking) on a consistent view of a stream's durable versions, once the index
+    /// covers the partition's log up to its high watermark at the call.
+    async fn with_durable_stream<T: Send + 'static>(
         self: &Arc<Self>,
         topic: &str,
         stream: &str,
-        f: impl FnOnce(&[u64]) -> T,
-    ) -> Result<(Arc<TopicStreams>, u32, u64, T)> {
-        let ts = self.topic_streams(topic)?;
+        f: impl FnOnce(&DurableStream) -> Result<T> + Send + 'static,
+    ) -> Result<(Arc<TopicStreams>, u32, T)> {
+        let ts = self.topic_streams(topic).await?;
         let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
         let part = &ts.parts[index as usize];
-        let hw = part.partition.high_watermark();
-        wait_applied(part, hw).await?;
-        let result = {
-            let guard = read(&part.index);
-            let all = guard.streams.get(stream).map_or(&[][..], Vec::as_slice);
-            // Appends not yet durable are in the index already (offsets ascend); they are not
-            // served.
-            f(&all[..all.partition_point(|&o| o < hw)])
-        };
-        Ok((ts, index, hw, result))
+        wait_applied(part, part.partition.high_watermark()).await?;
+        let (ts2, stream) = (ts.clone(), stream.to_string());
+        let result = blocking(move || {
+            let part = &ts2.parts[index as usize];
+            // Everything the follower applied is durable: it reads only below the high
+            // watermark. Appends not yet applied are not served.
+            // The follower commits and moves `applied` under the write lock: the snapshot is of
+            // the store as of `applied`.
+            let (snapshot, applied) = {
+                let mem = read(&part.mem);
+                (ts2.store.db.snapshot(), mem.applied)
+            };
+            let sp = stream_prefix(&part.prefix, &stream);
+            let len = ts2.store.len(&snapshot, &sp)?;
+            f(&DurableStream {
+                store: &ts2.store,
+                snapshot,
+                prefix: sp,
+                len,
+                applied,
+            })
+        })
+        .await?;
+        Ok((ts, index, result))
     }
 
     /// A live feed of one stream from `from_version`: the events already stored, then new ones as
@@ -413,20 +756,38 @@ impl Broker {
         let mut feed = self
             .feed(topic, crate::push::FeedStart::Latest, filter, max_behind)
             .await?;
-        let (_, index, hw, (len, at)) = self
-            .with_durable_offsets(topic, stream, |offsets| {
-                (
-                    offsets.len() as u64,
-                    offsets.get(from_version as usize).copied(),
-                )
+        let (_, index, (len, at)) = self
+            .with_durable_stream(topic, stream, move |v| {
+                let at = v.offsets(from_version..from_version.saturating_add(1))?;
+                Ok((v.len, at.first().map(|&(_, o)| o).unwrap_or(v.applied)))
             })
             .await?;
-        let (offset, version) = match at {
-            Some(o) => (o, from_version),
-            None => (hw, len),
+        // Past the stream's end, the feed starts where the snapshot's view of the log ends.
+        let (offset, version) = if from_version < len {
+            (at, from_version)
+        } else {
+            (at, len)
         };
         feed.scope_to_stream(index, offset, stream.to_string(), version, from_version);
         Ok(feed)
+    }
+}
+
+/// One stream as of a snapshot of the index, all of it durable.
+struct DurableStream<'a> {
+    store: &'a Store,
+    snapshot: fjall::Snapshot,
+    prefix: Vec<u8>,
+    /// Its number of versions.
+    len: u64,
+    /// The log offset the snapshot reflects the partition up to.
+    applied: u64,
+}
+
+impl DurableStream<'_> {
+    /// The (version, offset) entries within `versions`.
+    fn offsets(&self, versions: Range<u64>) -> Result<Vec<(u64, u64)>> {
+        self.store.offsets(&self.snapshot, &self.prefix, versions)
     }
 }
 
@@ -440,7 +801,12 @@ async fn same_ids(
     offsets: &[u64],
     events: &[Event],
 ) -> Result<bool> {
-    let last = *offsets.last().expect("not empty");
+    let Some(&last) = offsets.last() else {
+        return Ok(false);
+    };
+    if offsets.len() != events.len() {
+        return Ok(false);
+    }
     let mut hw = broker.watch(partition);
     let waited = tokio::time::timeout(CATCH_UP_WAIT, hw.wait_for(|&h| h > last))
         .await
@@ -478,47 +844,112 @@ async fn wait_applied(part: &PartitionStreams, offset: u64) -> Result<()> {
     }
 }
 
-/// Applies a partition's durable records to its stream index, from the log start, then as the
-/// high watermark moves; ends when the topic is deleted.
-async fn follow(broker: Arc<Broker>, ts: Arc<TopicStreams>, i: usize) {
+/// The keyed records of the batches read from `from` (at most about `FOLLOW_PAGE_BYTES`), as
+/// (offset, stream), and the offset after them.
+fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
+    let bytes = p.read(from, FOLLOW_PAGE_BYTES)?;
+    let mut keys = Vec::new();
+    let mut next = from;
+    for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
+        let records = crate::decode_batch(&bytes[at..at + h.total_bytes() as usize], &h)?;
+        for r in records {
+            let offset = r.offset as u64;
+            if offset < from {
+                continue;
+            }
+            if let Some(key) = Event::record_partition_key(&r) {
+                keys.push((offset, key));
+            }
+        }
+        next = next.max(h.base_offset as u64 + h.offset_count());
+    }
+    Ok((keys, next))
+}
+
+/// Applies the durable records from `from` to a partition's index: their entries and the new
+/// checkpoint in one atomic batch, then memory, under the lock. Returns the offset applied up to.
+fn apply_page(ts: &TopicStreams, i: usize, from: u64) -> Result<u64> {
+    let part = &ts.parts[i];
+    let store = &ts.store;
+    // Records removed by retention are skipped: versions go on from the stored ones.
+    let from = from.max(part.partition.log_start_offset());
+    let (keys, next) = if from < part.partition.high_watermark() {
+        read_keys(&part.partition, from)?
+    } else {
+        (Vec::new(), from)
+    };
+    // The follower is the only writer of entries: lengths read here stay true until it commits.
+    let mut lens: HashMap<&str, u64> = HashMap::new();
+    let mut batch = store.db.batch();
+    let snapshot = store.db.snapshot();
+    for (offset, stream) in &keys {
+        let len = match lens.get_mut(stream.as_str()) {
+            Some(len) => len,
+            None => {
+                let hot = read(&part.mem).hot.get(stream);
+                let n = match hot {
+                    Some(n) => n,
+                    None => store.len(&snapshot, &stream_prefix(&part.prefix, stream))?,
+                };
+                lens.entry(stream.as_str()).or_insert(n)
+            }
+        };
+        batch.insert(
+            &store.entries,
+            entry_key(&stream_prefix(&part.prefix, stream), *len),
+            offset.to_be_bytes().to_vec(),
+        );
+        *len += 1;
+    }
+    batch.insert(
+        &store.checkpoints,
+        part.prefix.clone(),
+        next.to_be_bytes().to_vec(),
+    );
+    let mut mem = write(&part.mem);
+    batch.commit().map_err(store_err)?;
+    mem.applied = next;
+    for (stream, len) in lens {
+        if let Some(pending) = mem.pending.get_mut(stream) {
+            pending.retain(|&o| o >= next);
+            if pending.is_empty() {
+                mem.pending.remove(stream);
+            }
+        }
+        mem.hot.put(stream.to_string(), len);
+    }
+    Ok(next)
+}
+
+/// Applies a partition's durable records to its stream index, from its checkpoint, then as the
+/// high watermark moves; ends when the topic is deleted or the streams are closed.
+async fn follow(
+    broker: Arc<Broker>,
+    ts: Arc<TopicStreams>,
+    i: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     let part = &ts.parts[i];
     let mut hw = broker.watch(&part.partition);
+    drop(broker);
     let mut next = *part.applied.borrow();
     loop {
-        let high = part.partition.high_watermark();
-        while next < high {
-            let (p, name, from) = (part.partition.clone(), ts.topic.name.clone(), next);
-            let page =
-                blocking(move || read_events(&p, &name, i as u32, from, FOLLOW_PAGE_EVENTS)).await;
-            match page {
-                Ok(page) => {
-                    {
-                        let mut index = write(&part.index);
-                        for e in &page.events {
-                            let Some(key) = e.event.partition_key() else {
-                                continue;
-                            };
-                            let offsets = index.streams.entry(key.to_string()).or_default();
-                            // Appends through the stream path are in already.
-                            if offsets.last().is_none_or(|&last| last < e.offset) {
-                                offsets.push(e.offset);
-                            }
-                        }
-                    }
-                    if page.next_offset <= next {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        while next < part.partition.high_watermark() {
+            let ts2 = ts.clone();
+            match blocking(move || apply_page(&ts2, i, next)).await {
+                Ok(applied) => {
+                    let moved = applied > next;
+                    next = next.max(applied);
+                    part.applied.send_replace(next);
+                    if !moved {
                         break;
                     }
-                    next = page.next_offset;
-                    part.applied.send_replace(next);
-                }
-                Err(BrokerError::Log(spate_log::Error::OffsetOutOfRange {
-                    log_start_offset,
-                    ..
-                })) if log_start_offset > next => {
-                    next = log_start_offset;
                 }
                 Err(e) => {
-                    tracing::warn!(topic = %ts.topic.name, error = %e, "stream index follower failed to read");
+                    tracing::warn!(topic = %ts.topic.name, partition = i, error = %e, "stream index follower failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
                 }
@@ -526,9 +957,11 @@ async fn follow(broker: Arc<Broker>, ts: Arc<TopicStreams>, i: usize) {
         }
         tokio::select! {
             r = hw.changed() => if r.is_err() { return },
+            _ = stop.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                let alive = broker.topic(&ts.topic.name).is_ok_and(|t| Arc::ptr_eq(&t, &ts.topic));
-                if !alive {
+                // A deleted topic's partition stops advancing; its index is purged at the next
+                // start.
+                if part.partition.is_closed() {
                     return;
                 }
             }

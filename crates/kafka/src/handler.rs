@@ -1311,6 +1311,7 @@ async fn produce(
         // No response; the data is written and becomes durable with the next fsync.
         return Ok(Reply::None);
     }
+    let broker = ctx.broker.clone();
     let handle = tokio::spawn(async move {
         let mut responses: Vec<TopicProduceResponse> = names
             .iter()
@@ -1318,43 +1319,26 @@ async fn produce(
             .collect();
         // Wait for every partition's fsync at once: they run in parallel, and each may be shared
         // with other requests' appends (group commit).
-        let waits: Vec<_> = written
-            .into_iter()
-            .map(|(ti, index, outcome)| {
-                let wait = match &outcome {
-                    Ok((p, appended)) => {
-                        let (p, appended) = (p.clone(), *appended);
-                        Some(tokio::task::spawn_blocking(move || {
-                            p.wait_acknowledgeable(appended)
-                        }))
-                    }
-                    Err(_) => None,
-                };
-                (ti, index, outcome, wait)
-            })
-            .collect();
-        for (ti, index, outcome, wait) in waits {
+        for (_, _, outcome) in &written {
+            if let Ok((p, appended)) = outcome {
+                broker.sync_soon(p, *appended);
+            }
+        }
+        for (ti, index, outcome) in written {
             let response = PartitionProduceResponse::default()
                 .with_index(index)
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1);
-            let response = match (outcome, wait) {
-                (Ok((p, appended)), Some(wait)) => match wait.await {
-                    Ok(Ok(())) => response
+            let response = match outcome {
+                Ok((p, appended)) => match broker.acknowledgeable(&p, appended).await {
+                    Ok(()) => response
                         .with_base_offset(appended.base_offset as i64)
                         .with_log_start_offset(p.log_start_offset() as i64),
-                    Ok(Err(e)) => response
-                        .with_error_code(error_code(&BrokerError::from(e)))
-                        .with_base_offset(-1),
-                    Err(_) => response
-                        .with_error_code(code::UNKNOWN_SERVER_ERROR)
+                    Err(e) => response
+                        .with_error_code(error_code(&e))
                         .with_base_offset(-1),
                 },
-                (Err(c), _) => response.with_error_code(c).with_base_offset(-1),
-                // Every written partition has a wait.
-                (Ok(_), None) => response
-                    .with_error_code(code::UNKNOWN_SERVER_ERROR)
-                    .with_base_offset(-1),
+                Err(c) => response.with_error_code(c).with_base_offset(-1),
             };
             responses[ti].partition_responses.push(response);
         }

@@ -58,7 +58,8 @@ struct SyncState {
     syncing: bool,
 }
 
-/// Called with the new high watermark whenever it advances.
+/// Called with the new high watermark whenever it advances, and with the unchanged one when the
+/// partition is poisoned (so that waiters look again and see it).
 pub type Listener = Box<dyn Fn(u64) + Send + Sync>;
 
 pub struct Partition {
@@ -390,6 +391,10 @@ impl Partition {
         // Taking the lock orders the flag before any waiter's next check, so no wakeup is lost.
         drop(lock(&self.sync));
         self.synced.notify_all();
+        let hw = self.high_watermark();
+        for l in read_lock(&self.listeners).iter() {
+            l(hw);
+        }
         e
     }
 
@@ -408,6 +413,12 @@ impl Partition {
         let appended = self.append_unsynced(batches, now_ms, topic_config)?;
         self.wait_acknowledgeable(appended)?;
         Ok(appended)
+    }
+
+    /// Whether appends wait for their fsync before they are acknowledged (the `Batch` policy); under
+    /// the relaxed policies they are acknowledgeable at once.
+    pub fn acks_wait_for_fsync(&self) -> bool {
+        self.config.fsync == FsyncPolicy::Batch
     }
 
     /// Waits until an append may be acknowledged under the fsync policy: under `Batch`, until it is
@@ -670,6 +681,11 @@ impl Partition {
     pub(crate) fn close(&self) {
         let _w = lock(&self.writer);
         self.closed.store(true, Ordering::Release);
+    }
+
+    /// Whether the partition was closed (its topic deleted, or the log closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     pub fn high_watermark(&self) -> u64 {

@@ -134,6 +134,11 @@ impl Log {
         })
     }
 
+    /// The directory the log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn config(&self) -> &LogConfig {
         &self.config
     }

@@ -227,6 +227,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let _ = maintenance.await;
     upkeep.abort();
     broker.flush().await.context("final sync failed")?;
+    broker
+        .close_streams()
+        .await
+        .context("final sync of the stream index failed")?;
     projections
         .stop()
         .await

@@ -491,9 +491,10 @@ impl Subscriptions {
     }
 
     async fn durable(&self, appended: Appended) -> Result<()> {
-        let journal = self.journal.clone();
-        blocking(move || Ok(journal.wait_acknowledgeable(appended)?)).await?;
-        Ok(())
+        self.broker
+            .acknowledgeable(&self.journal, appended)
+            .await
+            .map_err(SubError::from)
     }
 
     /// Creates or updates a subscription; `true` when created.

@@ -133,6 +133,7 @@ impl Server {
         self.task.abort();
         let _ = self.task.await;
         self.broker.flush().await.unwrap();
+        self.broker.close_streams().await.unwrap();
         if let Some(p) = self.projections.take() {
             p.stop().await.unwrap();
         }

@@ -280,9 +280,19 @@ pub fn read_offsets(
 ) -> Result<Vec<ReadEvent>> {
     let mut out = Vec::with_capacity(offsets.len());
     let mut i = 0;
+    // Bytes per offset seen so far, to read no further than the wanted offsets reach.
+    let (mut seen_bytes, mut seen_offsets) = (0u64, 0u64);
     while i < offsets.len() {
         let before = i;
-        let bytes = match p.read(offsets[i], window) {
+        let budget = if seen_offsets == 0 {
+            1
+        } else {
+            let per_offset = seen_bytes.div_ceil(seen_offsets).max(1);
+            let reach = offsets[i] + window / per_offset;
+            let last = offsets[i..].partition_point(|&o| o < reach).max(1);
+            (offsets[i + last - 1] - offsets[i] + 1) * per_offset
+        };
+        let bytes = match p.read(offsets[i], budget.min(window)) {
             Ok(b) => b,
             Err(spate_log::Error::OffsetOutOfRange {
                 log_start_offset, ..
@@ -297,11 +307,13 @@ pub fn read_offsets(
         if bytes.is_empty() {
             break;
         }
-        for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
+        for (at, h) in batch::headers(&bytes).map_err(spate_log::Error::from)? {
             let (first, end) = (
                 h.base_offset as u64,
                 h.base_offset as u64 + h.offset_count(),
             );
+            seen_bytes += h.total_bytes();
+            seen_offsets += h.offset_count();
             while i < offsets.len() && offsets[i] < first {
                 i += 1;
             }

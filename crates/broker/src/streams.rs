@@ -30,6 +30,8 @@ use crate::{Broker, BrokerError, Event, Result, batch, blocking, now_ms, partiti
 
 /// How long a version check waits for the index to cover records written by other doors.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+/// How long the follower lets appends gather when nobody waits for it.
+const FOLLOW_DELAY: Duration = Duration::from_millis(5);
 /// Bytes of record batches the follower reads per step.
 const FOLLOW_PAGE_BYTES: u64 = 1 << 20;
 /// Streams per partition whose length is kept in memory (the most recently used, roughly).
@@ -266,6 +268,8 @@ struct PartitionStreams {
     mem: RwLock<Mem>,
     /// The offset up to which the follower has applied the log.
     applied: watch::Sender<u64>,
+    /// Wakes the follower at once when someone waits for it (it otherwise lets appends gather).
+    kick: tokio::sync::Notify,
     /// Serializes stream appends; holds the log end after the last one.
     writer: tokio::sync::Mutex<u64>,
 }
@@ -416,6 +420,7 @@ impl Broker {
                             pending: HashMap::new(),
                         }),
                         applied: watch::channel(applied).0,
+                        kick: tokio::sync::Notify::new(),
                         writer: tokio::sync::Mutex::new(0),
                     })
                 })
@@ -582,14 +587,13 @@ impl Broker {
                 }));
             }
             // Append only if nothing else was appended since the check.
-            let (p, config, mut buf) = (
-                part.partition.clone(),
-                ts.topic.config.clone(),
-                encoded.clone(),
-            );
-            let appended =
-                blocking(move || Ok(p.append_unsynced_at(&mut buf, now, &config, Some(end))?))
-                    .await;
+            // A write to the page cache, done in place: handing it to a blocking thread costs
+            // two thread switches, more than the write (a segment roll's fsync may stall it).
+            let mut buf = encoded.clone();
+            let appended = part
+                .partition
+                .append_unsynced_at(&mut buf, now, &ts.topic.config, Some(end))
+                .map_err(BrokerError::from);
             match appended {
                 Ok(a) => break (current, a),
                 Err(BrokerError::Log(spate_log::Error::NotAtOffset { .. })) => {
@@ -838,6 +842,9 @@ async fn same_ids(
 
 async fn wait_applied(part: &PartitionStreams, offset: u64) -> Result<()> {
     let mut rx = part.applied.subscribe();
+    if *rx.borrow() < offset {
+        part.kick.notify_one();
+    }
     match tokio::time::timeout(CATCH_UP_WAIT, rx.wait_for(|&a| a >= offset)).await {
         Ok(Ok(_)) => Ok(()),
         _ => Err(BrokerError::Stream(StreamError::Unavailable)),
@@ -957,14 +964,23 @@ async fn follow(
         }
         tokio::select! {
             r = hw.changed() => if r.is_err() { return },
-            _ = stop.changed() => {}
+            _ = stop.changed() => continue,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 // A deleted topic's partition stops advancing; its index is purged at the next
                 // start.
                 if part.partition.is_closed() {
                     return;
                 }
+                continue;
             }
+        }
+        // Let more appends gather before the next step, unless a reader or a version check
+        // waits: stream appends do not need the follower for their checks (their own appends
+        // are held in memory), so under load one step covers many fsyncs.
+        tokio::select! {
+            _ = part.kick.notified() => {}
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(FOLLOW_DELAY) => {}
         }
     }
 }

@@ -147,6 +147,27 @@ pub fn set_base_offset(batch: &mut [u8], offset: i64) {
     batch[0..8].copy_from_slice(&offset.to_be_bytes());
 }
 
+/// The headers of a buffer holding whole batches back to back, with each one's position: their
+/// structure is checked, not their CRC (decoding a batch checks it).
+pub fn headers(buf: &[u8]) -> Result<Vec<(usize, BatchHeader)>, BatchError> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < buf.len() {
+        let rest = &buf[at..];
+        let h = BatchHeader::parse(rest)?;
+        let total = h.total_bytes();
+        if total > rest.len() as u64 {
+            return Err(BatchError::Truncated {
+                needed: total,
+                available: rest.len() as u64,
+            });
+        }
+        out.push((at, h));
+        at += total as usize;
+    }
+    Ok(out)
+}
+
 /// Splits a buffer holding whole batches back to back, checking each one.
 pub fn split(buf: &[u8]) -> Result<Vec<(usize, BatchHeader)>, BatchError> {
     let mut out = Vec::new();

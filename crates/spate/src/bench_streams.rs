@@ -33,6 +33,10 @@ pub struct StreamsBenchArgs {
     /// Bytes of each event's data.
     #[arg(long, default_value_t = 500)]
     event_bytes: usize,
+    /// Events of other streams (10 per stream, 100 B of data) published to Spate's topic in
+    /// batches before the read phase, so that the streams read are a few among many.
+    #[arg(long, default_value_t = 0)]
+    others: u64,
     /// Partitions of Spate's topic.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
@@ -219,6 +223,66 @@ impl Store for PgStore {
     }
 }
 
+/// Publishes `n` events of other streams (10 each) in batches of 1,000, then waits until the
+/// stream index has applied them; reports both times on stderr.
+async fn fill_others(spate: &SpateStore, n: u64) -> Result<()> {
+    let started = Instant::now();
+    let streams = (n / 10).max(1);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (http, base, next) = (spate.http.clone(), spate.base.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let from = next.fetch_add(1000, Ordering::Relaxed);
+                if from >= n {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let mut body = String::from("[");
+                for i in from..(from + 1000).min(n) {
+                    if i > from {
+                        body.push(',');
+                    }
+                    body.push_str(&format!(
+                        "{{\"specversion\":\"1.0\",\"id\":\"o{i}\",\"source\":\"/bench\",\"type\":\"bench.other\",\"partitionkey\":\"o{}\",\"data\":{{\"pad\":\"{}\"}}}}",
+                        i % streams,
+                        "y".repeat(90)
+                    ));
+                }
+                body.push(']');
+                let r = http
+                    .post(format!("{base}/v1/topics/es/events"))
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(body)
+                    .send()
+                    .await?;
+                ensure!(r.status().is_success(), "publish: {}", r.status());
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let published = started.elapsed().as_secs_f64();
+    // A stream read answers once the index covers the log (503 while it catches up).
+    loop {
+        let r = spate
+            .http
+            .get(format!("{}/v1/topics/es/streams/o0", spate.base))
+            .send()
+            .await?;
+        if r.status().is_success() {
+            break;
+        }
+        ensure!(r.status().as_u16() == 503, "stream info: {}", r.status());
+    }
+    eprintln!(
+        "{n} other events published in {published:.1} s; the stream index had applied them {:.1} s later",
+        started.elapsed().as_secs_f64() - published
+    );
+    Ok(())
+}
+
 struct AppendOutcome {
     appends_per_s: f64,
     conflicts: u64,
@@ -288,6 +352,7 @@ async fn read_load<S: Store>(
     store: Arc<S>,
     a: &StreamsBenchArgs,
     n: usize,
+    name: &'static str,
 ) -> Result<Histogram<u64>> {
     let data = Arc::new("x".repeat(a.event_bytes));
     let mut fill = tokio::task::JoinSet::new();
@@ -298,7 +363,7 @@ async fn read_load<S: Store>(
             for s in (c..n).step_by(clients) {
                 for v in 0..100 {
                     ensure!(
-                        store.append(format!("r{s}"), v, data.clone()).await?,
+                        store.append(format!("{name}{s}"), v, data.clone()).await?,
                         "conflict while filling"
                     );
                 }
@@ -322,8 +387,8 @@ async fn read_load<S: Store>(
             while Instant::now() < deadline {
                 let s = (rng.unit() * n as f64) as usize % n;
                 let t = Instant::now();
-                let got = store.read(format!("r{s}")).await?;
-                ensure!(got == 100, "stream r{s} has {got} events");
+                let got = store.read(format!("{name}{s}")).await?;
+                ensure!(got == 100, "stream {name}{s} has {got} events");
                 local.saturating_record(t.elapsed().as_micros() as u64);
             }
             hist.lock().await.add(&local).expect("same bounds");
@@ -348,7 +413,7 @@ async fn run_store<S: Store>(
     a: &StreamsBenchArgs,
 ) -> Result<(f64, f64)> {
     let o = append_load(store.clone(), a).await?;
-    let reads = read_load(store, a, 200).await?;
+    let reads = read_load(store, a, 200, "r").await?;
     println!(
         "| {name} | {:.0} | {:.2} / {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.0} |",
         o.appends_per_s,
@@ -393,6 +458,28 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
         attempts: AtomicU64::new(0),
     });
     let (spate_rate, spate_p99) = run_store("spate (fsync batch)", spate, &a).await?;
+    if a.others > 0 {
+        println!();
+        println!("with {} events of other streams in the topic:", a.others);
+        println!();
+        println!("| store | read 100-event stream p50 / p99 ms | reads/s |");
+        println!("|---|---|---|");
+        let spate = Arc::new(SpateStore {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(a.clients)
+                .build()?,
+            base: format!("http://{}", server.addr),
+            attempts: AtomicU64::new(1 << 40),
+        });
+        fill_others(&spate, a.others).await?;
+        let reads = read_load(spate, &a, 200, "q").await?;
+        println!(
+            "| spate (fsync batch) | {:.2} / {:.2} | {:.0} |",
+            ms(&reads, 0.5),
+            ms(&reads, 0.99),
+            reads.len() as f64 / a.seconds,
+        );
+    }
     if let Some(conn) = &a.postgres {
         let pg = Arc::new(PgStore::connect(conn, a.clients).await?);
         let (pg_rate, pg_p99) = run_store("postgresql (synchronous_commit=on)", pg, &a).await?;

@@ -36,6 +36,14 @@ pub trait File: Send + Sync {
     fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Extends the file to `len` bytes reading as zeros, with the disk space reserved where the
+    /// file system can (so later writes there need not allocate).
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.len()? < len {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
     /// Makes the file's data (and the size needed to read it) durable.
     fn sync(&self) -> io::Result<()>;
 }
@@ -106,6 +114,29 @@ impl File for FsFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let len = i64::try_from(len).map_err(io::Error::other)?;
+        // SAFETY: fallocate reads no memory; the descriptor is open for the life of `self`.
+        let r = unsafe { libc::fallocate(self.0.as_raw_fd(), 0, 0, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // A file system without fallocate: a plain extension.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                if self.0.metadata()?.len() < len as u64 {
+                    self.0.set_len(len as u64)?;
+                }
+                Ok(())
+            }
+            _ => Err(e),
+        }
     }
 
     fn sync(&self) -> io::Result<()> {

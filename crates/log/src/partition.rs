@@ -50,6 +50,8 @@ struct Writer {
     active_since_ms: Option<i64>,
     /// Idempotent producers' recent batches.
     producers: Producers,
+    /// The active segment's file length: its batches, then zeros written ahead of them.
+    allocated: u64,
 }
 
 struct SyncState {
@@ -158,6 +160,7 @@ impl Partition {
             .expect("a partition has at least one segment")
             .clone();
         let next_offset = active.state().next_offset;
+        let allocated = active.state().size;
         Partition {
             topic: topic.to_string(),
             id,
@@ -170,6 +173,7 @@ impl Partition {
                 next_offset,
                 active_since_ms: None,
                 producers,
+                allocated,
             }),
             high_watermark: AtomicU64::new(next_offset),
             poisoned: AtomicBool::new(false),
@@ -327,7 +331,17 @@ impl Partition {
     fn recover_active(segment: &Segment, config: &LogConfig) -> Result<Vec<ProducerBatch>> {
         let empty = segment.state_at_last_entry(Vec::new(), Vec::new());
         let scan = segment.scan(empty, config.index_interval_bytes)?;
-        if let Some(stop) = &scan.stop {
+        if let Some(stop) = &scan.stop
+            && segment.zeros_from(stop.position)?
+        {
+            // Zeros written ahead of appends (see `LogConfig::preallocate_bytes`), or an append
+            // torn before any of its bytes reached the disk.
+            tracing::debug!(
+                segment = %segment.log_path.display(),
+                position = stop.position,
+                "dropping the zeros after the last batch"
+            );
+        } else if let Some(stop) = &scan.stop {
             let follows = segment.valid_batch_after(stop.position, scan.state.next_offset)?;
             if let Some(valid_at) = follows {
                 if !config.repair {
@@ -527,6 +541,22 @@ impl Partition {
             }
             let position = size_of_active(&w);
             let active = w.active.clone();
+            let end = position + batches.len() as u64;
+            let chunk = self.config.preallocate_bytes;
+            if chunk > 0 && end > w.allocated {
+                // Space up to the next whole chunk past the append, reading as zeros: the next
+                // fsync makes it and the new length durable, and the fsyncs after it need not
+                // commit a new length.
+                let to = end.div_ceil(chunk) * chunk;
+                if let Err(e) = active.file.allocate(to) {
+                    return Err(self.poison(Error::Io {
+                        action: "extend segment",
+                        path: active.log_path.clone(),
+                        source: e,
+                    }));
+                }
+                w.allocated = to;
+            }
             if let Err(e) = active.file.write_all_at(batches, position) {
                 return Err(self.poison(Error::Io {
                     action: "append to segment",
@@ -585,6 +615,17 @@ impl Partition {
     /// Seals the active segment (sync, write its indexes) and starts a new one. Writer lock held.
     fn roll(&self, w: &mut Writer) -> Result<()> {
         let old = w.active.clone();
+        // A sealed segment ends with its last batch.
+        let size = old.state().size;
+        if w.allocated > size
+            && let Err(e) = old.file.set_len(size)
+        {
+            return Err(self.poison(Error::Io {
+                action: "trim segment",
+                path: old.log_path.clone(),
+                source: e,
+            }));
+        }
         let sync = self.config.fsync != FsyncPolicy::Never;
         if sync && let Err(e) = old.file.sync() {
             return Err(self.poison(Error::Io {
@@ -606,6 +647,7 @@ impl Partition {
         let new = Arc::new(new);
         write_lock(&self.segments).push(new.clone());
         w.active = new;
+        w.allocated = 0;
         w.active_since_ms = None;
         if sync {
             // Everything before the new segment is durable now.

@@ -340,6 +340,24 @@ impl Segment {
         Ok(None)
     }
 
+    /// Whether the file holds only zeros from `from` to its end (space written ahead of appends).
+    pub fn zeros_from(&self, from: u64) -> Result<bool> {
+        let file_len = self.file.len().ctx("read the length of", &self.log_path)?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut position = from;
+        while position < file_len {
+            let n = (file_len - position).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], position)
+                .ctx("read segment", &self.log_path)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            position += n as u64;
+        }
+        Ok(true)
+    }
+
     /// Truncates the file to `size` bytes and makes that durable.
     pub fn truncate(&self, size: u64) -> Result<()> {
         self.file

@@ -87,6 +87,8 @@ fn corruption_before_the_tail_of_the_active_segment_is_refused_not_truncated() {
     let at = (ends[0] + 70) as usize;
     copy.edit_file(Path::new(SEGMENT), |b| b[at] ^= 0x01)
         .unwrap();
+    let before = copy.open_file_len(Path::new(SEGMENT)).unwrap();
+    assert!(before >= *ends.last().unwrap());
     match open(&copy, LogConfig::default()) {
         Err(Error::Corrupt {
             position, reason, ..
@@ -101,7 +103,7 @@ fn corruption_before_the_tail_of_the_active_segment_is_refused_not_truncated() {
     let len = copy
         .open_file_len(Path::new(SEGMENT))
         .expect("segment still exists");
-    assert_eq!(len, *ends.last().unwrap());
+    assert_eq!(len, before);
     // With repair the log opens, truncated at the damage.
     let log = open(
         &copy,
@@ -406,4 +408,55 @@ fn invalid_batches_are_refused_and_change_nothing() {
     ));
     assert_eq!(p.high_watermark(), 3);
     assert_eq!(read_all(&log, "t", 0).len(), 3);
+}
+
+#[test]
+fn zeros_written_ahead_of_appends_are_dropped_on_open_and_at_a_roll() {
+    let disk = MemStorage::new();
+    let config = LogConfig {
+        preallocate_bytes: 4096,
+        ..LogConfig::default()
+    };
+    let topic = TopicConfig {
+        segment_bytes: 6000,
+        max_message_bytes: 1000,
+        ..TopicConfig::default()
+    };
+    let log = open(&disk, config.clone()).unwrap();
+    log.create_topic("t", topic.clone(), 0).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    let mut b = batch_of(&values(3, 1), 1000);
+    let size = b.len() as u64;
+    p.append(&mut b, 0, &topic).unwrap();
+    // The file runs ahead of the data in whole chunks.
+    assert_eq!(disk.open_file_len(Path::new(SEGMENT)).unwrap(), 4096);
+    assert_eq!(p.info().size_bytes, size);
+    // Reopened after a crash, the log ends at its last batch and appends go on from there.
+    drop(log);
+    let disk = disk.restart(Unsynced::Drop);
+    let log = open(&disk, config.clone()).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    assert_eq!(p.high_watermark(), 3);
+    assert_eq!(disk.open_file_len(Path::new(SEGMENT)).unwrap(), size);
+    let mut appended = 3;
+    while p.info().segments == 1 {
+        let mut b = batch_of(&values(3, 2), 2000);
+        p.append(&mut b, 0, &topic).unwrap();
+        appended += 3;
+    }
+    // The sealed segment ends with its last batch; every record reads back.
+    let sealed = p.info().size_bytes
+        - disk
+            .open_file_len(Path::new("/data/topics/t/0/00000000000000000000.log"))
+            .unwrap();
+    let last = batch_of(&values(3, 2), 2000).len() as u64;
+    assert_eq!(
+        sealed, last,
+        "only the new segment's batch is beyond the sealed one"
+    );
+    assert_eq!(read_all(&log, "t", 0).len() as u64, appended);
+    drop(log);
+    let disk = disk.restart(Unsynced::Drop);
+    let log = open(&disk, config).unwrap();
+    assert_eq!(read_all(&log, "t", 0).len() as u64, appended);
 }

@@ -62,6 +62,9 @@ pub struct LogBenchArgs {
     /// batches 64 KiB per request, as Kafka clients do.
     #[arg(long, value_delimiter = ',', default_value = "1,65536")]
     append_bytes: Vec<usize>,
+    /// Bytes the segment file is extended with zeros ahead of appends (0: off).
+    #[arg(long, value_delimiter = ',', default_value = "1048576")]
+    preallocate: Vec<u64>,
 }
 
 pub async fn run(command: BenchCommand) -> Result<()> {
@@ -117,6 +120,7 @@ fn one_run(
     writers: usize,
     per_append: usize,
     seconds: f64,
+    preallocate_bytes: u64,
 ) -> Result<Outcome> {
     let tmp = tempfile::tempdir_in(dir).context("cannot create a temporary directory")?;
     let log = Arc::new(Log::open(
@@ -124,6 +128,7 @@ fn one_run(
         tmp.path(),
         LogConfig {
             fsync: policy,
+            preallocate_bytes,
             ..LogConfig::default()
         },
     )?);
@@ -225,32 +230,34 @@ fn log_bench(a: &LogBenchArgs) -> Result<()> {
     let ceiling = median(&mut ceilings);
     println!("disk ceiling (sequential 1 MiB writes, fsync each): {ceiling:.1} MB/s\n");
     println!(
-        "| fsync | record B | writers | records/append | records/s | MB/s | % of ceiling | ack p50 µs | ack p99 µs | ack p99.9 µs |"
+        "| fsync | preallocate B | record B | writers | records/append | records/s | MB/s | % of ceiling | ack p50 µs | ack p99 µs | ack p99.9 µs |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for policy in &policies {
-        for &size in &a.sizes {
-            for &writers in &a.writers {
-                for &append_bytes in &a.append_bytes {
-                    let per_append = (append_bytes / size).max(1);
-                    let mut outcomes = Vec::new();
-                    for _ in 0..a.runs {
-                        outcomes.push(one_run(
-                            &a.dir, *policy, size, writers, per_append, a.seconds,
-                        )?);
+        for &prealloc in &a.preallocate {
+            for &size in &a.sizes {
+                for &writers in &a.writers {
+                    for &append_bytes in &a.append_bytes {
+                        let per_append = (append_bytes / size).max(1);
+                        let mut outcomes = Vec::new();
+                        for _ in 0..a.runs {
+                            outcomes.push(one_run(
+                                &a.dir, *policy, size, writers, per_append, a.seconds, prealloc,
+                            )?);
+                        }
+                        let pick = |f: fn(&Outcome) -> f64| {
+                            median(&mut outcomes.iter().map(f).collect::<Vec<_>>())
+                        };
+                        let mbps = pick(|o| o.mb_per_s);
+                        println!(
+                            "| {policy} | {prealloc} | {size} | {writers} | {per_append} | {:.0} | {mbps:.1} | {:.0}% | {:.0} | {:.0} | {:.0} |",
+                            pick(|o| o.records_per_s),
+                            100.0 * mbps / ceiling,
+                            pick(|o| o.p50_us),
+                            pick(|o| o.p99_us),
+                            pick(|o| o.p999_us),
+                        );
                     }
-                    let pick = |f: fn(&Outcome) -> f64| {
-                        median(&mut outcomes.iter().map(f).collect::<Vec<_>>())
-                    };
-                    let mbps = pick(|o| o.mb_per_s);
-                    println!(
-                        "| {policy} | {size} | {writers} | {per_append} | {:.0} | {mbps:.1} | {:.0}% | {:.0} | {:.0} | {:.0} |",
-                        pick(|o| o.records_per_s),
-                        100.0 * mbps / ceiling,
-                        pick(|o| o.p50_us),
-                        pick(|o| o.p99_us),
-                        pick(|o| o.p999_us),
-                    );
                 }
             }
         }

@@ -35,10 +35,13 @@ pub struct ServeConfig {
     pub push_max_behind_ms: u64,
     /// How often the server writes its own metrics to the `__metrics` topic (0: never).
     pub metrics_interval_ms: u64,
+    /// Segment files are extended with zeros this many bytes ahead of the appends, so that an
+    /// fsync does not also commit a new file length (0: off).
+    pub preallocate_bytes: u64,
 }
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 14] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -52,6 +55,7 @@ pub const KEYS: [&str; 13] = [
     "repair",
     "push_max_behind_ms",
     "metrics_interval_ms",
+    "preallocate_bytes",
 ];
 
 impl Default for ServeConfig {
@@ -70,6 +74,7 @@ impl Default for ServeConfig {
             repair: false,
             push_max_behind_ms: 60_000,
             metrics_interval_ms: 5_000,
+            preallocate_bytes: 1 << 20,
         }
     }
 }

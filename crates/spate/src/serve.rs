@@ -48,6 +48,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let log_config = LogConfig {
         fsync,
         repair: config.repair,
+        preallocate_bytes: config.preallocate_bytes,
         ..LogConfig::default()
     };
     let dir = config.data_dir.clone();

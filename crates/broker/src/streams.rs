@@ -994,3 +994,53 @@ pub enum StreamError {
     #[error("the stream index did not catch up with the log in time; retry")]
     Unavailable,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_keys_keep_streams_apart_and_versions_in_order() {
+        let topic = Topic {
+            name: "orders".into(),
+            config: spate_log::TopicConfig::default(),
+            created_ms: 1_700_000_000_000,
+            partitions: Vec::new(),
+        };
+        let p = partition_prefix(&topic, 3);
+        assert_eq!(
+            parse_partition_prefix(&p),
+            Some(("orders", 1_700_000_000_000))
+        );
+        // A stream whose id is a prefix of another's does not share its key range.
+        let a = stream_prefix(&p, "order-4");
+        let b = stream_prefix(&p, "order-42");
+        assert!(!entry_key(&b, 0).starts_with(&a));
+        let mut keys: Vec<Vec<u8>> = [10u64, 2, 255, 256, 1]
+            .iter()
+            .map(|&v| entry_key(&a, v))
+            .collect();
+        keys.sort();
+        let versions: Vec<u64> = keys
+            .iter()
+            .map(|k| be_u64(&k[a.len()..]).unwrap())
+            .collect();
+        assert_eq!(versions, [1, 2, 10, 255, 256]);
+    }
+
+    #[test]
+    fn the_hot_map_keeps_recent_streams_and_stays_bounded() {
+        let mut hot = Hot::default();
+        for i in 0..HOT_STREAMS as u64 * 3 {
+            hot.put(format!("s{i}"), i);
+        }
+        assert!(hot.current.len() + hot.previous.len() <= HOT_STREAMS);
+        let last = HOT_STREAMS as u64 * 3 - 1;
+        assert_eq!(hot.get(&format!("s{last}")), Some(last));
+        assert_eq!(hot.get("s0"), None);
+        // An update wins over the older generation's value.
+        let older = hot.previous.keys().next().unwrap().clone();
+        hot.put(older.clone(), 7);
+        assert_eq!(hot.get(&older), Some(7));
+    }
+}

@@ -309,8 +309,18 @@ impl Event {
     /// The event a stored record carries. `origin` names the record for events synthesized from
     /// records without CloudEvents headers: (topic, partition).
     pub fn from_record(record: &Record, origin: (&str, u32)) -> Event {
+        Event::with_data(record, record.value.clone(), origin)
+    }
+
+    /// As [`Event::from_record`], taking the record's value rather than copying it.
+    pub fn from_owned_record(mut record: Record, origin: (&str, u32)) -> Event {
+        let data = record.value.take();
+        Event::with_data(&record, data, origin)
+    }
+
+    fn with_data(record: &Record, data: Option<Vec<u8>>, origin: (&str, u32)) -> Event {
         let mut event = Event {
-            data: record.value.clone(),
+            data,
             ..Event::default()
         };
         let mut has_ce = false;

@@ -235,12 +235,13 @@ pub fn read_events_within(
                 if (r.offset as u64) < offset {
                     continue;
                 }
+                let at = r.offset as u64;
                 events.push(ReadEvent {
                     partition,
-                    offset: r.offset as u64,
-                    event: Event::from_record(&r, (topic, partition)),
+                    offset: at,
+                    event: Event::from_owned_record(r, (topic, partition)),
                 });
-                offset = r.offset as u64 + 1;
+                offset = at + 1;
                 if events.len() == limit {
                     break 'outer;
                 }
@@ -332,7 +333,7 @@ pub fn read_offsets(
                     out.push(ReadEvent {
                         partition,
                         offset: o,
-                        event: Event::from_record(&r, (topic, partition)),
+                        event: Event::from_owned_record(r, (topic, partition)),
                     });
                     i += 1;
                 }

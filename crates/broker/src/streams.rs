@@ -662,8 +662,9 @@ impl Broker {
         limit: usize,
         backward: bool,
     ) -> Result<Option<Vec<StreamEvent>>> {
-        // The wanted (version, offset) pairs, in ascending order.
-        let (ts, index, wanted) = self
+        // One blocking step: the wanted (version, offset) pairs, then the events, read in
+        // windows of nearby batches (events removed by retention are left out).
+        let (_, _, events) = self
             .with_durable_stream(topic, stream, move |v| {
                 if v.len == 0 {
                     return Ok(None);
@@ -675,37 +676,31 @@ impl Broker {
                     let from = from_version.unwrap_or(0).min(v.len);
                     from..(from + limit as u64).min(v.len)
                 };
-                v.offsets(range).map(Some)
+                let wanted = v.offsets(range)?;
+                let offsets: Vec<u64> = wanted.iter().map(|&(_, o)| o).collect();
+                let found = crate::read_offsets(v.partition, v.topic, v.index, &offsets, 64 << 10)?;
+                let mut versions = wanted.iter();
+                let mut out: Vec<StreamEvent> = found
+                    .into_iter()
+                    .filter_map(|e| {
+                        let &(version, _) = versions.find(|&&(_, o)| o == e.offset)?;
+                        Some(StreamEvent {
+                            version,
+                            partition: v.index,
+                            offset: e.offset,
+                            event: e.event,
+                        })
+                    })
+                    .collect();
+                if backward {
+                    out.reverse();
+                }
+                Ok(Some(out))
             })
             .await?;
-        let Some(wanted) = wanted else {
+        let Some(events) = events else {
             return Ok(None);
         };
-        let part = ts.parts[index as usize].partition.clone();
-        let name = ts.topic.name.clone();
-        let events = blocking(move || {
-            // Read in windows of nearby batches; events removed by retention are left out.
-            let offsets: Vec<u64> = wanted.iter().map(|&(_, o)| o).collect();
-            let found = crate::read_offsets(&part, &name, index, &offsets, 64 << 10)?;
-            let mut versions = wanted.iter();
-            let mut out: Vec<StreamEvent> = found
-                .into_iter()
-                .filter_map(|e| {
-                    let &(version, _) = versions.find(|&&(_, o)| o == e.offset)?;
-                    Some(StreamEvent {
-                        version,
-                        partition: index,
-                        offset: e.offset,
-                        event: e.event,
-                    })
-                })
-                .collect();
-            if backward {
-                out.reverse();
-            }
-            Ok(out)
-        })
-        .await?;
         Ok(Some(events))
     }
 
@@ -736,6 +731,9 @@ impl Broker {
             let len = ts2.store.len(&snapshot, &sp)?;
             f(&DurableStream {
                 store: &ts2.store,
+                partition: &part.partition,
+                topic: &ts2.topic.name,
+                index,
                 snapshot,
                 prefix: sp,
                 len,
@@ -780,6 +778,9 @@ impl Broker {
 /// One stream as of a snapshot of the index, all of it durable.
 struct DurableStream<'a> {
     store: &'a Store,
+    partition: &'a Arc<Partition>,
+    topic: &'a str,
+    index: u32,
     snapshot: fjall::Snapshot,
     prefix: Vec<u8>,
     /// Its number of versions.

@@ -170,23 +170,10 @@ pub fn headers(buf: &[u8]) -> Result<Vec<(usize, BatchHeader)>, BatchError> {
 
 /// Splits a buffer holding whole batches back to back, checking each one.
 pub fn split(buf: &[u8]) -> Result<Vec<(usize, BatchHeader)>, BatchError> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < buf.len() {
-        let rest = &buf[at..];
-        let h = BatchHeader::parse(rest)?;
-        let total = h.total_bytes();
-        if total > rest.len() as u64 {
-            return Err(BatchError::Truncated {
-                needed: total,
-                available: rest.len() as u64,
-            });
-        }
-        let h = check(&rest[..total as usize])?;
-        out.push((at, h));
-        at += total as usize;
-    }
-    Ok(out)
+    headers(buf)?
+        .into_iter()
+        .map(|(at, h)| check(&buf[at..at + h.total_bytes() as usize]).map(|h| (at, h)))
+        .collect()
 }
 
 /// One record to encode.

@@ -167,10 +167,10 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// Truncate corruption found on open (losing the data after it) instead of refusing to open.
     pub repair: bool,
-    /// The active segment's file is extended with zeros this many bytes at a time ahead of the
-    /// appends (0: not at all). An fsync then writes data into blocks the file already has, without
-    /// also committing a new file size, which makes the fsyncs of small appends cheaper. The zeros
-    /// after the last batch are dropped when the segment is sealed or the log opened.
+    /// The active segment's file is allocated this many bytes at a time ahead of the appends (0:
+    /// not at all), reading as zeros. An fsync then writes data into space the file already has,
+    /// without also committing a new file size, which makes the fsyncs of small appends cheaper.
+    /// The space after the last batch is cut when the segment is sealed or the log opened.
     pub preallocate_bytes: u64,
 }
 

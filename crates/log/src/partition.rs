@@ -50,7 +50,7 @@ struct Writer {
     active_since_ms: Option<i64>,
     /// Idempotent producers' recent batches.
     producers: Producers,
-    /// The active segment's file length: its batches, then zeros written ahead of them.
+    /// The active segment's file length: its batches, then space allocated ahead of them.
     allocated: u64,
 }
 
@@ -334,7 +334,7 @@ impl Partition {
         if let Some(stop) = &scan.stop
             && segment.zeros_from(stop.position)?
         {
-            // Zeros written ahead of appends (see `LogConfig::preallocate_bytes`), or an append
+            // Space allocated ahead of appends (see `LogConfig::preallocate_bytes`), or an append
             // torn before any of its bytes reached the disk.
             tracing::debug!(
                 segment = %segment.log_path.display(),
@@ -386,9 +386,13 @@ impl Partition {
     fn advance_high_watermark(&self, offset: u64) {
         let before = self.high_watermark.fetch_max(offset, Ordering::AcqRel);
         if offset > before {
-            for l in read_lock(&self.listeners).iter() {
-                l(offset);
-            }
+            self.notify_listeners(offset);
+        }
+    }
+
+    fn notify_listeners(&self, high_watermark: u64) {
+        for l in read_lock(&self.listeners).iter() {
+            l(high_watermark);
         }
     }
 
@@ -405,10 +409,7 @@ impl Partition {
         // Taking the lock orders the flag before any waiter's next check, so no wakeup is lost.
         drop(lock(&self.sync));
         self.synced.notify_all();
-        let hw = self.high_watermark();
-        for l in read_lock(&self.listeners).iter() {
-            l(hw);
-        }
+        self.notify_listeners(self.high_watermark());
         e
     }
 

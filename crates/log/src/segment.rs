@@ -340,7 +340,7 @@ impl Segment {
         Ok(None)
     }
 
-    /// Whether the file holds only zeros from `from` to its end (space written ahead of appends).
+    /// Whether the file holds only zeros from `from` to its end (space allocated ahead of appends).
     pub fn zeros_from(&self, from: u64) -> Result<bool> {
         let file_len = self.file.len().ctx("read the length of", &self.log_path)?;
         let mut buf = vec![0u8; 64 << 10];

@@ -85,7 +85,6 @@ struct Aggregate {
     arg: Option<Arg>,
 }
 
-/// `data.a.b` as the path `[a, b]`; `None` for anything else.
 /// The value at `path` (field names) in an event's JSON data.
 pub(crate) fn data_at<'a>(data: Option<&'a Json>, path: &[String]) -> Result<&'a Json, String> {
     let mut at = data.ok_or("the event has no JSON data")?;
@@ -97,6 +96,7 @@ pub(crate) fn data_at<'a>(data: Option<&'a Json>, path: &[String]) -> Result<&'a
     Ok(at)
 }
 
+/// `data.a.b` as the path `[a, b]`; `None` for anything else.
 pub(crate) fn data_path(source: &str) -> Option<Vec<String>> {
     let mut parts = source.trim().split('.');
     if parts.next()? != "data" {

@@ -232,6 +232,14 @@ impl Event {
         }
     }
 
+    /// The `time` attribute in milliseconds since the epoch; `None` without one (or unreadable).
+    pub fn time_ms(&self) -> Option<i64> {
+        let t = self.time.as_deref()?;
+        let t =
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
+        Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+    }
+
     /// The record key: the `partitionkey` extension.
     pub fn partition_key(&self) -> Option<&str> {
         self.extensions.get("partitionkey").map(String::as_str)

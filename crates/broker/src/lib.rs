@@ -141,15 +141,7 @@ pub(crate) fn follower_lag(topic: &Topic, positions: &[u64]) -> (u64, Option<i64
             && let Ok(page) = read_events(part, &topic.name, i as u32, pos, 1)
             && let Some(e) = page.events.first()
         {
-            let ms = e
-                .event
-                .time
-                .as_deref()
-                .and_then(|s| {
-                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+            let ms = e.event.time_ms();
             oldest = match (oldest, ms) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

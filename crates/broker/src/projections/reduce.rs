@@ -290,13 +290,7 @@ pub enum Outcome {
 
 /// An event's `time` in ms since the epoch (0 without one).
 pub fn event_ms(event: &Event) -> i64 {
-    event
-        .time
-        .as_deref()
-        .and_then(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-        })
-        .map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+    event.time_ms().unwrap_or(0)
 }
 
 fn number(v: &Json) -> Option<f64> {

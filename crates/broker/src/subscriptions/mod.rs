@@ -1590,13 +1590,7 @@ fn encode(name: &str, op: &Op) -> Result<Vec<u8>> {
 /// The record time of an event (its `time` attribute, which records without CloudEvents headers
 /// take from the record timestamp).
 fn event_time(event: &Event) -> i64 {
-    event
-        .time
-        .as_deref()
-        .and_then(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-        })
-        .map_or_else(now_ms, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+    event.time_ms().unwrap_or_else(now_ms)
 }
 
 /// Applies one journal record during recovery.

@@ -18,6 +18,19 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// Sets on a JSON object the fields that were given (`Some`), leaving the others to the server's
+/// defaults: for definitions built from command-line flags.
+pub fn set_given<'a>(
+    object: &mut Value,
+    fields: impl IntoIterator<Item = (&'a str, Option<Value>)>,
+) {
+    for (k, v) in fields {
+        if let Some(v) = v {
+            object[k] = v;
+        }
+    }
+}
+
 impl Client {
     pub fn new(server: &str) -> Client {
         Client {

@@ -70,23 +70,18 @@ pub async fn run(c: &Client, command: DetectorCommand) -> Result<()> {
             let algorithm: Value =
                 serde_json::from_str(&algorithm).context("--algorithm must be a JSON object")?;
             let mut def = json!({"topic": topic, "value": value, "algorithm": algorithm});
-            let texts = [
-                ("series", series),
-                ("filter", filter),
-                ("types", types),
-                ("alert_topic", alert_topic),
-                ("from", from),
-            ];
-            for (k, v) in texts {
-                if let Some(v) = v {
-                    def[k] = json!(v);
-                }
-            }
-            for (k, v) in [("cooldown_ms", cooldown_ms), ("max_series", max_series)] {
-                if let Some(v) = v {
-                    def[k] = json!(v);
-                }
-            }
+            crate::client::set_given(
+                &mut def,
+                [
+                    ("series", series.map(Value::from)),
+                    ("filter", filter.map(Value::from)),
+                    ("types", types.map(Value::from)),
+                    ("alert_topic", alert_topic.map(Value::from)),
+                    ("from", from.map(Value::from)),
+                    ("cooldown_ms", cooldown_ms.map(Value::from)),
+                    ("max_series", max_series.map(Value::from)),
+                ],
+            );
             let s = c
                 .send(
                     c.http()

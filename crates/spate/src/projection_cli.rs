@@ -52,17 +52,15 @@ pub async fn run(c: &Client, command: ProjectionCommand) -> Result<()> {
             let reduce: Value =
                 serde_json::from_str(&reduce).context("--reduce must be a JSON object")?;
             let mut def = json!({"topic": topic, "reduce": reduce});
-            let fields = [
-                ("filter", filter),
-                ("types", types),
-                ("key", key),
-                ("on_error", on_error),
-            ];
-            for (k, v) in fields {
-                if let Some(v) = v {
-                    def[k] = json!(v);
-                }
-            }
+            crate::client::set_given(
+                &mut def,
+                [
+                    ("filter", filter.map(Value::from)),
+                    ("types", types.map(Value::from)),
+                    ("key", key.map(Value::from)),
+                    ("on_error", on_error.map(Value::from)),
+                ],
+            );
             let s = c
                 .send(
                     c.http()

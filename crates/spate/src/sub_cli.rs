@@ -76,21 +76,19 @@ pub async fn run(c: &Client, command: SubCommand) -> Result<()> {
             push_url,
         } => {
             let mut spec = json!({ "topic": topic });
-            let fields = [
-                ("filter", filter.map(Value::from)),
-                ("types", types.map(Value::from)),
-                ("from", from.map(Value::from)),
-                ("ack_timeout_ms", ack_timeout_ms.map(Value::from)),
-                ("max_attempts", max_attempts.map(Value::from)),
-                ("dead_letter_topic", dead_letter_topic.map(Value::from)),
-                ("ordering", ordering.map(Value::from)),
-                ("push", push_url.map(|u| json!({ "url": u }))),
-            ];
-            for (k, v) in fields {
-                if let Some(v) = v {
-                    spec[k] = v;
-                }
-            }
+            crate::client::set_given(
+                &mut spec,
+                [
+                    ("filter", filter.map(Value::from)),
+                    ("types", types.map(Value::from)),
+                    ("from", from.map(Value::from)),
+                    ("ack_timeout_ms", ack_timeout_ms.map(Value::from)),
+                    ("max_attempts", max_attempts.map(Value::from)),
+                    ("dead_letter_topic", dead_letter_topic.map(Value::from)),
+                    ("ordering", ordering.map(Value::from)),
+                    ("push", push_url.map(|u| json!({ "url": u }))),
+                ],
+            );
             let s = c
                 .send(
                     c.http()

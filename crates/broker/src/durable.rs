@@ -6,7 +6,6 @@
 //! fsync covers every append written before it started), and waiters are tasks woken through the
 //! partition's high watermark channel.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use spate_log::{Appended, Partition};
@@ -25,22 +24,6 @@ struct SyncerState {
     wanted: u64,
     /// Whether a task is running fsyncs.
     running: bool,
-}
-
-/// The syncers of partitions that have had waiters, keyed by partition identity.
-#[derive(Default)]
-pub(crate) struct Syncers(Mutex<HashMap<usize, Arc<Syncer>>>);
-
-impl Syncers {
-    fn get(&self, p: &Arc<Partition>) -> Arc<Syncer> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(Arc::as_ptr(p) as usize).or_default().clone()
-    }
-
-    pub(crate) fn forget(&self, p: &Arc<Partition>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(&(Arc::as_ptr(p) as usize));
-    }
 }
 
 impl Syncer {
@@ -77,7 +60,7 @@ impl Broker {
     pub fn sync_soon(&self, p: &Arc<Partition>, appended: Appended) {
         let end = appended.last_offset + 1;
         if p.acks_wait_for_fsync() && p.high_watermark() < end {
-            self.syncers.get(p).request(p, end);
+            self.watched(p, |w| w.syncer.clone()).request(p, end);
         }
     }
 
@@ -93,8 +76,8 @@ impl Broker {
             return Ok(());
         }
         // Watch before asking, so that the fsync's advance is not missed.
-        let mut hw = self.watch(p);
-        self.syncers.get(p).request(p, end);
+        let (mut hw, syncer) = self.watched(p, |w| (w.hw.clone(), w.syncer.clone()));
+        syncer.request(p, end);
         loop {
             if *hw.borrow_and_update() >= end {
                 return Ok(());

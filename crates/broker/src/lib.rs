@@ -339,16 +339,23 @@ pub fn read_offsets(
     Ok(out)
 }
 
+/// What the broker keeps for a partition someone waits on.
+struct Watched {
+    /// Its high watermark, updated as it advances.
+    hw: tokio::sync::watch::Receiver<u64>,
+    /// Runs its fsyncs for appends waiting to be durable.
+    syncer: Arc<durable::Syncer>,
+}
+
 /// Bytes a batch may carry beyond its records' estimated sizes (header and varints).
 const BATCH_SLACK_BYTES: u64 = 256;
 
 pub struct Broker {
     log: Arc<Log>,
     limits: Limits,
-    /// High watermark channels of partitions that someone waits on, keyed by partition identity.
-    watches: std::sync::Mutex<std::collections::HashMap<usize, tokio::sync::watch::Receiver<u64>>>,
-    /// The fsync runners of partitions with appends waiting to be durable.
-    syncers: durable::Syncers,
+    /// Partitions that someone waits on (their high watermark channel and fsync runner), keyed by
+    /// partition identity.
+    watches: std::sync::Mutex<std::collections::HashMap<usize, Watched>>,
     /// Picks the partition of unkeyed events, one request at a time.
     spread: AtomicU32,
     /// The next idempotent producer id.
@@ -366,7 +373,6 @@ impl Broker {
             log,
             limits,
             watches: Default::default(),
-            syncers: Default::default(),
             spread: AtomicU32::new(0),
             // Ids start from the clock (1024 per millisecond), so ids stay unique across restarts
             // without storing a counter.
@@ -424,7 +430,6 @@ impl Broker {
         let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
         for p in &topic.partitions {
             watches.remove(&(Arc::as_ptr(p) as usize));
-            self.syncers.forget(p);
         }
         Ok(())
     }
@@ -435,17 +440,28 @@ impl Broker {
         &self,
         partition: &Arc<spate_log::Partition>,
     ) -> tokio::sync::watch::Receiver<u64> {
+        self.watched(partition, |w| w.hw.clone())
+    }
+
+    /// Runs `f` on the partition's entry, made on first use.
+    fn watched<T>(
+        &self,
+        partition: &Arc<spate_log::Partition>,
+        f: impl FnOnce(&Watched) -> T,
+    ) -> T {
         let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        watches
+        f(watches
             .entry(Arc::as_ptr(partition) as usize)
             .or_insert_with(|| {
                 let (tx, rx) = tokio::sync::watch::channel(partition.high_watermark());
                 partition.add_listener(Box::new(move |hw| {
                     tx.send_replace(hw);
                 }));
-                rx
-            })
-            .clone()
+                Watched {
+                    hw: rx,
+                    syncer: Default::default(),
+                }
+            }))
     }
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {

@@ -220,13 +220,24 @@ function webhook() {
         if (left > 0) await new Promise((r) => setTimeout(r, left));
       }
     })();
-    await page.waitForTimeout(1000);
-    const clickStarted = Date.now();
-    await page.click('a[href="#/detectors"]');
-    await page.waitForSelector('a[href="#/detectors/big-order"]');
-    report.navigate_under_load_ms = Date.now() - clickStarted;
+    await page.waitForTimeout(500);
+    // Three navigations during the flood, judged by their median: the browser, the server and the
+    // flood share two cores, and one navigation can meet a stall of the machine.
+    const times = [];
+    for (let n = 0; n < 3; n++) {
+      if (n > 0) {
+        await goto("#/topics/shop");
+        await page.waitForSelector("#tail-rows", { state: "attached" });
+      }
+      const clickStarted = Date.now();
+      await page.click('a[href="#/detectors"]');
+      await page.waitForSelector('a[href="#/detectors/big-order"]');
+      times.push(Date.now() - clickStarted);
+    }
     await flood;
-    check(report.navigate_under_load_ms < 2000, `navigating under load took ${report.navigate_under_load_ms} ms`);
+    report.navigate_under_load_ms = times;
+    const median = [...times].sort((a, b) => a - b)[1];
+    check(median < 2000, `navigating under load took ${times.join(", ")} ms (median ${median})`);
 
     check(errors.length === 0, `console errors: ${errors.join(" | ")}`);
     report.ok = true;

@@ -332,9 +332,10 @@ impl PartitionStreams {
         let pending = mem.pending.get(stream).map_or(&[][..], Vec::as_slice);
         let len = stored + pending.len() as u64;
         let mut offsets = Vec::new();
-        if let Some(v) = versions {
+        // Only a retry (versions below the stream's length) needs them.
+        if let Some(v) = versions.filter(|v| v.start < len) {
             let end = v.end.min(len);
-            let v = v.start.min(end)..end;
+            let v = v.start..end;
             offsets.extend(
                 store
                     .offsets(&store.db.snapshot(), &sp, v.start..v.end.min(stored))?

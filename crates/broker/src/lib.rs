@@ -5,6 +5,7 @@
 //! (interval fsyncs, retention) running. Later features (consumer groups, subscriptions, streams,
 //! projections, detectors) live here too.
 
+pub mod compressed;
 pub mod detectors;
 mod durable;
 pub mod event;
@@ -164,30 +165,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| BrokerError::Internal(format!("blocking task failed: {e}")))?
 }
 
-/// Decodes a compressed batch (gzip, snappy, lz4, zstd) as Kafka producers send them, leaving out
-/// transaction control records.
-fn decode_compressed(whole: &[u8]) -> Result<Vec<batch::Record>, String> {
-    let mut bytes = bytes::Bytes::copy_from_slice(whole);
-    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    Ok(set
-        .records
-        .into_iter()
-        .filter(|r| !r.control)
-        .map(|r| batch::Record {
-            offset: r.offset,
-            timestamp_ms: r.timestamp,
-            key: r.key.map(|k| k.to_vec()),
-            value: r.value.map(|v| v.to_vec()),
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.map(|v| v.to_vec())))
-                .collect(),
-        })
-        .collect())
-}
-
 /// Reads up to `limit` events of one partition from `offset` (blocking): the batches are decoded
 /// (decompressed when needed) and records before `offset` in the first batch skipped.
 pub fn read_events(
@@ -251,7 +228,7 @@ pub fn read_events_within(
 fn decode_batch(whole: &[u8], h: &batch::BatchHeader) -> Result<Vec<batch::Record>> {
     match batch::decode(whole) {
         Ok(r) => Ok(r),
-        Err(batch::BatchError::Compressed(_)) => decode_compressed(whole).map_err(|e| {
+        Err(batch::BatchError::Compressed(_)) => compressed::decode(whole).map_err(|e| {
             BrokerError::Unsupported(format!(
                 "cannot decompress the batch at offset {}: {e}",
                 h.base_offset

@@ -47,6 +47,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use spate_broker::compressed::CompressedError;
 use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
 use spate_broker::{Broker, BrokerError};
 use spate_log::{Appended, Error as LogError, Partition, TopicConfig};
@@ -1293,6 +1294,15 @@ async fn produce(
             .into_iter()
             .map(|(ti, index, job)| {
                 let outcome = job.and_then(|(p, config, mut bytes)| {
+                    // A compressed batch is stored only once it is known to decode within the
+                    // bound every reader applies.
+                    spate_broker::compressed::check(&bytes).map_err(|e| {
+                        tracing::debug!(error = %e, "produce refused");
+                        match e {
+                            CompressedError::TooLarge => code::MESSAGE_TOO_LARGE,
+                            CompressedError::Corrupt(_) => code::CORRUPT_MESSAGE,
+                        }
+                    })?;
                     match p.append_unsynced(&mut bytes, now, &config) {
                         Ok(a) => Ok((p, a)),
                         Err(e) => {

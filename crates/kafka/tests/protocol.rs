@@ -14,6 +14,9 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
 use spate_broker::{Broker, Limits};
 use spate_kafka::{KafkaConfig, serve};
 use spate_log::mem::MemStorage;
@@ -216,6 +219,22 @@ async fn garbage_and_truncated_bodies_close_the_connection_and_the_server_lives_
     assert_eq!(r.error_code, 0);
 }
 
+/// A produce request (acks -1) of `records` to one partition.
+fn produce(topic: &'static str, partition: i32, records: Vec<u8>) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(1000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_static_str(topic)))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(partition)
+                        .with_records(Some(Bytes::from(records))),
+                ]),
+        ])
+}
+
 #[tokio::test]
 async fn produce_to_an_unknown_topic_or_with_a_bad_batch_gets_the_right_code() {
     let (addr, broker) = server().await;
@@ -234,20 +253,6 @@ async fn produce_to_an_unknown_topic_or_with_a_bad_batch_gets_the_right_code() {
     let n = bad.len();
     bad[n - 1] ^= 1;
     spate_log::batch::set_base_offset(&mut good, 0);
-    let produce = |topic: &'static str, partition: i32, records: Vec<u8>| {
-        ProduceRequest::default()
-            .with_acks(-1)
-            .with_timeout_ms(1000)
-            .with_topic_data(vec![
-                TopicProduceData::default()
-                    .with_name(TopicName(StrBytes::from_static_str(topic)))
-                    .with_partition_data(vec![
-                        PartitionProduceData::default()
-                            .with_index(partition)
-                            .with_records(Some(Bytes::from(records))),
-                    ]),
-            ])
-    };
     let cases = [
         (produce("nope", 0, good.clone()), 3),
         (produce("__consumer_offsets", 0, good.clone()), 17),
@@ -311,20 +316,7 @@ async fn idempotent_produce_retries_are_answered_with_the_original_offsets() {
             .collect();
         spate_log::batch::encode_idempotent(&records, pid, init.producer_epoch, seq).unwrap()
     };
-    let produce = |records: Vec<u8>| {
-        ProduceRequest::default()
-            .with_acks(-1)
-            .with_timeout_ms(1000)
-            .with_topic_data(vec![
-                TopicProduceData::default()
-                    .with_name(TopicName(StrBytes::from_static_str("t")))
-                    .with_partition_data(vec![
-                        PartitionProduceData::default()
-                            .with_index(0)
-                            .with_records(Some(Bytes::from(records))),
-                    ]),
-            ])
-    };
+    let produce = |records: Vec<u8>| produce("t", 0, records);
     let mut send = async |records: Vec<u8>| -> (i16, i64) {
         let r: ProduceResponse = call(&mut s, ApiKey::Produce, 9, &produce(records)).await;
         let p = &r.responses[0].partition_responses[0];
@@ -449,4 +441,83 @@ async fn group_requests_are_fenced_by_generation_and_member() {
     // The old generation is fenced from now on.
     let h: HeartbeatResponse = call(&mut a, ApiKey::Heartbeat, 4, &heartbeat(1, me)).await;
     assert_eq!(h.error_code, 22);
+}
+
+/// One v2 batch of `values`, compressed with `compression`, as a Kafka producer sends it.
+fn compressed_batch(values: &[Vec<u8>], compression: Compression) -> Vec<u8> {
+    let records: Vec<Record> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            // The encoder keeps records in one batch while offset minus sequence stays the same.
+            sequence: i as i32 - 1,
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(Bytes::from(v.clone())),
+            headers: Default::default(),
+            delete_horizon: false,
+        })
+        .collect();
+    let mut out = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut out,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+    )
+    .unwrap();
+    out.to_vec()
+}
+
+#[tokio::test]
+async fn compressed_batches_that_expand_too_far_or_do_not_decompress_are_refused() {
+    let (addr, broker) = server().await;
+    let config = TopicConfig {
+        max_message_bytes: 1 << 20,
+        ..TopicConfig::default()
+    };
+    broker.create_topic("z".into(), config).await.unwrap();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let produce = |records: Vec<u8>| produce("z", 0, records);
+    // Zeros past the bound shrink to a few hundred KiB or less.
+    let bomb = vec![vec![
+        0u8;
+        spate_broker::compressed::MAX_DECOMPRESSED_BYTES + 1
+    ]];
+    let mut corrupt = compressed_batch(&[b"a value".repeat(50)], Compression::Zstd);
+    let n = corrupt.len();
+    for b in &mut corrupt[70..n] {
+        *b ^= 0x5a;
+    }
+    let crc = crc32c::crc32c(&corrupt[21..]);
+    corrupt[17..21].copy_from_slice(&crc.to_be_bytes());
+    let cases = [
+        (compressed_batch(&bomb, Compression::Zstd), 10),
+        (compressed_batch(&bomb, Compression::Gzip), 10),
+        (compressed_batch(&bomb, Compression::Lz4), 10),
+        (corrupt, 2),
+        (
+            compressed_batch(&[b"kept".to_vec(), b"too".to_vec()], Compression::Lz4),
+            0,
+        ),
+    ];
+    for (records, code) in cases {
+        assert!(records.len() < 1 << 20, "{} bytes", records.len());
+        let r: ProduceResponse = call(&mut s, ApiKey::Produce, 9, &produce(records)).await;
+        assert_eq!(r.responses[0].partition_responses[0].error_code, code);
+    }
+    // Only the good batch was stored, and it reads back.
+    let p = broker.topic("z").unwrap().partitions[0].clone();
+    assert_eq!(p.high_watermark(), 2);
+    let page = spate_broker::read_events(&p, "z", 0, 0, 10).unwrap();
+    assert_eq!(page.events.len(), 2);
 }

@@ -340,7 +340,12 @@ pub fn decode(batch: &[u8]) -> Result<Vec<Record>, BatchError> {
     if h.compression() != 0 {
         return Err(BatchError::Compressed(h.compression()));
     }
-    let records_bytes = &batch[HEADER_BYTES..];
+    decode_records(&h, &batch[HEADER_BYTES..])
+}
+
+/// Decodes the records section of a batch with header `h`: the bytes after the header of an
+/// uncompressed batch, or what a compressed batch's section decompresses to.
+pub fn decode_records(h: &BatchHeader, records_bytes: &[u8]) -> Result<Vec<Record>, BatchError> {
     // Each record takes at least 7 bytes, so the count cannot exceed this; checked before allocating.
     if h.record_count as usize > records_bytes.len() / 7 + 1 {
         return Err(BatchError::Invalid("record count exceeds the batch size"));

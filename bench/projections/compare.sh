@@ -5,6 +5,7 @@
 #
 #   bench/projections/compare.sh [extra `spate bench projections` flags]
 #
+# Runs 3 times by default (`--runs N`), each Spate then PostgreSQL, and reports medians.
 # Needs Debian's postgresql package (installed when missing). PostgreSQL runs as the `postgres`
 # user from a temporary data directory on 127.0.0.1:55432 and is stopped at the end.
 set -euo pipefail

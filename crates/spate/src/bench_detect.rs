@@ -70,11 +70,6 @@ fn core_run(algorithm: Algorithm, series: usize, points: usize) -> (f64, u64) {
     (rate, d.totals.alerts)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub async fn run(a: DetectBenchArgs) -> Result<()> {
     ensure!(
         a.series > 0 && a.points > 0 && a.runs > 0,
@@ -104,7 +99,7 @@ pub async fn run(a: DetectBenchArgs) -> Result<()> {
         })
         .await?;
         let alerts = runs[0].1;
-        let rate = median(runs.into_iter().map(|r| r.0).collect());
+        let rate = crate::bench::median(&mut runs.into_iter().map(|r| r.0).collect::<Vec<_>>());
         println!(
             "| {name} | {rate:.0} | {:.0} | {alerts} |",
             1e9 / rate.max(1e-9)

@@ -7,7 +7,8 @@
 //! is defined and folds them from the start; the rate runs from the definition until the
 //! projection has caught up. PostgreSQL: the same events are upserted by `--pg-clients`
 //! connections, each taking every `--pg-clients`-th key (so no two transactions touch the same
-//! row). Meanwhile `--readers` clients read rows by random key, one at a time.
+//! row). Meanwhile `--readers` clients read rows by random key, one at a time. `--runs`
+//! repetitions, each a Spate run then a PostgreSQL one; medians are reported.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +41,9 @@ pub struct ProjectionsBenchArgs {
     /// A PostgreSQL connection string to run the same aggregate against, in the same run.
     #[arg(long)]
     postgres: Option<String>,
+    /// Repetitions (each store in turn); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -69,16 +73,34 @@ struct Outcome {
     reads: Histogram<u64>,
 }
 
-fn report(name: &str, o: &Outcome) {
-    let ms = |q: f64| o.reads.value_at_quantile(q) as f64 / 1e6;
+impl Outcome {
+    fn read_ms(&self, q: f64) -> f64 {
+        self.reads.value_at_quantile(q) as f64 / 1e6
+    }
+}
+
+fn report(run: usize, name: &str, o: &Outcome) {
     println!(
-        "| {name} | {:.0} | {:.3} / {:.3} / {:.3} | {} |",
+        "| {run} | {name} | {:.0} | {:.3} / {:.3} / {:.3} | {} |",
         o.rate,
-        ms(0.5),
-        ms(0.99),
+        o.read_ms(0.5),
+        o.read_ms(0.99),
         o.reads.max() as f64 / 1e6,
         o.reads.len()
     );
+}
+
+/// Prints the medians over the runs of one store: fold rate, read p50 and p99 (ms).
+fn medians(name: &str, runs: &[Outcome]) {
+    let of = |f: &dyn Fn(&Outcome) -> f64| {
+        crate::bench::median(&mut runs.iter().map(f).collect::<Vec<_>>())
+    };
+    let (rate, p50, p99) = (
+        of(&|o| o.rate),
+        of(&|o| o.read_ms(0.5)),
+        of(&|o| o.read_ms(0.99)),
+    );
+    println!("| median | {name} | {rate:.0} | {p50:.3} / {p99:.3} / - | - |");
 }
 
 pub async fn run(a: ProjectionsBenchArgs) -> Result<()> {
@@ -86,22 +108,35 @@ pub async fn run(a: ProjectionsBenchArgs) -> Result<()> {
         a.events > 0 && a.keys > 0,
         "--events and --keys must be positive"
     );
+    ensure!(a.runs > 0, "--runs must be positive");
     println!(
-        "# spate bench projections: count + sum over {} events, {} keys, {} point readers",
-        a.events, a.keys, a.readers
+        "# spate bench projections: count + sum over {} events, {} keys, {} point readers, {} runs",
+        a.events, a.keys, a.readers, a.runs
     );
     println!();
-    println!("| store | events folded/s | point read p50 / p99 / max ms | reads |");
-    println!("|---|---|---|---|");
-    let spate = spate(&a).await?;
-    report("spate (fsync batch)", &spate);
-    if let Some(conn) = &a.postgres {
-        let pg = postgres(conn, &a).await?;
-        report("postgresql (synchronous_commit=on)", &pg);
+    println!("| run | store | events folded/s | point read p50 / p99 / max ms | reads |");
+    println!("|---|---|---|---|---|");
+    let (mut spates, mut pgs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=a.runs {
+        let s = spate(&a).await?;
+        report(run, "spate (fsync batch)", &s);
+        if let Some(conn) = &a.postgres {
+            let pg = postgres(conn, &a).await?;
+            report(run, "postgresql (synchronous_commit=on)", &pg);
+            ratios.push(s.rate / pg.rate);
+            pgs.push(pg);
+        }
+        spates.push(s);
+    }
+    medians("spate (fsync batch)", &spates);
+    if !pgs.is_empty() {
+        medians("postgresql (synchronous_commit=on)", &pgs);
         println!();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
         println!(
-            "fold rate ratio spate/postgresql: {:.2}x",
-            spate.rate / pg.rate
+            "fold rate ratio spate/postgresql per run: {}; median {:.2}x",
+            each.join(", "),
+            crate::bench::median(&mut ratios)
         );
     }
     Ok(())

@@ -142,11 +142,6 @@ async fn expect_op(s: &mut Socket, op: &str) -> Result<Value> {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds")
 }
@@ -276,7 +271,10 @@ async fn slow_consumer(server: &Server, http: &reqwest::Client, seconds: f64) ->
             peak.load(Ordering::Relaxed) as f64 / 1024.0
         );
     }
-    let (base, beside) = (median(&mut base), median(&mut beside));
+    let (base, beside) = (
+        crate::bench::median(&mut base),
+        crate::bench::median(&mut beside),
+    );
     println!();
     println!(
         "normal subscriber p99, median of 3 runs each: {base:.2} ms alone, {beside:.2} ms beside a slow one: {:.2}x",

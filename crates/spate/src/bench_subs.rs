@@ -48,11 +48,6 @@ pub struct SubsBenchArgs {
     redis: Option<String>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds")
 }
@@ -172,7 +167,7 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
                 redis_rates.push(r);
             }
         }
-        let s = median(&mut spate_rates);
+        let s = crate::bench::median(&mut spate_rates);
         println!(
             "pull + ack throughput, {} (ack {}), median of {} runs:",
             mode(combined),
@@ -185,7 +180,7 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
         );
         println!("  spate  {s:>10.0} msg/s");
         if !redis_rates.is_empty() {
-            let r = median(&mut redis_rates);
+            let r = crate::bench::median(&mut redis_rates);
             println!("  redis  {r:>10.0} msg/s");
             println!("  ratio spate/redis {:.2}x", s / r);
         }

@@ -26,8 +26,7 @@ fuzz_target!(|data: &[u8]| {
     whole.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
     whole.extend_from_slice(&count.to_be_bytes()); // records
     whole.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&whole[21..]);
-    whole[17..21].copy_from_slice(&crc.to_be_bytes());
+    spate_log::batch::seal(&mut whole);
     match compressed::decode(&whole) {
         Ok(records) => {
             let size: usize = records

@@ -26,16 +26,24 @@ fn corrupt(e: impl std::fmt::Display) -> CompressedError {
 /// The attribute bit of a control batch (transaction markers).
 const CONTROL: i16 = 0x20;
 
-/// Decodes one compressed batch (checked first: size, CRC); a control batch has no records for
-/// readers.
+/// Decodes one compressed batch after checking it (size, CRC).
 pub fn decode(whole: &[u8]) -> Result<Vec<batch::Record>, CompressedError> {
     let h = batch::check(whole).map_err(corrupt)?;
+    decode_records(&h, whole)
+}
+
+/// Decodes the records of a compressed batch already checked (its header `h`); a control batch
+/// has no records for readers.
+pub fn decode_records(
+    h: &batch::BatchHeader,
+    whole: &[u8],
+) -> Result<Vec<batch::Record>, CompressedError> {
     if h.attributes & CONTROL != 0 {
         return Ok(Vec::new());
     }
     let section = &whole[batch::HEADER_BYTES..];
     let records = match h.compression() {
-        0 => return batch::decode_records(&h, section).map_err(corrupt),
+        0 => return batch::decode_records(h, section).map_err(corrupt),
         1 => read_bounded(flate2::read::GzDecoder::new(section))?,
         2 => snappy(section)?,
         3 => read_bounded(lz4::Decoder::new(section).map_err(corrupt)?)?,
@@ -46,14 +54,13 @@ pub fn decode(whole: &[u8]) -> Result<Vec<batch::Record>, CompressedError> {
             )));
         }
     };
-    batch::decode_records(&h, &records).map_err(corrupt)
+    batch::decode_records(h, &records).map_err(corrupt)
 }
 
 /// Checks that every compressed batch in `batches` (as in a produce request) decodes within the
-/// bound; uncompressed ones are left to the log's own checks.
+/// bound; uncompressed ones are left to the append, which checks every batch.
 pub fn check(batches: &[u8]) -> Result<(), CompressedError> {
-    let split = batch::split(batches).map_err(|e| CompressedError::Corrupt(e.to_string()))?;
-    for (at, h) in split {
+    for (at, h) in batch::headers(batches).map_err(corrupt)? {
         if h.compression() != 0 {
             decode(&batches[at..at + h.total_bytes() as usize])?;
         }
@@ -210,8 +217,7 @@ mod tests {
         whole.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0x00]);
         let len = (whole.len() - 12) as i32;
         whole[8..12].copy_from_slice(&len.to_be_bytes());
-        let crc = crc32c::crc32c(&whole[21..]);
-        whole[17..21].copy_from_slice(&crc.to_be_bytes());
+        batch::seal(&mut whole);
         assert!(matches!(decode(&whole), Err(CompressedError::TooLarge)));
     }
 
@@ -223,8 +229,7 @@ mod tests {
             for b in &mut whole[70.min(n - 1)..] {
                 *b ^= 0x5a;
             }
-            let crc = crc32c::crc32c(&whole[21..]);
-            whole[17..21].copy_from_slice(&crc.to_be_bytes());
+            batch::seal(&mut whole);
             assert!(decode(&whole).is_err(), "{c:?}");
         }
     }

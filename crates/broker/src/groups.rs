@@ -372,7 +372,7 @@ impl Coordinator {
             if bytes.is_empty() {
                 break;
             }
-            for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
+            for (at, h) in batch::headers(&bytes).map_err(spate_log::Error::from)? {
                 let records = batch::decode(&bytes[at..at + h.total_bytes() as usize])
                     .map_err(spate_log::Error::from)?;
                 for r in records {

@@ -197,9 +197,10 @@ pub fn read_events_within(
         if bytes.is_empty() {
             break;
         }
-        let batches = batch::split(&bytes).map_err(spate_log::Error::from)?;
+        // Each batch's CRC is checked as it is decoded.
+        let batches = batch::headers(&bytes).map_err(spate_log::Error::from)?;
         for (at, h) in batches {
-            let records = decode_batch(&bytes[at..at + h.total_bytes() as usize], &h)?;
+            let records = decode_batch(&bytes[at..at + h.total_bytes() as usize])?;
             for r in records {
                 if (r.offset as u64) < offset {
                     continue;
@@ -224,18 +225,19 @@ pub fn read_events_within(
     })
 }
 
-/// Decodes one stored batch, decompressing it when needed.
-fn decode_batch(whole: &[u8], h: &batch::BatchHeader) -> Result<Vec<batch::Record>> {
-    match batch::decode(whole) {
-        Ok(r) => Ok(r),
-        Err(batch::BatchError::Compressed(_)) => compressed::decode(whole).map_err(|e| {
-            BrokerError::Unsupported(format!(
-                "cannot decompress the batch at offset {}: {e}",
-                h.base_offset
-            ))
-        }),
-        Err(e) => Err(spate_log::Error::from(e).into()),
+/// Decodes one stored batch after checking it (size, CRC), decompressing it when needed.
+fn decode_batch(whole: &[u8]) -> Result<Vec<batch::Record>> {
+    let h = batch::check(whole).map_err(spate_log::Error::from)?;
+    if h.compression() == 0 {
+        return batch::decode_records(&h, &whole[batch::HEADER_BYTES..])
+            .map_err(|e| spate_log::Error::from(e).into());
     }
+    compressed::decode_records(&h, whole).map_err(|e| {
+        BrokerError::Unsupported(format!(
+            "cannot decompress the batch at offset {}: {e}",
+            h.base_offset
+        ))
+    })
 }
 
 /// Reads the events at `offsets` (ascending) of one partition: nearby batches are read together,
@@ -293,7 +295,7 @@ pub fn read_offsets(
             if offsets[i] >= end {
                 continue;
             }
-            for r in decode_batch(&bytes[at..at + h.total_bytes() as usize], &h)? {
+            for r in decode_batch(&bytes[at..at + h.total_bytes() as usize])? {
                 let o = r.offset as u64;
                 while i < offsets.len() && offsets[i] < o {
                     i += 1;

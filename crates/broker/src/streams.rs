@@ -859,8 +859,9 @@ fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
     let bytes = p.read(from, FOLLOW_PAGE_BYTES)?;
     let mut keys = Vec::new();
     let mut next = from;
-    for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
-        let records = crate::decode_batch(&bytes[at..at + h.total_bytes() as usize], &h)?;
+    // Each batch's CRC is checked as it is decoded.
+    for (at, h) in batch::headers(&bytes).map_err(spate_log::Error::from)? {
+        let records = crate::decode_batch(&bytes[at..at + h.total_bytes() as usize])?;
         for r in records {
             let offset = r.offset as u64;
             if offset < from {

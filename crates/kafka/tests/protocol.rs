@@ -498,8 +498,7 @@ async fn compressed_batches_that_expand_too_far_or_do_not_decompress_are_refused
     for b in &mut corrupt[70..n] {
         *b ^= 0x5a;
     }
-    let crc = crc32c::crc32c(&corrupt[21..]);
-    corrupt[17..21].copy_from_slice(&crc.to_be_bytes());
+    spate_log::batch::seal(&mut corrupt);
     let cases = [
         (compressed_batch(&bomb, Compression::Zstd), 10),
         (compressed_batch(&bomb, Compression::Gzip), 10),

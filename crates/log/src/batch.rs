@@ -142,6 +142,13 @@ pub fn check(batch: &[u8]) -> Result<BatchHeader, BatchError> {
     Ok(h)
 }
 
+/// Writes a batch's CRC over its content: the last step of building a batch or changing one in
+/// place.
+pub fn seal(batch: &mut [u8]) {
+    let crc = crc32c::crc32c(&batch[CRC_START..]);
+    batch[17..21].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Rewrites the base offset of a batch in place (outside the CRC).
 pub fn set_base_offset(batch: &mut [u8], offset: i64) {
     batch[0..8].copy_from_slice(&offset.to_be_bytes());
@@ -226,8 +233,7 @@ pub fn encode_idempotent(
     out[43..51].copy_from_slice(&producer_id.to_be_bytes());
     out[51..53].copy_from_slice(&epoch.to_be_bytes());
     out[53..57].copy_from_slice(&base_sequence.to_be_bytes());
-    let crc = crc32c::crc32c(&out[CRC_START..]);
-    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    seal(&mut out);
     Some(out)
 }
 
@@ -274,8 +280,7 @@ pub fn encode(records: &[NewRecord]) -> Option<Vec<u8>> {
     out[51..53].copy_from_slice(&(-1i16).to_be_bytes());
     out[53..57].copy_from_slice(&(-1i32).to_be_bytes());
     out[57..61].copy_from_slice(&(records.len() as i32).to_be_bytes());
-    let crc = crc32c::crc32c(&out[CRC_START..]);
-    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    seal(&mut out);
     Some(out)
 }
 
@@ -446,8 +451,7 @@ mod tests {
             let i = at.index(batch.len());
             batch[i] = byte;
             // Keep the CRC right so the record decoder itself sees the damage.
-            let crc = crc32c::crc32c(&batch[CRC_START..]);
-            batch[17..21].copy_from_slice(&crc.to_be_bytes());
+            seal(&mut batch);
             let _ = decode(&batch);
         }
     }

@@ -396,7 +396,7 @@ impl Subscriptions {
             if bytes.is_empty() {
                 break;
             }
-            for (at, h) in batch::split(&bytes).map_err(spate_log::Error::from)? {
+            for (at, h) in batch::headers(&bytes).map_err(spate_log::Error::from)? {
                 let whole = &bytes[at..at + h.total_bytes() as usize];
                 for r in batch::decode(whole).map_err(spate_log::Error::from)? {
                     records += 1;

@@ -38,12 +38,25 @@ pub fn decode_records(
     h: &batch::BatchHeader,
     whole: &[u8],
 ) -> Result<Vec<batch::Record>, CompressedError> {
+    match section(h, whole)? {
+        None => Ok(Vec::new()),
+        Some(records) => batch::decode_records(h, &records).map_err(corrupt),
+    }
+}
+
+/// The records section of a batch already checked (its header `h`): borrowed when stored
+/// uncompressed, decompressed (within the bound) otherwise; `None` for a control batch
+/// (transaction markers), which holds no records for readers.
+pub fn section<'a>(
+    h: &batch::BatchHeader,
+    whole: &'a [u8],
+) -> Result<Option<std::borrow::Cow<'a, [u8]>>, CompressedError> {
     if h.attributes & CONTROL != 0 {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let section = &whole[batch::HEADER_BYTES..];
     let records = match h.compression() {
-        0 => return batch::decode_records(h, section).map_err(corrupt),
+        0 => return Ok(Some(std::borrow::Cow::Borrowed(section))),
         1 => read_bounded(flate2::read::GzDecoder::new(section))?,
         2 => snappy(section)?,
         3 => read_bounded(lz4::Decoder::new(section).map_err(corrupt)?)?,
@@ -54,7 +67,7 @@ pub fn decode_records(
             )));
         }
     };
-    batch::decode_records(h, &records).map_err(corrupt)
+    Ok(Some(std::borrow::Cow::Owned(records)))
 }
 
 /// Checks that every compressed batch in `batches` (as in a produce request) decodes within the

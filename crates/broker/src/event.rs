@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value};
-use spate_log::batch::{NewRecord, Record};
+use spate_log::batch::{NewRecord, Record, RecordRef};
 use thiserror::Error;
 
 /// Attribute names: lowercase ASCII letters and digits; the spec asks for at most 20 characters.
@@ -63,6 +63,33 @@ pub struct Event {
     /// Extension attributes as strings (their canonical string form, as in binary mode).
     pub extensions: BTreeMap<String, String>,
     pub data: Option<Vec<u8>>,
+}
+
+/// Appends `s` to `out` as a JSON string literal (quoted and escaped), without allocating.
+pub fn push_json_str(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + 1;
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 fn valid_name(name: &str) -> bool {
@@ -301,42 +328,48 @@ impl Event {
 
     /// The `partitionkey` of the event a stored record carries (as [`Event::from_record`] gives
     /// it), without decoding the rest: the record key, else a `ce_partitionkey` header.
-    pub fn record_partition_key(record: &Record) -> Option<String> {
-        if let Some(key) = &record.key {
+    pub fn record_partition_key(record: &RecordRef<'_>) -> Option<String> {
+        if let Some(key) = record.key {
             return Some(String::from_utf8_lossy(key).into_owned());
         }
         record
             .headers
             .iter()
             .rev()
-            .find(|(name, value)| name == "ce_partitionkey" && value.is_some())
-            .and_then(|(_, v)| v.as_ref())
+            .find_map(|(name, value)| value.filter(|_| *name == "ce_partitionkey"))
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     /// The event a stored record carries. `origin` names the record for events synthesized from
     /// records without CloudEvents headers: (topic, partition).
     pub fn from_record(record: &Record, origin: (&str, u32)) -> Event {
-        Event::with_data(record, record.value.clone(), origin)
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        Event::from_record_ref(
+            &RecordRef {
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+                key: record.key.as_deref(),
+                value: record.value.as_deref(),
+                headers: &headers,
+            },
+            origin,
+        )
     }
 
-    /// As [`Event::from_record`], taking the record's value rather than copying it.
-    pub fn from_owned_record(mut record: Record, origin: (&str, u32)) -> Event {
-        let data = record.value.take();
-        Event::with_data(&record, data, origin)
-    }
-
-    fn with_data(record: &Record, data: Option<Vec<u8>>, origin: (&str, u32)) -> Event {
+    /// As [`Event::from_record`], from a record borrowed from its batch: only the event's own
+    /// fields are allocated.
+    pub fn from_record_ref(record: &RecordRef<'_>, origin: (&str, u32)) -> Event {
         let mut event = Event {
-            data,
+            data: record.value.map(<[u8]>::to_vec),
             ..Event::default()
         };
         let mut has_ce = false;
-        for (name, value) in &record.headers {
-            let Some(value) = value
-                .as_ref()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-            else {
+        for &(name, value) in record.headers {
+            let Some(value) = value.map(|v| String::from_utf8_lossy(v).into_owned()) else {
                 continue;
             };
             if name.eq_ignore_ascii_case("content-type") {
@@ -373,7 +406,7 @@ impl Event {
         if event.time.is_none() {
             event.time = Some(now_rfc3339(record.timestamp_ms));
         }
-        if let Some(key) = &record.key {
+        if let Some(key) = record.key {
             event.extensions.insert(
                 "partitionkey".into(),
                 String::from_utf8_lossy(key).into_owned(),
@@ -385,12 +418,21 @@ impl Event {
     /// The structured JSON form as text, the same as `to_json().to_string()` up to the order of
     /// members, written directly: JSON data is checked and copied as it is, not parsed into a tree.
     pub fn json_string(&self) -> String {
-        use std::fmt::Write;
         let data_len = self.data.as_ref().map_or(0, Vec::len);
         let mut out = String::with_capacity(data_len * 4 / 3 + 256);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends [`Event::json_string`] to `out`.
+    pub fn write_json(&self, out: &mut String) {
+        use std::fmt::Write;
         out.push_str("{\"specversion\":\"1.0\"");
         let put = |out: &mut String, name: &str, v: &str| {
-            let _ = write!(out, ",{}:{}", Value::from(name), Value::from(v));
+            out.push(',');
+            push_json_str(out, name);
+            out.push(':');
+            push_json_str(out, v);
         };
         let attrs = [
             ("id", self.id.as_deref()),
@@ -403,11 +445,11 @@ impl Event {
         ];
         for (name, v) in attrs {
             if let Some(v) = v {
-                put(&mut out, name, v);
+                put(out, name, v);
             }
         }
         for (k, v) in &self.extensions {
-            put(&mut out, k, v);
+            put(out, k, v);
         }
         if let Some(data) = &self.data {
             let json = self
@@ -425,7 +467,6 @@ impl Event {
             }
         }
         out.push('}');
-        out
     }
 
     /// The structured JSON form. JSON data stays JSON; other data becomes `data_base64`.
@@ -480,6 +521,25 @@ mod tests {
             headers: nr.headers,
         };
         Event::from_record(&r, ("t", 0))
+    }
+
+    #[test]
+    fn json_strings_are_quoted_and_escaped() {
+        for s in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "lines\nand\rtabs\t",
+            "controls \u{0}\u{1}\u{8}\u{c}\u{1f} end",
+            "non-ASCII \u{e9}\u{1f600} and \u{7f}",
+            "\"",
+        ] {
+            let mut out = String::from("x");
+            push_json_str(&mut out, s);
+            let back: String = serde_json::from_str(&out[1..]).unwrap();
+            assert_eq!(back, s);
+            assert_eq!(&out[..1], "x");
+        }
     }
 
     #[test]

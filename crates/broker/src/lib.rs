@@ -200,21 +200,23 @@ pub fn read_events_within(
         // Each batch's CRC is checked as it is decoded.
         let batches = batch::headers(&bytes).map_err(spate_log::Error::from)?;
         for (at, h) in batches {
-            let records = decode_batch(&bytes[at..at + h.total_bytes() as usize])?;
-            for r in records {
-                if (r.offset as u64) < offset {
-                    continue;
+            let mut full = false;
+            for_each_record(&bytes[at..at + h.total_bytes() as usize], |r| {
+                if full || (r.offset as u64) < offset {
+                    return Ok(());
                 }
                 let at = r.offset as u64;
                 events.push(ReadEvent {
                     partition,
                     offset: at,
-                    event: Event::from_owned_record(r, (topic, partition)),
+                    event: Event::from_record_ref(r, (topic, partition)),
                 });
                 offset = at + 1;
-                if events.len() == limit {
-                    break 'outer;
-                }
+                full = events.len() == limit;
+                Ok(())
+            })?;
+            if full {
+                break 'outer;
             }
             offset = offset.max(h.base_offset as u64 + h.offset_count());
         }
@@ -225,19 +227,39 @@ pub fn read_events_within(
     })
 }
 
-/// Decodes one stored batch after checking it (size, CRC), decompressing it when needed.
-fn decode_batch(whole: &[u8]) -> Result<Vec<batch::Record>> {
+/// Walks the records of one stored batch after checking it (size, CRC), decompressing it when
+/// needed; each record is borrowed from the batch (see [`batch::for_each_record`]).
+fn for_each_record(
+    whole: &[u8],
+    mut f: impl FnMut(&batch::RecordRef<'_>) -> Result<()>,
+) -> Result<()> {
     let h = batch::check(whole).map_err(spate_log::Error::from)?;
-    if h.compression() == 0 {
-        return batch::decode_records(&h, &whole[batch::HEADER_BYTES..])
-            .map_err(|e| spate_log::Error::from(e).into());
-    }
-    compressed::decode_records(&h, whole).map_err(|e| {
+    let undecodable = |e: &dyn std::fmt::Display| {
         BrokerError::Unsupported(format!(
             "cannot decompress the batch at offset {}: {e}",
             h.base_offset
         ))
+    };
+    let Some(section) = compressed::section(&h, whole).map_err(|e| undecodable(&e))? else {
+        return Ok(());
+    };
+    batch::for_each_record(&h, &section, |r| f(r).map_err(Walk::Stop)).map_err(|e| match e {
+        Walk::Stop(e) => e,
+        Walk::Batch(e) if h.compression() == 0 => spate_log::Error::from(e).into(),
+        Walk::Batch(e) => undecodable(&e),
     })
+}
+
+/// Why a walk over a batch's records ended early: the batch, or the caller.
+enum Walk {
+    Batch(batch::BatchError),
+    Stop(BrokerError),
+}
+
+impl From<batch::BatchError> for Walk {
+    fn from(e: batch::BatchError) -> Walk {
+        Walk::Batch(e)
+    }
 }
 
 /// Reads the events at `offsets` (ascending) of one partition: nearby batches are read together,
@@ -295,7 +317,7 @@ pub fn read_offsets(
             if offsets[i] >= end {
                 continue;
             }
-            for r in decode_batch(&bytes[at..at + h.total_bytes() as usize])? {
+            for_each_record(&bytes[at..at + h.total_bytes() as usize], |r| {
                 let o = r.offset as u64;
                 while i < offsets.len() && offsets[i] < o {
                     i += 1;
@@ -304,11 +326,12 @@ pub fn read_offsets(
                     out.push(ReadEvent {
                         partition,
                         offset: o,
-                        event: Event::from_owned_record(r, (topic, partition)),
+                        event: Event::from_record_ref(r, (topic, partition)),
                     });
                     i += 1;
                 }
-            }
+                Ok(())
+            })?;
         }
         if i == before {
             // The batch read holds nothing wanted: the offset is gone.

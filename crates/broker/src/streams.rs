@@ -861,16 +861,15 @@ fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
     let mut next = from;
     // Each batch's CRC is checked as it is decoded.
     for (at, h) in batch::headers(&bytes).map_err(spate_log::Error::from)? {
-        let records = crate::decode_batch(&bytes[at..at + h.total_bytes() as usize])?;
-        for r in records {
+        crate::for_each_record(&bytes[at..at + h.total_bytes() as usize], |r| {
             let offset = r.offset as u64;
-            if offset < from {
-                continue;
-            }
-            if let Some(key) = Event::record_partition_key(&r) {
+            if offset >= from
+                && let Some(key) = Event::record_partition_key(r)
+            {
                 keys.push((offset, key));
             }
-        }
+            Ok(())
+        })?;
         next = next.max(h.base_offset as u64 + h.offset_count());
     }
     Ok((keys, next))

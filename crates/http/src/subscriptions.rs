@@ -65,17 +65,19 @@ async fn body<T: serde::de::DeserializeOwned>(
 
 /// The JSON members of a delivered message (without braces), after `prefix` members.
 pub fn write_delivery(out: &mut String, prefix: &str, d: &Delivery) {
+    use spate_broker::event::push_json_str;
     use std::fmt::Write;
+    out.push_str(prefix);
+    out.push_str("\"ack_id\":");
+    push_json_str(out, &d.ack_id);
+    let _ = write!(out, ",\"attempt\":{},\"topic\":", d.attempt);
+    push_json_str(out, &d.topic);
     let _ = write!(
         out,
-        "{prefix}\"ack_id\":{},\"attempt\":{},\"topic\":{},\"partition\":{},\"offset\":{},\"event\":",
-        Value::from(d.ack_id.as_str()),
-        d.attempt,
-        Value::from(d.topic.as_str()),
-        d.partition,
-        d.offset
+        ",\"partition\":{},\"offset\":{},\"event\":",
+        d.partition, d.offset
     );
-    out.push_str(&d.event.json_string());
+    d.event.write_json(out);
 }
 
 /// `PUT /v1/subscriptions/{name}`: 201 when created, 200 when updated or unchanged.

@@ -348,22 +348,55 @@ pub fn decode(batch: &[u8]) -> Result<Vec<Record>, BatchError> {
     decode_records(&h, &batch[HEADER_BYTES..])
 }
 
-/// Decodes the records section of a batch with header `h`: the bytes after the header of an
-/// uncompressed batch, or what a compressed batch's section decompresses to.
-pub fn decode_records(h: &BatchHeader, records_bytes: &[u8]) -> Result<Vec<Record>, BatchError> {
+/// One record of a batch, borrowed from the batch's bytes (see [`for_each_record`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
+}
+
+impl RecordRef<'_> {
+    /// An owned copy.
+    pub fn to_owned(&self) -> Record {
+        Record {
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.map(<[u8]>::to_vec),
+            value: self.value.map(<[u8]>::to_vec),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), v.map(<[u8]>::to_vec)))
+                .collect(),
+        }
+    }
+}
+
+/// Decodes the records section of a batch with header `h` (the bytes after the header of an
+/// uncompressed batch, or what a compressed batch's section decompresses to), handing each record
+/// to `f` borrowed from `records_bytes` (for the call), without copying its fields. `f`'s error stops the walk.
+pub fn for_each_record<'a, E: From<BatchError>>(
+    h: &BatchHeader,
+    records_bytes: &'a [u8],
+    mut f: impl FnMut(&RecordRef<'_>) -> Result<(), E>,
+) -> Result<(), E> {
     // Each record takes at least 7 bytes, so the count cannot exceed this; checked before allocating.
     if h.record_count as usize > records_bytes.len() / 7 + 1 {
-        return Err(BatchError::Invalid("record count exceeds the batch size"));
+        return Err(BatchError::Invalid("record count exceeds the batch size").into());
     }
-    let mut out = Vec::with_capacity(h.record_count as usize);
     let mut cur = Cursor {
         buf: records_bytes,
         at: 0,
     };
+    // One header list serves every record in turn.
+    let mut headers: Vec<(&'a str, Option<&'a [u8]>)> = Vec::new();
     for _ in 0..h.record_count {
         let len = cur.varint()?;
         if len < 0 {
-            return Err(BatchError::Invalid("negative record length"));
+            return Err(BatchError::Invalid("negative record length").into());
         }
         let mut rec = Cursor {
             buf: cur.take(len as usize)?,
@@ -372,28 +405,41 @@ pub fn decode_records(h: &BatchHeader, records_bytes: &[u8]) -> Result<Vec<Recor
         let _attributes = rec.u8()?;
         let ts_delta = rec.varlong()?;
         let offset_delta = rec.varint()?;
-        let key = rec.bytes()?.map(<[u8]>::to_vec);
-        let value = rec.bytes()?.map(<[u8]>::to_vec);
+        let key = rec.bytes()?;
+        let value = rec.bytes()?;
         let n_headers = rec.varint()?;
+        // Each header takes at least 2 bytes: the count is checked before reserving.
         if n_headers < 0 || n_headers as usize > rec.buf.len() {
-            return Err(BatchError::Invalid("invalid header count"));
+            return Err(BatchError::Invalid("invalid header count").into());
         }
-        let mut headers = Vec::with_capacity(n_headers as usize);
+        headers.clear();
+        headers.reserve(n_headers as usize);
         for _ in 0..n_headers {
             let k = rec.bytes()?.ok_or(BatchError::Invalid("null header key"))?;
-            let k = String::from_utf8(k.to_vec())
+            let k = std::str::from_utf8(k)
                 .map_err(|_| BatchError::Invalid("header key is not UTF-8"))?;
-            let v = rec.bytes()?.map(<[u8]>::to_vec);
-            headers.push((k, v));
+            headers.push((k, rec.bytes()?));
         }
-        out.push(Record {
+        f(&RecordRef {
             offset: h.base_offset + i64::from(offset_delta),
             timestamp_ms: h.base_timestamp.wrapping_add(ts_delta),
             key,
             value,
-            headers,
-        });
+            headers: &headers,
+        })?;
     }
+    Ok(())
+}
+
+/// As [`for_each_record`], into owned records.
+pub fn decode_records(h: &BatchHeader, records_bytes: &[u8]) -> Result<Vec<Record>, BatchError> {
+    // Bounded like the count check in for_each_record, before that check runs.
+    let mut out =
+        Vec::with_capacity((h.record_count.max(0) as usize).min(records_bytes.len() / 7 + 1));
+    for_each_record(h, records_bytes, |r| {
+        out.push(r.to_owned());
+        Ok::<(), BatchError>(())
+    })?;
     Ok(out)
 }
 

@@ -174,7 +174,31 @@ pub fn read_events(
     offset: u64,
     limit: usize,
 ) -> Result<ReadPage> {
-    read_events_within(p, topic, partition, offset, limit, 1 << 20, usize::MAX)
+    read_events_within(
+        p,
+        topic,
+        partition,
+        offset,
+        limit,
+        read_budget(p, limit),
+        usize::MAX,
+    )
+}
+
+/// Bytes to read at a time for about `limit` records of `p`, from the partition's average record
+/// size, between 64 KiB and 1 MiB: reading a fixed megabyte for a few hundred records would read
+/// (and check) most bytes twice.
+fn read_budget(p: &spate_log::Partition, limit: usize) -> u64 {
+    let info = p.info();
+    let offsets = info
+        .log_end_offset
+        .saturating_sub(info.log_start_offset)
+        .max(1);
+    let per_record = info.size_bytes.div_ceil(offsets);
+    per_record
+        .saturating_mul(limit as u64)
+        .saturating_add(per_record)
+        .clamp(64 << 10, 1 << 20)
 }
 
 /// As [`read_events`], reading at most `max_bytes` of batches per read (the batch holding
@@ -197,11 +221,11 @@ pub fn read_events_within(
         if bytes.is_empty() {
             break;
         }
-        // Each batch's CRC is checked as it is decoded.
+        // The read checked each batch's CRC.
         let batches = batch::headers(&bytes).map_err(spate_log::Error::from)?;
         for (at, h) in batches {
             let mut full = false;
-            for_each_record(&bytes[at..at + h.total_bytes() as usize], |r| {
+            for_each_record(&h, &bytes[at..at + h.total_bytes() as usize], |r| {
                 if full || (r.offset as u64) < offset {
                     return Ok(());
                 }
@@ -227,23 +251,24 @@ pub fn read_events_within(
     })
 }
 
-/// Walks the records of one stored batch after checking it (size, CRC), decompressing it when
-/// needed; each record is borrowed from the batch (see [`batch::for_each_record`]).
+/// Walks the records of one stored batch (header `h`, as listed by [`batch::headers`] from bytes
+/// [`spate_log::Partition::read`] returned, which checked every batch's CRC), decompressing it
+/// when needed; each record is borrowed from the batch (see [`batch::for_each_record`]).
 fn for_each_record(
+    h: &batch::BatchHeader,
     whole: &[u8],
     mut f: impl FnMut(&batch::RecordRef<'_>) -> Result<()>,
 ) -> Result<()> {
-    let h = batch::check(whole).map_err(spate_log::Error::from)?;
     let undecodable = |e: &dyn std::fmt::Display| {
         BrokerError::Unsupported(format!(
             "cannot decompress the batch at offset {}: {e}",
             h.base_offset
         ))
     };
-    let Some(section) = compressed::section(&h, whole).map_err(|e| undecodable(&e))? else {
+    let Some(section) = compressed::section(h, whole).map_err(|e| undecodable(&e))? else {
         return Ok(());
     };
-    batch::for_each_record(&h, &section, |r| f(r).map_err(Walk::Stop)).map_err(|e| match e {
+    batch::for_each_record(h, &section, |r| f(r).map_err(Walk::Stop)).map_err(|e| match e {
         Walk::Stop(e) => e,
         Walk::Batch(e) if h.compression() == 0 => spate_log::Error::from(e).into(),
         Walk::Batch(e) => undecodable(&e),
@@ -317,7 +342,7 @@ pub fn read_offsets(
             if offsets[i] >= end {
                 continue;
             }
-            for_each_record(&bytes[at..at + h.total_bytes() as usize], |r| {
+            for_each_record(&h, &bytes[at..at + h.total_bytes() as usize], |r| {
                 let o = r.offset as u64;
                 while i < offsets.len() && offsets[i] < o {
                     i += 1;

@@ -859,9 +859,9 @@ fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
     let bytes = p.read(from, FOLLOW_PAGE_BYTES)?;
     let mut keys = Vec::new();
     let mut next = from;
-    // Each batch's CRC is checked as it is decoded.
+    // The read checked each batch's CRC.
     for (at, h) in batch::headers(&bytes).map_err(spate_log::Error::from)? {
-        crate::for_each_record(&bytes[at..at + h.total_bytes() as usize], |r| {
+        crate::for_each_record(&h, &bytes[at..at + h.total_bytes() as usize], |r| {
             let offset = r.offset as u64;
             if offset >= from
                 && let Some(key) = Event::record_partition_key(r)

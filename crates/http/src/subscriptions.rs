@@ -202,13 +202,19 @@ enum Settle {
     Extend,
 }
 
+/// The body of an ack, nack or extend response, serialized without building a JSON tree.
+#[derive(serde::Serialize)]
+pub struct SettleResponse {
+    results: Vec<spate_broker::subscriptions::SettleResult>,
+}
+
 async fn settle(
     s: AppState,
     name: String,
     headers: HeaderMap,
     raw: Body,
     how: Settle,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SettleResponse>> {
     let req: SettleRequest = body(&s, &headers, raw).await?;
     let subs = subs(&s)?;
     let check = |field: &str, given: bool| {
@@ -235,7 +241,7 @@ async fn settle(
             subs.extend(&name, &req.ack_ids, req.ack_timeout_ms).await?
         }
     };
-    Ok(Json(json!({ "results": results })))
+    Ok(Json(SettleResponse { results }))
 }
 
 /// `POST /v1/subscriptions/{name}/ack {"ack_ids": [...]}`
@@ -244,7 +250,7 @@ pub async fn ack(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SettleResponse>> {
     settle(s, name, headers, raw, Settle::Ack).await
 }
 
@@ -254,7 +260,7 @@ pub async fn nack(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SettleResponse>> {
     settle(s, name, headers, raw, Settle::Nack).await
 }
 
@@ -264,7 +270,7 @@ pub async fn extend(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SettleResponse>> {
     settle(s, name, headers, raw, Settle::Extend).await
 }
 

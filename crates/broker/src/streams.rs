@@ -572,6 +572,10 @@ impl Broker {
                 Expected::Version(v) => current == v + 1,
             };
             if !fits {
+                // Whether this is a retry of an append already made is checked without holding
+                // the writer: events at versions below `current` never change, and reading them
+                // must not hold up the appends of other streams of the partition.
+                drop(writer_end);
                 if let Some(first) = first
                     && first + n <= current
                     && same_ids(self, &part.partition, &ts.topic.name, index, &at, &events).await?

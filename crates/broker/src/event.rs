@@ -65,10 +65,23 @@ pub struct Event {
     pub data: Option<Vec<u8>>,
 }
 
+/// Bytes as text, invalid UTF-8 replaced (checked at full speed first: nearly all is valid).
+fn text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
 /// Appends `s` to `out` as a JSON string literal (quoted and escaped), without allocating.
 pub fn push_json_str(out: &mut String, s: &str) {
     use std::fmt::Write;
     out.push('"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut plain = 0;
     for (i, b) in s.bytes().enumerate() {
         let escape = match b {
@@ -369,7 +382,7 @@ impl Event {
         };
         let mut has_ce = false;
         for &(name, value) in record.headers {
-            let Some(value) = value.map(|v| String::from_utf8_lossy(v).into_owned()) else {
+            let Some(value) = value.map(text) else {
                 continue;
             };
             if name.eq_ignore_ascii_case("content-type") {
@@ -407,10 +420,7 @@ impl Event {
             event.time = Some(now_rfc3339(record.timestamp_ms));
         }
         if let Some(key) = record.key {
-            event.extensions.insert(
-                "partitionkey".into(),
-                String::from_utf8_lossy(key).into_owned(),
-            );
+            event.extensions.insert("partitionkey".into(), text(key));
         }
         event
     }

@@ -203,39 +203,43 @@ fn sse_stream(
     guard: ConnectionGauge,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    futures_util::stream::unfold(Some((feed, guard, stopping)), |state| async move {
-        let (mut feed, guard, mut stopping) = state?;
-        let next = tokio::select! {
-            next = feed.next() => next,
-            _ = stopped(&mut stopping) => return None,
-        };
-        match next {
-            Ok(e) => {
-                let (data, id) = match feed.version() {
-                    Some(v) => (
-                        format!(
-                            "{{\"version\":{v},\"partition\":{},\"offset\":{},\"event\":{}}}",
-                            e.partition, e.offset, e.json
+    let deliveries = Deliveries::of("sse");
+    futures_util::stream::unfold(Some((feed, guard, stopping)), move |state| {
+        let deliveries = deliveries.clone();
+        async move {
+            let (mut feed, guard, mut stopping) = state?;
+            let next = tokio::select! {
+                next = feed.next() => next,
+                _ = stopped(&mut stopping) => return None,
+            };
+            match next {
+                Ok(e) => {
+                    let (data, id) = match feed.version() {
+                        Some(v) => (
+                            format!(
+                                "{{\"version\":{v},\"partition\":{},\"offset\":{},\"event\":{}}}",
+                                e.partition, e.offset, e.json
+                            ),
+                            v.to_string(),
                         ),
-                        v.to_string(),
-                    ),
-                    None => (
-                        format!(
-                            "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
-                            e.partition, e.offset, e.json
+                        None => (
+                            format!(
+                                "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
+                                e.partition, e.offset, e.json
+                            ),
+                            cursor_of(feed.position()),
                         ),
-                        cursor_of(feed.position()),
-                    ),
-                };
-                delivered("sse", &e);
-                let event = SseEvent::default().id(id).data(data);
-                Some((Ok(event), Some((feed, guard, stopping))))
-            }
-            Err(err) => {
-                let event = SseEvent::default().event("error").data(
-                    json!({"code": error_code(&err), "message": err.to_string()}).to_string(),
-                );
-                Some((Ok(event), None))
+                    };
+                    deliveries.delivered(&e);
+                    let event = SseEvent::default().id(id).data(data);
+                    Some((Ok(event), Some((feed, guard, stopping))))
+                }
+                Err(err) => {
+                    let event = SseEvent::default().event("error").data(
+                        json!({"code": error_code(&err), "message": err.to_string()}).to_string(),
+                    );
+                    Some((Ok(event), None))
+                }
             }
         }
     })
@@ -249,11 +253,27 @@ fn error_code(e: &FeedError) -> &'static str {
     }
 }
 
-fn delivered(protocol: &'static str, e: &LiveEvent) {
-    metrics::counter!("spate_deliveries_total", "protocol" => protocol).increment(1);
-    spate_broker::stats::delivered(1);
-    metrics::histogram!("spate_durable_to_delivered_seconds", "protocol" => protocol)
-        .record(e.seen_at.elapsed().as_secs_f64());
+/// The delivery metrics of one protocol, looked up once per subscription rather than per
+/// delivery (a lookup clones labels and hashes them: at fan-out rates, more than the delivery).
+#[derive(Clone)]
+struct Deliveries {
+    count: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Deliveries {
+    fn of(protocol: &'static str) -> Deliveries {
+        Deliveries {
+            count: metrics::counter!("spate_deliveries_total", "protocol" => protocol),
+            latency: metrics::histogram!("spate_durable_to_delivered_seconds", "protocol" => protocol),
+        }
+    }
+
+    fn delivered(&self, e: &LiveEvent) {
+        self.count.increment(1);
+        spate_broker::stats::delivered(1);
+        self.latency.record(e.seen_at.elapsed().as_secs_f64());
+    }
 }
 
 /// Counts open push connections per protocol while alive.
@@ -958,6 +978,7 @@ async fn run_subscription(
     max_behind: Duration,
 ) {
     let sub = serde_json::to_string(&id).unwrap_or_default();
+    let deliveries = Deliveries::of("websocket");
     loop {
         let reason = match feed.next().await {
             Ok(e) => {
@@ -968,9 +989,18 @@ async fn run_subscription(
                     "{{\"op\":\"event\",\"sub\":{sub},{version}\"partition\":{},\"offset\":{},\"event\":{}}}",
                     e.partition, e.offset, e.json
                 );
-                match tokio::time::timeout(max_behind, tx.send(Out::Text(msg))).await {
+                // Queued at once when there is room; only a full queue starts the clock (a timer
+                // per delivery costs more than the delivery at fan-out rates).
+                let sent = match tx.try_send(Out::Text(msg)) {
+                    Ok(()) => Ok(Ok(())),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(out)) => {
+                        tokio::time::timeout(max_behind, tx.send(out)).await
+                    }
+                };
+                match sent {
                     Ok(Ok(())) => {
-                        delivered("websocket", &e);
+                        deliveries.delivered(&e);
                         continue;
                     }
                     Ok(Err(_)) => return,

@@ -26,21 +26,13 @@ fn corrupt(e: impl std::fmt::Display) -> CompressedError {
 /// The attribute bit of a control batch (transaction markers).
 const CONTROL: i16 = 0x20;
 
-/// Decodes one compressed batch after checking it (size, CRC).
+/// Decodes one batch after checking it (size, CRC), decompressing it within the bound; a control
+/// batch has no records for readers.
 pub fn decode(whole: &[u8]) -> Result<Vec<batch::Record>, CompressedError> {
     let h = batch::check(whole).map_err(corrupt)?;
-    decode_records(&h, whole)
-}
-
-/// Decodes the records of a compressed batch already checked (its header `h`); a control batch
-/// has no records for readers.
-pub fn decode_records(
-    h: &batch::BatchHeader,
-    whole: &[u8],
-) -> Result<Vec<batch::Record>, CompressedError> {
-    match section(h, whole)? {
+    match section(&h, whole)? {
         None => Ok(Vec::new()),
-        Some(records) => batch::decode_records(h, &records).map_err(corrupt),
+        Some(records) => batch::decode_records(&h, &records).map_err(corrupt),
     }
 }
 

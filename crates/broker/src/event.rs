@@ -77,11 +77,6 @@ fn text(bytes: &[u8]) -> String {
 pub fn push_json_str(out: &mut String, s: &str) {
     use std::fmt::Write;
     out.push('"');
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.push_str(s);
-        out.push('"');
-        return;
-    }
     let mut plain = 0;
     for (i, b) in s.bytes().enumerate() {
         let escape = match b {
@@ -343,14 +338,14 @@ impl Event {
     /// it), without decoding the rest: the record key, else a `ce_partitionkey` header.
     pub fn record_partition_key(record: &RecordRef<'_>) -> Option<String> {
         if let Some(key) = record.key {
-            return Some(String::from_utf8_lossy(key).into_owned());
+            return Some(text(key));
         }
         record
             .headers
             .iter()
             .rev()
             .find_map(|(name, value)| value.filter(|_| *name == "ce_partitionkey"))
-            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .map(text)
     }
 
     /// The event a stored record carries. `origin` names the record for events synthesized from

@@ -203,43 +203,40 @@ fn sse_stream(
     guard: ConnectionGauge,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let deliveries = Deliveries::of("sse");
-    futures_util::stream::unfold(Some((feed, guard, stopping)), move |state| {
-        let deliveries = deliveries.clone();
-        async move {
-            let (mut feed, guard, mut stopping) = state?;
-            let next = tokio::select! {
-                next = feed.next() => next,
-                _ = stopped(&mut stopping) => return None,
-            };
-            match next {
-                Ok(e) => {
-                    let (data, id) = match feed.version() {
-                        Some(v) => (
-                            format!(
-                                "{{\"version\":{v},\"partition\":{},\"offset\":{},\"event\":{}}}",
-                                e.partition, e.offset, e.json
-                            ),
-                            v.to_string(),
+    let state = (feed, guard, stopping, Deliveries::of("sse"));
+    futures_util::stream::unfold(Some(state), |state| async move {
+        let (mut feed, guard, mut stopping, deliveries) = state?;
+        let next = tokio::select! {
+            next = feed.next() => next,
+            _ = stopped(&mut stopping) => return None,
+        };
+        match next {
+            Ok(e) => {
+                let (data, id) = match feed.version() {
+                    Some(v) => (
+                        format!(
+                            "{{\"version\":{v},\"partition\":{},\"offset\":{},\"event\":{}}}",
+                            e.partition, e.offset, e.json
                         ),
-                        None => (
-                            format!(
-                                "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
-                                e.partition, e.offset, e.json
-                            ),
-                            cursor_of(feed.position()),
+                        v.to_string(),
+                    ),
+                    None => (
+                        format!(
+                            "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
+                            e.partition, e.offset, e.json
                         ),
-                    };
-                    deliveries.delivered(&e);
-                    let event = SseEvent::default().id(id).data(data);
-                    Some((Ok(event), Some((feed, guard, stopping))))
-                }
-                Err(err) => {
-                    let event = SseEvent::default().event("error").data(
-                        json!({"code": error_code(&err), "message": err.to_string()}).to_string(),
-                    );
-                    Some((Ok(event), None))
-                }
+                        cursor_of(feed.position()),
+                    ),
+                };
+                deliveries.delivered(&e);
+                let event = SseEvent::default().id(id).data(data);
+                Some((Ok(event), Some((feed, guard, stopping, deliveries))))
+            }
+            Err(err) => {
+                let event = SseEvent::default().event("error").data(
+                    json!({"code": error_code(&err), "message": err.to_string()}).to_string(),
+                );
+                Some((Ok(event), None))
             }
         }
     })
@@ -255,7 +252,6 @@ fn error_code(e: &FeedError) -> &'static str {
 
 /// The delivery metrics of one protocol, looked up once per subscription rather than per
 /// delivery (a lookup clones labels and hashes them: at fan-out rates, more than the delivery).
-#[derive(Clone)]
 struct Deliveries {
     count: metrics::Counter,
     latency: metrics::Histogram,

@@ -706,7 +706,7 @@ impl Subscriptions {
                 let mut inner = self.lock();
                 let e = inner
                     .subs
-                    .get(name)
+                    .get_mut(name)
                     .ok_or_else(|| SubError::NotFound(name.to_string()))?;
                 let ids = e.sub.next_ready(max);
                 if ids.is_empty() {

@@ -7,7 +7,8 @@
 //! because time alone decides them: a retry falling due and an ack deadline passing. Recovery
 //! treats every message that was in flight as timed out, which is what the clock would have done.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -255,9 +256,18 @@ pub struct Sub {
     /// Dead letters (partition, offset) already given back.
     pub redriven: BTreeSet<(u32, u64)>,
     pub stats: Stats,
-    ready: BTreeSet<(u64, MsgId)>,
+    /// Messages that may go out now, in the order they became ready. An entry counts while its
+    /// message's `ready_seq` still matches; entries of messages that left the queue are dropped
+    /// lazily, so leaving it costs no search.
+    ready: VecDeque<(u64, MsgId)>,
+    /// Messages whose `ready_seq` is set: the live entries of `ready`.
+    ready_count: usize,
     next_seq: u64,
-    timers: BTreeSet<(i64, MsgId)>,
+    /// Due times, earliest first; like `ready`, an entry counts while its message's `timer`
+    /// still matches.
+    timers: BinaryHeap<Reverse<(i64, MsgId)>>,
+    /// Messages whose `timer` is set.
+    timer_count: usize,
     /// Pending messages of each key, in order, under key ordering.
     keys: HashMap<(Source, u32, u64), VecDeque<u64>>,
 }
@@ -282,9 +292,11 @@ impl Sub {
             msgs: BTreeMap::new(),
             redriven: BTreeSet::new(),
             stats: Stats::default(),
-            ready: BTreeSet::new(),
+            ready: VecDeque::new(),
+            ready_count: 0,
             next_seq: 0,
-            timers: BTreeSet::new(),
+            timers: BinaryHeap::new(),
+            timer_count: 0,
             keys: HashMap::new(),
         }
     }
@@ -345,7 +357,7 @@ impl Sub {
 
     /// Messages that may be delivered now.
     pub fn ready_len(&self) -> usize {
-        self.ready.len()
+        self.ready_count
     }
 
     /// Messages doomed to the dead-letter topic whose write has not been announced.
@@ -412,12 +424,14 @@ impl Sub {
         let Some(m) = self.msgs.get_mut(&id) else {
             return;
         };
-        if let Some(seq) = m.ready_seq.take() {
-            self.ready.remove(&(seq, id));
+        self.ready_count -= usize::from(m.ready_seq.is_some());
+        self.timer_count -= usize::from(m.timer.is_some());
+        if let Some(seq) = m.ready_seq.take()
+            && self.ready.front() == Some(&(seq, id))
+        {
+            self.ready.pop_front();
         }
-        if let Some(t) = m.timer.take() {
-            self.timers.remove(&(t, id));
-        }
+        m.timer = None;
         let due = match &state {
             State::InFlight { deadline } => Some(*deadline),
             State::Waiting { until } => Some(*until),
@@ -425,7 +439,8 @@ impl Sub {
         };
         if let Some(t) = due {
             m.timer = Some(t);
-            self.timers.insert((t, id));
+            self.timer_count += 1;
+            self.timers.push(Reverse((t, id)));
         }
         let ready = state == State::Ready;
         let key = m.key;
@@ -433,23 +448,53 @@ impl Sub {
         if ready && self.first_of_key(id, key) {
             self.queue(id);
         }
+        self.compact();
     }
 
     fn queue(&mut self, id: MsgId) {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(m) = self.msgs.get_mut(&id) {
+            if m.ready_seq.is_none() {
+                self.ready_count += 1;
+            }
             m.ready_seq = Some(seq);
-            self.ready.insert((seq, id));
+            self.ready.push_back((seq, id));
+        }
+    }
+
+    /// Drops stale entries of the ready queue and the timers once they outnumber the live ones.
+    fn compact(&mut self) {
+        if self.ready.len() > 2 * self.ready_count + 1024 {
+            let msgs = &self.msgs;
+            self.ready
+                .retain(|(seq, id)| msgs.get(id).is_some_and(|m| m.ready_seq == Some(*seq)));
+        }
+        if self.timers.len() > 2 * self.timer_count + 1024 {
+            let mut live: Vec<(i64, MsgId)> = std::mem::take(&mut self.timers)
+                .into_iter()
+                .map(|Reverse(t)| t)
+                .filter(|(t, id)| self.msgs.get(id).is_some_and(|m| m.timer == Some(*t)))
+                .collect();
+            live.sort_unstable();
+            live.dedup();
+            self.timers = live.into_iter().map(Reverse).collect();
         }
     }
 
     /// Removes a settled message and lets the next one of its key go.
     fn settle(&mut self, id: MsgId) {
-        self.set_state(id, State::Doomed { reason: "".into() });
         let Some(m) = self.msgs.remove(&id) else {
             return;
         };
+        self.ready_count -= usize::from(m.ready_seq.is_some());
+        self.timer_count -= usize::from(m.timer.is_some());
+        if let Some(seq) = m.ready_seq
+            && self.ready.front() == Some(&(seq, id))
+        {
+            self.ready.pop_front();
+        }
+        self.compact();
         let Some(g) = self.group(id, m.key) else {
             return;
         };
@@ -479,6 +524,7 @@ impl Sub {
     fn reorder(&mut self) {
         self.keys.clear();
         self.ready.clear();
+        self.ready_count = 0;
         let ids: Vec<(MsgId, Option<u64>)> = self.msgs.iter().map(|(id, m)| (*id, m.key)).collect();
         for (id, key) in &ids {
             if let Some(g) = self.group(*id, *key) {
@@ -498,8 +544,26 @@ impl Sub {
     }
 
     /// The first `max` messages that may go out now, in the order they became ready.
-    pub fn next_ready(&self, max: usize) -> Vec<MsgId> {
-        self.ready.iter().take(max).map(|(_, id)| *id).collect()
+    pub fn next_ready(&mut self, max: usize) -> Vec<MsgId> {
+        let current = |msgs: &BTreeMap<MsgId, Msg>, (seq, id): &(u64, MsgId)| {
+            msgs.get(id).is_some_and(|m| m.ready_seq == Some(*seq))
+        };
+        while let Some(front) = self.ready.front() {
+            if current(&self.msgs, front) {
+                break;
+            }
+            self.ready.pop_front();
+        }
+        if self.ready.len() == self.ready_count {
+            // No stale entries: every one is current.
+            return self.ready.iter().take(max).map(|(_, id)| *id).collect();
+        }
+        self.ready
+            .iter()
+            .filter(|e| current(&self.msgs, e))
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect()
     }
 
     /// Whether `attempt` is the current delivery of `id`, which may still be settled by its
@@ -670,15 +734,19 @@ impl Sub {
     /// again or, out of attempts, doomed. Returns the messages doomed now.
     pub fn tick(&mut self, now_ms: i64) -> Vec<MsgId> {
         let mut doomed = Vec::new();
-        while let Some(&(due, id)) = self.timers.first() {
+        while let Some(&Reverse((due, id))) = self.timers.peek() {
             if due > now_ms {
                 break;
             }
-            self.timers.pop_first();
+            self.timers.pop();
             let Some(m) = self.msgs.get_mut(&id) else {
                 continue;
             };
+            if m.timer != Some(due) {
+                continue;
+            }
             m.timer = None;
+            self.timer_count -= 1;
             let state = match m.state {
                 State::InFlight { .. } => {
                     self.stats.expired += 1;
@@ -715,7 +783,8 @@ impl Sub {
 
     /// The next due time of a retry or deadline.
     pub fn next_due(&self) -> Option<i64> {
-        self.timers.first().map(|(t, _)| *t)
+        // The earliest entry may be stale: then `tick` finds nothing due and drops it.
+        self.timers.peek().map(|Reverse((t, _))| *t)
     }
 }
 
@@ -855,6 +924,80 @@ mod tests {
             letters: vec![(0, Found(5, 0, None))],
         });
         assert_eq!(sub.msgs.len(), 1);
+    }
+
+    #[test]
+    fn queues_stay_consistent_and_bounded_under_churn() {
+        let mut sub = Sub::new(0, config(Ordering::Key, 3), 0, vec![0, 0]);
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut offsets = [0u64; 2];
+        for round in 0..2_000i64 {
+            let p = next(2) as u32;
+            let found: Vec<Found> = (0..next(8))
+                .map(|_| {
+                    offsets[p as usize] += 1;
+                    Found(offsets[p as usize], 0, Some(next(5)).filter(|k| *k > 0))
+                })
+                .collect();
+            sub.apply(&Op::Read {
+                partition: p,
+                to: offsets[p as usize] + 1,
+                found,
+            });
+            let ids = sub.next_ready(next(6) as usize);
+            sub.apply(&Op::Deliver {
+                ids: ids.clone(),
+                deadline: round + next(20) as i64,
+            });
+            for id in ids {
+                match next(4) {
+                    0 => sub.apply(&Op::Ack { ids: vec![id] }),
+                    1 => sub.apply(&Op::Nack {
+                        items: vec![(id, round + next(10) as i64)],
+                    }),
+                    2 => sub.apply(&Op::Extend {
+                        ids: vec![id],
+                        deadline: round + 5,
+                    }),
+                    _ => {}
+                }
+            }
+            for id in sub.tick(round) {
+                sub.apply(&Op::Dead {
+                    id,
+                    partition: 0,
+                    offset: 0,
+                });
+            }
+            // The queue holds exactly the ready messages that head their key, each once.
+            let ready = sub.next_ready(usize::MAX);
+            assert_eq!(ready.len(), sub.ready_len());
+            let mut seen = BTreeSet::new();
+            for id in &ready {
+                assert!(seen.insert(*id));
+                let m = &sub.msgs[id];
+                assert_eq!(m.state, State::Ready);
+                assert!(sub.first_of_key(*id, m.key));
+            }
+            let expected = sub
+                .msgs
+                .iter()
+                .filter(|(id, m)| m.state == State::Ready && sub.first_of_key(**id, m.key))
+                .count();
+            assert_eq!(ready.len(), expected);
+            let timed = sub.msgs.values().filter(|m| m.timer.is_some()).count();
+            assert_eq!(timed, sub.timer_count);
+            // Stale entries never pile up beyond twice the live ones.
+            assert!(sub.ready.len() <= 2 * sub.ready_count + 1024);
+            assert!(sub.timers.len() <= 2 * sub.timer_count + 1024);
+        }
+        assert!(sub.stats.acked > 100 && sub.stats.dead_lettered > 10);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 use spate_broker::filter::Filter;
@@ -300,7 +301,12 @@ pub async fn ws(State(s): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
         .read_buffer_size(512)
         // Messages are written in batches, flushed when the queue is empty.
         .write_buffer_size(8192)
-        .on_upgrade(move |socket| connection(s, socket))
+        .on_upgrade(move |socket| {
+            // Split here rather than in the task: the task's future would otherwise keep room
+            // for the whole socket it splits.
+            let (sink, stream) = socket.split();
+            connection(s, sink, stream)
+        })
 }
 
 /// A message for the writer task.
@@ -321,14 +327,17 @@ async fn close_with(closer: &Closer, code: u16, mut reason: String) {
     }
 }
 
-async fn connection(s: AppState, socket: WebSocket) {
+async fn connection(
+    s: AppState,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+) {
     let _guard = ConnectionGauge::new("websocket");
-    let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Out>(s.push.send_queue.max(1));
     let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<(u16, String)>();
     let closer: Closer = Arc::new(tokio::sync::Mutex::new(Some(close_tx)));
     let stall = s.push.max_behind;
-    let writer = tokio::spawn(async move {
+    let writer = async move {
         let close = loop {
             let out = tokio::select! {
                 biased;
@@ -380,7 +389,8 @@ async fn connection(s: AppState, socket: WebSocket) {
             let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    });
+    };
+    let writer = tokio::spawn(writer);
     let mut conn = Connection {
         s: s.clone(),
         tx: tx.clone(),
@@ -395,21 +405,22 @@ async fn connection(s: AppState, socket: WebSocket) {
             m = stream.next() => m,
             _ = conn.closed() => break,
             _ = stopped(&mut stopping) => {
-                close_with(&conn.closer, 1001, "server stopping".into()).await;
+                Box::pin(close_with(&conn.closer, 1001, "server stopping".into())).await;
                 break;
             }
         };
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                conn.reply(error(None, "unsupported", "send JSON text messages"))
-                    .await;
+                Box::pin(conn.reply(error(None, "unsupported", "send JSON text messages"))).await;
                 continue;
             }
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             Some(Ok(_)) => continue,
         };
-        conn.handle(text.as_str()).await;
+        // Boxed: the futures of the ops are large, and an idle connection should not carry
+        // room for them.
+        Box::pin(conn.handle(text.as_str())).await;
     }
     for (_, h) in conn.subs.drain() {
         h.abort();

@@ -73,6 +73,11 @@ fn text(bytes: &[u8]) -> String {
     }
 }
 
+/// Appends the decimal digits of `n` to `out`.
+pub fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
 /// Appends `s` to `out` as a JSON string literal (quoted and escaped), without allocating.
 pub fn push_json_str(out: &mut String, s: &str) {
     use std::fmt::Write;

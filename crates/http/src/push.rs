@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
+use spate_broker::event::push_u64;
 use spate_broker::filter::Filter;
 use spate_broker::push::{Feed, FeedError, FeedStart, LiveEvent};
 use spate_broker::{BrokerError, Event};
@@ -989,13 +990,20 @@ async fn run_subscription(
     loop {
         let reason = match feed.next().await {
             Ok(e) => {
-                let version = feed
-                    .version()
-                    .map_or(String::new(), |v| format!("\"version\":{v},"));
-                let msg = format!(
-                    "{{\"op\":\"event\",\"sub\":{sub},{version}\"partition\":{},\"offset\":{},\"event\":{}}}",
-                    e.partition, e.offset, e.json
-                );
+                let mut msg = String::with_capacity(e.json.len() + sub.len() + 96);
+                msg.push_str("{\"op\":\"event\",\"sub\":");
+                msg.push_str(&sub);
+                if let Some(v) = feed.version() {
+                    msg.push_str(",\"version\":");
+                    push_u64(&mut msg, v);
+                }
+                msg.push_str(",\"partition\":");
+                push_u64(&mut msg, u64::from(e.partition));
+                msg.push_str(",\"offset\":");
+                push_u64(&mut msg, e.offset);
+                msg.push_str(",\"event\":");
+                msg.push_str(&e.json);
+                msg.push('}');
                 // Queued at once when there is room; only a full queue starts the clock (a timer
                 // per delivery costs more than the delivery at fan-out rates).
                 let sent = match tx.try_send(Out::Text(msg)) {

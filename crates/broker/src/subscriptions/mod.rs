@@ -233,7 +233,13 @@ pub fn ack_id(id: MsgId, attempt: u32) -> String {
         Source::Topic => 't',
         Source::DeadLetters => 'd',
     };
-    format!("{s}.{}.{}.{attempt}", id.1, id.2)
+    let mut out = String::with_capacity(32);
+    out.push(s);
+    for n in [u64::from(id.1), id.2, u64::from(attempt)] {
+        out.push('.');
+        crate::event::push_u64(&mut out, n);
+    }
+    out
 }
 
 /// Parses an ack id; `None` when malformed.

@@ -151,20 +151,32 @@ pub async fn pull(
         )));
     }
     let subs = subs(&s)?;
-    let acked = if req.ack_ids.is_empty() {
+    // Acks first, so that a message they release (the next one of its key) can be pulled now;
+    // the pull runs while the acks' journal write syncs, and the answer waits for both.
+    let acks = if req.ack_ids.is_empty() {
         None
     } else {
-        Some(subs.ack(&name, &req.ack_ids).await?)
+        Some(subs.ack_unsynced(&name, &req.ack_ids)?)
     };
-    let pulled = subs.pull(&name, req.max_messages, Duration::from_millis(req.wait_ms));
-    let messages = match s.stopping.clone() {
-        Some(mut stop) => tokio::select! {
-            r = pulled => r?,
-            // Shutting down: answer the long poll empty rather than hold the drain.
-            _ = stop.wait_for(|s| *s) => Vec::new(),
-        },
-        None => pulled.await?,
+    let acked = async {
+        match acks {
+            Some(acks) => subs.acks_durable(&name, acks).await.map(Some),
+            None => Ok(None),
+        }
     };
+    let pulled = async {
+        let pulled = subs.pull(&name, req.max_messages, Duration::from_millis(req.wait_ms));
+        match s.stopping.clone() {
+            Some(mut stop) => tokio::select! {
+                r = pulled => r,
+                // Shutting down: answer the long poll empty rather than hold the drain.
+                _ = stop.wait_for(|s| *s) => Ok(Vec::new()),
+            },
+            None => pulled.await,
+        }
+    };
+    let (acked, messages) = tokio::join!(acked, pulled);
+    let (acked, messages) = (acked?, messages?);
     // Written directly: events are copied as JSON text rather than built into a tree.
     let mut out = String::with_capacity(messages.len() * 1500 + 16);
     out.push_str("{\"messages\":[");

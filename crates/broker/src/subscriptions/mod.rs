@@ -272,6 +272,9 @@ pub struct Delivery {
     pub event: Arc<Event>,
 }
 
+/// Acks applied and journaled whose journal write may not be durable yet.
+pub struct UnsyncedAcks(Outcome);
+
 /// What an ack, nack or extend did with each ack id, in request order.
 #[derive(Debug, Clone, Serialize)]
 pub struct SettleResult {
@@ -948,6 +951,28 @@ impl Subscriptions {
     ) -> Result<Vec<SettleResult>> {
         let outcome = self.settle(name, ack_ids, false, |_, ids| Op::Ack { ids })?;
         self.settled(name, outcome).await
+    }
+
+    /// Applies and journals acks without waiting for the journal to be durable, so that other
+    /// work (a pull answered together with the acks) overlaps the fsync. Nothing may be told
+    /// about the acks until [`Subscriptions::acks_durable`] returns.
+    pub fn ack_unsynced(&self, name: &str, ack_ids: &[String]) -> Result<UnsyncedAcks> {
+        Ok(UnsyncedAcks(self.settle(
+            name,
+            ack_ids,
+            false,
+            |_, ids| Op::Ack { ids },
+        )?))
+    }
+
+    /// Waits until acks from [`Subscriptions::ack_unsynced`] are durable; then they hold as if
+    /// [`Subscriptions::ack`] had returned.
+    pub async fn acks_durable(
+        self: &Arc<Self>,
+        name: &str,
+        acks: UnsyncedAcks,
+    ) -> Result<Vec<SettleResult>> {
+        self.settled(name, acks.0).await
     }
 
     /// Nacks: each message is delivered again after `delay_ms`, or its backoff when not given;

@@ -75,12 +75,45 @@ async fn producer(client: reqwest::Client, url: String, cycle: usize, seed: u64,
 }
 
 /// Pulls and settles until the server goes away (or, when `drain`, until told to stop).
-async fn consumer(client: reqwest::Client, url: String, seed: u64, oracle: Shared, drain: bool) {
+/// Records the answer to acks: an "ok" means the message must never come back.
+fn acks_answered(oracle: &Shared, acks: &[(String, String, u64)], results: &Value) {
+    let mut o = oracle.lock().unwrap();
+    let results = results.as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), acks.len(), "one result per ack id");
+    for ((_, id, attempt), result) in acks.iter().zip(results) {
+        if result["result"] == "ok" {
+            o.acked.insert(id.clone(), *attempt);
+        }
+        // Otherwise expired (redelivered meanwhile) or unknown: not acked by this request.
+        o.maybe_acked.remove(id);
+    }
+}
+
+/// A consumer that pulls, nacks some messages, ignores some and acks the rest: in an ack request
+/// of its own, or (`combined`) with its next pull.
+async fn consumer(
+    client: reqwest::Client,
+    url: String,
+    seed: u64,
+    oracle: Shared,
+    drain: bool,
+    combined: bool,
+) {
     let mut rng = Rng(seed | 1);
+    // Acks to send with the next pull (combined).
+    let mut carried: Vec<(String, String, u64)> = Vec::new();
     loop {
+        let mut body = json!({"max_messages": 50, "wait_ms": 200});
+        if !carried.is_empty() {
+            body["ack_ids"] = json!(carried.iter().map(|(a, _, _)| a).collect::<Vec<_>>());
+            let mut o = oracle.lock().unwrap();
+            for (_, id, _) in &carried {
+                o.maybe_acked.insert(id.clone());
+            }
+        }
         let r = client
             .post(format!("{url}/v1/subscriptions/{SUB}/pull"))
-            .json(&json!({"max_messages": 50, "wait_ms": 200}))
+            .json(&body)
             .send()
             .await;
         let Ok(r) = r else { return };
@@ -90,6 +123,10 @@ async fn consumer(client: reqwest::Client, url: String, seed: u64, oracle: Share
         let Ok(body) = r.json::<Value>().await else {
             return;
         };
+        if !carried.is_empty() {
+            acks_answered(&oracle, &carried, &body["results"]);
+            carried.clear();
+        }
         let messages = body["messages"].as_array().cloned().unwrap_or_default();
         if drain && messages.is_empty() {
             return;
@@ -129,38 +166,33 @@ async fn consumer(client: reqwest::Client, url: String, seed: u64, oracle: Share
                 return;
             }
         }
-        if !acks.is_empty() {
-            let ids: Vec<&str> = acks.iter().map(|(a, _, _)| a.as_str()).collect();
-            {
-                let mut o = oracle.lock().unwrap();
-                for (_, id, _) in &acks {
-                    o.maybe_acked.insert(id.clone());
-                }
-            }
-            let r = client
-                .post(format!("{url}/v1/subscriptions/{SUB}/ack"))
-                .json(&json!({ "ack_ids": ids }))
-                .send()
-                .await;
-            let Ok(r) = r else { return };
-            let Ok(body) = r.json::<Value>().await else {
-                return;
-            };
+        if acks.is_empty() {
+            continue;
+        }
+        if combined {
+            carried = acks;
+            continue;
+        }
+        let ids: Vec<&str> = acks.iter().map(|(a, _, _)| a.as_str()).collect();
+        {
             let mut o = oracle.lock().unwrap();
-            for ((_, id, attempt), result) in acks.iter().zip(body["results"].as_array().unwrap()) {
-                if result["result"] == "ok" {
-                    o.acked.insert(id.clone(), *attempt);
-                    o.maybe_acked.remove(id);
-                } else {
-                    // Expired (redelivered meanwhile) or unknown: not acked by this request.
-                    o.maybe_acked.remove(id);
-                }
+            for (_, id, _) in &acks {
+                o.maybe_acked.insert(id.clone());
             }
         }
+        let r = client
+            .post(format!("{url}/v1/subscriptions/{SUB}/ack"))
+            .json(&json!({ "ack_ids": ids }))
+            .send()
+            .await;
+        let Ok(r) = r else { return };
+        let Ok(body) = r.json::<Value>().await else {
+            return;
+        };
+        acks_answered(&oracle, &acks, &body["results"]);
     }
 }
 
-/// Dead letters of the subscription by id, from a scan of the dead-letter topic.
 async fn dead_letters(client: &reqwest::Client, url: &str) -> HashMap<String, usize> {
     let mut out: HashMap<String, usize> = HashMap::new();
     let exists = client
@@ -231,13 +263,14 @@ async fn kill_9_loses_no_message_and_redelivers_no_acked_one() {
             rng.next(),
             oracle.clone(),
         ))];
-        for _ in 0..CONSUMERS {
+        for c in 0..CONSUMERS {
             tasks.push(tokio::spawn(consumer(
                 client.clone(),
                 server.url.clone(),
                 rng.next(),
                 oracle.clone(),
                 false,
+                c % 2 == 1,
             )));
         }
         tokio::time::sleep(Duration::from_millis(200 + rng.next() % 600)).await;
@@ -264,6 +297,7 @@ async fn kill_9_loses_no_message_and_redelivers_no_acked_one() {
             rng.next(),
             oracle.clone(),
             true,
+            false,
         )
         .await;
         let s = stats(&client, &server.url).await;

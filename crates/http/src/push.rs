@@ -214,21 +214,23 @@ fn sse_stream(
         };
         match next {
             Ok(e) => {
-                let (data, id) = match feed.version() {
-                    Some(v) => (
-                        format!(
-                            "{{\"version\":{v},\"partition\":{},\"offset\":{},\"event\":{}}}",
-                            e.partition, e.offset, e.json
-                        ),
-                        v.to_string(),
-                    ),
-                    None => (
-                        format!(
-                            "{{\"partition\":{},\"offset\":{},\"event\":{}}}",
-                            e.partition, e.offset, e.json
-                        ),
-                        cursor_of(feed.position()),
-                    ),
+                let mut data = String::with_capacity(e.json.len() + 80);
+                data.push('{');
+                if let Some(v) = feed.version() {
+                    data.push_str("\"version\":");
+                    push_u64(&mut data, v);
+                    data.push(',');
+                }
+                data.push_str("\"partition\":");
+                push_u64(&mut data, u64::from(e.partition));
+                data.push_str(",\"offset\":");
+                push_u64(&mut data, e.offset);
+                data.push_str(",\"event\":");
+                data.push_str(&e.json);
+                data.push('}');
+                let id = match feed.version() {
+                    Some(v) => v.to_string(),
+                    None => cursor_of(feed.position()),
                 };
                 deliveries.delivered(&e);
                 let event = SseEvent::default().id(id).data(data);

@@ -216,18 +216,7 @@ fn sse_stream(
             Ok(e) => {
                 let mut data = String::with_capacity(e.json.len() + 80);
                 data.push('{');
-                if let Some(v) = feed.version() {
-                    data.push_str("\"version\":");
-                    push_u64(&mut data, v);
-                    data.push(',');
-                }
-                data.push_str("\"partition\":");
-                push_u64(&mut data, u64::from(e.partition));
-                data.push_str(",\"offset\":");
-                push_u64(&mut data, e.offset);
-                data.push_str(",\"event\":");
-                data.push_str(&e.json);
-                data.push('}');
+                push_event_end(&mut data, feed.version(), &e);
                 let id = match feed.version() {
                     Some(v) => v.to_string(),
                     None => cursor_of(feed.position()),
@@ -274,6 +263,23 @@ impl Deliveries {
         spate_broker::stats::delivered(1);
         self.latency.record(e.seen_at.elapsed().as_secs_f64());
     }
+}
+
+/// Appends the end of an event message, the same on both protocols:
+/// `"version":…,` (stream feeds only), then `"partition":…,"offset":…,"event":…}`.
+fn push_event_end(out: &mut String, version: Option<u64>, e: &LiveEvent) {
+    if let Some(v) = version {
+        out.push_str("\"version\":");
+        push_u64(out, v);
+        out.push(',');
+    }
+    out.push_str("\"partition\":");
+    push_u64(out, u64::from(e.partition));
+    out.push_str(",\"offset\":");
+    push_u64(out, e.offset);
+    out.push_str(",\"event\":");
+    out.push_str(&e.json);
+    out.push('}');
 }
 
 /// Counts open push connections per protocol while alive.
@@ -995,17 +1001,8 @@ async fn run_subscription(
                 let mut msg = String::with_capacity(e.json.len() + sub.len() + 96);
                 msg.push_str("{\"op\":\"event\",\"sub\":");
                 msg.push_str(&sub);
-                if let Some(v) = feed.version() {
-                    msg.push_str(",\"version\":");
-                    push_u64(&mut msg, v);
-                }
-                msg.push_str(",\"partition\":");
-                push_u64(&mut msg, u64::from(e.partition));
-                msg.push_str(",\"offset\":");
-                push_u64(&mut msg, e.offset);
-                msg.push_str(",\"event\":");
-                msg.push_str(&e.json);
-                msg.push('}');
+                msg.push(',');
+                push_event_end(&mut msg, feed.version(), &e);
                 // Queued at once when there is room; only a full queue starts the clock (a timer
                 // per delivery costs more than the delivery at fan-out rates).
                 let sent = match tx.try_send(Out::Text(msg)) {

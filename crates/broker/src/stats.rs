@@ -3,13 +3,6 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-/// Upper bounds (seconds) of the buckets of every latency histogram the server exports: 50 µs to
-/// 10 s.
-pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 10.0,
-];
-
 static DELIVERED: AtomicU64 = AtomicU64::new(0);
 static CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 

@@ -24,7 +24,6 @@ use serde_json::{Value, json};
 use spate_broker::event::push_u64;
 use spate_broker::filter::Filter;
 use spate_broker::push::{Feed, FeedError, FeedStart, LiveEvent};
-use spate_broker::stats::LATENCY_BUCKETS;
 use spate_broker::{BrokerError, Event};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -208,9 +207,9 @@ fn sse_stream(
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let state = (feed, guard, stopping, Deliveries::of("sse"));
     futures_util::stream::unfold(Some(state), |state| async move {
-        let (mut feed, guard, mut stopping, mut deliveries) = state?;
+        let (mut feed, guard, mut stopping, deliveries) = state?;
         let next = tokio::select! {
-            next = when_idle(feed.next(), || deliveries.flush()) => next,
+            next = feed.next() => next,
             _ = stopped(&mut stopping) => return None,
         };
         match next {
@@ -244,98 +243,26 @@ fn error_code(e: &FeedError) -> &'static str {
     }
 }
 
-/// The delivery metrics of one subscription. The handles are looked up once rather than per
-/// delivery (a lookup clones labels and hashes them: at fan-out rates, more than the delivery),
-/// and deliveries are handed to the recorder in groups: whenever the subscription waits for its
-/// next event (so nothing is held back from a scrape while it is idle), or every
-/// [`Deliveries::GROUP`] deliveries while it catches up.
-///
-/// A group records, per histogram bucket, its deliveries at the mean of their latencies: that
-/// mean lies in the same bucket, so bucket counts, count and sum come out as if each delivery
-/// had been recorded on its own.
+/// The delivery metrics of one protocol, looked up once per subscription rather than per
+/// delivery (a lookup clones labels and hashes them: at fan-out rates, more than the delivery).
 struct Deliveries {
     count: metrics::Counter,
     latency: metrics::Histogram,
-    /// Per bucket of [`LATENCY_BUCKETS`] (and one past the last): deliveries and latency sum.
-    pending: [(u64, f64); LATENCY_BUCKETS.len() + 1],
-    pending_count: u64,
 }
 
 impl Deliveries {
-    const GROUP: u64 = 1024;
-
     fn of(protocol: &'static str) -> Deliveries {
         Deliveries {
             count: metrics::counter!("spate_deliveries_total", "protocol" => protocol),
             latency: metrics::histogram!("spate_durable_to_delivered_seconds", "protocol" => protocol),
-            pending: [(0, 0.0); LATENCY_BUCKETS.len() + 1],
-            pending_count: 0,
         }
     }
 
-    fn delivered(&mut self, e: &LiveEvent) {
+    fn delivered(&self, e: &LiveEvent) {
+        self.count.increment(1);
         spate_broker::stats::delivered(1);
-        let seconds = e.seen_at.elapsed().as_secs_f64();
-        let bucket = LATENCY_BUCKETS.partition_point(|&le| le < seconds);
-        self.pending[bucket].0 += 1;
-        self.pending[bucket].1 += seconds;
-        self.pending_count += 1;
-        if self.pending_count >= Self::GROUP {
-            self.flush();
-        }
+        self.latency.record(e.seen_at.elapsed().as_secs_f64());
     }
-
-    fn flush(&mut self) {
-        if self.pending_count == 0 {
-            return;
-        }
-        self.count.increment(self.pending_count);
-        self.pending_count = 0;
-        for (bucket, (n, sum)) in self.pending.iter_mut().enumerate() {
-            if *n == 0 {
-                continue;
-            }
-            self.latency
-                .record_many(bucket_mean(bucket, *n, *sum), *n as usize);
-            (*n, *sum) = (0, 0.0);
-        }
-    }
-}
-
-/// The mean of `n` latencies summing to `sum` that all fell in bucket `bucket` of
-/// [`LATENCY_BUCKETS`]: inside that bucket, (lower, upper], even where rounding would carry it
-/// out.
-fn bucket_mean(bucket: usize, n: u64, sum: f64) -> f64 {
-    let mut mean = sum / n as f64;
-    if let Some(&upper) = LATENCY_BUCKETS.get(bucket) {
-        mean = mean.min(upper);
-    }
-    if let Some(&lower) = bucket.checked_sub(1).and_then(|b| LATENCY_BUCKETS.get(b)) {
-        mean = mean.max(lower.next_up());
-    }
-    mean
-}
-
-impl Drop for Deliveries {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-/// Awaits `next`, calling `idle` first if it is not ready at once.
-async fn when_idle<T>(next: impl Future<Output = T>, idle: impl FnOnce()) -> T {
-    let mut next = std::pin::pin!(next);
-    let mut idle = Some(idle);
-    std::future::poll_fn(|cx| {
-        let polled = next.as_mut().poll(cx);
-        if polled.is_pending()
-            && let Some(idle) = idle.take()
-        {
-            idle();
-        }
-        polled
-    })
-    .await
 }
 
 /// Appends the end of an event message, the same on both protocols:
@@ -1067,9 +994,9 @@ async fn run_subscription(
     max_behind: Duration,
 ) {
     let sub = serde_json::to_string(&id).unwrap_or_default();
-    let mut deliveries = Deliveries::of("websocket");
+    let deliveries = Deliveries::of("websocket");
     loop {
-        let reason = match when_idle(feed.next(), || deliveries.flush()).await {
+        let reason = match feed.next().await {
             Ok(e) => {
                 let mut msg = String::with_capacity(e.json.len() + sub.len() + 96);
                 msg.push_str("{\"op\":\"event\",\"sub\":");
@@ -1082,7 +1009,6 @@ async fn run_subscription(
                     Ok(()) => Ok(Ok(())),
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                     Err(mpsc::error::TrySendError::Full(out)) => {
-                        deliveries.flush();
                         tokio::time::timeout(max_behind, tx.send(out)).await
                     }
                 };
@@ -1108,50 +1034,5 @@ async fn run_subscription(
         };
         close_with(&closer, CLOSE_SLOW_CONSUMER, reason).await;
         return;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Where a value lands in a Prometheus histogram: the first bucket whose bound is >= it.
-    fn bucket_of(v: f64) -> usize {
-        LATENCY_BUCKETS.partition_point(|&le| le < v)
-    }
-
-    #[test]
-    fn grouped_latencies_keep_their_buckets_and_sum() {
-        // Values on bucket bounds, just above them, and spread between them.
-        let mut values: Vec<f64> = Vec::new();
-        for (i, &le) in LATENCY_BUCKETS.iter().enumerate() {
-            values.extend([le, le, le, le.next_up(), le * 0.999]);
-            let lower = if i == 0 { 0.0 } else { LATENCY_BUCKETS[i - 1] };
-            values.extend((1..50).map(|k| lower + (le - lower) * k as f64 / 50.0));
-        }
-        values.extend([20.0, 1e3]);
-        let mut groups = [(0u64, 0.0f64); LATENCY_BUCKETS.len() + 1];
-        for &v in &values {
-            let g = &mut groups[bucket_of(v)];
-            g.0 += 1;
-            g.1 += v;
-        }
-        let mut counts = [0u64; LATENCY_BUCKETS.len() + 1];
-        let mut sum = 0.0;
-        for (bucket, &(n, s)) in groups.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let mean = bucket_mean(bucket, n, s);
-            counts[bucket_of(mean)] += n;
-            sum += mean * n as f64;
-        }
-        let mut expected = [0u64; LATENCY_BUCKETS.len() + 1];
-        for &v in &values {
-            expected[bucket_of(v)] += 1;
-        }
-        assert_eq!(counts, expected);
-        let exact: f64 = values.iter().sum();
-        assert!((sum - exact).abs() <= exact * 1e-12, "{sum} vs {exact}");
     }
 }

@@ -247,8 +247,12 @@ pub async fn run(config: ServeConfig) -> Result<()> {
 
 /// Installs the Prometheus recorder: histograms get buckets from 50 µs to 10 s.
 fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    const BUCKETS: [f64; 16] = [
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 10.0,
+    ];
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&spate_broker::stats::LATENCY_BUCKETS)
+        .set_buckets(&BUCKETS)
         .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;

@@ -3,7 +3,8 @@
 //!
 //! - Latency: one publisher sends events at a fixed rate over a WebSocket (`publish` ops, each
 //!   stamped with its send time); subscribers measure send-to-delivery. Publish-to-ack (durable)
-//!   is measured beside it, so the part of delivery beyond the fsync shows.
+//!   is measured beside it, and, per event, how long after its ack the first subscriber got it:
+//!   the part of delivery beyond the fsync.
 //! - Fan-out: the same with many subscribers, each on its own connection.
 //! - Memory: the server's resident memory before and after opening idle connections.
 
@@ -153,7 +154,16 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 /// The send time stamped in an event message (`"t":<ns>`), without parsing the whole message.
 fn stamp(msg: &str) -> Option<u64> {
-    let at = msg.find("\"t\":")? + 4;
+    number_after(msg, "\"t\":")
+}
+
+/// The number of a published event (its id is `b<k>`), without parsing the whole message.
+fn event_number(msg: &str) -> Option<u64> {
+    number_after(msg, "\"id\":\"b")
+}
+
+fn number_after(msg: &str, prefix: &str) -> Option<u64> {
+    let at = msg.find(prefix)? + prefix.len();
     let digits: String = msg[at..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
@@ -188,9 +198,9 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
     }
     println!();
     println!(
-        "| events/s | subscribers | deliveries/s | delivered | publish→durable p50 / p99 ms | publish→delivered p50 / p99 / p99.9 ms |"
+        "| events/s | subscribers | deliveries/s | delivered | publish→durable p50 / p99 ms | publish→delivered p50 / p99 / p99.9 ms | durable→delivered p50 / p99 ms |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     // Latency runs, then fan-out runs (these leave the machine busiest, so they come last).
     let mut runs: Vec<(u64, usize)> = a.rates.iter().map(|&r| (r, a.subscribers)).collect();
     runs.extend(a.fanout.iter().map(|&n| (a.fanout_rate, n)));
@@ -207,7 +217,7 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
         )
         .await?;
         println!(
-            "| {rate} | {subscribers} | {:.0} | {:.1}% | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} |",
+            "| {rate} | {subscribers} | {:.0} | {:.1}% | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} |",
             o.deliveries_per_s,
             o.delivered_fraction * 100.0,
             ms(&o.ack, 0.5),
@@ -215,6 +225,8 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
             ms(&o.delivery, 0.5),
             ms(&o.delivery, 0.99),
             ms(&o.delivery, 0.999),
+            ms(&o.beyond, 0.5),
+            ms(&o.beyond, 0.99),
         );
     }
     Ok(())
@@ -288,6 +300,9 @@ struct Outcome {
     delivered_fraction: f64,
     ack: Histogram<u64>,
     delivery: Histogram<u64>,
+    /// Per event, from its ack reaching the publisher to its delivery to the first subscriber;
+    /// an event delivered before its ack arrived counts as 1 ns.
+    beyond: Histogram<u64>,
 }
 
 /// Extra load in a run: padding per event, and a subscriber reading about 1 KiB/s beside the
@@ -307,6 +322,7 @@ async fn one_run(
     extra: Extra,
 ) -> Result<Outcome> {
     let delivery = Arc::new(Mutex::new(new_histogram()));
+    let first_arrivals: Arc<Mutex<Vec<(u64, u64)>>> = Default::default();
     let delivered = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let total = (rate as f64 * seconds) as u64;
@@ -324,8 +340,10 @@ async fn one_run(
         .await?;
         expect_op(&mut s, "subscribed").await?;
         let (delivery, delivered, stop) = (delivery.clone(), delivered.clone(), stop.clone());
+        let first = first_arrivals.clone();
         subs.spawn(async move {
             let mut local = new_histogram();
+            let mut arrivals = Vec::new();
             let mut n = 0u64;
             while n < total {
                 let msg = match tokio::time::timeout(Duration::from_millis(500), s.next()).await {
@@ -340,11 +358,19 @@ async fn one_run(
                 if let Some(sent) = stamp(&msg) {
                     let now = epoch.elapsed().as_nanos() as u64;
                     local.saturating_record(now.saturating_sub(sent).max(1));
+                    if i == 0
+                        && let Some(k) = event_number(&msg)
+                    {
+                        arrivals.push((k, now));
+                    }
                     n += 1;
                     delivered.fetch_add(1, Ordering::Relaxed);
                 }
             }
             delivery.lock().await.add(&local).expect("same bounds");
+            if i == 0 {
+                *first.lock().await = arrivals;
+            }
         });
     }
     // The publisher: `publish` ops at a fixed rate, acks read on the same socket.
@@ -354,6 +380,7 @@ async fn one_run(
         let sent_at = sent_at.clone();
         tokio::spawn(async move {
             let mut h = new_histogram();
+            let mut acked_at = vec![0u64; total as usize];
             let mut n = 0;
             while n < total {
                 let Ok(Some(Ok(Message::Text(t)))) =
@@ -367,11 +394,14 @@ async fn one_run(
                     if let Some(at) = sent_at.lock().await.remove(&r) {
                         let now = epoch.elapsed().as_nanos() as u64;
                         h.saturating_record(now.saturating_sub(at).max(1));
+                        if let Some(slot) = acked_at.get_mut(r as usize) {
+                            *slot = now;
+                        }
                     }
                     n += 1;
                 }
             }
-            h
+            (h, acked_at)
         })
     };
     // The slow subscriber: one message (about 1 KiB) per second.
@@ -415,7 +445,7 @@ async fn one_run(
             "data": {"t": t, "pad": pad}}});
         tx.send(Message::Text(msg.to_string().into())).await?;
     }
-    let ack = acks.await?;
+    let (ack, acked_at) = acks.await?;
     let stopper = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -433,7 +463,14 @@ async fn one_run(
     let delivery = Arc::try_unwrap(delivery)
         .map_err(|_| anyhow::anyhow!("subscribers still running"))?
         .into_inner();
+    let mut beyond = new_histogram();
+    for (k, at) in std::mem::take(&mut *first_arrivals.lock().await) {
+        if let Some(&acked) = acked_at.get(k as usize).filter(|t| **t > 0) {
+            beyond.saturating_record(at.saturating_sub(acked).max(1));
+        }
+    }
     Ok(Outcome {
+        beyond,
         deliveries_per_s: delivered.load(Ordering::Relaxed) as f64 / elapsed,
         delivered_fraction: delivered.load(Ordering::Relaxed) as f64
             / (total as f64 * subscribers as f64),

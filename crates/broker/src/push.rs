@@ -24,6 +24,8 @@ use crate::{Broker, BrokerError, Event, Result, blocking, read_events};
 pub const LIVE_RING_EVENTS: usize = 4096;
 /// Events read from the log per page while catching up.
 const CATCH_UP_PAGE_EVENTS: usize = 256;
+/// New events the live path reads without leaving the runtime's thread.
+const LIVE_INLINE_EVENTS: u64 = CATCH_UP_PAGE_EVENTS as u64;
 
 /// An event on its way to subscribers, rendered once.
 #[derive(Debug)]
@@ -234,10 +236,16 @@ async fn run_hub(
         for (i, p) in topic.partitions.iter().enumerate() {
             while next[i] < p.high_watermark() {
                 let (part, name, from) = (p.clone(), topic.name.clone(), next[i]);
-                let page = blocking(move || {
+                let page = if p.high_watermark() - from <= LIVE_INLINE_EVENTS {
+                    // The live tail was just written and synced: it is in the page cache, and
+                    // reading it here saves a thread hand-off on every event's way out.
                     read_events(&part, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)
-                })
-                .await;
+                } else {
+                    blocking(move || {
+                        read_events(&part, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)
+                    })
+                    .await
+                };
                 match page {
                     Ok(page) => {
                         for e in page.events {

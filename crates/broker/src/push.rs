@@ -236,15 +236,13 @@ async fn run_hub(
         for (i, p) in topic.partitions.iter().enumerate() {
             while next[i] < p.high_watermark() {
                 let (part, name, from) = (p.clone(), topic.name.clone(), next[i]);
+                let read = move || read_events(&part, &name, i as u32, from, CATCH_UP_PAGE_EVENTS);
                 let page = if p.high_watermark() - from <= LIVE_INLINE_EVENTS {
                     // The live tail was just written and synced: it is in the page cache, and
                     // reading it here saves a thread hand-off on every event's way out.
-                    read_events(&part, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)
+                    read()
                 } else {
-                    blocking(move || {
-                        read_events(&part, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)
-                    })
-                    .await
+                    blocking(read).await
                 };
                 match page {
                     Ok(page) => {

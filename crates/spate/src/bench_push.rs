@@ -336,7 +336,6 @@ async fn one_run(
     extra: Extra,
 ) -> Result<Outcome> {
     let delivery = Arc::new(Mutex::new(new_histogram()));
-    let first_arrivals: Arc<Mutex<Vec<(u64, u64)>>> = Default::default();
     let delivered = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let total = (rate as f64 * seconds) as u64;
@@ -354,7 +353,7 @@ async fn one_run(
         .await?;
         expect_op(&mut s, "subscribed").await?;
         let (delivery, delivered, stop) = (delivery.clone(), delivered.clone(), stop.clone());
-        let first = first_arrivals.clone();
+        // Each task gives back when its events arrived; only the first subscriber keeps them.
         subs.spawn(async move {
             let mut local = new_histogram();
             let mut arrivals = Vec::new();
@@ -382,9 +381,7 @@ async fn one_run(
                 }
             }
             delivery.lock().await.add(&local).expect("same bounds");
-            if i == 0 {
-                *first.lock().await = arrivals;
-            }
+            arrivals
         });
     }
     // The publisher: `publish` ops at a fixed rate, acks read on the same socket.
@@ -467,7 +464,14 @@ async fn one_run(
             stop.store(true, Ordering::Relaxed);
         })
     };
-    while subs.join_next().await.is_some() {}
+    let mut first_arrivals = Vec::new();
+    while let Some(arrivals) = subs.join_next().await {
+        if let Ok(arrivals) = arrivals
+            && !arrivals.is_empty()
+        {
+            first_arrivals = arrivals;
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     stopper.abort();
     if let Some(slow) = slow {
@@ -478,7 +482,7 @@ async fn one_run(
         .map_err(|_| anyhow::anyhow!("subscribers still running"))?
         .into_inner();
     let mut beyond = new_histogram();
-    for (k, at) in std::mem::take(&mut *first_arrivals.lock().await) {
+    for (k, at) in first_arrivals {
         if let Some(&acked) = acked_at.get(k as usize).filter(|t| **t > 0) {
             beyond.saturating_record(at.saturating_sub(acked).max(1));
         }

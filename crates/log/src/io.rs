@@ -33,6 +33,17 @@ pub trait Storage: Send + Sync + 'static {
 pub trait File: Send + Sync {
     /// Fills `buf` from `position`; fails with `UnexpectedEof` when the file is shorter.
     fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()>;
+    /// Appends `len` bytes read from `position` to `buf`; fails with `UnexpectedEof` when the file
+    /// is shorter (`buf` then holds what it held before).
+    fn read_exact_appending(&self, buf: &mut Vec<u8>, len: usize, position: u64) -> io::Result<()> {
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        let r = self.read_exact_at(&mut buf[start..], position);
+        if r.is_err() {
+            buf.truncate(start);
+        }
+        r
+    }
     fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
@@ -41,6 +52,19 @@ pub trait File: Send + Sync {
     fn allocate(&self, len: u64) -> io::Result<()> {
         if self.len()? < len {
             self.set_len(len)?;
+        }
+        Ok(())
+    }
+    /// Writes zeros from `from` to `to`, extending the file when it is shorter. Unlike
+    /// [`File::allocate`], the blocks hold written data once synced, so later writes there are
+    /// plain overwrites that an fsync flushes without a metadata commit.
+    fn write_zeros(&self, from: u64, to: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            self.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
         }
         Ok(())
     }
@@ -102,6 +126,47 @@ impl Storage for FsStorage {
 impl File for FsFile {
     fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
         self.0.read_exact_at(buf, position)
+    }
+
+    /// Reads into the vector's spare capacity: large reads do not first fill their buffer with
+    /// zeros.
+    #[allow(unsafe_code)]
+    fn read_exact_appending(&self, buf: &mut Vec<u8>, len: usize, position: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        buf.reserve(len);
+        let start = buf.len();
+        let mut done = 0;
+        while done < len {
+            let spare = &mut buf.spare_capacity_mut()[done..len];
+            let at = libc::off_t::try_from(position + done as u64).map_err(io::Error::other)?;
+            // SAFETY: the kernel writes at most `spare.len()` bytes into memory the vector owns
+            // and has reserved; none of it is read before the bytes are counted as written.
+            let n = unsafe {
+                libc::pread(
+                    self.0.as_raw_fd(),
+                    spare.as_mut_ptr().cast::<libc::c_void>(),
+                    spare.len(),
+                    at,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "failed to fill whole buffer",
+                ));
+            }
+            done += n as usize;
+        }
+        // SAFETY: `pread` initialized the `len` bytes after `start`, within the reserved capacity.
+        unsafe { buf.set_len(start + len) };
+        Ok(())
     }
 
     fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {

@@ -21,6 +21,10 @@ use crate::io::Storage;
 use crate::producers::{ProducerBatch, Producers, Verdict, last_sequence};
 use crate::segment::Segment;
 
+/// Appends smaller than this fraction of `LogConfig::preallocate_bytes` get the space ahead of them
+/// written with zeros rather than reserved (see `Partition::append_unsynced_at`).
+const ZERO_FILL_APPEND_FRACTION: u64 = 16;
+
 /// The largest input of one append. Keeps a segment below 4 GiB (positions are u32) whatever the
 /// segment size, and bounds the memory an append holds.
 pub const APPEND_BYTES_MAX: u64 = 256 << 20;
@@ -547,9 +551,18 @@ impl Partition {
             if chunk > 0 && end > w.allocated {
                 // Space up to the next whole chunk past the append, reading as zeros: the next
                 // fsync makes it and the new length durable, and the fsyncs after it need not
-                // commit a new length.
+                // commit a new length. Small appends get the space written with zeros: space only
+                // reserved (fallocate) is marked unwritten, and every fsync of an append into it
+                // also commits that extent's change to the file system's journal, a large part of
+                // a small append's fsync; large appends cover the space at once and would pay
+                // twice for the zeros.
                 let to = end.div_ceil(chunk) * chunk;
-                if let Err(e) = active.file.allocate(to) {
+                let result = if (batches.len() as u64) < chunk / ZERO_FILL_APPEND_FRACTION {
+                    active.file.write_zeros(w.allocated.max(end), to)
+                } else {
+                    active.file.allocate(to)
+                };
+                if let Err(e) = result {
                     return Err(self.poison(Error::Io {
                         action: "extend segment",
                         path: active.log_path.clone(),

@@ -495,9 +495,9 @@ impl Segment {
             position += h.total_bytes();
         };
         let want = max_bytes.max(first.total_bytes()).min(size - position);
-        let mut buf = vec![0u8; want as usize];
+        let mut buf = Vec::new();
         self.file
-            .read_exact_at(&mut buf, position)
+            .read_exact_appending(&mut buf, want as usize, position)
             .ctx("read segment", &self.log_path)?;
         let mut end = 0usize;
         while end + HEADER_BYTES <= buf.len() {

@@ -460,3 +460,43 @@ fn zeros_written_ahead_of_appends_are_dropped_on_open_and_at_a_roll() {
     let log = open(&disk, config).unwrap();
     assert_eq!(read_all(&log, "t", 0).len() as u64, appended);
 }
+
+#[test]
+fn small_appends_get_the_space_ahead_written_with_zeros_and_recover_from_it() {
+    let disk = MemStorage::new();
+    let config = LogConfig {
+        preallocate_bytes: 4096,
+        ..LogConfig::default()
+    };
+    let topic = TopicConfig::default();
+    let log = open(&disk, config.clone()).unwrap();
+    log.create_topic("t", topic.clone(), 0).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    let mut b = batch_of(&values(1, 1), 1000);
+    let size = b.len() as u64;
+    assert!(size < 4096 / 16, "a small append: {size} bytes");
+    p.append(&mut b, 0, &topic).unwrap();
+    assert_eq!(disk.open_file_len(Path::new(SEGMENT)).unwrap(), 4096);
+    // Enough small appends to cross several chunks, then a crash that drops what was not synced
+    // (nothing: every append was synced) and a reopen that ends the log at its last batch.
+    let mut appended = 1;
+    while p.info().size_bytes < 3 * 4096 + 100 {
+        let mut b = batch_of(&values(1, 2), 2000);
+        p.append(&mut b, 0, &topic).unwrap();
+        appended += 1;
+    }
+    let end = p.info().size_bytes;
+    assert_eq!(
+        disk.open_file_len(Path::new(SEGMENT)).unwrap(),
+        end.div_ceil(4096) * 4096
+    );
+    drop(log);
+    let disk = disk.restart(Unsynced::Drop);
+    let log = open(&disk, config).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    assert_eq!(p.high_watermark(), appended);
+    assert_eq!(p.info().size_bytes, end);
+    assert_eq!(read_all(&log, "t", 0).len() as u64, appended);
+    let mut b = batch_of(&values(1, 3), 3000);
+    assert_eq!(p.append(&mut b, 0, &topic).unwrap().base_offset, appended);
+}

@@ -274,10 +274,7 @@ impl Event {
 
     /// The `time` attribute in milliseconds since the epoch; `None` without one (or unreadable).
     pub fn time_ms(&self) -> Option<i64> {
-        let t = self.time.as_deref()?;
-        let t =
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
-        Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+        rfc3339_ms(self.time.as_deref()?)
     }
 
     /// The record key: the `partitionkey` extension.
@@ -436,47 +433,22 @@ impl Event {
 
     /// Appends [`Event::json_string`] to `out`.
     pub fn write_json(&self, out: &mut String) {
-        use std::fmt::Write;
-        out.push_str("{\"specversion\":\"1.0\"");
-        let put = |out: &mut String, name: &str, v: &str| {
-            out.push(',');
-            push_json_str(out, name);
-            out.push(':');
-            push_json_str(out, v);
+        let view = JsonView {
+            id: self.id.as_deref(),
+            source: self.source.as_deref(),
+            event_type: &self.event_type,
+            subject: self.subject.as_deref(),
+            time: self.time.as_deref(),
+            datacontenttype: self.datacontenttype.as_deref(),
+            dataschema: self.dataschema.as_deref(),
+            data: self.data.as_deref(),
         };
-        let attrs = [
-            ("id", self.id.as_deref()),
-            ("source", self.source.as_deref()),
-            ("type", Some(self.event_type.as_str())),
-            ("subject", self.subject.as_deref()),
-            ("time", self.time.as_deref()),
-            ("datacontenttype", self.datacontenttype.as_deref()),
-            ("dataschema", self.dataschema.as_deref()),
-        ];
-        for (name, v) in attrs {
-            if let Some(v) = v {
-                put(out, name, v);
-            }
-        }
-        for (k, v) in &self.extensions {
-            put(out, k, v);
-        }
-        if let Some(data) = &self.data {
-            let json = self
-                .datacontenttype
-                .as_deref()
-                .is_none_or(is_json_media_type);
-            match std::str::from_utf8(data) {
-                Ok(text) if json && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
-                    out.push_str(",\"data\":");
-                    out.push_str(text.trim());
-                }
-                _ => {
-                    let _ = write!(out, ",\"data_base64\":\"{}\"", BASE64.encode(data));
-                }
-            }
-        }
-        out.push('}');
+        view.write(
+            out,
+            self.extensions
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
     }
 
     /// The structured JSON form. JSON data stays JSON; other data becomes `data_base64`.
@@ -516,10 +488,226 @@ impl Event {
     }
 }
 
+/// An event's attributes and data, borrowed: what its structured JSON form is written from.
+struct JsonView<'a> {
+    id: Option<&'a str>,
+    source: Option<&'a str>,
+    event_type: &'a str,
+    subject: Option<&'a str>,
+    time: Option<&'a str>,
+    datacontenttype: Option<&'a str>,
+    dataschema: Option<&'a str>,
+    data: Option<&'a [u8]>,
+}
+
+impl JsonView<'_> {
+    /// Writes the structured JSON form; `extensions` come sorted by name, each name once.
+    fn write<'e>(&self, out: &mut String, extensions: impl Iterator<Item = (&'e str, &'e str)>) {
+        use std::fmt::Write;
+        out.push_str("{\"specversion\":\"1.0\"");
+        let put = |out: &mut String, name: &str, v: &str| {
+            out.push(',');
+            push_json_str(out, name);
+            out.push(':');
+            push_json_str(out, v);
+        };
+        let attrs = [
+            ("id", self.id),
+            ("source", self.source),
+            ("type", Some(self.event_type)),
+            ("subject", self.subject),
+            ("time", self.time),
+            ("datacontenttype", self.datacontenttype),
+            ("dataschema", self.dataschema),
+        ];
+        for (name, v) in attrs {
+            if let Some(v) = v {
+                put(out, name, v);
+            }
+        }
+        for (k, v) in extensions {
+            put(out, k, v);
+        }
+        if let Some(data) = self.data {
+            let json = self.datacontenttype.is_none_or(is_json_media_type);
+            match std::str::from_utf8(data) {
+                Ok(text) if json && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
+                    out.push_str(",\"data\":");
+                    out.push_str(text.trim());
+                }
+                _ => {
+                    let _ = write!(out, ",\"data_base64\":\"{}\"", BASE64.encode(data));
+                }
+            }
+        }
+        out.push('}');
+    }
+}
+
+/// Milliseconds since the epoch of an RFC 3339 timestamp.
+fn rfc3339_ms(t: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// What [`write_record_json`] learned about the event besides its JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordFacts {
+    /// The event's `time` in milliseconds (as [`Event::time_ms`]).
+    pub time_ms: Option<i64>,
+    /// The `partitionkey` extension (as [`Event::partition_key`]).
+    pub partition_key: Option<String>,
+}
+
+/// Appends the structured JSON form of the event a stored record carries to `out`: the same text
+/// as `Event::from_record_ref(record, origin).write_json(out)`, without building the event (its
+/// attributes are borrowed from the record).
+pub fn write_record_json(
+    record: &RecordRef<'_>,
+    origin: (&str, u32),
+    out: &mut String,
+) -> RecordFacts {
+    use std::borrow::Cow;
+    let lossy = |b| String::from_utf8_lossy(b);
+    let (mut id, mut source, mut event_type, mut subject) = (None, None, None, None);
+    let (mut at, mut datacontenttype, mut dataschema) = (None, None, None);
+    let mut extensions: Vec<(&str, Cow<'_, str>)> = Vec::new();
+    let mut has_ce = false;
+    for &(name, value) in record.headers {
+        let Some(value) = value.map(lossy) else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("content-type") {
+            datacontenttype = Some(value);
+            continue;
+        }
+        let Some(attr) = name.strip_prefix("ce_") else {
+            continue;
+        };
+        has_ce = true;
+        match attr {
+            "specversion" => {}
+            "id" => id = Some(value),
+            "source" => source = Some(value),
+            "type" => event_type = Some(value),
+            "subject" => subject = Some(value),
+            "time" => at = Some(value),
+            "dataschema" => dataschema = Some(value),
+            other => extensions.push((other, value)),
+        }
+    }
+    if let Some(key) = record.key {
+        extensions.push(("partitionkey", lossy(key)));
+    }
+    // As in a map of extensions: sorted by name, the last value given for a name kept.
+    extensions.reverse();
+    extensions.sort_by(|a, b| a.0.cmp(b.0));
+    extensions.dedup_by(|later, earlier| later.0 == earlier.0);
+    let (topic, partition) = origin;
+    let event_type = match event_type {
+        Some(t) if has_ce && !t.is_empty() => t,
+        _ => Cow::Borrowed("spate.record"),
+    };
+    let id = id.unwrap_or_else(|| Cow::Owned(format!("{topic}-{partition}-{}", record.offset)));
+    let source = source.unwrap_or_else(|| Cow::Owned(format!("/spate/topics/{topic}")));
+    let at = at.unwrap_or_else(|| Cow::Owned(now_rfc3339(record.timestamp_ms)));
+    JsonView {
+        id: Some(&id),
+        source: Some(&source),
+        event_type: &event_type,
+        subject: subject.as_deref(),
+        time: Some(&at),
+        datacontenttype: datacontenttype.as_deref(),
+        dataschema: dataschema.as_deref(),
+        data: record.value,
+    }
+    .write(out, extensions.iter().map(|(k, v)| (*k, v.as_ref())));
+    RecordFacts {
+        time_ms: rfc3339_ms(&at),
+        partition_key: extensions
+            .iter()
+            .find(|(k, _)| *k == "partitionkey")
+            .map(|(_, v)| v.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn header_name() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("ce_specversion".to_string()),
+            Just("ce_id".to_string()),
+            Just("ce_source".to_string()),
+            Just("ce_type".to_string()),
+            Just("ce_subject".to_string()),
+            Just("ce_time".to_string()),
+            Just("ce_dataschema".to_string()),
+            Just("ce_partitionkey".to_string()),
+            Just("ce_ext".to_string()),
+            Just("ce_zext".to_string()),
+            Just("content-type".to_string()),
+            Just("Content-Type".to_string()),
+            Just("other".to_string()),
+        ]
+    }
+
+    fn header_value() -> impl proptest::strategy::Strategy<Value = Option<Vec<u8>>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            Just(Some(b"".to_vec())),
+            Just(Some(b"application/json".to_vec())),
+            Just(Some(b"text/plain".to_vec())),
+            Just(Some(b"2026-11-29T01:02:03.456Z".to_vec())),
+            Just(Some(b"a \"quoted\"\nvalue".to_vec())),
+            Just(Some(vec![0xff, b'x', 0xfe])),
+            "[a-z.]{1,12}".prop_map(|s| Some(s.into_bytes())),
+        ]
+    }
+
+    fn data() -> impl proptest::strategy::Strategy<Value = Option<Vec<u8>>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            Just(Some(b" {\"a\": [1, 2.5, \"x\"]} ".to_vec())),
+            Just(Some(b"not json".to_vec())),
+            Just(Some(vec![0, 1, 2, 0xff])),
+            Just(Some(b"\"text\"".to_vec())),
+            Just(Some(Vec::new())),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Rendering straight from a record gives the text the decoded event gives, whatever
+        /// headers (repeated, missing, not UTF-8), key and data the record carries.
+        #[test]
+        fn a_record_renders_as_its_decoded_event(
+            headers in proptest::collection::vec((header_name(), header_value()), 0..8),
+            key in proptest::option::of("[a-z0-9]{0,6}"),
+            value in data(),
+            offset in 0i64..1_000_000,
+        ) {
+            let refs: Vec<(&str, Option<&[u8]>)> =
+                headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+            let record = RecordRef {
+                offset,
+                timestamp_ms: 1_764_000_000_000 + offset,
+                key: key.as_deref().map(str::as_bytes),
+                value: value.as_deref(),
+                headers: &refs,
+            };
+            let event = Event::from_record_ref(&record, ("orders", 3));
+            let mut direct = String::new();
+            let facts = write_record_json(&record, ("orders", 3), &mut direct);
+            proptest::prop_assert_eq!(&direct, &event.json_string());
+            proptest::prop_assert_eq!(facts.time_ms, event.time_ms());
+            proptest::prop_assert_eq!(facts.partition_key.as_deref(), event.partition_key());
+        }
+    }
 
     fn roundtrip(e: &Event) -> Event {
         let nr = e.to_record(5);

@@ -188,7 +188,7 @@ pub fn read_events(
 /// Bytes to read at a time for about `limit` records of `p`, from the partition's average record
 /// size, between 64 KiB and 1 MiB: reading a fixed megabyte for a few hundred records would read
 /// (and check) most bytes twice.
-fn read_budget(p: &spate_log::Partition, limit: usize) -> u64 {
+pub(crate) fn read_budget(p: &spate_log::Partition, limit: usize) -> u64 {
     let info = p.info();
     let offsets = info
         .log_end_offset
@@ -208,14 +208,42 @@ pub fn read_events_within(
     p: &spate_log::Partition,
     topic: &str,
     partition: u32,
-    mut offset: u64,
+    offset: u64,
     limit: usize,
     max_bytes: u64,
     max_reads: usize,
 ) -> Result<ReadPage> {
-    let mut events = Vec::new();
+    let (records, next_offset) =
+        read_records_within(p, offset, limit, max_bytes, max_reads, |r| {
+            Event::from_record_ref(r, (topic, partition))
+        })?;
+    Ok(ReadPage {
+        events: records
+            .into_iter()
+            .map(|(offset, event)| ReadEvent {
+                partition,
+                offset,
+                event,
+            })
+            .collect(),
+        next_offset,
+    })
+}
+
+/// Reads up to `limit` records of one partition from `offset` (blocking), each turned into a `T`
+/// by `f` while borrowed from the batch read; returns them by offset, and where the next read
+/// starts. Budgets as [`read_events_within`].
+pub fn read_records_within<T>(
+    p: &spate_log::Partition,
+    mut offset: u64,
+    limit: usize,
+    max_bytes: u64,
+    max_reads: usize,
+    mut f: impl FnMut(&batch::RecordRef<'_>) -> T,
+) -> Result<(Vec<(u64, T)>, u64)> {
+    let mut out = Vec::new();
     let mut reads = 0;
-    'outer: while events.len() < limit && reads < max_reads {
+    'outer: while out.len() < limit && reads < max_reads {
         reads += 1;
         let bytes = p.read(offset, max_bytes)?;
         if bytes.is_empty() {
@@ -230,13 +258,9 @@ pub fn read_events_within(
                     return Ok(());
                 }
                 let at = r.offset as u64;
-                events.push(ReadEvent {
-                    partition,
-                    offset: at,
-                    event: Event::from_record_ref(r, (topic, partition)),
-                });
+                out.push((at, f(r)));
                 offset = at + 1;
-                full = events.len() == limit;
+                full = out.len() == limit;
                 Ok(())
             })?;
             if full {
@@ -245,10 +269,7 @@ pub fn read_events_within(
             offset = offset.max(h.base_offset as u64 + h.offset_count());
         }
     }
-    Ok(ReadPage {
-        events,
-        next_offset: offset,
-    })
+    Ok((out, offset))
 }
 
 /// Walks the records of one stored batch (header `h`, as listed by [`batch::headers`] from bytes

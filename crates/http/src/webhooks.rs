@@ -116,8 +116,12 @@ fn header_value(v: &str) -> String {
     out
 }
 
-fn request(client: &reqwest::Client, push: &PushConfig, d: &Delivery) -> reqwest::RequestBuilder {
-    let e: &Event = &d.event;
+fn request(
+    client: &reqwest::Client,
+    push: &PushConfig,
+    d: &Delivery,
+    e: &Event,
+) -> reqwest::RequestBuilder {
     let mut r = client
         .post(&push.url)
         .timeout(Duration::from_millis(push.timeout_ms))
@@ -145,7 +149,15 @@ fn request(client: &reqwest::Client, push: &PushConfig, d: &Delivery) -> reqwest
 
 /// POSTs one message; `true` on a 2xx answer.
 async fn post(client: &reqwest::Client, push: &PushConfig, d: &Delivery) -> bool {
-    match request(client, push, d).send().await {
+    // Pulls of a pushing subscription hand out decoded events; one held only as JSON is parsed.
+    let e = match d.event.decoded() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(url = %push.url, error = %e, "cannot send an event in binary mode");
+            return false;
+        }
+    };
+    match request(client, push, d, &e).send().await {
         Ok(r) => r.status().is_success(),
         Err(e) => {
             tracing::debug!(url = %push.url, error = %e, "webhook delivery failed");

@@ -80,6 +80,25 @@ pub async fn run(command: BenchCommand) -> Result<()> {
 }
 
 /// The median of `v` (sorted in place; the upper one of an even count).
+/// CPU time (user and system, all threads) a process has used so far, in seconds, from
+/// `/proc/<pid>/stat` (in clock ticks of 1/100 s, Linux's fixed `USER_HZ`).
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start with the state, field 3.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("unreadable /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
+}
+
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

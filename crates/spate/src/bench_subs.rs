@@ -140,6 +140,7 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
             .pool_max_idle_per_host(64)
             .build()?,
         base: format!("http://{}", server.addr),
+        pid: server.child.id(),
     };
     let redis = a.redis.clone();
     println!(
@@ -222,6 +223,8 @@ struct PulledMessage {
 struct Spate {
     http: reqwest::Client,
     base: String,
+    /// The server's process, for its CPU time.
+    pid: u32,
 }
 
 impl Spate {
@@ -322,6 +325,7 @@ impl Spate {
         }
         self.subscribe(&name, "earliest").await?;
         let fsyncs_before = self.fsyncs().await?;
+        let cpu_before = CpuUse::now(self.pid)?;
         let progress = Progress::new(a.messages as u64);
         let mut tasks = Vec::new();
         for _ in 0..a.consumers {
@@ -331,9 +335,9 @@ impl Spate {
                 name.clone(),
                 progress.clone(),
             );
-            let batch = a.batch;
+            let (batch, pid) = (a.batch, self.pid);
             tasks.push(tokio::spawn(async move {
-                let me = Spate { http, base };
+                let me = Spate { http, base, pid };
                 let mut times = (histogram(), histogram());
                 let pull = format!("/v1/subscriptions/{name}/pull");
                 let ack = format!("/v1/subscriptions/{name}/ack");
@@ -377,13 +381,14 @@ impl Spate {
             acks.add(k)?;
         }
         let rate = progress.rate();
+        let cpu = CpuUse::now(self.pid)?.since(&cpu_before, a.messages);
         let fsyncs_after = self.fsyncs().await?;
         let (n, secs) = (
             fsyncs_after.0 - fsyncs_before.0,
             fsyncs_after.1 - fsyncs_before.1,
         );
         println!(
-            "    spate {}: pull p50 {:.2} ms, ack p50 {:.2} ms; {n:.0} fsyncs, mean {:.2} ms",
+            "    spate {}: pull p50 {:.2} ms, ack p50 {:.2} ms; {n:.0} fsyncs, mean {:.2} ms; {cpu}",
             mode(combined),
             pulls.value_at_quantile(0.5) as f64 / 1e6,
             acks.value_at_quantile(0.5) as f64 / 1e6,
@@ -405,6 +410,7 @@ impl Spate {
             let me = Spate {
                 http: self.http.clone(),
                 base: self.base.clone(),
+                pid: self.pid,
             };
             let (name, seen, hist, batch) = (name.clone(), seen.clone(), hist.clone(), a.batch);
             tasks.push(tokio::spawn(async move {
@@ -575,6 +581,44 @@ impl Redis {
     }
 }
 
+/// The Redis server's process id (`INFO server`), to read its CPU time: the server runs on
+/// this machine for the comparison.
+async fn redis_pid(r: &mut Redis) -> Result<u32> {
+    let Resp::Bulk(Some(info)) = r.cmd(&[b"INFO", b"server"]).await? else {
+        bail!("INFO server: unexpected reply");
+    };
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO server gives no process_id")
+}
+
+/// CPU time of the server and of this benchmark process (the clients), at one moment.
+struct CpuUse {
+    server: f64,
+    clients: f64,
+}
+
+impl CpuUse {
+    fn now(server_pid: u32) -> Result<CpuUse> {
+        Ok(CpuUse {
+            server: crate::bench::cpu_seconds(server_pid)?,
+            clients: crate::bench::cpu_seconds(std::process::id())?,
+        })
+    }
+
+    /// CPU per message since `before`, as text.
+    fn since(&self, before: &CpuUse, messages: usize) -> String {
+        let per = |a: f64, b: f64| (a - b) / messages as f64 * 1e6;
+        format!(
+            "CPU per message: server {:.2} µs, clients {:.2} µs",
+            per(self.server, before.server),
+            per(self.clients, before.clients)
+        )
+    }
+}
+
 /// Entries of an XREADGROUP reply: (id, payload).
 fn entries(reply: Resp) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
@@ -649,6 +693,8 @@ async fn redis_throughput(
     }
     r.cmd(&[b"XGROUP", b"CREATE", stream.as_bytes(), b"g", b"0"])
         .await?;
+    let pid = redis_pid(&mut r).await?;
+    let cpu_before = CpuUse::now(pid)?;
     let progress = Progress::new(a.messages as u64);
     let mut tasks = Vec::new();
     for c in 0..a.consumers {
@@ -724,6 +770,8 @@ async fn redis_throughput(
         t.await??;
     }
     let rate = progress.rate();
+    let cpu = CpuUse::now(pid)?.since(&cpu_before, a.messages);
+    println!("    redis {}: {cpu}", mode(combined));
     r.cmd(&[b"DEL", stream.as_bytes()]).await?;
     Ok(rate)
 }

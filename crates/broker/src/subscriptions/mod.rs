@@ -27,8 +27,13 @@ use spate_log::{Appended, Partition, TopicConfig};
 use thiserror::Error;
 use tokio::sync::Notify;
 
+use crate::event::write_record_json;
 use crate::filter::{Filter, FilterInput, Verdict};
-use crate::{Broker, BrokerError, Event, blocking, now_ms, read_events, read_offsets};
+use crate::{
+    Broker, BrokerError, Event, blocking, now_ms, read_budget, read_events, read_offsets,
+    read_records_within,
+};
+pub use state::HeldEvent;
 pub use state::{Backoff, Config, MsgId, Op, Ordering, PushConfig, Settle, Source, Stats};
 use state::{Found, State, Sub, key_hash};
 
@@ -269,7 +274,7 @@ pub struct Delivery {
     pub topic: String,
     pub partition: u32,
     pub offset: u64,
-    pub event: Arc<Event>,
+    pub event: HeldEvent,
 }
 
 /// Acks applied and journaled whose journal write may not be durable yet.
@@ -730,13 +735,17 @@ impl Subscriptions {
                     e.sub.apply(&op);
                     let topic = e.sub.config.topic.clone();
                     let dlq = e.sub.config.dead_letter_topic.clone();
-                    let out: Vec<(MsgId, u32, Option<Arc<Event>>)> = ids
+                    // Webhooks send events in binary mode: one held only as JSON is read again.
+                    let decoded = e.sub.config.push.is_some();
+                    let out: Vec<(MsgId, u32, Option<HeldEvent>)> = ids
                         .iter()
                         .filter_map(|id| {
-                            e.sub
-                                .msgs
-                                .get(id)
-                                .map(|m| (*id, m.attempt, m.event.clone()))
+                            e.sub.msgs.get(id).map(|m| {
+                                let event = m.event.clone().filter(|held| {
+                                    !decoded || matches!(held, HeldEvent::Decoded(_))
+                                });
+                                (*id, m.attempt, event)
+                            })
                         })
                         .collect();
                     Some((a, out, topic, dlq))
@@ -759,7 +768,7 @@ impl Subscriptions {
     async fn deliveries(
         &self,
         name: &str,
-        out: Vec<(MsgId, u32, Option<Arc<Event>>)>,
+        out: Vec<(MsgId, u32, Option<HeldEvent>)>,
         topic: &str,
         dlq: &str,
     ) -> Result<Vec<Delivery>> {
@@ -776,7 +785,9 @@ impl Subscriptions {
         let mut lost = Vec::new();
         let mut deliveries = Vec::with_capacity(out.len());
         for (id, attempt, event) in out {
-            let Some(event) = event.or_else(|| loaded.get(&id).cloned()) else {
+            let Some(event) =
+                event.or_else(|| loaded.get(&id).map(|e| HeldEvent::Decoded(e.clone())))
+            else {
                 lost.push(id);
                 continue;
             };
@@ -1169,7 +1180,7 @@ impl Subscriptions {
                     .msgs
                     .get_mut(&(Source::DeadLetters, l.partition, l.offset))
                 {
-                    m.event = Some(Arc::new(l.event.clone()));
+                    m.event = Some(HeldEvent::Decoded(Arc::new(l.event.clone())));
                 }
             }
             e.ready.notify_waiters();
@@ -1202,7 +1213,7 @@ impl Subscriptions {
     /// One step of a reader: reads what it can, or waits for news. `None` when the subscription
     /// is gone; `Some(true)` when it read something.
     async fn read_step(&self, name: &str, uid: u64) -> Result<Option<bool>> {
-        let (topic_name, positions, room, generation, filter, wake) = {
+        let (topic_name, positions, room, generation, filter, decode, wake) = {
             let inner = self.lock();
             let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
                 return Ok(None);
@@ -1213,6 +1224,9 @@ impl Subscriptions {
                 WINDOW_MAX.saturating_sub(e.sub.msgs.len()),
                 e.generation,
                 e.filter.clone(),
+                // Filters judge decoded events and webhooks send them in binary mode; the rest
+                // only ever needs the JSON.
+                !e.filter.is_empty() || e.sub.config.push.is_some(),
                 e.wake.clone(),
             )
         };
@@ -1245,8 +1259,29 @@ impl Subscriptions {
                 let filter = filter.clone();
                 let (to, found) = blocking(move || {
                     let start = from.max(part.log_start_offset());
-                    let page = read_events(&part, &tname, partition, start, limit)?;
                     let mut found = Vec::new();
+                    if !decode {
+                        let (records, next) = read_records_within(
+                            &part,
+                            start,
+                            limit,
+                            read_budget(&part, limit),
+                            usize::MAX,
+                            |r| {
+                                let mut json =
+                                    String::with_capacity(r.value.map_or(0, <[u8]>::len) + 256);
+                                let facts = write_record_json(r, (&tname, partition), &mut json);
+                                (json, facts)
+                            },
+                        )?;
+                        for (offset, (json, facts)) in records {
+                            let ts = facts.time_ms.unwrap_or_else(now_ms);
+                            let key = facts.partition_key.map(|k| key_hash(k.as_bytes()));
+                            found.push((Found(offset, ts, key), HeldEvent::Json(json.into())));
+                        }
+                        return Ok((next.max(start), found));
+                    }
+                    let page = read_events(&part, &tname, partition, start, limit)?;
                     for r in page.events {
                         let input;
                         let verdict = if filter.is_empty() {
@@ -1256,7 +1291,10 @@ impl Subscriptions {
                             filter.judge(&r.event, || &input)
                         };
                         if verdict == Verdict::Match {
-                            found.push(r);
+                            let ts = event_time(&r.event);
+                            let key = r.event.partition_key().map(|k| key_hash(k.as_bytes()));
+                            let held = HeldEvent::Decoded(Arc::new(r.event));
+                            found.push((Found(r.offset, ts, key), held));
                         }
                     }
                     Ok((page.next_offset.max(start), found))
@@ -1269,14 +1307,7 @@ impl Subscriptions {
                 let op = Op::Read {
                     partition,
                     to,
-                    found: found
-                        .iter()
-                        .map(|r| {
-                            let ts = event_time(&r.event);
-                            let key = r.event.partition_key().map(|k| key_hash(k.as_bytes()));
-                            Found(r.offset, ts, key)
-                        })
-                        .collect(),
+                    found: found.iter().map(|(f, _)| *f).collect(),
                 };
                 let mut record = encode(name, &op)?;
                 let mut inner = self.lock();
@@ -1289,9 +1320,9 @@ impl Subscriptions {
                 self.append(&mut inner, &mut record)?;
                 let e = inner.subs.get_mut(name).expect("checked above");
                 e.sub.apply(&op);
-                for r in found {
-                    if let Some(m) = e.sub.msgs.get_mut(&(Source::Topic, partition, r.offset)) {
-                        m.event = Some(Arc::new(r.event));
+                for (f, held) in found {
+                    if let Some(m) = e.sub.msgs.get_mut(&(Source::Topic, partition, f.0)) {
+                        m.event = Some(held);
                     }
                 }
                 if e.sub.ready_len() > 0 {
@@ -1343,7 +1374,11 @@ impl Subscriptions {
                 e.sub.config.clone(),
                 m.state.clone(),
                 m.attempt,
-                m.event.clone(),
+                // The original record, not its JSON, goes to the dead-letter topic.
+                m.event.clone().and_then(|held| match held {
+                    HeldEvent::Decoded(e) => Some(e),
+                    HeldEvent::Json(_) => None,
+                }),
                 partitions,
             )
         };
@@ -1401,7 +1436,7 @@ impl Subscriptions {
                     let e = inner.subs.get_mut(name).expect("checked above");
                     e.sub.apply(&op);
                     if let Some(m) = e.sub.msgs.get_mut(&id) {
-                        m.event = Some(event);
+                        m.event = Some(HeldEvent::Decoded(event));
                     }
                     a
                 };

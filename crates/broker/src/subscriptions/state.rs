@@ -148,11 +148,44 @@ pub struct Msg {
     /// The record's timestamp (ms), for the age of the oldest unacked message.
     pub timestamp_ms: i64,
     /// The event, when loaded.
-    pub event: Option<Arc<Event>>,
+    pub event: Option<HeldEvent>,
     /// Position in the ready queue while queued.
     ready_seq: Option<u64>,
     /// Due time in the timer set while there.
     timer: Option<i64>,
+}
+
+/// A message's event as a subscription holds it in memory.
+#[derive(Debug, Clone)]
+pub enum HeldEvent {
+    /// Only its structured JSON, written once when it was read: what pulls and WebSocket
+    /// consumers are sent, without decoding the record into an event first.
+    Json(Arc<str>),
+    /// The decoded event, for subscriptions that need its attributes (a filter judged it, or
+    /// webhooks get it in binary mode), and for events read back from the log.
+    Decoded(Arc<Event>),
+}
+
+impl HeldEvent {
+    /// Appends the event's structured JSON form to `out`.
+    pub fn write_json(&self, out: &mut String) {
+        match self {
+            HeldEvent::Json(json) => out.push_str(json),
+            HeldEvent::Decoded(e) => e.write_json(out),
+        }
+    }
+
+    /// The event itself (parsed back from its JSON when only that is held).
+    pub fn decoded(&self) -> Result<Arc<Event>, crate::event::EventError> {
+        match self {
+            HeldEvent::Decoded(e) => Ok(e.clone()),
+            HeldEvent::Json(json) => {
+                let value: serde_json::Value = serde_json::from_str(json)
+                    .map_err(|_| crate::event::EventError::NotAnObject)?;
+                Event::from_json(value).map(Arc::new)
+            }
+        }
+    }
 }
 
 /// A message the reader found matching: offset, record timestamp, key hash.

@@ -407,12 +407,31 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
+/// CPU seconds used so far by a store's server processes.
+type ServerCpu = Box<dyn Fn() -> Result<f64>>;
+
 async fn run_store<S: Store>(
     name: &str,
     store: Arc<S>,
     a: &StreamsBenchArgs,
+    server_cpu: &ServerCpu,
+    cpu_notes: &mut Vec<String>,
 ) -> Result<(f64, f64)> {
+    let (server_before, clients_before) = (
+        server_cpu()?,
+        crate::bench::cpu_seconds(std::process::id())?,
+    );
     let o = append_load(store.clone(), a).await?;
+    let requests = (o.appends_per_s * a.seconds) as u64 + o.conflicts;
+    let per = |after: f64, before: f64| (after - before) / requests.max(1) as f64 * 1e6;
+    cpu_notes.push(format!(
+        "{name}: CPU per append request (appends and conflicts): server {:.1} µs, clients {:.1} µs",
+        per(server_cpu()?, server_before),
+        per(
+            crate::bench::cpu_seconds(std::process::id())?,
+            clients_before
+        ),
+    ));
     let reads = read_load(store, a, 200, "r").await?;
     println!(
         "| {name} | {:.0} | {:.2} / {:.2} / {:.2} | {} | {:.2} / {:.2} | {:.0} |",
@@ -457,7 +476,11 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
         base: format!("http://{}", server.addr),
         attempts: AtomicU64::new(0),
     });
-    let (spate_rate, spate_p99) = run_store("spate (fsync batch)", spate, &a).await?;
+    let mut cpu_notes = Vec::new();
+    let pid = server.child.id();
+    let spate_cpu: ServerCpu = Box::new(move || crate::bench::cpu_seconds(pid));
+    let (spate_rate, spate_p99) =
+        run_store("spate (fsync batch)", spate, &a, &spate_cpu, &mut cpu_notes).await?;
     if a.others > 0 {
         println!();
         println!("with {} events of other streams in the topic:", a.others);
@@ -482,7 +505,16 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
     }
     if let Some(conn) = &a.postgres {
         let pg = Arc::new(PgStore::connect(conn, a.clients).await?);
-        let (pg_rate, pg_p99) = run_store("postgresql (synchronous_commit=on)", pg, &a).await?;
+        // Every process of the cluster: the server runs on this machine for the comparison.
+        let pg_cpu: ServerCpu = Box::new(|| crate::bench::cpu_seconds_of("postgres"));
+        let (pg_rate, pg_p99) = run_store(
+            "postgresql (synchronous_commit=on)",
+            pg,
+            &a,
+            &pg_cpu,
+            &mut cpu_notes,
+        )
+        .await?;
         println!();
         println!(
             "appends/s ratio spate/postgresql: {:.2}x; append p99 {:.2} ms vs {:.2} ms",
@@ -490,6 +522,10 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
             spate_p99,
             pg_p99
         );
+    }
+    println!();
+    for note in cpu_notes {
+        println!("{note}");
     }
     Ok(())
 }

@@ -211,6 +211,30 @@ fn print_latency(name: &str, l: &Latency) {
 #[derive(serde::Deserialize)]
 struct Pulled {
     messages: Vec<PulledMessage>,
+    /// What the acks sent with the pull did.
+    #[serde(default)]
+    results: Vec<AckResult>,
+}
+
+#[derive(serde::Deserialize)]
+struct Acked {
+    results: Vec<AckResult>,
+}
+
+#[derive(serde::Deserialize)]
+struct AckResult {
+    result: String,
+}
+
+/// Checks that every one of `n` acks was applied, as the Redis clients check XACK's count.
+fn all_acked(results: &[AckResult], n: usize) -> Result<()> {
+    let ok = results.iter().filter(|r| r.result == "ok").count();
+    ensure!(
+        results.len() == n && ok == n,
+        "{ok} of {n} acks applied ({} results)",
+        results.len()
+    );
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -345,7 +369,11 @@ impl Spate {
                 loop {
                     if progress.all_received() {
                         if !pending.is_empty() {
-                            me.post(&ack, &json!({ "ack_ids": pending })).await?;
+                            let body = me.post_raw(&ack, &json!({ "ack_ids": pending })).await?;
+                            all_acked(
+                                &serde_json::from_slice::<Acked>(&body)?.results,
+                                pending.len(),
+                            )?;
                             progress.settled(pending.len());
                         }
                         break;
@@ -358,6 +386,7 @@ impl Spate {
                     let got: Pulled = serde_json::from_slice(&me.post_raw(&pull, &body).await?)?;
                     times.0.record(t0.elapsed().as_nanos() as u64)?;
                     if combined {
+                        all_acked(&got.results, pending.len())?;
                         progress.settled(pending.len());
                     }
                     pending = got.messages.into_iter().map(|m| m.ack_id).collect();
@@ -366,7 +395,11 @@ impl Spate {
                         continue;
                     }
                     let t1 = Instant::now();
-                    me.post(&ack, &json!({ "ack_ids": pending })).await?;
+                    let body = me.post_raw(&ack, &json!({ "ack_ids": pending })).await?;
+                    all_acked(
+                        &serde_json::from_slice::<Acked>(&body)?.results,
+                        pending.len(),
+                    )?;
                     times.1.record(t1.elapsed().as_nanos() as u64)?;
                     progress.settled(pending.len());
                     pending.clear();

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::batch::{self, BatchHeader, HEADER_BYTES};
+
+/// Bytes read at a time while walking batch headers to the one a read starts with.
+const HEADER_WINDOW_BYTES: u64 = 8 << 10;
 use crate::error::{Error, IoContext, Result};
 use crate::io::{File, Storage, write_atomically};
 use crate::producers::{ProducerBatch, last_sequence};
@@ -476,16 +479,25 @@ impl Segment {
             position,
             reason,
         };
-        // Find the batch that holds `offset` by walking headers from the index entry.
-        let mut header = [0u8; HEADER_BYTES];
+        // Find the batch that holds `offset` by walking headers from the index entry, reading
+        // the file a window at a time rather than a header at a time (index entries are
+        // `index_interval_bytes` apart, so a walk passes several small batches).
+        let mut window = Vec::new();
+        let mut window_at = position;
         let first = loop {
             if position + HEADER_BYTES as u64 > size {
                 return Ok(Vec::new());
             }
-            self.file
-                .read_exact_at(&mut header, position)
-                .ctx("read segment", &self.log_path)?;
-            let h = BatchHeader::parse(&header).map_err(|e| corrupt(position, e.to_string()))?;
+            if position + HEADER_BYTES as u64 > window_at + window.len() as u64 {
+                let n = (size - position).min(HEADER_WINDOW_BYTES);
+                window.clear();
+                self.file
+                    .read_exact_appending(&mut window, n as usize, position)
+                    .ctx("read segment", &self.log_path)?;
+                window_at = position;
+            }
+            let h = BatchHeader::parse(&window[(position - window_at) as usize..])
+                .map_err(|e| corrupt(position, e.to_string()))?;
             if h.base_offset as u64 >= limit_offset {
                 return Ok(Vec::new());
             }
@@ -496,9 +508,15 @@ impl Segment {
         };
         let want = max_bytes.max(first.total_bytes()).min(size - position);
         let mut buf = Vec::new();
-        self.file
-            .read_exact_appending(&mut buf, want as usize, position)
-            .ctx("read segment", &self.log_path)?;
+        let from = (position - window_at) as usize;
+        if let Some(held) = window.get(from..from + want as usize) {
+            // Small reads are in the window already.
+            buf.extend_from_slice(held);
+        } else {
+            self.file
+                .read_exact_appending(&mut buf, want as usize, position)
+                .ctx("read segment", &self.log_path)?;
+        }
         let mut end = 0usize;
         while end + HEADER_BYTES <= buf.len() {
             let h = BatchHeader::parse(&buf[end..])

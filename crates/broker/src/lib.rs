@@ -318,6 +318,26 @@ pub fn read_offsets(
     offsets: &[u64],
     window: u64,
 ) -> Result<Vec<ReadEvent>> {
+    Ok(read_offsets_with(p, offsets, window, |r| {
+        Event::from_record_ref(r, (topic, partition))
+    })?
+    .into_iter()
+    .map(|(offset, event)| ReadEvent {
+        partition,
+        offset,
+        event,
+    })
+    .collect())
+}
+
+/// As [`read_offsets`], each record turned into a `T` by `f` while borrowed from its batch;
+/// returns them by offset.
+pub fn read_offsets_with<T>(
+    p: &spate_log::Partition,
+    offsets: &[u64],
+    window: u64,
+    mut f: impl FnMut(&batch::RecordRef<'_>) -> T,
+) -> Result<Vec<(u64, T)>> {
     let mut out = Vec::with_capacity(offsets.len());
     let mut i = 0;
     // Bytes per offset seen so far, to read no further than the wanted offsets reach.
@@ -369,11 +389,7 @@ pub fn read_offsets(
                     i += 1;
                 }
                 if i < offsets.len() && offsets[i] == o {
-                    out.push(ReadEvent {
-                        partition,
-                        offset: o,
-                        event: Event::from_record_ref(r, (topic, partition)),
-                    });
+                    out.push((o, f(r)));
                     i += 1;
                 }
                 Ok(())

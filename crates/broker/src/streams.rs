@@ -86,11 +86,11 @@ pub struct StreamInfo {
 
 /// An event read from a stream.
 #[derive(Debug, Clone)]
-pub struct StreamEvent {
+pub struct StreamEvent<T = Event> {
     pub version: u64,
     pub partition: u32,
     pub offset: u64,
-    pub event: Event,
+    pub event: T,
 }
 
 /// The embedded store of the stream indexes.
@@ -667,6 +667,40 @@ impl Broker {
         limit: usize,
         backward: bool,
     ) -> Result<Option<Vec<StreamEvent>>> {
+        self.read_stream_as(topic, stream, from_version, limit, backward, |r, origin| {
+            Event::from_record_ref(r, origin)
+        })
+        .await
+    }
+
+    /// As [`Broker::read_stream`], each event as its structured JSON, written straight from its
+    /// record.
+    pub async fn read_stream_json(
+        self: &Arc<Self>,
+        topic: &str,
+        stream: &str,
+        from_version: Option<u64>,
+        limit: usize,
+        backward: bool,
+    ) -> Result<Option<Vec<StreamEvent<String>>>> {
+        self.read_stream_as(topic, stream, from_version, limit, backward, |r, origin| {
+            let mut json = String::with_capacity(r.value.map_or(0, <[u8]>::len) + 256);
+            crate::event::write_record_json(r, origin, &mut json);
+            json
+        })
+        .await
+    }
+
+    /// As [`Broker::read_stream`], each event made by `make` from its record and origin.
+    async fn read_stream_as<T: Send + 'static>(
+        self: &Arc<Self>,
+        topic: &str,
+        stream: &str,
+        from_version: Option<u64>,
+        limit: usize,
+        backward: bool,
+        make: fn(&batch::RecordRef<'_>, (&str, u32)) -> T,
+    ) -> Result<Option<Vec<StreamEvent<T>>>> {
         // One blocking step: the wanted (version, offset) pairs, then the events, read in
         // windows of nearby batches (events removed by retention are left out).
         let (_, _, events) = self
@@ -683,17 +717,19 @@ impl Broker {
                 };
                 let wanted = v.offsets(range)?;
                 let offsets: Vec<u64> = wanted.iter().map(|&(_, o)| o).collect();
-                let found = crate::read_offsets(v.partition, v.topic, v.index, &offsets, 64 << 10)?;
+                let found = crate::read_offsets_with(v.partition, &offsets, 64 << 10, |r| {
+                    make(r, (v.topic, v.index))
+                })?;
                 let mut versions = wanted.iter();
-                let mut out: Vec<StreamEvent> = found
+                let mut out: Vec<StreamEvent<T>> = found
                     .into_iter()
-                    .filter_map(|e| {
-                        let &(version, _) = versions.find(|&&(_, o)| o == e.offset)?;
+                    .filter_map(|(offset, event)| {
+                        let &(version, _) = versions.find(|&&(_, o)| o == offset)?;
                         Some(StreamEvent {
                             version,
                             partition: v.index,
-                            offset: e.offset,
-                            event: e.event,
+                            offset,
+                            event,
                         })
                     })
                     .collect();

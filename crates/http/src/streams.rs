@@ -81,7 +81,7 @@ pub async fn read(
     let from: Option<u64> = number(&q, "from_version")?;
     let events = s
         .broker
-        .read_stream(&topic, &stream, from, limit, backward)
+        .read_stream_json(&topic, &stream, from, limit, backward)
         .await?
         .ok_or_else(|| not_found(&stream))?;
     // Written directly: events are copied as JSON text rather than built into a tree.
@@ -95,7 +95,7 @@ pub async fn read(
             "{{\"version\":{},\"partition\":{},\"offset\":{},\"event\":",
             e.version, e.partition, e.offset
         ));
-        out.push_str(&e.event.json_string());
+        out.push_str(&e.event);
         out.push('}');
     }
     out.push_str("]}");

@@ -249,20 +249,20 @@ pub async fn read(
         }
         (None, None) => Start::Offset(0),
     };
-    let page = s.broker.read(&topic, partition, start, limit).await?;
-    let mut out = String::with_capacity(page.events.len() * 700 + 32);
+    let (events, next_offset) = s.broker.read_json(&topic, partition, start, limit).await?;
+    let mut out =
+        String::with_capacity(events.iter().map(|(_, e)| e.len() + 48).sum::<usize>() + 32);
     out.push_str("{\"events\":[");
-    for (i, e) in page.events.iter().enumerate() {
+    for (i, (offset, event)) in events.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push_str(&format!(
-            "{{\"partition\":{},\"offset\":{},\"event\":",
-            e.partition, e.offset
+            "{{\"partition\":{partition},\"offset\":{offset},\"event\":"
         ));
-        out.push_str(&e.event.json_string());
+        out.push_str(event);
         out.push('}');
     }
-    out.push_str(&format!("],\"next_offset\":{}}}", page.next_offset));
+    out.push_str(&format!("],\"next_offset\":{next_offset}}}"));
     Ok(crate::json_text(out))
 }

@@ -7,6 +7,7 @@
 //! back into the structured JSON form; a record produced without `ce_` headers (by a plain Kafka
 //! producer) reads as an event of type `spate.record` whose data is the value (see `docs/http.md`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use base64::Engine;
@@ -373,53 +374,22 @@ impl Event {
     /// As [`Event::from_record`], from a record borrowed from its batch: only the event's own
     /// fields are allocated.
     pub fn from_record_ref(record: &RecordRef<'_>, origin: (&str, u32)) -> Event {
-        let mut event = Event {
+        let a = RecordAttrs::of(record, origin);
+        Event {
+            id: Some(a.id.into_owned()),
+            source: Some(a.source.into_owned()),
+            event_type: a.event_type.into_owned(),
+            subject: a.subject.map(Cow::into_owned),
+            time: Some(a.time.into_owned()),
+            datacontenttype: a.datacontenttype.map(Cow::into_owned),
+            dataschema: a.dataschema.map(Cow::into_owned),
+            extensions: a
+                .extensions
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_owned()))
+                .collect(),
             data: record.value.map(<[u8]>::to_vec),
-            ..Event::default()
-        };
-        let mut has_ce = false;
-        for &(name, value) in record.headers {
-            let Some(value) = value.map(text) else {
-                continue;
-            };
-            if name.eq_ignore_ascii_case("content-type") {
-                event.datacontenttype = Some(value);
-                continue;
-            }
-            let Some(attr) = name.strip_prefix("ce_") else {
-                continue;
-            };
-            has_ce = true;
-            match attr {
-                "specversion" => {}
-                "id" => event.id = Some(value),
-                "source" => event.source = Some(value),
-                "type" => event.event_type = value,
-                "subject" => event.subject = Some(value),
-                "time" => event.time = Some(value),
-                "dataschema" => event.dataschema = Some(value),
-                other => {
-                    event.extensions.insert(other.to_string(), value);
-                }
-            }
         }
-        let (topic, partition) = origin;
-        if !has_ce || event.event_type.is_empty() {
-            event.event_type = "spate.record".into();
-        }
-        if event.id.is_none() {
-            event.id = Some(format!("{topic}-{partition}-{}", record.offset));
-        }
-        if event.source.is_none() {
-            event.source = Some(format!("/spate/topics/{topic}"));
-        }
-        if event.time.is_none() {
-            event.time = Some(now_rfc3339(record.timestamp_ms));
-        }
-        if let Some(key) = record.key {
-            event.extensions.insert("partitionkey".into(), text(key));
-        }
-        event
     }
 
     /// The structured JSON form as text, the same as `to_json().to_string()` up to the order of
@@ -559,6 +529,82 @@ pub struct RecordFacts {
     pub partition_key: Option<String>,
 }
 
+/// The attributes of the event a stored record carries (see the module docs), borrowed from the
+/// record where they are valid UTF-8, with the defaults of records without CloudEvents headers.
+struct RecordAttrs<'r> {
+    id: Cow<'r, str>,
+    source: Cow<'r, str>,
+    event_type: Cow<'r, str>,
+    subject: Option<Cow<'r, str>>,
+    time: Cow<'r, str>,
+    datacontenttype: Option<Cow<'r, str>>,
+    dataschema: Option<Cow<'r, str>>,
+    /// Sorted by name, each name once (the last value given for it).
+    extensions: Vec<(&'r str, Cow<'r, str>)>,
+}
+
+impl<'r> RecordAttrs<'r> {
+    fn of(record: &RecordRef<'r>, origin: (&str, u32)) -> RecordAttrs<'r> {
+        let lossy = |b| String::from_utf8_lossy(b);
+        let (mut id, mut source, mut event_type, mut subject) = (None, None, None, None);
+        let (mut time, mut datacontenttype, mut dataschema) = (None, None, None);
+        let mut extensions: Vec<(&str, Cow<'_, str>)> = Vec::new();
+        let mut has_ce = false;
+        for &(name, value) in record.headers {
+            let Some(value) = value.map(lossy) else {
+                continue;
+            };
+            if name.eq_ignore_ascii_case("content-type") {
+                datacontenttype = Some(value);
+                continue;
+            }
+            let Some(attr) = name.strip_prefix("ce_") else {
+                continue;
+            };
+            has_ce = true;
+            match attr {
+                "specversion" => {}
+                "id" => id = Some(value),
+                "source" => source = Some(value),
+                "type" => event_type = Some(value),
+                "subject" => subject = Some(value),
+                "time" => time = Some(value),
+                "dataschema" => dataschema = Some(value),
+                other => extensions.push((other, value)),
+            }
+        }
+        if let Some(key) = record.key {
+            extensions.push(("partitionkey", lossy(key)));
+        }
+        // As in a map of extensions: sorted by name, the last value given for a name kept.
+        extensions.reverse();
+        extensions.sort_by(|a, b| a.0.cmp(b.0));
+        extensions.dedup_by(|later, earlier| later.0 == earlier.0);
+        let (topic, partition) = origin;
+        RecordAttrs {
+            event_type: match event_type {
+                Some(t) if has_ce && !t.is_empty() => t,
+                _ => Cow::Borrowed("spate.record"),
+            },
+            id: id.unwrap_or_else(|| Cow::Owned(format!("{topic}-{partition}-{}", record.offset))),
+            source: source.unwrap_or_else(|| Cow::Owned(format!("/spate/topics/{topic}"))),
+            time: time.unwrap_or_else(|| Cow::Owned(now_rfc3339(record.timestamp_ms))),
+            subject,
+            datacontenttype,
+            dataschema,
+            extensions,
+        }
+    }
+}
+
+/// The structured JSON form of the event a stored record carries, written without building the
+/// event (see [`write_record_json`]).
+pub fn record_json(record: &RecordRef<'_>, origin: (&str, u32)) -> String {
+    let mut json = String::with_capacity(record.value.map_or(0, <[u8]>::len) + 256);
+    write_record_json(record, origin, &mut json);
+    json
+}
+
 /// Appends the structured JSON form of the event a stored record carries to `out`: the same text
 /// as `Event::from_record_ref(record, origin).write_json(out)`, without building the event (its
 /// attributes are borrowed from the record).
@@ -567,64 +613,22 @@ pub fn write_record_json(
     origin: (&str, u32),
     out: &mut String,
 ) -> RecordFacts {
-    use std::borrow::Cow;
-    let lossy = |b| String::from_utf8_lossy(b);
-    let (mut id, mut source, mut event_type, mut subject) = (None, None, None, None);
-    let (mut at, mut datacontenttype, mut dataschema) = (None, None, None);
-    let mut extensions: Vec<(&str, Cow<'_, str>)> = Vec::new();
-    let mut has_ce = false;
-    for &(name, value) in record.headers {
-        let Some(value) = value.map(lossy) else {
-            continue;
-        };
-        if name.eq_ignore_ascii_case("content-type") {
-            datacontenttype = Some(value);
-            continue;
-        }
-        let Some(attr) = name.strip_prefix("ce_") else {
-            continue;
-        };
-        has_ce = true;
-        match attr {
-            "specversion" => {}
-            "id" => id = Some(value),
-            "source" => source = Some(value),
-            "type" => event_type = Some(value),
-            "subject" => subject = Some(value),
-            "time" => at = Some(value),
-            "dataschema" => dataschema = Some(value),
-            other => extensions.push((other, value)),
-        }
-    }
-    if let Some(key) = record.key {
-        extensions.push(("partitionkey", lossy(key)));
-    }
-    // As in a map of extensions: sorted by name, the last value given for a name kept.
-    extensions.reverse();
-    extensions.sort_by(|a, b| a.0.cmp(b.0));
-    extensions.dedup_by(|later, earlier| later.0 == earlier.0);
-    let (topic, partition) = origin;
-    let event_type = match event_type {
-        Some(t) if has_ce && !t.is_empty() => t,
-        _ => Cow::Borrowed("spate.record"),
-    };
-    let id = id.unwrap_or_else(|| Cow::Owned(format!("{topic}-{partition}-{}", record.offset)));
-    let source = source.unwrap_or_else(|| Cow::Owned(format!("/spate/topics/{topic}")));
-    let at = at.unwrap_or_else(|| Cow::Owned(now_rfc3339(record.timestamp_ms)));
+    let a = RecordAttrs::of(record, origin);
     JsonView {
-        id: Some(&id),
-        source: Some(&source),
-        event_type: &event_type,
-        subject: subject.as_deref(),
-        time: Some(&at),
-        datacontenttype: datacontenttype.as_deref(),
-        dataschema: dataschema.as_deref(),
+        id: Some(&a.id),
+        source: Some(&a.source),
+        event_type: &a.event_type,
+        subject: a.subject.as_deref(),
+        time: Some(&a.time),
+        datacontenttype: a.datacontenttype.as_deref(),
+        dataschema: a.dataschema.as_deref(),
         data: record.value,
     }
-    .write(out, extensions.iter().map(|(k, v)| (*k, v.as_ref())));
+    .write(out, a.extensions.iter().map(|(k, v)| (*k, v.as_ref())));
     RecordFacts {
-        time_ms: rfc3339_ms(&at),
-        partition_key: extensions
+        time_ms: rfc3339_ms(&a.time),
+        partition_key: a
+            .extensions
             .iter()
             .find(|(k, _)| *k == "partitionkey")
             .map(|(_, v)| v.to_string()),

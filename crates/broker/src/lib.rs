@@ -674,20 +674,20 @@ impl Broker {
         start: Start,
         limit: usize,
     ) -> Result<ReadPage> {
-        let topic = self.topic(topic)?;
-        let p = topic.partition(partition)?.clone();
-        let limit = limit.clamp(1, self.limits.read_events_max);
-        let name = topic.name.clone();
-        blocking(move || {
-            let offset = match start {
-                Start::Offset(o) => o,
-                Start::Time(t) => p
-                    .offset_for_timestamp(t)?
-                    .map_or_else(|| p.high_watermark(), |(o, _)| o),
-            };
-            read_events(&p, &name, partition, offset, limit)
+        let (events, next_offset) = self
+            .read_with(topic, partition, start, limit, Event::from_record_ref)
+            .await?;
+        Ok(ReadPage {
+            events: events
+                .into_iter()
+                .map(|(offset, event)| ReadEvent {
+                    partition,
+                    offset,
+                    event,
+                })
+                .collect(),
+            next_offset,
         })
-        .await
     }
 
     /// As [`Broker::read`], each event as its structured JSON written straight from its record:
@@ -699,6 +699,20 @@ impl Broker {
         start: Start,
         limit: usize,
     ) -> Result<(Vec<(u64, String)>, u64)> {
+        self.read_with(topic, partition, start, limit, event::record_json)
+            .await
+    }
+
+    /// As [`Broker::read`], each record made into a `T` by `make` (given the record and its topic
+    /// and partition).
+    async fn read_with<T: Send + 'static>(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: Start,
+        limit: usize,
+        make: fn(&batch::RecordRef<'_>, (&str, u32)) -> T,
+    ) -> Result<(Vec<(u64, T)>, u64)> {
         let topic = self.topic(topic)?;
         let p = topic.partition(partition)?.clone();
         let limit = limit.clamp(1, self.limits.read_events_max);
@@ -711,9 +725,7 @@ impl Broker {
                     .map_or_else(|| p.high_watermark(), |(o, _)| o),
             };
             read_records_within(&p, offset, limit, read_budget(&p, limit), usize::MAX, |r| {
-                let mut json = String::with_capacity(r.value.map_or(0, <[u8]>::len) + 256);
-                event::write_record_json(r, (&name, partition), &mut json);
-                json
+                make(r, (&name, partition))
             })
         })
         .await

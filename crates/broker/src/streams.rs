@@ -658,41 +658,10 @@ impl Broker {
     }
 
     /// Up to `limit` events of a stream from `from_version`, forward or backward; `None` when the
-    /// stream has no durable event.
-    pub async fn read_stream(
-        self: &Arc<Self>,
-        topic: &str,
-        stream: &str,
-        from_version: Option<u64>,
-        limit: usize,
-        backward: bool,
-    ) -> Result<Option<Vec<StreamEvent>>> {
-        self.read_stream_as(topic, stream, from_version, limit, backward, |r, origin| {
-            Event::from_record_ref(r, origin)
-        })
-        .await
-    }
-
-    /// As [`Broker::read_stream`], each event as its structured JSON, written straight from its
-    /// record.
-    pub async fn read_stream_json(
-        self: &Arc<Self>,
-        topic: &str,
-        stream: &str,
-        from_version: Option<u64>,
-        limit: usize,
-        backward: bool,
-    ) -> Result<Option<Vec<StreamEvent<String>>>> {
-        self.read_stream_as(topic, stream, from_version, limit, backward, |r, origin| {
-            let mut json = String::with_capacity(r.value.map_or(0, <[u8]>::len) + 256);
-            crate::event::write_record_json(r, origin, &mut json);
-            json
-        })
-        .await
-    }
-
-    /// As [`Broker::read_stream`], each event made by `make` from its record and origin.
-    async fn read_stream_as<T: Send + 'static>(
+    /// stream has no durable event. Each event is made by `make` from its record and origin
+    /// (topic, partition): [`Event::from_record_ref`], or
+    /// [`crate::event::record_json`] for its JSON.
+    pub async fn read_stream<T: Send + 'static>(
         self: &Arc<Self>,
         topic: &str,
         stream: &str,

@@ -81,7 +81,14 @@ pub async fn read(
     let from: Option<u64> = number(&q, "from_version")?;
     let events = s
         .broker
-        .read_stream_json(&topic, &stream, from, limit, backward)
+        .read_stream(
+            &topic,
+            &stream,
+            from,
+            limit,
+            backward,
+            spate_broker::event::record_json,
+        )
         .await?
         .ok_or_else(|| not_found(&stream))?;
     // Written directly: events are copied as JSON text rather than built into a tree.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::{Broker, BrokerError, blocking, now_ms, read_events};
+use crate::{Broker, BrokerError, Event, blocking, now_ms, read_events};
 pub use reduce::{Compiled, Definition, OnError, Outcome, Row};
 
 /// Projections a server holds at most.
@@ -642,7 +642,14 @@ impl Projections {
         loop {
             let page = self
                 .broker
-                .read_stream(&def.topic, key, Some(from), 1000, false)
+                .read_stream(
+                    &def.topic,
+                    key,
+                    Some(from),
+                    1000,
+                    false,
+                    Event::from_record_ref,
+                )
                 .await?;
             let Some(events) = page.filter(|e| !e.is_empty()) else {
                 return Ok(row);

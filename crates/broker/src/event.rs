@@ -516,8 +516,68 @@ impl JsonView<'_> {
 
 /// Milliseconds since the epoch of an RFC 3339 timestamp.
 fn rfc3339_ms(t: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+    utc_rfc3339_ms(t).or_else(|| {
+        let t =
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
+        Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+    })
+}
+
+/// The common case of [`rfc3339_ms`] without a general parser: `YYYY-MM-DDTHH:MM:SS[.f…]Z`
+/// from 1970 on, every field in range. `None` for anything else, which the general parser judges.
+fn utc_rfc3339_ms(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || *b.last()? != b'Z' {
+        return None;
+    }
+    let num = |at: usize, len: usize| -> Option<i64> {
+        b[at..at + len].iter().try_fold(0i64, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if year < 1970 || !(1..=month_days).contains(&day) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    // Fraction: `.` and 1 to 9 digits, of which milliseconds keep the first three.
+    let frac = &b[19..b.len() - 1];
+    let mut ms = 0;
+    if !frac.is_empty() {
+        let digits = &frac[1..];
+        if frac[0] != b'.' || digits.is_empty() || digits.len() > 9 {
+            return None;
+        }
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        for i in 0..3 {
+            ms = ms * 10 + digits.get(i).map_or(0, |d| i64::from(d - b'0'));
+        }
+    }
+    // Days since the epoch of a proleptic Gregorian date (civil-from-days, inverted).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * m + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + ms)
 }
 
 /// What [`write_record_json`] learned about the event besides its JSON.
@@ -685,7 +745,56 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn utc_timestamps_take_the_fast_path() {
+        for (t, ms) in [
+            ("1970-01-01T00:00:00Z", 0),
+            ("2026-11-29T01:02:03.456Z", 1_795_914_123_456),
+            ("2024-02-29T23:59:59.9999Z", 1_709_251_199_999),
+            ("2000-03-01T00:00:00.5Z", 951_868_800_500),
+        ] {
+            assert_eq!(utc_rfc3339_ms(t), Some(ms), "{t}");
+            assert_eq!(rfc3339_ms(t), Some(ms), "{t}");
+        }
+        for t in [
+            "2023-02-29T00:00:00Z",
+            "2026-11-29T01:02:03+00:00",
+            "2026-11-29T01:02:03.Z",
+        ] {
+            assert_eq!(utc_rfc3339_ms(t), None, "{t}");
+        }
+    }
+
     proptest::proptest! {
+        /// The fast path for UTC timestamps reads them as the general RFC 3339 parser does, and
+        /// leaves it every string it does not take.
+        #[test]
+        fn utc_timestamps_read_as_the_general_parser_reads_them(
+            year in 1900i64..2400,
+            month in 0i64..14,
+            day in 0i64..33,
+            hour in 0i64..25,
+            minute in 0i64..61,
+            second in 0i64..61,
+            fraction in proptest::option::of("[0-9]{0,10}"),
+            end in proptest::sample::select(vec!["Z", "z", "+00:00", "+02:00", "X", ""]),
+        ) {
+            let t = format!(
+                "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{}{end}",
+                fraction.map(|f| format!(".{f}")).unwrap_or_default()
+            );
+            let general = time::OffsetDateTime::parse(
+                &t,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+            if let Some(fast) = utc_rfc3339_ms(&t) {
+                proptest::prop_assert_eq!(Some(fast), general, "{}", t);
+            }
+            proptest::prop_assert_eq!(rfc3339_ms(&t), general, "{}", t);
+        }
+
         /// Rendering straight from a record gives the text the decoded event gives, whatever
         /// headers (repeated, missing, not UTF-8), key and data the record carries.
         #[test]

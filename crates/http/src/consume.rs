@@ -115,7 +115,6 @@ pub(crate) async fn run(subs: Arc<Subscriptions>, credit: Arc<Credit>, tx: mpsc:
 }
 
 /// The reply to a WebSocket ack or nack.
-pub(crate) fn settled(op: &str, subscription: &str, results: &[SettleResult]) -> Value {
-    let r = &results[0];
-    json!({"op": op, "subscription": subscription, "ack_id": r.ack_id, "result": r.result})
+pub(crate) fn settled(op: &str, subscription: &str, ack_id: &str, result: SettleResult) -> Value {
+    json!({"op": op, "subscription": subscription, "ack_id": ack_id, "result": result})
 }

@@ -881,7 +881,12 @@ impl Connection {
                     if let Some(c) = &credit {
                         c.release(&ack_id);
                     }
-                    consume::settled(if nack { "nacked" } else { "acked" }, &name, &results)
+                    consume::settled(
+                        if nack { "nacked" } else { "acked" },
+                        &name,
+                        &ack_id,
+                        results.first().copied().unwrap_or("unknown"),
+                    )
                 }
                 Err(e) => {
                     let api: ApiError = e.into();

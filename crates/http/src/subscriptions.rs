@@ -1,5 +1,6 @@
 //! Durable subscriptions: define them, pull and settle messages, browse and redrive dead letters.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use spate_broker::subscriptions::{Delivery, Position, Spec, SubError, Subscriptions};
+use spate_broker::subscriptions::{
+    Delivery, Position, SettleResult, Spec, SubError, Subscriptions,
+};
 
 use crate::events::{number, parse_json, read_body};
 use crate::{ApiError, ApiResult, AppState};
@@ -61,6 +64,40 @@ async fn body<T: serde::de::DeserializeOwned>(
         return parse_json(b"{}");
     }
     parse_json(&bytes)
+}
+
+/// A request body that borrows its strings from the bytes (`{}` when empty).
+fn borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
+    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+/// `{"results":[{"ack_id":...,"result":...},...]}` members (without braces) for ack ids and
+/// their results, in request order.
+fn write_results(out: &mut String, ack_ids: &[Cow<'_, str>], results: &[SettleResult]) {
+    use spate_broker::event::push_json_str;
+    out.push_str("\"results\":[");
+    for (i, (id, r)) in ack_ids.iter().zip(results).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"ack_id\":");
+        push_json_str(out, id);
+        out.push_str(",\"result\":\"");
+        out.push_str(r);
+        out.push_str("\"}");
+    }
+    out.push(']');
+}
+
+fn json_response(out: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], out).into_response()
 }
 
 /// The JSON members of a delivered message (without braces), after `prefix` members.
@@ -115,15 +152,15 @@ pub async fn delete(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PullRequest {
+struct PullRequest<'a> {
     #[serde(default = "default_max")]
     max_messages: usize,
     #[serde(default)]
     wait_ms: u64,
     /// Messages to ack before pulling: one round trip per batch for a consumer that acks what it
     /// processed as it asks for more.
-    #[serde(default)]
-    ack_ids: Vec<String>,
+    #[serde(default, borrow)]
+    ack_ids: Vec<Cow<'a, str>>,
 }
 
 fn default_max() -> usize {
@@ -137,7 +174,8 @@ pub async fn pull(
     headers: HeaderMap,
     raw: Body,
 ) -> ApiResult<Response> {
-    let req: PullRequest = body(&s, &headers, raw).await?;
+    let bytes = read_body(&headers, raw, s.limits.max_request_bytes).await?;
+    let req: PullRequest = borrowed(&bytes)?;
     let max = spate_broker::subscriptions::PULL_MAX;
     if !(1..=max).contains(&req.max_messages) {
         return Err(ApiError::bad_request(format!(
@@ -190,17 +228,18 @@ pub async fn pull(
     }
     out.push(']');
     if let Some(results) = acked {
-        out.push_str(",\"results\":");
-        out.push_str(&serde_json::to_string(&results).unwrap_or_else(|_| "[]".into()));
+        out.push(',');
+        write_results(&mut out, &req.ack_ids, &results);
     }
     out.push('}');
-    Ok(([(header::CONTENT_TYPE, "application/json")], out).into_response())
+    Ok(json_response(out))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SettleRequest {
-    ack_ids: Vec<String>,
+struct SettleRequest<'a> {
+    #[serde(borrow)]
+    ack_ids: Vec<Cow<'a, str>>,
     #[serde(default)]
     delay_ms: Option<u64>,
     #[serde(default)]
@@ -214,20 +253,15 @@ enum Settle {
     Extend,
 }
 
-/// The body of an ack, nack or extend response, serialized without building a JSON tree.
-#[derive(serde::Serialize)]
-pub struct SettleResponse {
-    results: Vec<spate_broker::subscriptions::SettleResult>,
-}
-
 async fn settle(
     s: AppState,
     name: String,
     headers: HeaderMap,
     raw: Body,
     how: Settle,
-) -> ApiResult<Json<SettleResponse>> {
-    let req: SettleRequest = body(&s, &headers, raw).await?;
+) -> ApiResult<Response> {
+    let bytes = read_body(&headers, raw, s.limits.max_request_bytes).await?;
+    let req: SettleRequest = borrowed(&bytes)?;
     let subs = subs(&s)?;
     let check = |field: &str, given: bool| {
         if given {
@@ -253,7 +287,11 @@ async fn settle(
             subs.extend(&name, &req.ack_ids, req.ack_timeout_ms).await?
         }
     };
-    Ok(Json(SettleResponse { results }))
+    let mut out = String::with_capacity(16 + req.ack_ids.len() * 48);
+    out.push('{');
+    write_results(&mut out, &req.ack_ids, &results);
+    out.push('}');
+    Ok(json_response(out))
 }
 
 /// `POST /v1/subscriptions/{name}/ack {"ack_ids": [...]}`
@@ -262,7 +300,7 @@ pub async fn ack(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<SettleResponse>> {
+) -> ApiResult<Response> {
     settle(s, name, headers, raw, Settle::Ack).await
 }
 
@@ -272,7 +310,7 @@ pub async fn nack(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<SettleResponse>> {
+) -> ApiResult<Response> {
     settle(s, name, headers, raw, Settle::Nack).await
 }
 
@@ -282,7 +320,7 @@ pub async fn extend(
     Path(name): Path<String>,
     headers: HeaderMap,
     raw: Body,
-) -> ApiResult<Json<SettleResponse>> {
+) -> ApiResult<Response> {
     settle(s, name, headers, raw, Settle::Extend).await
 }
 

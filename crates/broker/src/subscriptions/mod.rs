@@ -271,7 +271,7 @@ pub struct Delivery {
     pub attempt: u32,
     /// The topic it was read from: the subscription's, or the dead-letter topic for redriven
     /// dead letters.
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: u32,
     pub offset: u64,
     pub event: HeldEvent,
@@ -280,12 +280,9 @@ pub struct Delivery {
 /// Acks applied and journaled whose journal write may not be durable yet.
 pub struct UnsyncedAcks(Outcome);
 
-/// What an ack, nack or extend did with each ack id, in request order.
-#[derive(Debug, Clone, Serialize)]
-pub struct SettleResult {
-    pub ack_id: String,
-    pub result: &'static str,
-}
+/// What an ack, nack or extend did with one ack id: `ok`, `unknown`, `expired` or `malformed`.
+/// Results come one per ack id, in request order.
+pub type SettleResult = &'static str;
 
 fn settle_name(s: Settle) -> &'static str {
     match s {
@@ -784,6 +781,7 @@ impl Subscriptions {
         };
         let mut lost = Vec::new();
         let mut deliveries = Vec::with_capacity(out.len());
+        let (topic, dlq): (Arc<str>, Arc<str>) = (topic.into(), dlq.into());
         for (id, attempt, event) in out {
             let Some(event) =
                 event.or_else(|| loaded.get(&id).map(|e| HeldEvent::Decoded(e.clone())))
@@ -795,8 +793,8 @@ impl Subscriptions {
                 ack_id: ack_id(id, attempt),
                 attempt,
                 topic: match id.0 {
-                    Source::Topic => topic.to_string(),
-                    Source::DeadLetters => dlq.to_string(),
+                    Source::Topic => topic.clone(),
+                    Source::DeadLetters => dlq.clone(),
                 },
                 partition: id.1,
                 offset: id.2,
@@ -862,7 +860,7 @@ impl Subscriptions {
     fn settle(
         &self,
         name: &str,
-        ack_ids: &[String],
+        ack_ids: &[impl AsRef<str>],
         in_flight_only: bool,
         op: impl FnOnce(&Sub, Vec<MsgId>) -> Op,
     ) -> Result<Outcome> {
@@ -877,9 +875,12 @@ impl Subscriptions {
             .get(name)
             .ok_or_else(|| SubError::NotFound(name.to_string()))?;
         let mut results = Vec::with_capacity(ack_ids.len());
-        let mut ok = Vec::new();
+        let mut ok = Vec::with_capacity(ack_ids.len());
+        // Duplicates are found by search in small requests and through a set in large ones.
+        let mut seen = std::collections::HashSet::new();
+        let large = ack_ids.len() > 16;
         for s in ack_ids {
-            let verdict = match parse_ack_id(s) {
+            let verdict = match parse_ack_id(s.as_ref()) {
                 None => "malformed",
                 Some((id, attempt)) => {
                     let v = if in_flight_only {
@@ -888,7 +889,7 @@ impl Subscriptions {
                         e.sub.check(id, attempt)
                     };
                     if v == Settle::Ok {
-                        if ok.contains(&id) {
+                        if (large && !seen.insert(id)) || (!large && ok.contains(&id)) {
                             // Twice in one request: settled by the first.
                             "unknown"
                         } else {
@@ -900,10 +901,7 @@ impl Subscriptions {
                     }
                 }
             };
-            results.push(SettleResult {
-                ack_id: s.clone(),
-                result: verdict,
-            });
+            results.push(verdict);
         }
         if ok.is_empty() {
             return Ok(Outcome {
@@ -958,7 +956,7 @@ impl Subscriptions {
     pub async fn ack(
         self: &Arc<Self>,
         name: &str,
-        ack_ids: &[String],
+        ack_ids: &[impl AsRef<str>],
     ) -> Result<Vec<SettleResult>> {
         let outcome = self.settle(name, ack_ids, false, |_, ids| Op::Ack { ids })?;
         self.settled(name, outcome).await
@@ -967,7 +965,7 @@ impl Subscriptions {
     /// Applies and journals acks without waiting for the journal to be durable, so that other
     /// work (a pull answered together with the acks) overlaps the fsync. Nothing may be told
     /// about the acks until [`Subscriptions::acks_durable`] returns.
-    pub fn ack_unsynced(&self, name: &str, ack_ids: &[String]) -> Result<UnsyncedAcks> {
+    pub fn ack_unsynced(&self, name: &str, ack_ids: &[impl AsRef<str>]) -> Result<UnsyncedAcks> {
         Ok(UnsyncedAcks(self.settle(
             name,
             ack_ids,
@@ -991,7 +989,7 @@ impl Subscriptions {
     pub async fn nack(
         self: &Arc<Self>,
         name: &str,
-        ack_ids: &[String],
+        ack_ids: &[impl AsRef<str>],
         delay_ms: Option<u64>,
     ) -> Result<Vec<SettleResult>> {
         if delay_ms.is_some_and(|d| d > DELAY_MS_MAX) {
@@ -1016,7 +1014,7 @@ impl Subscriptions {
     pub async fn extend(
         self: &Arc<Self>,
         name: &str,
-        ack_ids: &[String],
+        ack_ids: &[impl AsRef<str>],
         ack_timeout_ms: Option<u64>,
     ) -> Result<Vec<SettleResult>> {
         if let Some(t) = ack_timeout_ms
@@ -1277,7 +1275,7 @@ impl Subscriptions {
                         for (offset, (json, facts)) in records {
                             let ts = facts.time_ms.unwrap_or_else(now_ms);
                             let key = facts.partition_key.map(|k| key_hash(k.as_bytes()));
-                            found.push((Found(offset, ts, key), HeldEvent::Json(json.into())));
+                            found.push((Found(offset, ts, key), HeldEvent::Json(Arc::new(json))));
                         }
                         return Ok((next.max(start), found));
                     }

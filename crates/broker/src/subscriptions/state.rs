@@ -160,7 +160,7 @@ pub struct Msg {
 pub enum HeldEvent {
     /// Only its structured JSON, written once when it was read: what pulls and WebSocket
     /// consumers are sent, without decoding the record into an event first.
-    Json(Arc<str>),
+    Json(Arc<String>),
     /// The decoded event, for subscriptions that need its attributes (a filter judged it, or
     /// webhooks get it in binary mode), and for events read back from the log.
     Decoded(Arc<Event>),

@@ -5,6 +5,9 @@
 #
 #   bench/subs/compare.sh [extra `spate bench subs` flags]
 #
+# `--fsync interval:1000` runs Spate with the durability Redis has here (an fsync every second),
+# `--fsync never` without fsyncs, to show what durable acks cost on the machine's disk.
+#
 # Needs Debian's redis-server (installed when missing). Redis runs from a temporary directory on
 # 127.0.0.1:56379 and is stopped at the end.
 set -euo pipefail

@@ -74,6 +74,11 @@ impl Server {
 }
 
 pub(crate) fn start_server() -> Result<Server> {
+    start_server_with("batch")
+}
+
+/// A server with fsync policy `fsync` (`batch`, `interval:<ms>` or `never`).
+pub(crate) fn start_server_with(fsync: &str) -> Result<Server> {
     use std::io::BufRead;
     let dir = tempfile::tempdir()?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
@@ -84,7 +89,7 @@ pub(crate) fn start_server() -> Result<Server> {
             "--kafka-addr",
             "127.0.0.1:0",
         ])
-        .args(["--fsync", "batch", "--max-connections", "30000"])
+        .args(["--fsync", fsync, "--max-connections", "30000"])
         .arg("--data-dir")
         .arg(dir.path())
         .env("RUST_LOG", "warn")

@@ -1,7 +1,7 @@
 //! `spate bench subs`: pull-and-ack throughput and end-to-end latency of a durable subscription
-//! on a Spate server it starts (`--fsync batch`: acks are durable before they are answered), and,
-//! side by side in the same run, of a Redis Streams consumer group (XREADGROUP + XACK) when given
-//! a Redis address.
+//! on a Spate server it starts (`--fsync batch` unless told otherwise: acks are durable before they
+//! are answered), and, side by side in the same run, of a Redis Streams consumer group
+//! (XREADGROUP + XACK) when given a Redis address.
 //!
 //! Throughput: `--messages` events of `--message-bytes` are stored first, then `--consumers`
 //! consumers each pull `--batch` messages and ack them, until all are acked. Latency: a producer
@@ -46,6 +46,10 @@ pub struct SubsBenchArgs {
     /// A Redis server (`host:port`) to run the same workload against with Streams.
     #[arg(long)]
     redis: Option<String>,
+    /// Spate's fsync policy. Under `batch` (the default) an ack is durable before it is
+    /// answered; `interval:<ms>` and `never` show what that durability costs on this disk.
+    #[arg(long, default_value = "batch")]
+    fsync: String,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -134,7 +138,11 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
         a.rate > 0 && a.latency_seconds > 0.0,
         "--rate and --latency-seconds must be positive"
     );
-    let server = crate::bench_push::start_server()?;
+    ensure!(
+        a.fsync == "batch" || a.fsync == "never" || a.fsync.starts_with("interval:"),
+        "--fsync must be batch, interval:<ms> or never"
+    );
+    let server = crate::bench_push::start_server_with(&a.fsync)?;
     let spate = Spate {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(64)
@@ -144,11 +152,12 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
     };
     let redis = a.redis.clone();
     println!(
-        "durable subscription: {} messages of {} B, {} consumers pulling {} at a time; Spate --fsync batch{}",
+        "durable subscription: {} messages of {} B, {} consumers pulling {} at a time; Spate --fsync {}{}",
         a.messages,
         a.message_bytes,
         a.consumers,
         a.batch,
+        a.fsync,
         if redis.is_some() {
             ", Redis Streams (XREADGROUP + XACK) as configured"
         } else {

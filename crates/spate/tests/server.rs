@@ -383,7 +383,10 @@ async fn metrics_are_valid_prometheus_text_and_count_what_happened() {
     // Delivery latency is sampled (the first delivery of a subscription always); deliveries are
     // all counted.
     let sampled = value("spate_durable_to_delivered_seconds_count{protocol=\"sse\"}");
-    assert!((1.0..=3.0).contains(&sampled), "{sampled} samples of 3 deliveries");
+    assert!(
+        (1.0..=3.0).contains(&sampled),
+        "{sampled} samples of 3 deliveries"
+    );
     // Debian's promtool accepts it.
     let mut check = std::process::Command::new(promtool())
         .args(["check", "metrics"])

@@ -98,6 +98,18 @@ pub struct ReadPage {
     pub next_offset: u64,
 }
 
+/// The events of one partition from (offset, event) pairs.
+fn read_events_of(partition: u32, events: Vec<(u64, Event)>) -> Vec<ReadEvent> {
+    events
+        .into_iter()
+        .map(|(offset, event)| ReadEvent {
+            partition,
+            offset,
+            event,
+        })
+        .collect()
+}
+
 /// Whether a topic is one the server keeps for itself (committed offsets, the subscription
 /// journal): clients may read it but not write to or delete it.
 pub fn is_internal(topic: &str) -> bool {
@@ -218,14 +230,7 @@ pub fn read_events_within(
             Event::from_record_ref(r, (topic, partition))
         })?;
     Ok(ReadPage {
-        events: records
-            .into_iter()
-            .map(|(offset, event)| ReadEvent {
-                partition,
-                offset,
-                event,
-            })
-            .collect(),
+        events: read_events_of(partition, records),
         next_offset,
     })
 }
@@ -318,16 +323,10 @@ pub fn read_offsets(
     offsets: &[u64],
     window: u64,
 ) -> Result<Vec<ReadEvent>> {
-    Ok(read_offsets_with(p, offsets, window, |r| {
+    let events = read_offsets_with(p, offsets, window, |r| {
         Event::from_record_ref(r, (topic, partition))
-    })?
-    .into_iter()
-    .map(|(offset, event)| ReadEvent {
-        partition,
-        offset,
-        event,
-    })
-    .collect())
+    })?;
+    Ok(read_events_of(partition, events))
 }
 
 /// As [`read_offsets`], each record turned into a `T` by `f` while borrowed from its batch;
@@ -678,14 +677,7 @@ impl Broker {
             .read_with(topic, partition, start, limit, Event::from_record_ref)
             .await?;
         Ok(ReadPage {
-            events: events
-                .into_iter()
-                .map(|(offset, event)| ReadEvent {
-                    partition,
-                    offset,
-                    event,
-                })
-                .collect(),
+            events: read_events_of(partition, events),
             next_offset,
         })
     }

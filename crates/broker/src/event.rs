@@ -533,50 +533,36 @@ fn utc_rfc3339_ms(t: &str) -> Option<i64> {
     if b[16] != b':' || *b.last()? != b'Z' {
         return None;
     }
-    let num = |at: usize, len: usize| -> Option<i64> {
-        b[at..at + len].iter().try_fold(0i64, |n, d| {
-            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+    let digits = |d: &[u8]| -> Option<i64> {
+        d.iter().try_fold(0i64, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
         })
     };
-    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
-    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let month_days = match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return None,
-    };
-    if year < 1970 || !(1..=month_days).contains(&day) || hour > 23 || minute > 59 || second > 59 {
+    let (year, month, day) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let (hour, minute, second) = (
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    );
+    if year < 1970 || hour > 23 || minute > 59 || second > 59 {
         return None;
     }
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year as i32, month, u8::try_from(day).ok()?).ok()?;
+    let epoch = time::OffsetDateTime::UNIX_EPOCH.date();
+    let days = i64::from(date.to_julian_day() - epoch.to_julian_day());
     // Fraction: `.` and 1 to 9 digits, of which milliseconds keep the first three.
-    let frac = &b[19..b.len() - 1];
-    let mut ms = 0;
-    if !frac.is_empty() {
-        let digits = &frac[1..];
-        if frac[0] != b'.' || digits.is_empty() || digits.len() > 9 {
-            return None;
+    let ms = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', f @ ..] if (1..=9).contains(&f.len()) => {
+            digits(f)?;
+            f.iter()
+                .chain(b"00")
+                .take(3)
+                .fold(0, |n, c| n * 10 + i64::from(c - b'0'))
         }
-        if !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        for i in 0..3 {
-            ms = ms * 10 + digits.get(i).map_or(0, |d| i64::from(d - b'0'));
-        }
-    }
-    // Days since the epoch of a proleptic Gregorian date (civil-from-days, inverted).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
+        _ => return None,
     };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * m + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
     Some(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + ms)
 }
 

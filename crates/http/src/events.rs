@@ -7,7 +7,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use spate_broker::{BrokerError, Event, Start};
 
@@ -44,7 +43,8 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> ApiResult
         })
 }
 
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+/// Parses a JSON request body; `T` may borrow its strings from `bytes`.
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

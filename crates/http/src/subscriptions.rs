@@ -60,22 +60,12 @@ async fn body<T: serde::de::DeserializeOwned>(
     body: Body,
 ) -> ApiResult<T> {
     let bytes = read_body(headers, body, s.limits.max_request_bytes).await?;
-    if bytes.is_empty() {
-        return parse_json(b"{}");
-    }
-    parse_json(&bytes)
+    borrowed(&bytes)
 }
 
-/// A request body that borrows its strings from the bytes (`{}` when empty).
+/// A request body that may borrow its strings from the bytes (`{}` when empty).
 fn borrowed<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> ApiResult<T> {
-    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed-json",
-            format!("invalid JSON body: {e}"),
-        )
-    })
+    parse_json(if bytes.is_empty() { b"{}" } else { bytes })
 }
 
 /// `{"results":[{"ack_id":...,"result":...},...]}` members (without braces) for ack ids and

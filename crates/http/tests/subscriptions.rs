@@ -970,6 +970,56 @@ async fn a_pull_acks_the_previous_batch_first() {
 }
 
 #[tokio::test]
+async fn an_ack_id_given_twice_in_one_request_settles_once_and_escapes_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe("twice", json!({"topic": "orders", "from": "earliest"}))
+        .await;
+    for i in 0..30 {
+        c.publish("orders", &format!("o{i}"), None, json!({})).await;
+    }
+    let got = c.pull_n("twice", 30, 5000).await;
+    assert_eq!(got.len(), 30);
+    // A small request and a large one (ack ids written with JSON escapes in the second).
+    let (a, b) = (ack_id(&got[0]), ack_id(&got[1]));
+    assert_eq!(
+        c.settle("twice", "ack", &[a, b, a], json!({})).await,
+        vec!["ok", "ok", "unknown"]
+    );
+    let rest: Vec<String> = got[2..].iter().map(|m| ack_id(m).to_string()).collect();
+    let mut body = String::from("{\"ack_ids\":[");
+    for id in rest.iter().chain([&rest[0]]) {
+        body.push('"');
+        body.push_str(&id.replace('.', "\\u002e"));
+        body.push_str("\",");
+    }
+    body.pop();
+    body.push_str("]}");
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/subscriptions/twice/ack", server.addr))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let results: Vec<(&str, &str)> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["ack_id"].as_str().unwrap(), r["result"].as_str().unwrap()))
+        .collect();
+    let mut want: Vec<(&str, &str)> = rest.iter().map(|id| (id.as_str(), "ok")).collect();
+    want.push((rest[0].as_str(), "unknown"));
+    assert_eq!(results, want);
+    assert_eq!(c.stats("twice").await["acked"], 30);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_webhook_that_cannot_be_reached_nacks_until_the_dead_letter_topic() {
     // A plain-HTTP listener behind an https:// URL: every TLS handshake fails.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -876,9 +876,7 @@ impl Subscriptions {
             .ok_or_else(|| SubError::NotFound(name.to_string()))?;
         let mut results = Vec::with_capacity(ack_ids.len());
         let mut ok = Vec::with_capacity(ack_ids.len());
-        // Duplicates are found by search in small requests and through a set in large ones.
-        let mut seen = std::collections::HashSet::new();
-        let large = ack_ids.len() > 16;
+        let mut seen = std::collections::HashSet::with_capacity(ack_ids.len());
         for s in ack_ids {
             let verdict = match parse_ack_id(s.as_ref()) {
                 None => "malformed",
@@ -889,7 +887,7 @@ impl Subscriptions {
                         e.sub.check(id, attempt)
                     };
                     if v == Settle::Ok {
-                        if (large && !seen.insert(id)) || (!large && ok.contains(&id)) {
+                        if !seen.insert(id) {
                             // Twice in one request: settled by the first.
                             "unknown"
                         } else {

@@ -1,6 +1,7 @@
 //! Event endpoints: publish CloudEvents (structured, batched and binary modes) and read them back.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -257,12 +258,13 @@ pub async fn read(
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "{{\"partition\":{partition},\"offset\":{offset},\"event\":"
-        ));
+        );
         out.push_str(event);
         out.push('}');
     }
-    out.push_str(&format!("],\"next_offset\":{next_offset}}}"));
+    let _ = write!(out, "],\"next_offset\":{next_offset}}}");
     Ok(crate::json_text(out))
 }

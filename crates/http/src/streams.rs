@@ -2,6 +2,7 @@
 //! position.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use axum::Json;
 use axum::body::Body;
@@ -98,10 +99,11 @@ pub async fn read(
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "{{\"version\":{},\"partition\":{},\"offset\":{},\"event\":",
             e.version, e.partition, e.offset
-        ));
+        );
         out.push_str(&e.event);
         out.push('}');
     }

@@ -10,9 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::batch::{self, BatchHeader, HEADER_BYTES};
-
-/// Bytes read at a time while walking batch headers to the one a read starts with.
-const HEADER_WINDOW_BYTES: u64 = 8 << 10;
 use crate::error::{Error, IoContext, Result};
 use crate::io::{File, Storage, write_atomically};
 use crate::producers::{ProducerBatch, last_sequence};
@@ -37,6 +34,8 @@ const INDEX_ENTRY_BYTES: usize = 8;
 const TIME_ENTRY_BYTES: usize = 12;
 /// Reads during scans are done in chunks of this size.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes read at a time while walking batch headers to the one a read starts with.
+const HEADER_WINDOW_BYTES: u64 = 8 << 10;
 
 #[derive(Debug, Clone)]
 pub(crate) struct SegmentState {

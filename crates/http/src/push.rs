@@ -255,7 +255,7 @@ struct Deliveries {
 /// One delivery in this many has its durable→delivered latency recorded (the first always):
 /// reading the clock and recording a sample for each delivery cost about a tenth of the server's
 /// CPU at fan-out rates. Deliveries are all counted.
-const LATENCY_SAMPLE_EVERY: u64 = 8;
+pub const LATENCY_SAMPLE_EVERY: u64 = 8;
 
 impl Deliveries {
     fn of(protocol: &'static str) -> Deliveries {

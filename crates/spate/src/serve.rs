@@ -284,7 +284,10 @@ fn describe_metrics() {
     describe_histogram!(
         "spate_durable_to_delivered_seconds",
         Unit::Seconds,
-        "From an event being seen durable to its delivery to a push subscriber (one delivery in 8 of each subscription sampled, the first always)."
+        format!(
+            "From an event being seen durable to its delivery to a push subscriber (one delivery in {} of each subscription sampled, the first always).",
+            spate_http::push::LATENCY_SAMPLE_EVERY
+        )
     );
     describe_gauge!("spate_connections", "Open connections, per protocol.");
     describe_counter!(

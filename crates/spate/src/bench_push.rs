@@ -350,9 +350,9 @@ async fn one_run(
     let total = (rate as f64 * seconds) as u64;
     // Subscribers give up 5 s after the last publish: a server that cannot keep up shows as a
     // delivered fraction under 100%.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The same for the subscribers, which wait on it rather than on a timer per message.
+    // Subscribers wait on it rather than on a timer per message.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     // Latency is recorded by a sample of at most about 1,000 subscribers (each histogram takes
     // hundreds of KiB); every subscriber counts its deliveries.
     let sample_every = subscribers.div_ceil(1000).max(1);
@@ -367,7 +367,7 @@ async fn one_run(
         .await?;
         expect_op(&mut s, "subscribed").await?;
         let (delivery, delivered) = (delivery.clone(), delivered.clone());
-        let (stopped, mut stop) = (stop.clone(), stop_rx.clone());
+        let mut stop = stop_rx.clone();
         let sampled = i % sample_every == 0;
         // Each task gives back when its events arrived; only the first subscriber keeps them.
         subs.spawn(async move {
@@ -384,7 +384,8 @@ async fn one_run(
                     },
                     _ = stop.wait_for(|stopped| *stopped) => break,
                 };
-                if stopped.load(Ordering::Relaxed) {
+                // Stopped (or the run is gone) while messages still come.
+                if stop.has_changed().unwrap_or(true) {
                     break;
                 }
                 if let Some(sent) = stamp(&msg) {
@@ -448,10 +449,10 @@ async fn one_run(
         ))
         .await?;
         expect_op(&mut s, "subscribed").await?;
-        let stop = stop.clone();
+        let stop = stop_rx.clone();
         Some(tokio::spawn(async move {
             let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
+            while !*stop.borrow() {
                 match tokio::time::timeout(Duration::from_secs(1), s.next()).await {
                     Ok(Some(Ok(Message::Text(_)))) => n += 1,
                     Ok(Some(Ok(_))) | Err(_) => {}
@@ -481,11 +482,10 @@ async fn one_run(
     }
     let (ack, acked_at) = acks.await?;
     let stopper = {
-        let stop = stop.clone();
+        let stop = stop_tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            stop.store(true, Ordering::Relaxed);
-            let _ = stop_tx.send(true);
+            stop.send_replace(true);
         })
     };
     let mut first_arrivals = Vec::new();
@@ -496,7 +496,7 @@ async fn one_run(
             first_arrivals = arrivals;
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    stop_tx.send_replace(true);
     stopper.abort();
     if let Some(slow) = slow {
         slow.await?;

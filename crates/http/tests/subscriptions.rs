@@ -58,7 +58,8 @@ impl Client {
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         let mut got = Vec::new();
         while got.len() < n && Instant::now() < deadline {
-            got.extend(self.pull(name, n - got.len(), 500).await);
+            let max = (n - got.len()).min(spate_broker::subscriptions::PULL_MAX);
+            got.extend(self.pull(name, max, 500).await);
         }
         got
     }
@@ -1054,4 +1055,78 @@ async fn a_webhook_that_cannot_be_reached_nacks_until_the_dead_letter_topic() {
     );
     server.stop().await;
     hook.abort();
+}
+
+#[tokio::test]
+async fn a_full_window_refills_while_consumers_hold_most_of_it() {
+    use spate_broker::subscriptions::WINDOW_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    let total = WINDOW_MAX + 700;
+    for start in (0..total).step_by(1000) {
+        let batch: Vec<Value> = (start..total.min(start + 1000))
+            .map(|i| {
+                json!({"specversion": "1.0", "id": format!("o{i}"), "source": "/test",
+                    "type": "order.created", "data": {"n": i}})
+            })
+            .collect();
+        let r = c.post("/v1/topics/orders/events", json!(batch)).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    c.subscribe(
+        "window",
+        json!({"topic": "orders", "from": "earliest", "ack_timeout_ms": 600_000}),
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    let take = |seen: &mut std::collections::HashSet<String>, got: &[Value]| {
+        for m in got {
+            assert!(seen.insert(event_id(m).to_string()), "{m} delivered twice");
+        }
+    };
+    // Hold all but 200 of the window; the reader stops at WINDOW_MAX pending messages.
+    let held = c.pull_n("window", WINDOW_MAX - 200, 10_000).await;
+    assert_eq!(held.len(), WINDOW_MAX - 200);
+    take(&mut seen, &held);
+    // Acking 100 leaves room for 100: too little to read more while 200 are ready to go out...
+    let ids: Vec<&str> = held[..100].iter().map(ack_id).collect();
+    assert!(
+        c.settle("window", "ack", &ids, json!({}))
+            .await
+            .iter()
+            .all(|r| r == "ok")
+    );
+    let ready = c.pull_n("window", 200, 5000).await;
+    assert_eq!(ready.len(), 200);
+    take(&mut seen, &ready);
+    // ...but once nothing is ready the reader fills the room at once (well before its 1 s
+    // fallback), and again after each ack while nothing is ready.
+    let refill = c.pull("window", 1000, 800).await;
+    assert_eq!(refill.len(), 100, "the reader did not refill the window");
+    take(&mut seen, &refill);
+    let ids: Vec<&str> = held[100..400].iter().map(ack_id).collect();
+    assert!(
+        c.settle("window", "ack", &ids, json!({}))
+            .await
+            .iter()
+            .all(|r| r == "ok")
+    );
+    let refill = c.pull("window", 1000, 800).await;
+    assert_eq!(refill.len(), 300, "the reader did not refill after an ack");
+    take(&mut seen, &refill);
+    // Settling the rest lets every remaining message through, each once.
+    let ids: Vec<&str> = held[400..].iter().map(ack_id).collect();
+    assert!(
+        c.settle("window", "ack", &ids, json!({}))
+            .await
+            .iter()
+            .all(|r| r == "ok")
+    );
+    let rest = c.pull_n("window", total - seen.len(), 10_000).await;
+    take(&mut seen, &rest);
+    assert_eq!(seen.len(), total);
+    assert!(c.pull("window", 10, 200).await.is_empty());
+    server.stop().await;
 }

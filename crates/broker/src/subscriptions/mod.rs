@@ -58,6 +58,21 @@ pub const MAX_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=1000;
 pub const DELAY_MS_MAX: u64 = 86_400_000;
 /// Records the reader takes from one partition per step.
 const READ_CHUNK: usize = 500;
+
+/// Room the reader waits for in a full window before reading again, unless nothing is ready to
+/// go out: refilling a few messages at a time would read and check a whole stored batch for each.
+const REFILL_ROOM: usize = READ_CHUNK;
+
+/// How many more messages the reader of `sub` should take now: nothing while the window is nearly
+/// full (see [`REFILL_ROOM`]), except when consumers would otherwise find nothing to pull.
+fn reader_room(sub: &Sub) -> usize {
+    let room = WINDOW_MAX.saturating_sub(sub.msgs.len());
+    if room >= REFILL_ROOM || sub.ready_len() == 0 {
+        room
+    } else {
+        0
+    }
+}
 /// How often retries and deadlines are checked.
 const TICK: Duration = Duration::from_millis(5);
 /// Journal bytes after which a snapshot is written.
@@ -730,6 +745,13 @@ impl Subscriptions {
                     let a = self.write(&mut inner, name, &op)?;
                     let e = inner.subs.get_mut(name).expect("checked above");
                     e.sub.apply(&op);
+                    if e.sub.ready_len() == 0
+                        && WINDOW_MAX.saturating_sub(e.sub.msgs.len()) < REFILL_ROOM
+                    {
+                        // The reader waits for more room (see `reader_room`) unless nothing is
+                        // ready, as now: it may fill what is left of the window.
+                        e.wake.notify_one();
+                    }
                     let topic = e.sub.config.topic.clone();
                     let dlq = e.sub.config.dead_letter_topic.clone();
                     // Webhooks send events in binary mode: one held only as JSON is read again.
@@ -925,7 +947,9 @@ impl Subscriptions {
         if e.sub.ready_len() > 0 {
             e.ready.notify_waiters();
         }
-        e.wake.notify_one();
+        if reader_room(&e.sub) > 0 {
+            e.wake.notify_one();
+        }
         Ok(Outcome {
             results,
             appended: Some(a),
@@ -1217,7 +1241,7 @@ impl Subscriptions {
             (
                 e.sub.config.topic.clone(),
                 e.sub.positions.clone(),
-                WINDOW_MAX.saturating_sub(e.sub.msgs.len()),
+                reader_room(&e.sub),
                 e.generation,
                 e.filter.clone(),
                 // Filters judge decoded events and webhooks send them in binary mode; the rest

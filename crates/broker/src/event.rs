@@ -116,13 +116,15 @@ fn valid_name(name: &str) -> bool {
 
 /// Whether a media type carries JSON (`application/json`, `text/json`, `*/*+json`).
 pub fn is_json_media_type(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let ends_with = |suffix: &str| {
+        essence.len() >= suffix.len()
+            && essence.as_bytes()[essence.len() - suffix.len()..]
+                .eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("text/json")
+        || ends_with("+json")
 }
 
 fn check_time(t: &str) -> Result<(), EventError> {
@@ -729,6 +731,29 @@ mod tests {
             Just(Some(b"\"text\"".to_vec())),
             Just(Some(Vec::new())),
         ]
+    }
+
+    #[test]
+    fn json_media_types_are_told_apart_whatever_their_case_and_parameters() {
+        for t in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " text/json ",
+            "application/cloudevents+json",
+            "application/vnd.api+JSON;x=1",
+        ] {
+            assert!(is_json_media_type(t), "{t}");
+        }
+        for t in [
+            "text/plain",
+            "application/jsonx",
+            "json",
+            "",
+            "+jso",
+            "application/json-seq",
+        ] {
+            assert!(!is_json_media_type(t), "{t}");
+        }
     }
 
     #[test]

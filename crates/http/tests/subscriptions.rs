@@ -83,6 +83,13 @@ impl Client {
             .collect()
     }
 
+    /// Acks `messages`, each of which must be acked.
+    async fn ack_all(&self, name: &str, messages: &[Value]) {
+        let ids: Vec<&str> = messages.iter().map(ack_id).collect();
+        let results = self.settle(name, "ack", &ids, json!({})).await;
+        assert!(results.iter().all(|r| r == "ok"), "{results:?}");
+    }
+
     async fn stats(&self, name: &str) -> Value {
         let r = self.get(&format!("/v1/subscriptions/{name}")).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
@@ -1091,13 +1098,7 @@ async fn a_full_window_refills_while_consumers_hold_most_of_it() {
     assert_eq!(held.len(), WINDOW_MAX - 200);
     take(&mut seen, &held);
     // Acking 100 leaves room for 100: too little to read more while 200 are ready to go out...
-    let ids: Vec<&str> = held[..100].iter().map(ack_id).collect();
-    assert!(
-        c.settle("window", "ack", &ids, json!({}))
-            .await
-            .iter()
-            .all(|r| r == "ok")
-    );
+    c.ack_all("window", &held[..100]).await;
     let ready = c.pull_n("window", 200, 5000).await;
     assert_eq!(ready.len(), 200);
     take(&mut seen, &ready);
@@ -1106,24 +1107,12 @@ async fn a_full_window_refills_while_consumers_hold_most_of_it() {
     let refill = c.pull("window", 1000, 800).await;
     assert_eq!(refill.len(), 100, "the reader did not refill the window");
     take(&mut seen, &refill);
-    let ids: Vec<&str> = held[100..400].iter().map(ack_id).collect();
-    assert!(
-        c.settle("window", "ack", &ids, json!({}))
-            .await
-            .iter()
-            .all(|r| r == "ok")
-    );
+    c.ack_all("window", &held[100..400]).await;
     let refill = c.pull("window", 1000, 800).await;
     assert_eq!(refill.len(), 300, "the reader did not refill after an ack");
     take(&mut seen, &refill);
     // Settling the rest lets every remaining message through, each once.
-    let ids: Vec<&str> = held[400..].iter().map(ack_id).collect();
-    assert!(
-        c.settle("window", "ack", &ids, json!({}))
-            .await
-            .iter()
-            .all(|r| r == "ok")
-    );
+    c.ack_all("window", &held[400..]).await;
     let rest = c.pull_n("window", total - seen.len(), 10_000).await;
     take(&mut seen, &rest);
     assert_eq!(seen.len(), total);

@@ -642,6 +642,64 @@ struct FetchSlot {
     max_bytes: u64,
 }
 
+/// A partition's part of a fetch response before its offsets and records are known.
+fn empty_partition_data(index: i32) -> PartitionData {
+    PartitionData::default()
+        .with_partition_index(index)
+        .with_high_watermark(-1)
+        .with_last_stable_offset(-1)
+        .with_log_start_offset(-1)
+        .with_preferred_read_replica(BrokerId(-1))
+        .with_aborted_transactions(Some(Vec::new()))
+}
+
+/// One pass of a fetch over its partitions, reading up to `max_bytes` in all (blocking when a
+/// partition has data): each partition's part, the bytes read, and whether any part is an error.
+fn fetch_round(slots: &[FetchSlot], max_bytes: u64) -> (Vec<PartitionData>, u64, bool) {
+    let mut parts: Vec<PartitionData> = Vec::with_capacity(slots.len());
+    let mut total = 0u64;
+    let mut errors = false;
+    for s in slots {
+        let data = empty_partition_data(s.index);
+        let p = match &s.partition {
+            Err(c) => {
+                errors = true;
+                parts.push(data.with_error_code(*c));
+                continue;
+            }
+            Ok(p) => p,
+        };
+        let hw = p.high_watermark() as i64;
+        let start = p.log_start_offset() as i64;
+        let data = data
+            .with_high_watermark(hw)
+            .with_last_stable_offset(hw)
+            .with_log_start_offset(start);
+        if s.offset < start || s.offset > hw {
+            errors = true;
+            parts.push(data.with_error_code(code::OFFSET_OUT_OF_RANGE));
+            continue;
+        }
+        // The first partition with data gets at least one whole batch even past max_bytes.
+        let budget = s.max_bytes.min(max_bytes.saturating_sub(total));
+        if s.offset == hw || (budget == 0 && total > 0) {
+            parts.push(data.with_records(Some(Bytes::new())));
+            continue;
+        }
+        parts.push(match p.read(s.offset as u64, budget.max(1)) {
+            Ok(bytes) => {
+                total += bytes.len() as u64;
+                data.with_records(Some(Bytes::from(bytes)))
+            }
+            Err(e) => {
+                errors = true;
+                data.with_error_code(error_code(&BrokerError::from(e)))
+            }
+        });
+    }
+    (parts, total, errors)
+}
+
 async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
     let mut slots = Vec::new();
     let mut names = Vec::with_capacity(r.topics.len());
@@ -661,6 +719,7 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
             });
         }
     }
+    let slots = Arc::new(slots);
     let wait = Duration::from_millis(r.max_wait_ms.max(0) as u64).min(FETCH_WAIT_MAX);
     let deadline = tokio::time::Instant::now() + wait;
     let min_bytes = r.min_bytes.max(0) as u64;
@@ -676,55 +735,33 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
                 rx
             })
             .collect();
-        let mut parts: Vec<PartitionData> = Vec::with_capacity(slots.len());
-        let mut total = 0u64;
-        let mut errors = false;
-        for s in &slots {
-            let data = PartitionData::default()
-                .with_partition_index(s.index)
-                .with_high_watermark(-1)
-                .with_last_stable_offset(-1)
-                .with_log_start_offset(-1)
-                .with_preferred_read_replica(BrokerId(-1))
-                .with_aborted_transactions(Some(Vec::new()));
-            let p = match &s.partition {
-                Err(c) => {
-                    errors = true;
-                    parts.push(data.with_error_code(*c));
-                    continue;
-                }
-                Ok(p) => p.clone(),
-            };
-            let hw = p.high_watermark() as i64;
-            let start = p.log_start_offset() as i64;
-            let data = data
-                .with_high_watermark(hw)
-                .with_last_stable_offset(hw)
-                .with_log_start_offset(start);
-            if s.offset < start || s.offset > hw {
-                errors = true;
-                parts.push(data.with_error_code(code::OFFSET_OUT_OF_RANGE));
-                continue;
-            }
-            // The first partition with data gets at least one whole batch even past max_bytes.
-            let budget = s.max_bytes.min(max_bytes.saturating_sub(total));
-            if s.offset == hw || (budget == 0 && total > 0) {
-                parts.push(data.with_records(Some(Bytes::new())));
-                continue;
-            }
-            let offset = s.offset as u64;
-            let read = blocking(move || p.read(offset, budget.max(1))).await;
-            parts.push(match read {
-                Ok(bytes) => {
-                    total += bytes.len() as u64;
-                    data.with_records(Some(Bytes::from(bytes)))
-                }
+        // The reads of all partitions run in one blocking task (none when there is nothing to
+        // read): a thread hand-off per partition cost more than the reads of data just written.
+        let any_data = slots.iter().any(|s| {
+            s.partition.as_ref().is_ok_and(|p| {
+                let o = s.offset as u64;
+                o >= p.log_start_offset() && o < p.high_watermark()
+            })
+        });
+        let (parts, total, errors) = if any_data {
+            let round = slots.clone();
+            match tokio::task::spawn_blocking(move || fetch_round(&round, max_bytes)).await {
+                Ok(r) => r,
                 Err(e) => {
-                    errors = true;
-                    data.with_error_code(error_code(&e))
+                    tracing::error!(error = %e, "a fetch read task failed");
+                    let failed = slots
+                        .iter()
+                        .map(|s| {
+                            empty_partition_data(s.index)
+                                .with_error_code(code::UNKNOWN_SERVER_ERROR)
+                        })
+                        .collect();
+                    (failed, 0, true)
                 }
-            });
-        }
+            }
+        } else {
+            fetch_round(&slots, max_bytes)
+        };
         let now = tokio::time::Instant::now();
         if total >= min_bytes.max(1) || errors || now >= deadline || watches.is_empty() {
             let mut responses: Vec<FetchableTopicResponse> = names

@@ -52,6 +52,7 @@ use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
 use spate_broker::{Broker, BrokerError};
 use spate_log::{Appended, Error as LogError, Partition, TopicConfig};
 
+use crate::out::Chunks;
 use crate::{KafkaConfig, Reply};
 
 /// Kafka error codes used here (Kafka's protocol guide, "Error Codes").
@@ -151,16 +152,37 @@ fn encode_response(
     header_version: i16,
     body: &ResponseKind,
     version: i16,
-) -> anyhow::Result<BytesMut> {
-    let mut out = BytesMut::with_capacity(256);
-    out.put_i32(0);
+) -> anyhow::Result<Vec<Bytes>> {
+    let mut head = BytesMut::with_capacity(256);
+    head.put_i32(0);
     ResponseHeader::default()
         .with_correlation_id(correlation_id)
-        .encode(&mut out, header_version)?;
-    body.encode(&mut out, version)?;
-    let size = i32::try_from(out.len() - 4).context("response too large")?;
-    out[0..4].copy_from_slice(&size.to_be_bytes());
-    Ok(out)
+        .encode(&mut head, header_version)?;
+    let rest = match body {
+        // A fetch's record batches are referenced, not copied (see `out`).
+        ResponseKind::Fetch(f) => {
+            let shared = f
+                .responses
+                .iter()
+                .flat_map(|t| t.partitions.iter().filter_map(|p| p.records.clone()))
+                .filter(|r| !r.is_empty())
+                .collect();
+            let mut out = Chunks::new(shared);
+            kafka_protocol::protocol::Encodable::encode(f, &mut out, version)?;
+            out.finish()
+        }
+        other => {
+            other.encode(&mut head, version)?;
+            Vec::new()
+        }
+    };
+    let total = head.len() - 4 + rest.iter().map(Bytes::len).sum::<usize>();
+    let size = i32::try_from(total).context("response too large")?;
+    head[0..4].copy_from_slice(&size.to_be_bytes());
+    let mut chunks = Vec::with_capacity(1 + rest.len());
+    chunks.push(head.freeze());
+    chunks.extend(rest);
+    Ok(chunks)
 }
 
 fn api_versions(error_code: i16) -> ApiVersionsResponse {
@@ -257,7 +279,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
             out.put_i32(6);
             out.put_i32(correlation_id);
             out.put_i16(code::UNSUPPORTED_VERSION);
-            return Ok(Reply::Ready(out));
+            return Ok(Reply::Ready(vec![out.freeze()]));
         }
     };
     let header_version = api.response_header_version(version);

@@ -10,11 +10,12 @@
 pub mod alloc;
 pub mod frame;
 pub mod handler;
+pub mod out;
 
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use spate_broker::Broker;
 use spate_broker::groups::Coordinator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,8 +57,8 @@ impl Default for KafkaConfig {
 
 /// A response on its way: ready, pending (produce waiting for durability), or none (acks=0).
 pub enum Reply {
-    Ready(BytesMut),
-    Pending(JoinHandle<Option<BytesMut>>),
+    Ready(Vec<Bytes>),
+    Pending(JoinHandle<Option<Vec<Bytes>>>),
     None,
 }
 
@@ -148,8 +149,8 @@ async fn connection(
                 Reply::Pending(h) => h.await.ok().flatten(),
                 Reply::None => None,
             };
-            if let Some(b) = bytes {
-                wr.write_all(&b).await?;
+            if let Some(mut chunks) = bytes {
+                out::write_chunks(&mut wr, &mut chunks).await?;
             }
         }
         wr.shutdown().await?;

@@ -1430,6 +1430,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fetch_response_written_in_chunks_decodes_as_the_one_encoded_whole() {
+        let big = Bytes::from((0..20_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let small = Bytes::from_static(b"a small batch");
+        let part = |index: i32, records: Bytes| {
+            empty_partition_data(index)
+                .with_high_watermark(100)
+                .with_records(Some(records))
+        };
+        let response = FetchResponse::default().with_responses(vec![
+            FetchableTopicResponse::default()
+                .with_topic(TopicName(StrBytes::from_static_str("t")))
+                .with_partitions(vec![part(0, big.clone()), part(1, small), part(2, big)]),
+        ]);
+        for version in [4, 11, 12] {
+            let body = ResponseKind::Fetch(response.clone());
+            let chunks = encode_response(7, 0, &body, version).unwrap();
+            assert!(
+                chunks.len() > 1,
+                "the large batches are chunks of their own"
+            );
+            let mut whole = BytesMut::new();
+            whole.put_i32(0);
+            ResponseHeader::default()
+                .with_correlation_id(7)
+                .encode(&mut whole, 0)
+                .unwrap();
+            response.encode(&mut whole, version).unwrap();
+            let size = (whole.len() - 4) as i32;
+            whole[0..4].copy_from_slice(&size.to_be_bytes());
+            let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(joined, whole.to_vec(), "version {version}");
+            let mut rest = Bytes::from(joined).slice(4..);
+            ResponseHeader::decode(&mut rest, 0).unwrap();
+            assert_eq!(FetchResponse::decode(&mut rest, version).unwrap(), response);
+        }
+    }
+
+    #[test]
     fn advertised_versions_are_within_what_the_codec_knows() {
         use kafka_protocol::protocol::Message;
         for (key, lo, hi) in APIS {

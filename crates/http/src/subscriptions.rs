@@ -9,8 +9,8 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use spate_broker::subscriptions::{
@@ -84,10 +84,6 @@ fn write_results(out: &mut String, ack_ids: &[Cow<'_, str>], results: &[SettleRe
         out.push_str("\"}");
     }
     out.push(']');
-}
-
-fn json_response(out: String) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], out).into_response()
 }
 
 /// The JSON members of a delivered message (without braces), after `prefix` members.
@@ -222,7 +218,7 @@ pub async fn pull(
         write_results(&mut out, &req.ack_ids, &results);
     }
     out.push('}');
-    Ok(json_response(out))
+    Ok(crate::json_text(out))
 }
 
 #[derive(Deserialize)]
@@ -281,7 +277,7 @@ async fn settle(
     out.push('{');
     write_results(&mut out, &req.ack_ids, &results);
     out.push('}');
-    Ok(json_response(out))
+    Ok(crate::json_text(out))
 }
 
 /// `POST /v1/subscriptions/{name}/ack {"ack_ids": [...]}`

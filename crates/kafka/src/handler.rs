@@ -767,16 +767,13 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
         });
         let (parts, total, errors) = if any_data {
             let round = slots.clone();
-            match tokio::task::spawn_blocking(move || fetch_round(&round, max_bytes)).await {
+            match blocking(move || Ok(fetch_round(&round, max_bytes))).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(error = %e, "a fetch read task failed");
+                    let c = error_code(&e);
                     let failed = slots
                         .iter()
-                        .map(|s| {
-                            empty_partition_data(s.index)
-                                .with_error_code(code::UNKNOWN_SERVER_ERROR)
-                        })
+                        .map(|s| empty_partition_data(s.index).with_error_code(c))
                         .collect();
                     (failed, 0, true)
                 }

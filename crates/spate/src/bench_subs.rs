@@ -138,10 +138,9 @@ pub async fn run(a: SubsBenchArgs) -> Result<()> {
         a.rate > 0 && a.latency_seconds > 0.0,
         "--rate and --latency-seconds must be positive"
     );
-    ensure!(
-        a.fsync == "batch" || a.fsync == "never" || a.fsync.starts_with("interval:"),
-        "--fsync must be batch, interval:<ms> or never"
-    );
+    a.fsync
+        .parse::<spate_log::FsyncPolicy>()
+        .map_err(|e| anyhow::anyhow!("--fsync: {e}"))?;
     let server = crate::bench_push::start_server_with(&a.fsync)?;
     let spate = Spate {
         http: reqwest::Client::builder()

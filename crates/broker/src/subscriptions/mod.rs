@@ -66,12 +66,17 @@ const REFILL_ROOM: usize = READ_CHUNK;
 /// How many more messages the reader of `sub` should take now: nothing while the window is nearly
 /// full (see [`REFILL_ROOM`]), except when consumers would otherwise find nothing to pull.
 fn reader_room(sub: &Sub) -> usize {
-    let room = WINDOW_MAX.saturating_sub(sub.msgs.len());
-    if room >= REFILL_ROOM || sub.ready_len() == 0 {
-        room
-    } else {
+    if window_nearly_full(sub) && sub.ready_len() > 0 {
         0
+    } else {
+        WINDOW_MAX.saturating_sub(sub.msgs.len())
     }
+}
+
+/// Whether the window has less than [`REFILL_ROOM`] free, so that the reader waits while
+/// messages are ready.
+fn window_nearly_full(sub: &Sub) -> bool {
+    WINDOW_MAX.saturating_sub(sub.msgs.len()) < REFILL_ROOM
 }
 /// How often retries and deadlines are checked.
 const TICK: Duration = Duration::from_millis(5);
@@ -745,9 +750,7 @@ impl Subscriptions {
                     let a = self.write(&mut inner, name, &op)?;
                     let e = inner.subs.get_mut(name).expect("checked above");
                     e.sub.apply(&op);
-                    if e.sub.ready_len() == 0
-                        && WINDOW_MAX.saturating_sub(e.sub.msgs.len()) < REFILL_ROOM
-                    {
+                    if e.sub.ready_len() == 0 && window_nearly_full(&e.sub) {
                         // The reader waits for more room (see `reader_room`) unless nothing is
                         // ready, as now: it may fill what is left of the window.
                         e.wake.notify_one();

@@ -25,7 +25,12 @@ KAFKA_ADDR=127.0.0.1:19092
 cargo build --release -q -p spate
 bash "$TOOLS" fetch >/dev/null
 bash "$TOOLS" start >/dev/null
-"$CARGO_TARGET_DIR/release/spate" serve --data-dir "$SPATE_DATA/data" --http-addr 127.0.0.1:0 \
+# Both servers get the same consumer group setting: the Kafka broker started by the tool runs with
+# group.initial.rebalance.delay.ms=0 (read from its config), so Spate's first rebalance of a group
+# does not wait either; otherwise every ConsumerPerformance row of Spate would carry 300 ms more.
+GROUP_DELAY=$(grep -oE '^group.initial.rebalance.delay.ms=[0-9]+' /tmp/anchor-kafka/server.properties | cut -d= -f2)
+SPATE_GROUP_INITIAL_REBALANCE_DELAY_MS=${GROUP_DELAY:-3000} \
+  "$CARGO_TARGET_DIR/release/spate" serve --data-dir "$SPATE_DATA/data" --http-addr 127.0.0.1:0 \
   --kafka-addr "$SPATE_ADDR" --fsync "${SPATE_FSYNC:-batch}" >"$SPATE_DATA/out" 2>"$SPATE_DATA/err" &
 SPATE_PID=$!
 cleanup() {

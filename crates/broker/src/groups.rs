@@ -876,6 +876,11 @@ mod tests {
     use spate_log::mem::MemStorage;
 
     fn coordinator(disk: &MemStorage) -> Coordinator {
+        coordinator_gathering(disk, Duration::ZERO)
+    }
+
+    /// A coordinator whose empty groups wait `delay` for more members.
+    fn coordinator_gathering(disk: &MemStorage, delay: Duration) -> Coordinator {
         let log = Log::open(
             Arc::new(disk.clone()),
             std::path::Path::new("/d"),
@@ -894,7 +899,7 @@ mod tests {
             )
             .unwrap();
         }
-        Coordinator::open(log, Duration::ZERO, 0).unwrap()
+        Coordinator::open(log, delay, 0).unwrap()
     }
 
     fn join(c: &Coordinator, member: &str, now: Instant) -> oneshot::Receiver<JoinResult> {
@@ -984,6 +989,32 @@ mod tests {
             c.heartbeat("g", 3, &b.member_id, t2),
             Err(GroupError::UnknownMemberId)
         );
+    }
+
+    #[test]
+    fn an_empty_group_waits_the_initial_delay_for_more_members() {
+        let disk = MemStorage::new();
+        let c = coordinator_gathering(&disk, Duration::from_millis(300));
+        let t0 = Instant::now();
+        let mut a_rx = join(&c, "", t0);
+        c.tick(t0 + Duration::from_millis(100));
+        assert!(a_rx.try_recv().is_err(), "answered before the delay");
+        let b_rx = join(&c, "", t0 + Duration::from_millis(200));
+        c.tick(t0 + Duration::from_millis(299));
+        assert!(a_rx.try_recv().is_err(), "answered before the delay");
+        c.tick(t0 + Duration::from_millis(300));
+        let a = ready(a_rx).unwrap().unwrap();
+        let b = ready(b_rx).unwrap().unwrap();
+        assert_eq!((a.generation, b.generation), (1, 1));
+        assert_eq!(
+            a.members.len().max(b.members.len()),
+            2,
+            "one generation for both"
+        );
+        // Without a delay a lone member is answered at once.
+        let c = coordinator_gathering(&MemStorage::new(), Duration::ZERO);
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        assert_eq!((a.generation, a.members.len()), (1, 1));
     }
 
     #[test]

@@ -38,10 +38,17 @@ pub struct ServeConfig {
     /// Segment files are extended with zeros this many bytes ahead of the appends, so that an
     /// fsync does not also commit a new file length (0: off).
     pub preallocate_bytes: u64,
+    /// How long the first rebalance of an empty Kafka consumer group waits for more members to
+    /// join before it assigns partitions (Kafka's `group.initial.rebalance.delay.ms`).
+    pub group_initial_rebalance_delay_ms: u64,
 }
 
+/// The longest initial rebalance delay accepted: a consumer group's first assignment should not
+/// wait longer than Kafka clients wait for a JoinGroup answer by default (5 minutes).
+const GROUP_INITIAL_REBALANCE_DELAY_MAX_MS: u64 = 300_000;
+
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 14] = [
+pub const KEYS: [&str; 15] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -56,6 +63,7 @@ pub const KEYS: [&str; 14] = [
     "push_max_behind_ms",
     "metrics_interval_ms",
     "preallocate_bytes",
+    "group_initial_rebalance_delay_ms",
 ];
 
 impl Default for ServeConfig {
@@ -75,6 +83,7 @@ impl Default for ServeConfig {
             push_max_behind_ms: 60_000,
             metrics_interval_ms: 5_000,
             preallocate_bytes: 1 << 20,
+            group_initial_rebalance_delay_ms: 300,
         }
     }
 }
@@ -146,6 +155,10 @@ impl ServeConfig {
             config.retention_check_ms > 0,
             "retention_check_ms must be positive"
         );
+        anyhow::ensure!(
+            config.group_initial_rebalance_delay_ms <= GROUP_INITIAL_REBALANCE_DELAY_MAX_MS,
+            "group_initial_rebalance_delay_ms must be at most {GROUP_INITIAL_REBALANCE_DELAY_MAX_MS}"
+        );
         Ok(config)
     }
 
@@ -199,6 +212,30 @@ mod tests {
                 ..Overrides::default()
             };
             assert!(ServeConfig::load(None, &flags).is_err());
+            jail.create_file("slow.toml", "group_initial_rebalance_delay_ms = 300001\n")?;
+            let e =
+                ServeConfig::load(Some(Path::new("slow.toml")), &Overrides::default()).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("group_initial_rebalance_delay_ms"),
+                "{e:#}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_group_rebalance_delay_comes_from_the_file_or_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let c = ServeConfig::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c.group_initial_rebalance_delay_ms, 300);
+            jail.create_file("spate.toml", "group_initial_rebalance_delay_ms = 3000\n")?;
+            let c = ServeConfig::load(Some(Path::new("spate.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.group_initial_rebalance_delay_ms, 3000);
+            jail.set_env("SPATE_GROUP_INITIAL_REBALANCE_DELAY_MS", "0");
+            let c = ServeConfig::load(Some(Path::new("spate.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.group_initial_rebalance_delay_ms, 0);
             Ok(())
         });
     }

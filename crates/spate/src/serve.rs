@@ -14,10 +14,6 @@ use tokio::sync::watch;
 
 use crate::config::ServeConfig;
 
-/// How long a rebalance of an empty consumer group waits for more members (Kafka's
-/// `group.initial.rebalance.delay.ms` defaults to 3 s; shorter here so a lone consumer starts fast).
-const GROUP_INITIAL_REBALANCE_DELAY: Duration = Duration::from_millis(300);
-
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -129,11 +125,12 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     .context("cannot open the detector store")?;
     detectors.start();
     let log_for_groups = broker.log().clone();
+    let group_delay = Duration::from_millis(config.group_initial_rebalance_delay_ms);
     let coordinator = Arc::new(
         tokio::task::spawn_blocking(move || {
             spate_broker::groups::Coordinator::open(
                 log_for_groups,
-                GROUP_INITIAL_REBALANCE_DELAY,
+                group_delay,
                 spate_broker::now_ms(),
             )
         })

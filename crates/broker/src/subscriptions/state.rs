@@ -212,10 +212,12 @@ pub enum Op {
         found: Vec<Found>,
     },
     Deliver {
+        #[serde(with = "id_runs")]
         ids: Vec<MsgId>,
         deadline: i64,
     },
     Ack {
+        #[serde(with = "id_runs")]
         ids: Vec<MsgId>,
     },
     /// Each message waits until the given time, or is doomed when out of attempts.
@@ -223,6 +225,7 @@ pub enum Op {
         items: Vec<(MsgId, i64)>,
     },
     Extend {
+        #[serde(with = "id_runs")]
         ids: Vec<MsgId>,
         deadline: i64,
     },
@@ -251,6 +254,72 @@ pub enum Op {
     Snapshot {
         subscriptions: Vec<Snapshot>,
     },
+}
+
+/// Message ids in journal records, as runs: consecutive offsets of one partition (what a pull
+/// delivers and its ack settles) are one element `[source, partition, first, count]`, a lone id
+/// `[source, partition, offset]` as records have always held them. The order and every id of the
+/// list are kept.
+mod id_runs {
+    use serde::de::{Deserializer, Error as _};
+    use serde::ser::{SerializeSeq, Serializer};
+    use serde::{Deserialize, Serialize};
+
+    use super::{MsgId, Source};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Run {
+        Many(Source, u32, u64, u64),
+        One(Source, u32, u64),
+    }
+
+    /// The ids of a run-length list can reach at most this many; a record claiming more is
+    /// corrupt (a request settles at most a few thousand).
+    const IDS_MAX: u64 = 1 << 24;
+
+    pub fn serialize<S: Serializer>(ids: &[MsgId], s: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<(MsgId, u64)> = Vec::new();
+        for &id in ids {
+            match runs.last_mut() {
+                Some(((source, partition, first), count))
+                    if *source == id.0
+                        && *partition == id.1
+                        && first.checked_add(*count) == Some(id.2) =>
+                {
+                    *count += 1;
+                }
+                _ => runs.push((id, 1)),
+            }
+        }
+        let mut seq = s.serialize_seq(Some(runs.len()))?;
+        for ((source, partition, first), count) in runs {
+            if count == 1 {
+                seq.serialize_element(&Run::One(source, partition, first))?;
+            } else {
+                seq.serialize_element(&Run::Many(source, partition, first, count))?;
+            }
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<MsgId>, D::Error> {
+        let runs = Vec::<Run>::deserialize(d)?;
+        let mut ids = Vec::new();
+        for run in runs {
+            match run {
+                Run::One(source, partition, offset) => ids.push((source, partition, offset)),
+                Run::Many(source, partition, first, count) => {
+                    let total = ids.len() as u64 + count;
+                    if count == 0 || total > IDS_MAX || first.checked_add(count).is_none() {
+                        return Err(D::Error::custom("invalid run of message ids"));
+                    }
+                    ids.extend((first..first + count).map(|o| (source, partition, o)));
+                }
+            }
+        }
+        Ok(ids)
+    }
 }
 
 /// A subscription as stored in a snapshot.
@@ -897,6 +966,64 @@ mod tests {
 
     fn t(p: u32, o: u64) -> MsgId {
         (Source::Topic, p, o)
+    }
+
+    #[test]
+    fn journal_records_hold_consecutive_ids_as_runs_and_read_the_old_form() {
+        let ids: Vec<MsgId> = (10..110)
+            .map(|o| t(0, o))
+            .chain([
+                t(1, 5),
+                t(0, 110),
+                (Source::DeadLetters, 0, 111),
+                t(0, 112),
+                t(0, 113),
+            ])
+            .collect();
+        let op = Op::Ack { ids: ids.clone() };
+        let json = serde_json::to_string(&op).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"ack","ids":[["t",0,10,100],["t",1,5],["t",0,110],["d",0,111],["t",0,112,2]]}"#
+        );
+        assert_eq!(serde_json::from_str::<Op>(&json).unwrap(), op);
+        // Records written one id per element, as before runs, read the same.
+        let old = r#"{"op":"deliver","ids":[["t",0,7],["t",0,8],["d",2,1]],"deadline":5}"#;
+        assert_eq!(
+            serde_json::from_str::<Op>(old).unwrap(),
+            Op::Deliver {
+                ids: vec![t(0, 7), t(0, 8), (Source::DeadLetters, 2, 1)],
+                deadline: 5
+            }
+        );
+        for bad in [
+            r#"{"op":"ack","ids":[["t",0,7,0]]}"#,
+            r#"{"op":"ack","ids":[["t",0,18446744073709551615,2]]}"#,
+            r#"{"op":"ack","ids":[["t",0,0,100000000]]}"#,
+            r#"{"op":"ack","ids":[["t",0]]}"#,
+        ] {
+            assert!(serde_json::from_str::<Op>(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_list_of_ids_survives_the_journal_unchanged(
+            ids in proptest::collection::vec(
+                (proptest::bool::ANY, 0u32..3, 0u64..40),
+                0..200,
+            )
+        ) {
+            let ids: Vec<MsgId> = ids
+                .into_iter()
+                .map(|(dead, p, o)| {
+                    (if dead { Source::DeadLetters } else { Source::Topic }, p, o)
+                })
+                .collect();
+            let op = Op::Extend { ids, deadline: 1 };
+            let json = serde_json::to_vec(&op).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_slice::<Op>(&json).unwrap(), op);
+        }
     }
 
     #[test]

@@ -14,6 +14,25 @@ use tokio::sync::watch;
 
 use crate::config::ServeConfig;
 
+/// Turns transparent huge pages off for this process (Linux; elsewhere nothing to do). The memory
+/// allocator gives freed memory back to the kernel a few milliseconds after it is freed, and with
+/// huge pages each later fault on that memory clears a whole 2 MiB page: under a pull-and-ack load
+/// of 1 KiB events that was about 7% of the server's CPU. Redis and most databases advise the same.
+pub fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: PR_SET_THP_DISABLE takes integers only and reads or writes no memory of ours.
+        let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if r != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "transparent huge pages stay as the system has them"
+            );
+        }
+    }
+}
+
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 

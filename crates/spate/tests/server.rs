@@ -103,6 +103,23 @@ fn sigterm_stops_gracefully_and_data_survives_a_restart() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    // Kernels before 5.0 do not report the flag; the prctl itself goes back to 3.15.
+    if let Some(thp) = thp {
+        assert_eq!(thp, "0", "{status}");
+    }
+    server.kill9();
+}
+
 #[test]
 fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();

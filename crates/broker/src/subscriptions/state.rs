@@ -373,12 +373,14 @@ pub struct Sub {
     /// Messages whose `timer` is set.
     timer_count: usize,
     /// Pending messages of each key, in order, under key ordering.
-    keys: IdMap<(Source, u32, u64), VecDeque<u64>>,
+    /// (SipHash here: the key hashes come from record keys, which producers choose.)
+    keys: HashMap<(Source, u32, u64), VecDeque<u64>>,
 }
 
-/// A hash map keyed by message ids or key groups: small keys of integers hashed with one
-/// multiply per word, where the standard SipHash (built against hash flooding, which these
-/// server-made keys cannot cause) costs several times more on every pull, ack and read.
+/// A hash map keyed by message ids: small keys of integers hashed with one multiply per word,
+/// where the standard SipHash costs several times more on every pull, ack and read. Only for
+/// keys the server makes (partitions and the offsets it assigned): SipHash is there against
+/// chosen keys that all land in one bucket, which these cannot be.
 pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 /// The hasher of [`IdMap`]: each word is mixed into the state with a rotate, xor and multiply.
@@ -461,7 +463,7 @@ impl Sub {
             next_seq: 0,
             timers: BinaryHeap::new(),
             timer_count: 0,
-            keys: IdMap::default(),
+            keys: HashMap::new(),
         }
     }
 

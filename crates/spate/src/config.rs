@@ -43,8 +43,8 @@ pub struct ServeConfig {
     pub group_initial_rebalance_delay_ms: u64,
 }
 
-/// The longest initial rebalance delay accepted: a consumer group's first assignment should not
-/// wait longer than Kafka clients wait for a JoinGroup answer by default (5 minutes).
+/// The longest initial rebalance delay accepted: 5 minutes, the Java consumer's default rebalance
+/// timeout (`max.poll.interval.ms`), past which its JoinGroup would give up first.
 const GROUP_INITIAL_REBALANCE_DELAY_MAX_MS: u64 = 300_000;
 
 /// Every key the file and the environment may set.

@@ -36,17 +36,24 @@ pub fn disable_transparent_huge_pages() {
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler works on Unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// Resolves on the first SIGINT or SIGTERM received after it was called: the handlers are in place
+/// from the call on, so a signal that comes while the server is still starting is kept until the
+/// future is awaited.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 pub async fn run(config: ServeConfig) -> Result<()> {
+    // Before anything is announced: a SIGTERM from then on is a graceful stop.
+    let shutdown = shutdown_signal()?;
     let fsync = config.fsync_policy()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -221,7 +228,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     ));
 
     tokio::select! {
-        _ = signal() => {}
+        _ = shutdown => {}
         result = &mut server => {
             result.context("http server task failed")?.context("http server failed")?;
             anyhow::bail!("http server stopped unexpectedly");

@@ -121,6 +121,17 @@ fn the_server_runs_without_transparent_huge_pages() {
 }
 
 #[test]
+fn a_sigterm_right_after_start_is_a_graceful_stop() {
+    // The addresses are printed before the listeners serve: a supervisor that stops the server
+    // as soon as it reads them must get a clean exit, every time.
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let server = common::start(dir.path(), &[]);
+        assert_eq!(server.terminate().code(), Some(0));
+    }
+}
+
+#[test]
 fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _server = common::start(dir.path(), &[]);

@@ -427,15 +427,20 @@ impl Hasher for IdHasher {
     }
 }
 
-/// The ids of `msgs` that pass `keep`, in offset order.
-fn sorted_ids(msgs: &IdMap<MsgId, Msg>, keep: impl Fn(&MsgId, &Msg) -> bool) -> Vec<MsgId> {
-    let mut ids: Vec<MsgId> = msgs
+/// The messages of `msgs` that pass `keep`, in offset order.
+fn in_order(msgs: &IdMap<MsgId, Msg>, keep: impl Fn(&MsgId, &Msg) -> bool) -> Vec<(MsgId, &Msg)> {
+    let mut v: Vec<(MsgId, &Msg)> = msgs
         .iter()
         .filter(|(id, m)| keep(id, m))
-        .map(|(id, _)| *id)
+        .map(|(id, m)| (*id, m))
         .collect();
-    ids.sort_unstable();
-    ids
+    v.sort_unstable_by_key(|(id, _)| *id);
+    v
+}
+
+/// The ids of `msgs` that pass `keep`, in offset order.
+fn sorted_ids(msgs: &IdMap<MsgId, Msg>, keep: impl Fn(&MsgId, &Msg) -> bool) -> Vec<MsgId> {
+    in_order(msgs, keep).into_iter().map(|(id, _)| id).collect()
 }
 
 /// Hash of a record key (FNV-1a): stable across restarts, for key ordering.
@@ -484,10 +489,9 @@ impl Sub {
             config: self.config.clone(),
             created_ms: self.created_ms,
             positions: self.positions.clone(),
-            msgs: sorted_ids(&self.msgs, |_, _| true)
+            msgs: in_order(&self.msgs, |_, _| true)
                 .into_iter()
-                .map(|id| {
-                    let m = &self.msgs[&id];
+                .map(|(id, m)| {
                     (
                         id,
                         m.attempt,
@@ -685,9 +689,9 @@ impl Sub {
         self.keys.clear();
         self.ready.clear();
         self.ready_count = 0;
-        let ids: Vec<(MsgId, Option<u64>)> = sorted_ids(&self.msgs, |_, _| true)
+        let ids: Vec<(MsgId, Option<u64>)> = in_order(&self.msgs, |_, _| true)
             .into_iter()
-            .map(|id| (id, self.msgs[&id].key))
+            .map(|(id, m)| (id, m.key))
             .collect();
         for (id, key) in &ids {
             if let Some(g) = self.group(*id, *key) {

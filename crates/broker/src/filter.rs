@@ -20,6 +20,10 @@ use thiserror::Error;
 
 use crate::Event;
 
+mod cost;
+
+pub use cost::LITERAL_RANGES_PRODUCT_MAX;
+
 /// The longest expression accepted, in bytes.
 pub const EXPRESSION_BYTES_MAX: usize = 4096;
 /// The deepest nesting of an expression accepted.
@@ -48,7 +52,8 @@ pub struct Expression {
 }
 
 impl Expression {
-    /// Compiles `source`, within the size and depth limits.
+    /// Compiles `source`, within the size and depth limits, refusing expressions whose evaluation
+    /// could take time growing with a product of sizes (see [`cost`]).
     pub fn compile(source: &str) -> Result<Expression, FilterError> {
         if source.trim().is_empty() {
             return Err(FilterError::Expression("the expression is empty".into()));
@@ -64,6 +69,7 @@ impl Expression {
             .max_recursion_depth(EXPRESSION_DEPTH_MAX)
             .parse(source)
             .map_err(|e| FilterError::Expression(one_line(&e.to_string())))?;
+        cost::check(&expr).map_err(FilterError::Expression)?;
         Ok(Expression {
             source: source.to_string(),
             expr,

@@ -98,6 +98,12 @@ async fn websocket_errors_are_replies_not_disconnects() {
             json!({"op": "subscribe", "id": "a", "topic": "orders", "types": "order.>.x"}),
             "invalid-filter",
         ),
+        // Quadratic in the event's size: refused before any event is judged.
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "orders",
+                   "filter": "data.items.all(x, data.items.exists(y, y == x))"}),
+            "invalid-filter",
+        ),
         (
             json!({"op": "subscribe", "id": "a", "topic": "orders", "from": "yesterday"}),
             "malformed",

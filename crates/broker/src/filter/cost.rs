@@ -1,0 +1,341 @@
+//! Refuses expressions whose evaluation could take time growing with a product of sizes.
+//!
+//! Outside the macros (`all`, `exists`, `exists_one`, `map`, `filter`) every operation of an
+//! expression runs once, so evaluating it takes time linear in the event and the expression.
+//! Inside a macro the body runs once per element, and stays linear in total only when its costly
+//! operations work on the element rather than on values from outside the loop: `x in data.list`
+//! or `data.text.contains(x)` inside `data.list.all(x, ...)` take the list's size squared, a macro
+//! over `data.list` inside another one the same, and three nested macros over literal lists of a
+//! few hundred elements each (within the 4 KiB limit) run for minutes. So inside a macro's body:
+//!
+//! - operations that take constant time (`&&`, `||`, `!`, `?:`, `-`, `*`, `/`, `%`, indexing,
+//!   `size`) take anything;
+//! - a comparison (`==`, `!=`, `<`, `<=`, `>`, `>=`) needs one operand computed from the loop's
+//!   variables and literals only: comparing stops within the shorter operand, so the work is
+//!   bounded by the element;
+//! - any other operation (`in`, `+`, `contains`, `startsWith`, `endsWith`, `matches`, conversions,
+//!   functions not listed here) takes only operands computed from the loop's variables and
+//!   literals;
+//! - a nested macro ranges over a part of the element (`item.tags`) or over a short list written
+//!   in the expression (`[x.a, x.b]`, from the loop's variables and literals), with at most
+//!   [`LITERAL_RANGES_PRODUCT_MAX`] as the product of such lists' lengths down the nesting.
+//!
+//! Outside macros too, `+` copies both operands (strings and lists concatenate), so a chain of n
+//! of them over a large string copies it about n²/2 times: an expression holds at most
+//! [`ADDITIONS_MAX`] of them (`map`, `filter` and `exists_one` use one each).
+//!
+//! These rules bound an evaluation by the event's size times the expression's, whatever the event.
+
+use cel::IdedExpr;
+use cel::common::ast::{EntryExpr, Expr};
+
+/// The largest product of the lengths of literal lists that nested macros range over.
+pub const LITERAL_RANGES_PRODUCT_MAX: usize = 1024;
+
+/// The most `+` operations an expression may hold.
+pub const ADDITIONS_MAX: usize = 32;
+
+/// Operations whose time does not grow with their operands.
+const CONSTANT_TIME: &[&str] = &[
+    "_&&_",
+    "_||_",
+    "!_",
+    "-_",
+    "_?_:_",
+    "_[_]",
+    "_-_",
+    "_*_",
+    "_/_",
+    "_%_",
+    "size",
+    "@not_strictly_false",
+];
+
+/// Comparisons: they stop within the shorter operand.
+const COMPARISONS: &[&str] = &["_==_", "_!=_", "_<_", "_<=_", "_>_", "_>=_"];
+
+/// The macro whose body is being checked.
+struct Loop<'a> {
+    /// Its iteration variables and accumulator.
+    vars: Vec<&'a str>,
+    /// Product of the lengths of the literal lists ranged over, down to this macro.
+    literal_product: usize,
+}
+
+/// Checks `expr` against the rules above; the error says which rule an expression breaks.
+pub(super) fn check(expr: &IdedExpr) -> Result<(), String> {
+    let additions = count_calls(expr, "_+_");
+    if additions > ADDITIONS_MAX {
+        return Err(format!(
+            "the expression holds {additions} `+` operations, over the limit of {ADDITIONS_MAX} \
+             (each copies its operands: a chain of them over a long string or list copies it \
+             over and over)"
+        ));
+    }
+    walk(expr, None)
+}
+
+/// How many calls of `name` `e` holds.
+fn count_calls(e: &IdedExpr, name: &str) -> usize {
+    let entries = |entries: &[cel::common::ast::IdedEntryExpr]| -> usize {
+        entries
+            .iter()
+            .map(|x| match &x.expr {
+                EntryExpr::MapEntry(m) => count_calls(&m.key, name) + count_calls(&m.value, name),
+                EntryExpr::StructField(f) => count_calls(&f.value, name),
+            })
+            .sum()
+    };
+    match &e.expr {
+        Expr::Call(c) => {
+            usize::from(c.func_name == name)
+                + c.target.as_deref().map_or(0, |t| count_calls(t, name))
+                + c.args.iter().map(|a| count_calls(a, name)).sum::<usize>()
+        }
+        Expr::Comprehension(c) => [
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ]
+        .into_iter()
+        .map(|x| count_calls(x, name))
+        .sum(),
+        Expr::List(l) => l.elements.iter().map(|x| count_calls(x, name)).sum(),
+        Expr::Map(m) => entries(&m.entries),
+        Expr::Struct(s) => entries(&s.entries),
+        Expr::Select(s) => count_calls(&s.operand, name),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => 0,
+    }
+}
+
+fn walk<'a>(e: &'a IdedExpr, within: Option<&Loop<'a>>) -> Result<(), String> {
+    match &e.expr {
+        Expr::Call(c) => {
+            let operands: Vec<&IdedExpr> = c.target.as_deref().into_iter().chain(&c.args).collect();
+            // The operands first: a refusal names the innermost rule broken.
+            operands.iter().try_for_each(|o| walk(o, within))?;
+            if let Some(l) = within {
+                let name = c.func_name.as_str();
+                if COMPARISONS.contains(&name) {
+                    if !operands.iter().any(|o| local(o, &l.vars)) {
+                        return Err(format!(
+                            "inside all/exists/exists_one/map/filter, `{}` needs one operand \
+                             computed from the loop variable (its time would grow with both \
+                             sizes)",
+                            display(name)
+                        ));
+                    }
+                } else if !CONSTANT_TIME.contains(&name)
+                    && !operands.iter().all(|o| local(o, &l.vars))
+                {
+                    return Err(format!(
+                        "inside all/exists/exists_one/map/filter, `{}` takes only the loop \
+                         variable's values and literals (on a value from outside the loop its \
+                         time would grow with both sizes)",
+                        display(name)
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Expr::Comprehension(c) => {
+            walk(&c.iter_range, within)?;
+            walk(&c.accu_init, within)?;
+            let literal_product = match within {
+                None => 1,
+                Some(l) if part_of_element(&c.iter_range, &l.vars) => l.literal_product,
+                Some(l) => match &c.iter_range.expr {
+                    Expr::List(list) if local(&c.iter_range, &l.vars) => {
+                        let product = l.literal_product.saturating_mul(list.elements.len());
+                        if product > LITERAL_RANGES_PRODUCT_MAX {
+                            return Err(format!(
+                                "nested all/exists/exists_one/map/filter over literal lists \
+                                 would run their bodies {product} times per element, over the \
+                                 limit of {LITERAL_RANGES_PRODUCT_MAX}"
+                            ));
+                        }
+                        product
+                    }
+                    _ => {
+                        return Err(
+                            "all/exists/exists_one/map/filter inside another must range over a \
+                             part of the outer loop's element (e.g. \
+                             `data.items.exists(i, i.tags.exists(t, t == \"vip\"))`) or a short \
+                             list of its values; over anything else its time would grow with \
+                             both sizes"
+                                .into(),
+                        );
+                    }
+                },
+            };
+            let mut vars = vec![c.iter_var.as_str(), c.accu_var.as_str()];
+            vars.extend(c.iter_var2.as_deref());
+            let inner = Loop {
+                vars,
+                literal_product,
+            };
+            walk(&c.loop_cond, Some(&inner))?;
+            walk(&c.loop_step, Some(&inner))?;
+            walk(&c.result, within)
+        }
+        Expr::List(l) => l.elements.iter().try_for_each(|x| walk(x, within)),
+        Expr::Map(m) => m.entries.iter().try_for_each(|x| match &x.expr {
+            EntryExpr::MapEntry(m) => walk(&m.key, within).and_then(|()| walk(&m.value, within)),
+            EntryExpr::StructField(f) => walk(&f.value, within),
+        }),
+        Expr::Struct(s) => s.entries.iter().try_for_each(|x| match &x.expr {
+            EntryExpr::MapEntry(m) => walk(&m.key, within).and_then(|()| walk(&m.value, within)),
+            EntryExpr::StructField(f) => walk(&f.value, within),
+        }),
+        Expr::Select(s) => walk(&s.operand, within),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Ok(()),
+    }
+}
+
+/// Whether `e` is computed from `vars` and literals only (variables bound inside `e` count too).
+fn local(e: &IdedExpr, vars: &[&str]) -> bool {
+    match &e.expr {
+        Expr::Ident(name) => vars.contains(&name.as_str()),
+        Expr::Literal(_) | Expr::Unspecified => true,
+        Expr::Call(c) => {
+            c.target.as_deref().is_none_or(|t| local(t, vars))
+                && c.args.iter().all(|a| local(a, vars))
+        }
+        Expr::Select(s) => local(&s.operand, vars),
+        Expr::List(l) => l.elements.iter().all(|x| local(x, vars)),
+        Expr::Map(m) => m.entries.iter().all(|x| entry_local(&x.expr, vars)),
+        Expr::Struct(s) => s.entries.iter().all(|x| entry_local(&x.expr, vars)),
+        Expr::Comprehension(c) => {
+            let mut inner = vars.to_vec();
+            inner.extend([c.iter_var.as_str(), c.accu_var.as_str()]);
+            inner.extend(c.iter_var2.as_deref());
+            local(&c.iter_range, vars)
+                && local(&c.accu_init, vars)
+                && local(&c.loop_cond, &inner)
+                && local(&c.loop_step, &inner)
+                && local(&c.result, &inner)
+        }
+    }
+}
+
+fn entry_local(e: &EntryExpr, vars: &[&str]) -> bool {
+    match e {
+        EntryExpr::MapEntry(m) => local(&m.key, vars) && local(&m.value, vars),
+        EntryExpr::StructField(f) => local(&f.value, vars),
+    }
+}
+
+/// Whether `e` is a loop variable or a field or element of one (`x`, `x.tags`, `x.rows[0]`).
+fn part_of_element(e: &IdedExpr, vars: &[&str]) -> bool {
+    match &e.expr {
+        Expr::Ident(name) => vars.contains(&name.as_str()),
+        Expr::Select(s) => part_of_element(&s.operand, vars),
+        Expr::Call(c) if c.func_name == "_[_]" => {
+            c.args.first().is_some_and(|a| part_of_element(a, vars))
+        }
+        _ => false,
+    }
+}
+
+/// An operator's name as written (`_+_` is `+`, `@in` is `in`).
+fn display(name: &str) -> &str {
+    let trimmed = name.trim_matches('_');
+    if trimmed == "@in" {
+        "in"
+    } else if trimmed.is_empty() {
+        name
+    } else {
+        trimmed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(source: &str) -> Result<(), String> {
+        let expr = cel::Env::stdlib()
+            .parser()
+            .parse(source)
+            .expect("the test expression parses");
+        check(&expr)
+    }
+
+    #[test]
+    fn filters_whose_work_follows_the_event_are_accepted() {
+        for ok in [
+            "type == \"order.created\" && data.amount > 1000",
+            "data.items.exists(i, i.price > 100)",
+            "data.items.all(i, i.sku != data.blocked)",
+            "data.items.exists(i, data.limits[i.kind] < i.qty)",
+            "data.items.exists(i, i.tags.exists(t, t == \"vip\"))",
+            "data.rows.all(r, r[0].all(c, c >= 0))",
+            "data.items.exists(i, [i.a, i.b].exists(v, v > 0))",
+            "data.items.map(i, i.qty * i.price).exists(v, v > 1000)",
+            "data.items.exists(i, i.kind in [\"a\", \"b\"])",
+            "data.items.exists(i, i.name.startsWith(\"x\") && size(data.items) > 2)",
+            "data.items.filter(i, i.qty - data.reserved > 0).size() > 0",
+            "size(data.items.filter(i, i.qty > 0)) == size(data.items)",
+            "data.items.exists_one(i, i.id == data.target)",
+            "data.m.all(k, k.startsWith(\"a\"))",
+            "data.items.exists(i, i.price + 1 > 100)",
+            &vec!["data.n"; ADDITIONS_MAX + 1].join(" + "),
+        ] {
+            assert_eq!(checked(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn filters_whose_work_grows_with_a_product_of_sizes_are_refused() {
+        let big = format!("[{}]", vec!["0"; 600].join(","));
+        for (bad, reason) in [
+            ("data.l.all(x, x in data.l)", "`in` takes only"),
+            ("data.l.all(x, data.s.contains(x))", "`contains` takes only"),
+            ("data.l.all(x, x + data.s != \"\")", "`+` takes only"),
+            ("data.l.all(x, data.m == data.m)", "`==` needs one operand"),
+            (
+                "data.l.all(x, [x, data.l] == [x, data.l])",
+                "`==` needs one operand",
+            ),
+            (
+                "data.l.all(x, data.l.exists(y, y == x))",
+                "must range over a part",
+            ),
+            (
+                "data.l.all(x, [data.l, 1].exists(y, size(y) > 0))",
+                "must range over a part",
+            ),
+            (
+                "data.items.exists(i, i.tags.exists(t, t in i.other))",
+                "`in` takes only",
+            ),
+            (
+                "data.l.map(x, data.l.map(y, 1)).size() > 0",
+                "must range over a part",
+            ),
+            (
+                &format!("{big}.all(x, {big}.all(y, {big}.all(z, true)))"),
+                "over the limit of 1024",
+            ),
+            (
+                &vec!["data.s"; ADDITIONS_MAX + 2].join(" + "),
+                "over the limit of 32",
+            ),
+            (
+                &format!(
+                    "[1,2].all(a, [{}].all(b, [{}].all(c, true)))",
+                    vec!["a"; 40].join(","),
+                    vec!["b"; 40].join(",")
+                ),
+                "over the limit of 1024",
+            ),
+        ] {
+            match checked(bad) {
+                Err(e) => assert!(e.contains(reason), "{}: {e}", &bad[..bad.len().min(80)]),
+                Ok(()) => panic!("{} was accepted", &bad[..bad.len().min(80)]),
+            }
+        }
+    }
+}

@@ -355,6 +355,34 @@ async fn bad_values_are_counted_not_fatal() {
 }
 
 #[tokio::test]
+async fn a_server_holds_at_most_the_detector_limit() {
+    let max = spate_broker::detectors::DETECTORS_MAX;
+    let (_dir, server, c) = setup().await;
+    for i in 0..max {
+        c.define(&format!("d{i}"), fever_rule()).await;
+    }
+    let r = c.put("/v1/detectors/one-more", fever_rule()).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("at most {max}")),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(c.get("/v1/detectors/one-more").await.status, 404);
+    // A replacement is not a new detector; a delete frees a place.
+    assert_eq!(c.put("/v1/detectors/d0", fever_rule()).await.status, 200);
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/detectors/d1", None)
+        .await;
+    assert_eq!(r.status, 204);
+    c.define("one-more", fever_rule()).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_definitions_are_refused_with_the_reason_and_change_nothing() {
     let (_dir, server, c) = setup().await;
     let base = fever_rule();
@@ -393,6 +421,11 @@ async fn invalid_definitions_are_refused_with_the_reason_and_change_nothing() {
             "alert_topic",
         ),
         (with(&["colour"], json!("red")), 400, "colour"),
+        (
+            with(&["value"], json!("data.l.map(x, x in data.l).size()")),
+            400,
+            "`in` takes only",
+        ),
         (with(&["topic"], json!("nowhere")), 404, "nowhere"),
     ];
     for (definition, status, reason) in cases {

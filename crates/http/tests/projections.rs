@@ -287,6 +287,11 @@ async fn invalid_definitions_are_refused_with_the_reason() {
             json!({"topic": "__subscriptions", "reduce": {"merge": true}}),
             "internal",
         ),
+        (
+            json!({"topic": "orders", "reduce": {"merge": true},
+                   "filter": "data.l.all(x, data.l.exists(y, y == x))"}),
+            "must range over a part",
+        ),
     ] {
         let r = c.put("/v1/projections/p", body.clone()).await;
         assert_eq!(r.status, 400, "{body}: {:?}", r.body);
@@ -330,6 +335,38 @@ async fn invalid_definitions_are_refused_with_the_reason() {
         .await;
     assert_eq!(r.status, 204);
     assert_eq!(c.get("/v1/projections/p").await.status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_holds_at_most_the_projection_limit() {
+    let max = spate_broker::projections::PROJECTIONS_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_projections(dir.path()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    let merge = json!({"topic": "orders", "reduce": {"merge": true}});
+    for i in 0..max {
+        c.define(&format!("p{i}"), merge.clone()).await;
+    }
+    let r = c.put("/v1/projections/one-more", merge.clone()).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("at most {max}")),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(c.get("/v1/projections/one-more").await.status, 404);
+    // A replacement is not a new projection; a delete frees a place.
+    assert_eq!(c.put("/v1/projections/p0", merge.clone()).await.status, 200);
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/projections/p1", None)
+        .await;
+    assert_eq!(r.status, 204);
+    c.define("one-more", merge).await;
     server.stop().await;
 }
 

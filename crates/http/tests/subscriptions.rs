@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Http, start};
 use serde_json::{Value, json};
+use spate_broker::subscriptions::{DELAY_MS_MAX, PULL_MAX, PULL_WAIT_MAX, SUBSCRIPTIONS_MAX};
 use spate_http::push::PushLimits;
 
 /// The API client with this file's helpers.
@@ -585,6 +586,14 @@ async fn seek_replays_and_definitions_are_checked() {
         ),
         (json!({"topic": "orders", "colour": "red"}), "colour"),
         (json!({"topic": "__subscriptions"}), "internal"),
+        (
+            json!({"topic": "orders", "backoff": {"initial_ms": 10, "max_ms": DELAY_MS_MAX + 1}}),
+            "backoff",
+        ),
+        (
+            json!({"topic": "orders", "filter": "data.l.all(x, x in data.l)"}),
+            "`in` takes only",
+        ),
     ] {
         let r = c.put("/v1/subscriptions/bad", spec.clone()).await;
         assert_eq!(r.status, 400, "{spec}: {:?}", r.body);
@@ -611,12 +620,22 @@ async fn seek_replays_and_definitions_are_checked() {
         c.post("/v1/subscriptions/bad/pull", json!({})).await.status,
         404
     );
-    assert_eq!(
-        c.post("/v1/subscriptions/replay/pull", json!({"max_messages": 0}))
-            .await
-            .status,
-        400
-    );
+    for body in [
+        json!({"max_messages": 0}),
+        json!({"max_messages": PULL_MAX + 1}),
+        json!({"wait_ms": PULL_WAIT_MAX.as_millis() as u64 + 1}),
+    ] {
+        let r = c.post("/v1/subscriptions/replay/pull", body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+    }
+    let r = c
+        .post(
+            "/v1/subscriptions/replay/nack",
+            json!({"ack_ids": ["x"], "delay_ms": DELAY_MS_MAX + 1}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("delay_ms"));
     assert_eq!(
         c.post("/v1/subscriptions/replay/ack", json!({"ack_ids": "x"}))
             .await
@@ -642,6 +661,53 @@ async fn seek_replays_and_definitions_are_checked() {
         .await;
     assert_eq!(r.status, 204);
     assert_eq!(c.get("/v1/subscriptions/replay").await.status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_holds_at_most_the_subscription_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    for i in 0..SUBSCRIPTIONS_MAX {
+        c.subscribe(&format!("s{i}"), json!({"topic": "orders"}))
+            .await;
+    }
+    let r = c
+        .put("/v1/subscriptions/one-more", json!({"topic": "orders"}))
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("at most {SUBSCRIPTIONS_MAX}")),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(c.get("/v1/subscriptions/one-more").await.status, 404);
+    // An existing subscription still updates; a deleted one frees its place.
+    let r = c
+        .put(
+            "/v1/subscriptions/s0",
+            json!({"topic": "orders", "max_attempts": 3}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/subscriptions/s1", None)
+        .await;
+    assert_eq!(r.status, 204);
+    let r = c
+        .put("/v1/subscriptions/one-more", json!({"topic": "orders"}))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let list = c.get("/v1/subscriptions").await;
+    assert_eq!(
+        list.body["subscriptions"].as_array().unwrap().len(),
+        SUBSCRIPTIONS_MAX
+    );
     server.stop().await;
 }
 

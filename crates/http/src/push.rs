@@ -81,7 +81,9 @@ fn parse_cursor(cursor: &str) -> Result<HashMap<u32, u64>, String> {
         let (p, o) = pair.trim().split_once(':').ok_or_else(bad)?;
         let p: u32 = p.parse().map_err(|_| bad())?;
         let o: i64 = o.parse().map_err(|_| bad())?;
-        if o < -1 || out.insert(p, (o + 1) as u64).is_some() {
+        // The next offset: -1 (nothing seen) gives 0; i64::MAX has no next.
+        let next = o.checked_add(1).filter(|n| *n >= 0).ok_or_else(bad)?;
+        if out.insert(p, next as u64).is_some() {
             return Err(bad());
         }
     }
@@ -1050,5 +1052,44 @@ async fn run_subscription(
         };
         close_with(&closer, CLOSE_SLOW_CONSUMER, reason).await;
         return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_give_the_next_offset_per_partition_and_refuse_the_rest() {
+        assert_eq!(
+            parse_cursor("0:41, 1:-1,7:0"),
+            Ok(HashMap::from([(0, 42), (1, 0), (7, 1)]))
+        );
+        let last = i64::MAX - 1;
+        assert_eq!(
+            parse_cursor(&format!("0:{last}")),
+            Ok(HashMap::from([(0, i64::MAX as u64)]))
+        );
+        for bad in [
+            "",
+            "0",
+            "0:",
+            ":1",
+            "0:-2",
+            "0:1,0:2",
+            "-1:0",
+            "4294967296:0",
+            "0:9223372036854775807",
+            "0:9223372036854775808",
+            "0:1;1:2",
+        ] {
+            assert!(parse_cursor(bad).is_err(), "{bad:?}");
+        }
+        // What an event's cursor says reads back as the position after it.
+        assert_eq!(cursor_of(&[42, 0, 1]), "0:41,1:-1,2:0");
+        assert_eq!(
+            parse_cursor(&cursor_of(&[42, 0, 1])),
+            Ok(HashMap::from([(0, 42), (1, 0), (2, 1)]))
+        );
     }
 }

@@ -152,7 +152,21 @@ impl Broker {
                         FeedStart::Earliest => p.log_start_offset(),
                         FeedStart::Latest => hw,
                         FeedStart::Time(t) => p.offset_for_timestamp(*t)?.map_or(hw, |(o, _)| o),
-                        FeedStart::Offsets(m) => m.get(&(i as u32)).copied().unwrap_or(hw),
+                        FeedStart::Offsets(m) => match m.get(&(i as u32)) {
+                            // Past the end: the position was not handed out by this log (its
+                            // data or topic was replaced); waiting there would deliver nothing
+                            // until the partition grew that far.
+                            Some(&o) if o > hw => {
+                                return Err(spate_log::Error::OffsetOutOfRange {
+                                    offset: o,
+                                    log_start_offset: p.log_start_offset(),
+                                    high_watermark: hw,
+                                }
+                                .into());
+                            }
+                            Some(&o) => o,
+                            None => hw,
+                        },
                     })
                 })
                 .collect::<Result<Vec<u64>>>()

@@ -57,11 +57,18 @@ impl std::str::FromStr for Expected {
             "any" => Ok(Expected::Any),
             "no_stream" => Ok(Expected::NoStream),
             "exists" => Ok(Expected::Exists),
-            n => n.parse().map(Expected::Version).map_err(|_| {
-                format!(
-                    "expected_version must be a version number, any, no_stream or exists, got {n:?}"
-                )
-            }),
+            // A stream holds at most as many events as a partition has offsets (2^63).
+            n => n
+                .parse::<u64>()
+                .ok()
+                .filter(|v| *v < i64::MAX as u64)
+                .map(Expected::Version)
+                .ok_or_else(|| {
+                    format!(
+                        "expected_version must be a version number (below 2^63 - 1), any, \
+                         no_stream or exists, got {n:?}"
+                    )
+                }),
         }
     }
 }
@@ -1009,6 +1016,27 @@ pub enum StreamError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expected_versions_parse_within_what_a_partition_can_hold() {
+        assert_eq!("any".parse(), Ok(Expected::Any));
+        assert_eq!("no_stream".parse(), Ok(Expected::NoStream));
+        assert_eq!("exists".parse(), Ok(Expected::Exists));
+        assert_eq!("0".parse(), Ok(Expected::Version(0)));
+        let top = i64::MAX as u64 - 1;
+        assert_eq!(top.to_string().parse(), Ok(Expected::Version(top)));
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "latest",
+            "9223372036854775807",
+            "18446744073709551615",
+            "18446744073709551616",
+        ] {
+            assert!(bad.parse::<Expected>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn entry_keys_keep_streams_apart_and_versions_in_order() {

@@ -147,8 +147,9 @@ pub async fn sse(
         let from_version = match (cursor, q.get("from_version")) {
             (Some(id), _) => id
                 .parse::<u64>()
-                .map(|v| v + 1)
-                .map_err(|_| ApiError::bad_request(format!("invalid stream cursor {id:?}")))?,
+                .ok()
+                .and_then(|v| v.checked_add(1))
+                .ok_or_else(|| ApiError::bad_request(format!("invalid stream cursor {id:?}")))?,
             (None, Some(v)) => v.parse().map_err(|_| {
                 ApiError::bad_request(format!(
                     "`from_version` must be a version number, got {v:?}"

@@ -453,3 +453,54 @@ async fn a_slow_websocket_consumer_is_cut_off_while_others_get_everything() {
     assert!(seen < total, "{seen}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_position_past_the_end_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("t", 2).await;
+    server.publish("t", 0, 4).await;
+    let described = common::Http::new(server.addr).get("/v1/topics/t").await;
+    let ends: Vec<u64> = (0..2)
+        .map(|p| {
+            described.body["partitions"][p]["log_end_offset"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let mut ws = server.ws().await;
+    for from in [
+        json!({"0": u64::MAX}),
+        json!({"1": ends[1] + 1}),
+        json!({"0": ends[0], "1": 1000}),
+    ] {
+        ws.send(json!({"op": "subscribe", "id": "s", "topic": "t", "from": from}))
+            .await;
+        let reply = ws.recv().await;
+        assert_eq!(reply["op"], "error", "{from}: {reply}");
+        assert_eq!(reply["code"], "offset-out-of-range", "{from}: {reply}");
+    }
+    // At the end exactly is where a consumer that saw everything resumes.
+    let at_end = json!({"0": ends[0], "1": ends[1]});
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "t", "from": at_end}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    server.publish("t", 4, 3).await;
+    assert_eq!(numbers(&ws.events(3).await).len(), 3);
+    // SSE: a cursor past the end (and one whose next offset would overflow) is a 400.
+    let client = reqwest::Client::new();
+    for cursor in [
+        format!("0:{},1:{}", ends[0] + 5, ends[1]),
+        "0:9223372036854775807".to_string(),
+    ] {
+        let r = client
+            .get(format!("http://{}/v1/topics/t/sse", server.addr))
+            .header("Last-Event-ID", &cursor)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{cursor}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    server.stop().await;
+}

@@ -220,7 +220,9 @@ impl Detector {
         self.touch(series, t_ms);
         self.dirty.insert(series.to_string());
         self.totals.points += 1;
-        let (cooldown, params) = (self.cooldown_ms as i64, &self.params);
+        // A cooldown past i64::MAX (u64 in the definition) never ends.
+        let cooldown = i64::try_from(self.cooldown_ms).unwrap_or(i64::MAX);
+        let params = &self.params;
         let entry = self.series.get_mut(series).expect("touched");
         let s = &mut entry.state;
         let t = t_ms.max(s.last_ms);
@@ -397,6 +399,17 @@ mod tests {
         assert!(d.observe("t", 61_500, 12.0).alert.is_some());
         assert_eq!(d.totals.alerts, 4);
         assert_eq!(d.totals.points, 6);
+    }
+
+    #[test]
+    fn a_cooldown_past_i64_max_never_ends() {
+        let mut d = Detector::new(threshold(), u64::MAX, 10);
+        assert!(d.observe("s", 0, 11.0).alert.is_some());
+        // The clear of an announced raise is announced; no later raise is.
+        assert!(d.observe("s", 1, 8.0).alert.is_some());
+        assert!(d.observe("s", 2, 12.0).alert.is_none());
+        assert!(d.observe("s", 3, 8.0).alert.is_none());
+        assert!(d.observe("s", i64::MAX - 1, 12.0).alert.is_none());
     }
 
     #[test]

@@ -106,7 +106,8 @@ impl RuleState {
             return Transition::None;
         }
         let since = *self.outside_since.get_or_insert(t_ms);
-        if t_ms.saturating_sub(since) >= rule.for_ms as i64 {
+        // Durations past i64::MAX (u64 in the definition) mean never.
+        if t_ms.saturating_sub(since) >= i64::try_from(rule.for_ms).unwrap_or(i64::MAX) {
             self.raised = true;
             return Transition::Raised;
         }
@@ -149,6 +150,15 @@ mod tests {
         let mut low = RuleState::default();
         assert_eq!(low.step(&r, 0, 34.0), Transition::None);
         assert_eq!(low.step(&r, 30_000, 33.0), Transition::Raised);
+    }
+
+    #[test]
+    fn a_duration_past_i64_max_never_elapses() {
+        let r = rule(u64::MAX);
+        let mut s = RuleState::default();
+        assert_eq!(s.step(&r, 0, 40.0), Transition::None);
+        assert_eq!(s.step(&r, i64::MAX - 1, 41.0), Transition::None);
+        assert!(!s.raised);
     }
 
     #[test]

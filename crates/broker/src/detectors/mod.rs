@@ -367,10 +367,7 @@ impl Detectors {
 
     /// A detector's state as of its checkpoint.
     fn load_live(&self, name: &str, meta: &Meta) -> Result<(Compiled, Live)> {
-        let compiled = meta
-            .definition
-            .clone()
-            .compile()
+        let compiled = crate::filter::stored(|| meta.definition.clone().compile())
             .map_err(|e| DetectorError::Store(format!("detector {name}: {e}")))?;
         let d = compiled.definition.clone();
         let mut detector = Detector::new(d.algorithm.clone(), d.cooldown_ms, d.max_series);

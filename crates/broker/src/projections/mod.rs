@@ -265,10 +265,7 @@ impl Projections {
             };
             let meta: Meta = serde_json::from_slice(&v)
                 .map_err(|e| ProjectionError::Store(format!("projection {name}: {e}")))?;
-            let compiled = meta
-                .definition
-                .clone()
-                .compile()
+            let compiled = crate::filter::stored(|| meta.definition.clone().compile())
                 .map_err(|e| ProjectionError::Store(format!("projection {name}: {e}")))?;
             let p = Proj::new(compiled, meta, is_pending);
             if is_pending {

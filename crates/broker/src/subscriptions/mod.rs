@@ -384,7 +384,9 @@ pub struct Subscriptions {
 
 fn compile(config: &Config) -> Arc<Filter> {
     // Definitions were validated before they were journaled.
-    Arc::new(Filter::new(config.filter.as_deref(), config.types.as_deref()).unwrap_or_default())
+    let filter =
+        crate::filter::stored(|| Filter::new(config.filter.as_deref(), config.types.as_deref()));
+    Arc::new(filter.unwrap_or_default())
 }
 
 fn entry(sub: Sub) -> Entry {

@@ -65,6 +65,7 @@ pub mod code {
     pub const MESSAGE_TOO_LARGE: i16 = 10;
     pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
     pub const RECORD_LIST_TOO_LARGE: i16 = 18;
+    pub const INVALID_REQUIRED_ACKS: i16 = 21;
     pub const UNSUPPORTED_VERSION: i16 = 35;
     pub const TOPIC_ALREADY_EXISTS: i16 = 36;
     pub const INVALID_PARTITIONS: i16 = 37;
@@ -1318,7 +1319,35 @@ async fn produce(
 ) -> anyhow::Result<Reply> {
     let acks = r.acks;
     if !matches!(acks, -1..=1) {
-        bail!("invalid acks {acks}");
+        // As Kafka does: every partition gets INVALID_REQUIRED_ACKS, nothing is written.
+        let responses = r
+            .topic_data
+            .into_iter()
+            .map(|t| {
+                let partitions = t
+                    .partition_data
+                    .iter()
+                    .map(|pd| {
+                        PartitionProduceResponse::default()
+                            .with_index(pd.index)
+                            .with_error_code(code::INVALID_REQUIRED_ACKS)
+                            .with_base_offset(-1)
+                            .with_log_append_time_ms(-1)
+                            .with_log_start_offset(-1)
+                    })
+                    .collect();
+                TopicProduceResponse::default()
+                    .with_name(t.name)
+                    .with_partition_responses(partitions)
+            })
+            .collect();
+        let body = ResponseKind::Produce(ProduceResponse::default().with_responses(responses));
+        return Ok(Reply::Ready(encode_response(
+            id,
+            header_version,
+            &body,
+            version,
+        )?));
     }
     // Resolve every partition first, then write them all in one blocking call, in request order;
     // durability is waited for afterwards, off the connection's path.

@@ -268,6 +268,24 @@ async fn produce_to_an_unknown_topic_or_with_a_bad_batch_gets_the_right_code() {
             assert_eq!(p.base_offset, 0);
         }
     }
+    // acks other than -1, 0 and 1: INVALID_REQUIRED_ACKS for every partition, nothing written,
+    // and the connection goes on.
+    for acks in [2, -2, i16::MAX] {
+        let r: ProduceResponse = call(
+            &mut s,
+            ApiKey::Produce,
+            9,
+            &produce("t", 0, good.clone()).with_acks(acks),
+        )
+        .await;
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!(
+            (p.index, p.error_code, p.base_offset),
+            (0, 21, -1),
+            "acks {acks}"
+        );
+    }
+    assert_eq!(broker.topic("t").unwrap().partitions[0].log_end_offset(), 1);
     // Metadata for an unknown topic, with auto-creation off.
     let r: MetadataResponse = call(
         &mut s,

@@ -464,6 +464,43 @@ fn error(id: Option<(&str, &str)>, code: &str, message: impl Into<String>) -> Va
     v
 }
 
+/// Refuses fields an op does not take, as the HTTP API refuses unknown fields: a misspelt
+/// `filter` must not subscribe to everything. Unknown ops are left to the dispatch.
+fn known_fields(op: &str, v: &Value) -> Result<(), String> {
+    let fields: &[&str] = match op {
+        "subscribe" => &[
+            "topic",
+            "id",
+            "from",
+            "filter",
+            "types",
+            "stream",
+            "from_version",
+        ],
+        "unsubscribe" => &["id", "subscription"],
+        "publish" => &["topic", "event", "ref"],
+        "consume" => &["subscription", "max_in_flight"],
+        "watch" => &["projection", "id", "key", "prefix"],
+        "ack" => &["ack_id", "subscription"],
+        "nack" => &["ack_id", "subscription", "delay_ms"],
+        _ => return Ok(()),
+    };
+    let Some(unknown) = v.as_object().and_then(|m| {
+        m.keys()
+            .find(|k| *k != "op" && !fields.contains(&k.as_str()))
+    }) else {
+        return Ok(());
+    };
+    Err(format!(
+        "unknown field `{unknown}` in a {op} message; it takes {}",
+        fields
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 struct Connection {
     s: AppState,
     tx: mpsc::Sender<Out>,
@@ -499,6 +536,14 @@ impl Connection {
             }
         };
         self.subs.retain(|_, h| !h.is_finished());
+        if let Some(op) = v.get("op").and_then(Value::as_str)
+            && let Err(e) = known_fields(op, &v)
+        {
+            let tag = ["id", "ref", "ack_id", "subscription"]
+                .into_iter()
+                .find_map(|k| Some((k, v.get(k)?.as_str()?)));
+            return self.reply(error(tag, "malformed", e)).await;
+        }
         match v.get("op").and_then(Value::as_str) {
             Some("subscribe") => self.subscribe(&v).await,
             Some("unsubscribe") => self.unsubscribe(&v).await,

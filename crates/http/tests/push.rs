@@ -116,6 +116,20 @@ async fn websocket_errors_are_replies_not_disconnects() {
             json!({"op": "unsubscribe", "id": "zzz"}),
             "unknown-subscription",
         ),
+        // A misspelt field is refused rather than ignored (here: no filter at all).
+        (
+            json!({"op": "subscribe", "id": "a", "topic": "orders", "fliter": "data.n > 1"}),
+            "malformed",
+        ),
+        (
+            json!({"op": "publish", "topic": "orders", "ref": "r", "partition": 0, "event": {
+            "specversion": "1.0", "id": "1", "source": "/s", "type": "t"}}),
+            "malformed",
+        ),
+        (
+            json!({"op": "ack", "ack_id": "x", "delay_ms": 5}),
+            "malformed",
+        ),
         (
             json!({"op": "publish", "topic": "orders", "ref": "r", "event": {"id": "1"}}),
             "invalid-event",

@@ -160,6 +160,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(error::problem_details))
         .with_state(state)
 }
 

@@ -150,6 +150,18 @@ async fn health_and_unknown_routes() {
         StatusCode::NOT_FOUND,
         "no such endpoint",
     );
+    // Refused before any handler runs: problem details too.
+    assert_problem(
+        &app.call("PATCH", "/v1/topics", "", Body::empty()).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed",
+    );
+    assert_problem(
+        &app.get("/v1/topics/t/streams/%FF%FE/events").await,
+        StatusCode::BAD_REQUEST,
+        "UTF-8",
+    );
+    assert_problem(&app.get("/v1/ws").await, StatusCode::BAD_REQUEST, "upgrade");
 }
 
 #[tokio::test]

@@ -362,15 +362,7 @@ async fn a_server_holds_at_most_the_detector_limit() {
         c.define(&format!("d{i}"), fever_rule()).await;
     }
     let r = c.put("/v1/detectors/one-more", fever_rule()).await;
-    assert_eq!(r.status, 400, "{:?}", r.body);
-    assert!(
-        r.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("at most {max}")),
-        "{:?}",
-        r.body
-    );
+    r.assert_refused(400, &format!("at most {max}"));
     assert_eq!(c.get("/v1/detectors/one-more").await.status, 404);
     // A replacement is not a new detector; a delete frees a place.
     assert_eq!(c.put("/v1/detectors/d0", fever_rule()).await.status, 200);

@@ -350,15 +350,7 @@ async fn a_server_holds_at_most_the_projection_limit() {
         c.define(&format!("p{i}"), merge.clone()).await;
     }
     let r = c.put("/v1/projections/one-more", merge.clone()).await;
-    assert_eq!(r.status, 400, "{:?}", r.body);
-    assert!(
-        r.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("at most {max}")),
-        "{:?}",
-        r.body
-    );
+    r.assert_refused(400, &format!("at most {max}"));
     assert_eq!(c.get("/v1/projections/one-more").await.status, 404);
     // A replacement is not a new projection; a delete frees a place.
     assert_eq!(c.put("/v1/projections/p0", merge.clone()).await.status, 200);

@@ -193,6 +193,15 @@ pub struct Reply {
     pub body: Value,
 }
 
+impl Reply {
+    /// Asserts a refusal with this status whose problem detail mentions `needle`.
+    pub fn assert_refused(&self, status: u16, needle: &str) {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        let detail = self.body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(needle), "{needle:?} not in {:?}", self.body);
+    }
+}
+
 impl Http {
     pub fn new(addr: std::net::SocketAddr) -> Http {
         Http {

@@ -281,6 +281,7 @@ mod tests {
             "data.items.exists_one(i, i.id == data.target)",
             "data.m.all(k, k.startsWith(\"a\"))",
             "data.items.exists(i, i.price + 1 > 100)",
+            "data.tags.exists(t, t in [\"a\", \"b\"])",
             &vec!["data.n"; ADDITIONS_MAX + 1].join(" + "),
         ] {
             assert_eq!(checked(ok), Ok(()), "{ok}");
@@ -292,6 +293,11 @@ mod tests {
         let big = format!("[{}]", vec!["0"; 600].join(","));
         for (bad, reason) in [
             ("data.l.all(x, x in data.l)", "`in` takes only"),
+            // Linear, but refused by the conservative rules (documented).
+            (
+                "[\"a\", \"b\"].exists(t, t in data.tags)",
+                "`in` takes only",
+            ),
             ("data.l.all(x, data.s.contains(x))", "`contains` takes only"),
             ("data.l.all(x, x + data.s != \"\")", "`+` takes only"),
             ("data.l.all(x, data.m == data.m)", "`==` needs one operand"),

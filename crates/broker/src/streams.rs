@@ -133,6 +133,26 @@ fn parse_partition_prefix(k: &[u8]) -> Option<(&str, i64)> {
     Some((name, created))
 }
 
+/// The longest stream id, in bytes. Index keys hold the id, and the store takes keys of at most
+/// 64 KiB; a record produced over Kafka with a longer key joins no stream.
+pub const STREAM_ID_BYTES_MAX: usize = 4096;
+
+/// Refuses an empty stream id or one over [`STREAM_ID_BYTES_MAX`].
+fn check_stream_id(stream: &str) -> Result<()> {
+    if stream.is_empty() {
+        return Err(BrokerError::Stream(StreamError::InvalidStream(
+            "the stream id is empty".into(),
+        )));
+    }
+    if stream.len() > STREAM_ID_BYTES_MAX {
+        return Err(BrokerError::Stream(StreamError::InvalidStream(format!(
+            "the stream id takes {} bytes, over the limit of {STREAM_ID_BYTES_MAX}",
+            stream.len()
+        ))));
+    }
+    Ok(())
+}
+
 fn stream_prefix(partition: &[u8], stream: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(partition.len() + 4 + stream.len() + 8);
     k.extend_from_slice(partition);
@@ -510,11 +530,7 @@ impl Broker {
         expected: Expected,
         mut events: Vec<Event>,
     ) -> Result<StreamAppend> {
-        if stream.is_empty() {
-            return Err(BrokerError::Stream(StreamError::InvalidStream(
-                "the stream id is empty".into(),
-            )));
-        }
+        check_stream_id(stream)?;
         if events.is_empty() {
             return Err(BrokerError::Stream(StreamError::InvalidStream(
                 "no events to append".into(),
@@ -729,6 +745,7 @@ impl Broker {
         stream: &str,
         f: impl FnOnce(&DurableStream) -> Result<T> + Send + 'static,
     ) -> Result<(Arc<TopicStreams>, u32, T)> {
+        check_stream_id(stream)?;
         let ts = self.topic_streams(topic).await?;
         let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
         let part = &ts.parts[index as usize];
@@ -881,6 +898,7 @@ fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
             let offset = r.offset as u64;
             if offset >= from
                 && let Some(key) = Event::record_partition_key(r)
+                && key.len() <= STREAM_ID_BYTES_MAX
             {
                 keys.push((offset, key));
             }

@@ -325,6 +325,8 @@ async fn the_series_cap_evicts_the_least_recently_seen_and_says_so() {
 #[tokio::test]
 async fn bad_values_are_counted_not_fatal() {
     let (_dir, server, c) = setup().await;
+    // A series name past the limit is an error of its point too.
+    let long = "s".repeat(spate_broker::detectors::SERIES_NAME_BYTES_MAX + 1);
     c.define("fever", fever_rule()).await;
     let r = c
         .http
@@ -339,6 +341,8 @@ async fn bad_values_are_counted_not_fatal() {
                 {"specversion": "1.0", "id": "3", "source": "/s", "type": "other.kind",
                     "data": {"sensor_id": "x"}},
                 {"specversion": "1.0", "id": "4", "source": "/s", "type": "sensor.reading",
+                    "data": {"sensor_id": long, "temperature": 37}},
+                {"specversion": "1.0", "id": "5", "source": "/s", "type": "sensor.reading",
                     "data": {"sensor_id": "x", "temperature": 37}}
             ])
             .to_string(),
@@ -348,9 +352,9 @@ async fn bad_values_are_counted_not_fatal() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
     let status = c.caught_up("fever", 1).await;
-    assert_eq!(status["errors"], 2, "{status}");
+    assert_eq!(status["errors"], 3, "{status}");
     let last = status["last_error"].as_str().unwrap();
-    assert!(last.contains("value"), "{last}");
+    assert!(last.contains("series") && last.contains("limit"), "{last}");
     server.stop().await;
 }
 

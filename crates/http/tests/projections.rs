@@ -259,6 +259,39 @@ async fn a_failing_event_halts_or_is_skipped_as_defined() {
 }
 
 #[tokio::test]
+async fn a_row_key_past_the_limit_fails_its_event_only() {
+    use spate_broker::projections::reduce::ROW_KEY_BYTES_MAX;
+    let (_dir, server, c) = setup(1).await;
+    c.define(
+        "by_name",
+        json!({"topic": "orders", "key": "data.name", "on_error": "skip",
+                "reduce": {"aggregate": {"n": "count()"}}}),
+    )
+    .await;
+    let long = "n".repeat(ROW_KEY_BYTES_MAX + 1);
+    let position = c
+        .publish(
+            "orders",
+            &[
+                ("k", json!({"name": "a"})),
+                ("k", json!({"name": long})),
+                ("k", json!({"name": "a"})),
+            ],
+        )
+        .await;
+    let r = c
+        .get(&format!(
+            "/v1/projections/by_name/rows/a?after_position={position}"
+        ))
+        .await;
+    assert_eq!(r.body["value"], json!({"n": 2}), "{:?}", r.body);
+    let s = c.status_until("by_name", |s| s["errors"] == 1).await;
+    assert!(s["last_error"].as_str().unwrap().contains("row key"), "{s}");
+    assert_eq!(s["status"], "running");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_definitions_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_projections(dir.path()).await;

@@ -336,6 +336,49 @@ async fn records_from_other_doors_join_their_stream_and_the_index_survives_a_res
 }
 
 #[tokio::test]
+async fn a_record_keyed_past_the_stream_id_limit_joins_no_stream() {
+    use spate_broker::streams::STREAM_ID_BYTES_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 1).await;
+    let c = Client::new(server.addr);
+    assert_eq!(c.append("k", "no_stream", &["s0"]).await.status, 201);
+    // As a Kafka producer may write it: a key of 100 KB, more than the index's store takes.
+    let partition = server.broker.topic("es").unwrap().partitions[0].clone();
+    let mut batch = spate_log::batch::encode(&[spate_log::batch::NewRecord {
+        timestamp_ms: 1,
+        key: Some(vec![b'x'; 100_000]),
+        value: Some(b"{}".to_vec()),
+        headers: Vec::new(),
+    }])
+    .unwrap();
+    let config = server.broker.topic("es").unwrap().config.clone();
+    tokio::task::spawn_blocking(move || partition.append(&mut batch, 1, &config).unwrap())
+        .await
+        .unwrap();
+    // The index goes on past it: streams are appended to and read as before.
+    let r = c.append("k", "0", &["s1"]).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(c.ids("k").await, ["s0", "s1"]);
+    // Stream ids past the limit are refused, at it accepted.
+    let long = "y".repeat(STREAM_ID_BYTES_MAX + 1);
+    let r = c.append(&long, "any", &["l"]).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("limit"));
+    let r = c
+        .http
+        .get(format!("{}/v1/topics/es/streams/{long}", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let at_limit = "y".repeat(STREAM_ID_BYTES_MAX);
+    assert_eq!(c.append(&at_limit, "no_stream", &["m"]).await.status, 201);
+    assert_eq!(c.ids(&at_limit).await, ["m"]);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_stream_subscription_catches_up_then_follows_without_gap_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), PushLimits::default()).await;

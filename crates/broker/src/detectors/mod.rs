@@ -28,6 +28,8 @@ use crate::{Broker, BrokerError, blocking, now_ms, read_events};
 
 /// Detectors a server holds at most.
 pub const DETECTORS_MAX: usize = 256;
+/// The longest series name, in bytes: a point whose series is longer counts as an error.
+pub const SERIES_NAME_BYTES_MAX: usize = 4096;
 /// The highest series cap a detector may ask for.
 pub const SERIES_MAX: usize = 100_000;
 /// The series cap when a definition gives none.
@@ -964,6 +966,12 @@ fn point(c: &Compiled, event: &Event) -> Result<Option<(String, f64)>, String> {
             other => return Err(format!("series: {other} is not a string")),
         },
     };
+    if series.len() > SERIES_NAME_BYTES_MAX {
+        return Err(format!(
+            "series: the name takes {} bytes, over the limit of {SERIES_NAME_BYTES_MAX}",
+            series.len()
+        ));
+    }
     let value = c
         .value
         .eval(data, input)

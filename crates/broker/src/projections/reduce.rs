@@ -10,6 +10,8 @@ use crate::filter::{Expression, Filter, FilterInput, from_json, to_json};
 
 /// A row's value may take this many bytes of JSON at most.
 pub const ROW_BYTES_MAX: usize = 64 * 1024;
+/// The longest row key, in bytes: an event whose key is longer fails (see [`OnError`]).
+pub const ROW_KEY_BYTES_MAX: usize = 4096;
 /// Distinct values `count_distinct` remembers per row at most.
 pub const DISTINCT_MAX: usize = 10_000;
 /// Aggregates per projection at most.
@@ -338,7 +340,7 @@ impl Compiled {
                 }
             },
         };
-        Ok(match &self.reducer {
+        let key = match &self.reducer {
             Reducer::Aggregate {
                 window_ms: Some(w), ..
             } => {
@@ -346,7 +348,14 @@ impl Compiled {
                 format!("{base}@{}", crate::event::now_rfc3339(start))
             }
             _ => base,
-        })
+        };
+        if key.len() > ROW_KEY_BYTES_MAX {
+            return Err(format!(
+                "the row key takes {} bytes, over the limit of {ROW_KEY_BYTES_MAX}",
+                key.len()
+            ));
+        }
+        Ok(key)
     }
 
     /// Whether rows can grow large enough to need a size check.

@@ -134,14 +134,25 @@ fn parse_partition_prefix(k: &[u8]) -> Option<(&str, i64)> {
 }
 
 /// The longest stream id, in bytes. Index keys hold the id, and the store takes keys of at most
-/// 64 KiB; a record produced over Kafka with a longer key joins no stream.
+/// 64 KiB; a record produced over Kafka with a longer key joins no stream (see also
+/// [`check_stream_id`]).
 pub const STREAM_ID_BYTES_MAX: usize = 4096;
 
-/// Refuses an empty stream id or one over [`STREAM_ID_BYTES_MAX`].
+/// Refuses an empty stream id, one over [`STREAM_ID_BYTES_MAX`], or one holding U+FFFD.
+///
+/// A record key that is not UTF-8 reads as text with U+FFFD in place of its bad bytes, so two
+/// different binary keys can read as the same text: such keys join no stream, and ids holding
+/// U+FFFD, which could only name them, are refused.
 fn check_stream_id(stream: &str) -> Result<()> {
     if stream.is_empty() {
         return Err(BrokerError::Stream(StreamError::InvalidStream(
             "the stream id is empty".into(),
+        )));
+    }
+    if stream.contains(char::REPLACEMENT_CHARACTER) {
+        return Err(BrokerError::Stream(StreamError::InvalidStream(
+            "the stream id holds U+FFFD, which stands for bytes of a record key that are not UTF-8"
+                .into(),
         )));
     }
     if stream.len() > STREAM_ID_BYTES_MAX {
@@ -899,6 +910,7 @@ fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
             if offset >= from
                 && let Some(key) = Event::record_partition_key(r)
                 && key.len() <= STREAM_ID_BYTES_MAX
+                && !key.contains(char::REPLACEMENT_CHARACTER)
             {
                 keys.push((offset, key));
             }

@@ -336,7 +336,7 @@ async fn records_from_other_doors_join_their_stream_and_the_index_survives_a_res
 }
 
 #[tokio::test]
-async fn a_record_keyed_past_the_stream_id_limit_joins_no_stream() {
+async fn records_keyed_past_the_limit_or_not_in_utf8_join_no_stream() {
     use spate_broker::streams::STREAM_ID_BYTES_MAX;
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), PushLimits::default()).await;
@@ -352,10 +352,25 @@ async fn a_record_keyed_past_the_stream_id_limit_joins_no_stream() {
         headers: Vec::new(),
     }])
     .unwrap();
+    // And binary keys that are not UTF-8: both read as the text "\u{FFFD}\u{FFFD}k".
+    let mut binary = spate_log::batch::encode(
+        &[b"\x80\x81k".as_slice(), b"\x90\x91k".as_slice()].map(|key| {
+            spate_log::batch::NewRecord {
+                timestamp_ms: 1,
+                key: Some(key.to_vec()),
+                value: Some(b"{}".to_vec()),
+                headers: Vec::new(),
+            }
+        }),
+    )
+    .unwrap();
     let config = server.broker.topic("es").unwrap().config.clone();
-    tokio::task::spawn_blocking(move || partition.append(&mut batch, 1, &config).unwrap())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        partition.append(&mut batch, 1, &config).unwrap();
+        partition.append(&mut binary, 1, &config).unwrap();
+    })
+    .await
+    .unwrap();
     // The index goes on past it: streams are appended to and read as before.
     let r = c.append("k", "0", &["s1"]).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
@@ -372,6 +387,10 @@ async fn a_record_keyed_past_the_stream_id_limit_joins_no_stream() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // An id holding U+FFFD could only name such binary keys, merged: refused.
+    let r = c.append("%EF%BF%BD%EF%BF%BDk", "any", &["b"]).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("U+FFFD"));
     let at_limit = "y".repeat(STREAM_ID_BYTES_MAX);
     assert_eq!(c.append(&at_limit, "no_stream", &["m"]).await.status, 201);
     assert_eq!(c.ids(&at_limit).await, ["m"]);

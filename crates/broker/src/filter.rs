@@ -22,7 +22,7 @@ use crate::Event;
 
 mod cost;
 
-pub use cost::{ADDITIONS_MAX, LITERAL_RANGES_PRODUCT_MAX};
+pub use cost::{ADDITIONS_MAX, LITERAL_RANGES_PRODUCT_MAX, PASSES_MAX, WORK_MAX};
 
 thread_local! {
     static STORED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -67,6 +67,8 @@ fn env() -> &'static Arc<Env> {
 pub struct Expression {
     source: String,
     expr: cel::IdedExpr,
+    /// Work per element of the event's collections (see [`cost::work_per_element`]).
+    work: u64,
 }
 
 impl Expression {
@@ -92,6 +94,7 @@ impl Expression {
         }
         Ok(Expression {
             source: source.to_string(),
+            work: cost::work_per_element(&expr),
             expr,
         })
     }
@@ -111,6 +114,20 @@ impl Expression {
         input: &FilterInput,
         extra: &[(&str, Value)],
     ) -> Result<Value, String> {
+        if self.work > 0 {
+            let elements = extra
+                .iter()
+                .map(|(_, v)| elements_of(v))
+                .fold(input.elements, u64::saturating_add);
+            let work = self.work.saturating_mul(elements);
+            if work > WORK_MAX {
+                return Err(format!(
+                    "not evaluated: on this event's {elements} collection elements the \
+                     expression's macros would take {work} units of work, over the limit of \
+                     {WORK_MAX}"
+                ));
+            }
+        }
         let mut ctx = Context::with_env(env().clone());
         for (name, value) in &input.vars {
             ctx.add_variable_from_value(name.as_str(), value.clone());
@@ -186,6 +203,8 @@ impl TypePattern {
 #[derive(Debug, Clone)]
 pub struct FilterInput {
     vars: Vec<(String, Value)>,
+    /// Elements of the lists and maps in the event's data: what its macros can iterate over.
+    elements: u64,
 }
 
 impl FilterInput {
@@ -213,13 +232,18 @@ impl FilterInput {
         for (k, v) in &event.extensions {
             attrs.push((k.clone(), Value::from(v.as_str())));
         }
+        let mut elements = 0;
         if let Some(data) = &event.data {
             let json = event
                 .datacontenttype
                 .as_deref()
                 .is_none_or(crate::event::is_json_media_type);
             let value = match serde_json::from_slice::<Json>(data) {
-                Ok(j) if json => from_json(&j),
+                Ok(j) if json => {
+                    let v = from_json(&j);
+                    elements = elements_of(&v);
+                    v
+                }
                 _ => match std::str::from_utf8(data) {
                     Ok(s) => Value::from(s),
                     Err(_) => Value::from(data.clone()),
@@ -232,7 +256,10 @@ impl FilterInput {
             .map(|(k, v)| (Key::from(k.as_str()), v.clone()))
             .collect();
         attrs.push(("event".into(), Value::Map(Map { map: Arc::new(map) })));
-        FilterInput { vars: attrs }
+        FilterInput {
+            vars: attrs,
+            elements,
+        }
     }
 }
 
@@ -285,6 +312,22 @@ pub fn from_json(j: &Json) -> Value {
                     .collect(),
             ),
         }),
+    }
+}
+
+/// Elements of the lists and maps in `v`, nested ones included.
+fn elements_of(v: &Value) -> u64 {
+    match v {
+        Value::List(l) => l
+            .iter()
+            .map(elements_of)
+            .fold(l.len() as u64, u64::saturating_add),
+        Value::Map(m) => m
+            .map
+            .values()
+            .map(elements_of)
+            .fold(m.map.len() as u64, u64::saturating_add),
+        _ => 0,
     }
 }
 
@@ -423,6 +466,30 @@ mod tests {
         );
         let deep = format!("{}1{}", "(".repeat(200), ")".repeat(200));
         assert!(Filter::new(Some(&deep), None).is_err());
+    }
+
+    #[test]
+    fn an_evaluation_over_the_work_limit_is_not_run_and_fails() {
+        // 200 comparisons per element: about 800 units of work each.
+        let body: Vec<String> = (1..=200).map(|i| format!("x != {i}")).collect();
+        let source = format!("data.l.all(x, {})", body.join(" && "));
+        let f = Filter::new(Some(&source), None).unwrap();
+        let list = |n: usize| format!("{{\"l\":[{}]}}", vec!["0"; n].join(","));
+        let small = event("t", &list(100));
+        assert_eq!(judge(&f, &small), Verdict::Match);
+        // Over 10,000,000 units: refused before it runs, and counted as a failure.
+        let big = event("t", &list(20_000));
+        assert_eq!(judge(&f, &big), Verdict::Error);
+        let e = f
+            .expression
+            .as_ref()
+            .unwrap()
+            .evaluate(&FilterInput::new(&big))
+            .unwrap_err();
+        assert!(e.contains("not evaluated") && e.contains("20001"), "{e}");
+        // A filter without macros has no such limit.
+        let plain = Filter::new(Some("size(data.l) > 0"), None).unwrap();
+        assert_eq!(judge(&plain, &big), Verdict::Match);
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl Expression {
             let elements = extra
                 .iter()
                 .map(|(_, v)| elements_of(v))
-                .fold(input.elements, u64::saturating_add);
+                .fold(input.elements(), u64::saturating_add);
             let work = self.work.saturating_mul(elements);
             if work > WORK_MAX {
                 return Err(format!(
@@ -204,7 +204,8 @@ impl TypePattern {
 pub struct FilterInput {
     vars: Vec<(String, Value)>,
     /// Elements of the lists and maps in the event's data: what its macros can iterate over.
-    elements: u64,
+    /// Counted when an expression with macros first needs them.
+    elements: std::sync::OnceLock<u64>,
 }
 
 impl FilterInput {
@@ -232,18 +233,13 @@ impl FilterInput {
         for (k, v) in &event.extensions {
             attrs.push((k.clone(), Value::from(v.as_str())));
         }
-        let mut elements = 0;
         if let Some(data) = &event.data {
             let json = event
                 .datacontenttype
                 .as_deref()
                 .is_none_or(crate::event::is_json_media_type);
             let value = match serde_json::from_slice::<Json>(data) {
-                Ok(j) if json => {
-                    let v = from_json(&j);
-                    elements = elements_of(&v);
-                    v
-                }
+                Ok(j) if json => from_json(&j),
                 _ => match std::str::from_utf8(data) {
                     Ok(s) => Value::from(s),
                     Err(_) => Value::from(data.clone()),
@@ -258,8 +254,18 @@ impl FilterInput {
         attrs.push(("event".into(), Value::Map(Map { map: Arc::new(map) })));
         FilterInput {
             vars: attrs,
-            elements,
+            elements: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Elements of the lists and maps in the event's data.
+    fn elements(&self) -> u64 {
+        *self.elements.get_or_init(|| {
+            self.vars
+                .iter()
+                .find(|(name, _)| name == "data")
+                .map_or(0, |(_, v)| elements_of(v))
+        })
     }
 }
 

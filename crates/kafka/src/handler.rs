@@ -1318,37 +1318,9 @@ async fn produce(
     version: i16,
 ) -> anyhow::Result<Reply> {
     let acks = r.acks;
-    if !matches!(acks, -1..=1) {
-        // As Kafka does: every partition gets INVALID_REQUIRED_ACKS, nothing is written.
-        let responses = r
-            .topic_data
-            .into_iter()
-            .map(|t| {
-                let partitions = t
-                    .partition_data
-                    .iter()
-                    .map(|pd| {
-                        PartitionProduceResponse::default()
-                            .with_index(pd.index)
-                            .with_error_code(code::INVALID_REQUIRED_ACKS)
-                            .with_base_offset(-1)
-                            .with_log_append_time_ms(-1)
-                            .with_log_start_offset(-1)
-                    })
-                    .collect();
-                TopicProduceResponse::default()
-                    .with_name(t.name)
-                    .with_partition_responses(partitions)
-            })
-            .collect();
-        let body = ResponseKind::Produce(ProduceResponse::default().with_responses(responses));
-        return Ok(Reply::Ready(encode_response(
-            id,
-            header_version,
-            &body,
-            version,
-        )?));
-    }
+    // As Kafka does: acks other than -1, 0 and 1 get INVALID_REQUIRED_ACKS for every partition,
+    // and nothing is written.
+    let acks_valid = matches!(acks, -1..=1);
     // Resolve every partition first, then write them all in one blocking call, in request order;
     // durability is waited for afterwards, off the connection's path.
     type Job = (Arc<Partition>, TopicConfig, Vec<u8>);
@@ -1356,16 +1328,21 @@ async fn produce(
     let mut names = Vec::with_capacity(r.topic_data.len());
     for (ti, t) in r.topic_data.into_iter().enumerate() {
         names.push(t.name.clone());
-        let topic = topic_for(ctx, name_of(&t.name), true).await;
+        let topic = if acks_valid {
+            Some(topic_for(ctx, name_of(&t.name), true).await)
+        } else {
+            None
+        };
         for pd in t.partition_data {
             let job = match (&topic, pd.records) {
-                (Err(e), _) => Err(error_code(e)),
+                (None, _) => Err(code::INVALID_REQUIRED_ACKS),
+                (Some(Err(e)), _) => Err(error_code(e)),
                 // Committed offsets are written by the coordinator only.
-                (Ok(t), _) if spate_broker::is_internal(&t.name) => {
+                (Some(Ok(t)), _) if spate_broker::is_internal(&t.name) => {
                     Err(code::INVALID_TOPIC_EXCEPTION)
                 }
-                (Ok(_), None) => Err(code::CORRUPT_MESSAGE),
-                (Ok(topic), Some(records)) => partition_of(topic, pd.index)
+                (Some(Ok(_)), None) => Err(code::CORRUPT_MESSAGE),
+                (Some(Ok(topic)), Some(records)) => partition_of(topic, pd.index)
                     .map(|p| (p, topic.config.clone(), records.to_vec()))
                     .map_err(|e| error_code(&e)),
             };

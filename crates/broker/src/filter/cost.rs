@@ -178,7 +178,7 @@ fn count_calls(e: &IdedExpr, name: &str) -> usize {
 fn walk<'a>(e: &'a IdedExpr, within: Option<&Loop<'a>>) -> Result<(), String> {
     match &e.expr {
         Expr::Call(c) => {
-            let operands: Vec<&IdedExpr> = c.target.as_deref().into_iter().chain(&c.args).collect();
+            let operands = children(e);
             // The operands first: a refusal names the innermost rule broken.
             operands.iter().try_for_each(|o| walk(o, within))?;
             if let Some(l) = within {
@@ -250,17 +250,7 @@ fn walk<'a>(e: &'a IdedExpr, within: Option<&Loop<'a>>) -> Result<(), String> {
             walk(&c.loop_step, Some(&inner))?;
             walk(&c.result, within)
         }
-        Expr::List(l) => l.elements.iter().try_for_each(|x| walk(x, within)),
-        Expr::Map(m) => m.entries.iter().try_for_each(|x| match &x.expr {
-            EntryExpr::MapEntry(m) => walk(&m.key, within).and_then(|()| walk(&m.value, within)),
-            EntryExpr::StructField(f) => walk(&f.value, within),
-        }),
-        Expr::Struct(s) => s.entries.iter().try_for_each(|x| match &x.expr {
-            EntryExpr::MapEntry(m) => walk(&m.key, within).and_then(|()| walk(&m.value, within)),
-            EntryExpr::StructField(f) => walk(&f.value, within),
-        }),
-        Expr::Select(s) => walk(&s.operand, within),
-        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Ok(()),
+        _ => children(e).into_iter().try_for_each(|x| walk(x, within)),
     }
 }
 
@@ -268,15 +258,6 @@ fn walk<'a>(e: &'a IdedExpr, within: Option<&Loop<'a>>) -> Result<(), String> {
 fn local(e: &IdedExpr, vars: &[&str]) -> bool {
     match &e.expr {
         Expr::Ident(name) => vars.contains(&name.as_str()),
-        Expr::Literal(_) | Expr::Unspecified => true,
-        Expr::Call(c) => {
-            c.target.as_deref().is_none_or(|t| local(t, vars))
-                && c.args.iter().all(|a| local(a, vars))
-        }
-        Expr::Select(s) => local(&s.operand, vars),
-        Expr::List(l) => l.elements.iter().all(|x| local(x, vars)),
-        Expr::Map(m) => m.entries.iter().all(|x| entry_local(&x.expr, vars)),
-        Expr::Struct(s) => s.entries.iter().all(|x| entry_local(&x.expr, vars)),
         Expr::Comprehension(c) => {
             let mut inner = vars.to_vec();
             inner.extend([c.iter_var.as_str(), c.accu_var.as_str()]);
@@ -287,13 +268,7 @@ fn local(e: &IdedExpr, vars: &[&str]) -> bool {
                 && local(&c.loop_step, &inner)
                 && local(&c.result, &inner)
         }
-    }
-}
-
-fn entry_local(e: &EntryExpr, vars: &[&str]) -> bool {
-    match e {
-        EntryExpr::MapEntry(m) => local(&m.key, vars) && local(&m.value, vars),
-        EntryExpr::StructField(f) => local(&f.value, vars),
+        _ => children(e).into_iter().all(|x| local(x, vars)),
     }
 }
 

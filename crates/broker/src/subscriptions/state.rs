@@ -9,7 +9,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -377,55 +376,11 @@ pub struct Sub {
     keys: HashMap<(Source, u32, u64), VecDeque<u64>>,
 }
 
-/// A hash map keyed by message ids: small keys of integers hashed with one multiply per word,
-/// where the standard SipHash costs several times more on every pull, ack and read. Only for
-/// keys the server makes (partitions and the offsets it assigned): SipHash is there against
-/// chosen keys that all land in one bucket, which these cannot be.
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
-
-/// The hasher of [`IdMap`]: each word is mixed into the state with a rotate, xor and multiply.
-#[derive(Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl IdHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn write_isize(&mut self, n: isize) {
-        self.add(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// A hash map keyed by message ids, with the Fx hash (a multiply per word), where the standard
+/// SipHash costs several times more on every pull, ack and read. Only for keys the server makes
+/// (partitions and the offsets it assigned): SipHash is there against chosen keys that all land
+/// in one bucket, which these cannot be.
+pub type IdMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// The messages of `msgs` that pass `keep`, in offset order.
 fn in_order(msgs: &IdMap<MsgId, Msg>, keep: impl Fn(&MsgId, &Msg) -> bool) -> Vec<(MsgId, &Msg)> {
@@ -1035,7 +990,7 @@ mod tests {
     #[test]
     fn a_window_of_consecutive_ids_spreads_over_the_hash_buckets() {
         use std::hash::BuildHasher;
-        let build = BuildHasherDefault::<IdHasher>::default();
+        let build = *IdMap::<MsgId, ()>::default().hasher();
         // A full window read from four partitions, and dead letters beside them: the bucket a
         // hash map picks (low bits) and its control byte (top bits) both spread evenly.
         let ids = (0..4u32).flat_map(|p| (1_000_000..1_002_500u64).map(move |o| t(p, o)));

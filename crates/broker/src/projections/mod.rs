@@ -625,11 +625,7 @@ impl Projections {
     pub async fn row_as_of(&self, name: &str, key: &str, as_of: AsOf) -> Result<Option<Row>> {
         let p = self.get(name)?;
         let def = &p.compiled.definition;
-        let by_stream = match def.key.as_deref().map(str::trim) {
-            None | Some("key") | Some("partitionkey") => true,
-            Some(_) => false,
-        };
-        if !by_stream || def.reduce.window.is_some() {
+        if !def.keyed_by_record() || def.reduce.window.is_some() {
             return Err(ProjectionError::Invalid(format!(
                 "as_of needs a projection keyed by stream (key absent, `key` or `partitionkey`; no window); {name} is not"
             )));

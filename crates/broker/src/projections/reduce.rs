@@ -219,6 +219,15 @@ fn valid_field(name: &str) -> bool {
 }
 
 impl Definition {
+    /// Whether rows are keyed by the record key (no `key` expression, or `key` / `partitionkey`),
+    /// so that each stream is a row.
+    pub fn keyed_by_record(&self) -> bool {
+        matches!(
+            self.key.as_deref().map(str::trim),
+            None | Some("key") | Some("partitionkey")
+        )
+    }
+
     /// Compiles the definition; the error says what is wrong.
     pub fn compile(self) -> Result<Compiled, String> {
         let filter = Filter::new(self.filter.as_deref(), self.types.as_deref())
@@ -340,6 +349,12 @@ impl Compiled {
                 }
             },
         };
+        // A record key that is not UTF-8 reads with U+FFFD in place of its bad bytes, so two
+        // different binary keys could fold into one row: such keys name no row (as they name no
+        // stream); a key expression over other attributes can place their events.
+        if self.definition.keyed_by_record() && base.contains(char::REPLACEMENT_CHARACTER) {
+            return Err("the event's partitionkey holds U+FFFD, which stands for bytes of a record key that are not UTF-8; key the projection by another attribute".into());
+        }
         let key = match &self.reducer {
             Reducer::Aggregate {
                 window_ms: Some(w), ..
@@ -629,6 +644,44 @@ mod tests {
         );
         assert_eq!(rows["a"].offset, 2);
         assert_eq!(rows["b"].value["orders"], 1);
+    }
+
+    #[test]
+    fn binary_record_keys_name_no_row_by_default() {
+        // Two records whose keys differ only in bytes that are not UTF-8 read alike.
+        let (k1, k2) = (&[b'a', 0xff][..], &[b'a', 0xfe][..]);
+        let origin = ("orders", 0);
+        let record = |key: &[u8]| {
+            crate::event::Event::from_record_ref(
+                &spate_log::batch::RecordRef {
+                    offset: 0,
+                    timestamp_ms: 0,
+                    key: Some(key),
+                    value: Some(b"{}"),
+                    headers: &[],
+                },
+                origin,
+            )
+        };
+        let (e1, e2) = (record(k1), record(k2));
+        assert_eq!(e1.partition_key(), e2.partition_key());
+        let c = def(json!({"aggregate": {"n": "count()"}}));
+        let err = c.apply(&e1, 0, 0, |_| None).unwrap_err();
+        assert!(err.contains("U+FFFD"), "{err}");
+        let by_key = serde_json::from_value::<Definition>(json!({
+            "topic": "orders", "key": "key", "reduce": {"aggregate": {"n": "count()"}}}))
+        .unwrap()
+        .compile()
+        .unwrap();
+        assert!(by_key.apply(&e2, 0, 0, |_| None).is_err());
+        // A key expression still places them; a UTF-8 key keeps its row.
+        let by_type = serde_json::from_value::<Definition>(json!({
+            "topic": "orders", "key": "type", "reduce": {"aggregate": {"n": "count()"}}}))
+        .unwrap()
+        .compile()
+        .unwrap();
+        assert_eq!(fold(&by_type, &[e1, e2])["spate.record"].value["n"], 2);
+        assert_eq!(fold(&c, &[record(b"a")])["a"].value["n"], 1);
     }
 
     #[test]

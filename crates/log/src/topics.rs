@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,10 @@ pub struct Log {
     pending: Mutex<BTreeSet<String>>,
     /// Makes staging and trash names unique within a process.
     sequence: AtomicU64,
+    /// The latest creation time given to a topic: each topic created gets a later one, so that
+    /// a topic deleted and created again under its name tells the two apart (what is derived
+    /// from a topic records the creation time of the topic it read).
+    last_created_ms: AtomicI64,
 }
 
 /// Creates a directory and its missing ancestors, syncing each parent that gained an entry.
@@ -94,6 +98,7 @@ impl Log {
             }
             topics.insert(name, Arc::new(topic));
         }
+        let last_created_ms = topics.values().map(|t| t.created_ms).max().unwrap_or(0);
         Ok(Log {
             dir: dir.to_path_buf(),
             storage,
@@ -101,6 +106,7 @@ impl Log {
             topics: RwLock::new(topics),
             pending: Mutex::new(BTreeSet::new()),
             sequence: AtomicU64::new(0),
+            last_created_ms: AtomicI64::new(last_created_ms),
         })
     }
 
@@ -166,7 +172,13 @@ impl Log {
                 return Err(Error::TopicExists(name.to_string()));
             }
         }
-        let built = self.build_topic(name, &config, now_ms);
+        let created_ms = self
+            .last_created_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(now_ms.max(last.saturating_add(1)))
+            })
+            .map_or(now_ms, |last| now_ms.max(last.saturating_add(1)));
+        let built = self.build_topic(name, &config, created_ms);
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         self.pending
             .lock()

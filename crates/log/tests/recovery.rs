@@ -355,6 +355,31 @@ fn a_reopened_log_keeps_topics_configs_and_offsets() {
 }
 
 #[test]
+fn a_topic_created_again_under_its_name_gets_a_later_creation_time() {
+    // What is derived from a topic records the creation time of the topic it read, so a topic
+    // deleted and created again within the same millisecond (or under a clock that stepped
+    // back) must still differ from the one before.
+    let disk = MemStorage::new();
+    let log = open(&disk, LogConfig::default()).unwrap();
+    let config = TopicConfig::default();
+    log.create_topic("orders", config.clone(), 1_000).unwrap();
+    log.delete_topic("orders").unwrap();
+    log.create_topic("orders", config.clone(), 1_000).unwrap();
+    assert_eq!(log.topic("orders").unwrap().created_ms, 1_001);
+    log.delete_topic("orders").unwrap();
+    log.create_topic("orders", config.clone(), 900).unwrap();
+    assert_eq!(log.topic("orders").unwrap().created_ms, 1_002);
+    // Also after a restart, from the topics on disk.
+    drop(log);
+    let log = open(&disk, LogConfig::default()).unwrap();
+    log.create_topic("other", config.clone(), 5).unwrap();
+    assert_eq!(log.topic("other").unwrap().created_ms, 1_003);
+    // A clock ahead of every topic is used as it is.
+    log.create_topic("later", config, 2_000).unwrap();
+    assert_eq!(log.topic("later").unwrap().created_ms, 2_000);
+}
+
+#[test]
 fn reads_outside_the_log_are_refused() {
     let (disk, _) = log_with_batches(2);
     let log = open(&disk, LogConfig::default()).unwrap();

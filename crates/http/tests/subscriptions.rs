@@ -1177,3 +1177,95 @@ async fn a_full_window_refills_while_consumers_hold_most_of_it() {
     assert!(c.pull("window", 10, 200).await.is_empty());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_ack_id_from_before_a_seek_does_not_settle_the_delivery_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe("replay", json!({"topic": "orders", "from": "earliest"}))
+        .await;
+    c.publish("orders", "o1", None, json!({})).await;
+    let before = c.pull_n("replay", 1, 5000).await;
+    assert_eq!(before.len(), 1);
+    let r = c
+        .post("/v1/subscriptions/replay/seek", json!({"to": "earliest"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The replay delivers the message again as its first attempt, under another ack id.
+    let after = c.pull_n("replay", 1, 5000).await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        (event_id(&after[0]), &after[0]["attempt"]),
+        ("o1", &json!(1))
+    );
+    assert_ne!(ack_id(&after[0]), ack_id(&before[0]));
+    // A consumer still holding the id from before cannot settle the delivery made since.
+    let results = c
+        .settle("replay", "ack", &[ack_id(&before[0])], json!({}))
+        .await;
+    assert_eq!(results, ["expired"]);
+    assert_eq!(c.stats("replay").await["in_flight"], 1);
+    c.ack_all("replay", &after).await;
+    // Ack ids of the forms handed out parse; a zero or bad epoch does not.
+    for bad in ["t.0.0.1.0", "t.0.0.1.x", "t.0.0.1.1.1"] {
+        assert_eq!(
+            c.settle("replay", "ack", &[bad], json!({})).await,
+            ["malformed"],
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_topic_created_again_is_read_from_its_start_and_old_ack_ids_settle_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe("s", json!({"topic": "orders", "from": "earliest"}))
+        .await;
+    for i in 0..3 {
+        c.publish("orders", &format!("old{i}"), None, json!({}))
+            .await;
+    }
+    let old = c.pull_n("s", 3, 5000).await;
+    assert_eq!(old.len(), 3);
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/topics/orders", None)
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    // Created again, with more partitions: the same offsets hold other events now.
+    server.topic("orders", 2).await;
+    for i in 0..4 {
+        c.publish(
+            "orders",
+            &format!("new{i}"),
+            Some(&format!("k{i}")),
+            json!({}),
+        )
+        .await;
+    }
+    let new = c.pull_n("s", 4, 10_000).await;
+    let mut ids: Vec<&str> = new.iter().map(event_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["new0", "new1", "new2", "new3"]);
+    assert!(new.iter().all(|m| m["attempt"] == 1), "{new:?}");
+    // The old topic's messages are gone from the subscription; their ack ids settle nothing.
+    let old_ids: Vec<&str> = old.iter().map(ack_id).collect();
+    let results = c.settle("s", "ack", &old_ids, json!({})).await;
+    assert!(results.iter().all(|r| r != "ok"), "{results:?}");
+    assert_eq!(c.stats("s").await["in_flight"], 4);
+    c.ack_all("s", &new).await;
+
+    // After a restart the subscription keeps reading the new topic where it was.
+    server.stop().await;
+    let server = start(dir.path(), PushLimits::default()).await;
+    let c = Client::new(server.addr);
+    c.publish("orders", "new4", Some("k4"), json!({})).await;
+    let more = c.pull_n("s", 2, 3000).await;
+    let ids: Vec<&str> = more.iter().map(event_id).collect();
+    assert_eq!(ids, ["new4"]);
+    assert_eq!(c.stats("s").await["in_flight"], 1);
+}

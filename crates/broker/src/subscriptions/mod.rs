@@ -253,7 +253,7 @@ impl Spec {
 
 /// An ack id: the message and the delivery it belongs to, as `t.<partition>.<offset>.<attempt>`
 /// (`d.` for redriven dead letters).
-pub fn ack_id(id: MsgId, attempt: u32) -> String {
+pub fn ack_id(id: MsgId, attempt: u32, epoch: u32) -> String {
     let s = match id.0 {
         Source::Topic => 't',
         Source::DeadLetters => 'd',
@@ -264,11 +264,16 @@ pub fn ack_id(id: MsgId, attempt: u32) -> String {
         out.push('.');
         crate::event::push_u64(&mut out, n);
     }
+    // Epoch 0 (no seek yet) keeps the form ack ids always had.
+    if epoch != 0 {
+        out.push('.');
+        crate::event::push_u64(&mut out, u64::from(epoch));
+    }
     out
 }
 
-/// Parses an ack id; `None` when malformed.
-pub fn parse_ack_id(s: &str) -> Option<(MsgId, u32)> {
+/// Parses an ack id into the message, the attempt and the epoch; `None` when malformed.
+pub fn parse_ack_id(s: &str) -> Option<(MsgId, u32, u32)> {
     let mut it = s.split('.');
     let source = match it.next()? {
         "t" => Source::Topic,
@@ -278,10 +283,14 @@ pub fn parse_ack_id(s: &str) -> Option<(MsgId, u32)> {
     let partition = it.next()?.parse().ok()?;
     let offset = it.next()?.parse().ok()?;
     let attempt = it.next()?.parse().ok()?;
+    let epoch = match it.next() {
+        None => 0,
+        Some(e) => e.parse().ok().filter(|e| *e != 0)?,
+    };
     if it.next().is_some() {
         return None;
     }
-    Some(((source, partition, offset), attempt))
+    Some(((source, partition, offset), attempt, epoch))
 }
 
 /// A message handed to a consumer.
@@ -559,6 +568,7 @@ impl Subscriptions {
                         config: config.clone(),
                         start: None,
                         created_ms: e.sub.created_ms,
+                        topic_created_ms: None,
                     };
                     let a = self.write(&mut inner, name, &op)?;
                     let e = inner.subs.get_mut(name).expect("checked above");
@@ -581,9 +591,11 @@ impl Subscriptions {
                         config: config.clone(),
                         start: Some(positions.clone()),
                         created_ms,
+                        topic_created_ms: Some(topic.created_ms),
                     };
                     let a = self.write(&mut inner, name, &op)?;
-                    let sub = Sub::new(a.base_offset, config, created_ms, positions);
+                    let mut sub = Sub::new(a.base_offset, config, created_ms, positions);
+                    sub.topic_created_ms = Some(topic.created_ms);
                     inner.subs.insert(name.to_string(), entry(sub));
                     (a, true, a.base_offset)
                 }
@@ -661,8 +673,9 @@ impl Subscriptions {
         ack_ids
             .iter()
             .map(|a| {
-                parse_ack_id(a)
-                    .is_some_and(|(id, attempt)| e.sub.check_in_flight(id, attempt) == Settle::Ok)
+                parse_ack_id(a).is_some_and(|(id, attempt, epoch)| {
+                    e.sub.check_in_flight(id, attempt, epoch) == Settle::Ok
+                })
             })
             .collect()
     }
@@ -757,18 +770,18 @@ impl Subscriptions {
                         // ready, as now: it may fill what is left of the window.
                         e.wake.notify_one();
                     }
-                    let topic = e.sub.config.topic.clone();
+                    let topic = (e.sub.config.topic.clone(), e.sub.topic_created_ms);
                     let dlq = e.sub.config.dead_letter_topic.clone();
                     // Webhooks send events in binary mode: one held only as JSON is read again.
                     let decoded = e.sub.config.push.is_some();
-                    let out: Vec<(MsgId, u32, Option<HeldEvent>)> = ids
+                    let out: Vec<(MsgId, (u32, u32), Option<HeldEvent>)> = ids
                         .iter()
                         .filter_map(|id| {
                             e.sub.msgs.get(id).map(|m| {
                                 let event = m.event.clone().filter(|held| {
                                     !decoded || matches!(held, HeldEvent::Decoded(_))
                                 });
-                                (*id, m.attempt, event)
+                                (*id, (m.attempt, m.epoch), event)
                             })
                         })
                         .collect();
@@ -780,7 +793,7 @@ impl Subscriptions {
                 // (the journal is synced in order), and the ticker syncs what is left within
                 // JOURNAL_SYNC_EVERY. A process crash loses nothing; a power loss may forget that a
                 // delivery just made counted as an attempt.
-                return self.deliveries(name, out, &topic, &dlq).await;
+                return self.deliveries(name, out, &topic.0, topic.1, &dlq).await;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Ok(Vec::new());
@@ -792,8 +805,9 @@ impl Subscriptions {
     async fn deliveries(
         &self,
         name: &str,
-        out: Vec<(MsgId, u32, Option<HeldEvent>)>,
+        out: Vec<(MsgId, (u32, u32), Option<HeldEvent>)>,
         topic: &str,
+        topic_created_ms: Option<i64>,
         dlq: &str,
     ) -> Result<Vec<Delivery>> {
         let missing: Vec<MsgId> = out
@@ -804,12 +818,12 @@ impl Subscriptions {
         let loaded = if missing.is_empty() {
             BTreeMap::new()
         } else {
-            self.load(&missing, topic, dlq).await?
+            self.load(&missing, topic, topic_created_ms, dlq).await?
         };
         let mut lost = Vec::new();
         let mut deliveries = Vec::with_capacity(out.len());
         let (topic, dlq): (Arc<str>, Arc<str>) = (topic.into(), dlq.into());
-        for (id, attempt, event) in out {
+        for (id, (attempt, epoch), event) in out {
             let Some(event) =
                 event.or_else(|| loaded.get(&id).map(|e| HeldEvent::Decoded(e.clone())))
             else {
@@ -817,7 +831,7 @@ impl Subscriptions {
                 continue;
             };
             deliveries.push(Delivery {
-                ack_id: ack_id(id, attempt),
+                ack_id: ack_id(id, attempt, epoch),
                 attempt,
                 topic: match id.0 {
                     Source::Topic => topic.clone(),
@@ -850,10 +864,13 @@ impl Subscriptions {
     }
 
     /// Reads the events of messages from the log.
+    /// Messages of the subscription's topic are read only from the topic created at
+    /// `topic_created_ms` (when known): one created again since holds other events.
     async fn load(
         &self,
         ids: &[MsgId],
         topic: &str,
+        topic_created_ms: Option<i64>,
         dlq: &str,
     ) -> Result<BTreeMap<MsgId, Arc<Event>>> {
         let mut by_part: BTreeMap<(Source, u32), Vec<u64>> = BTreeMap::new();
@@ -870,6 +887,9 @@ impl Subscriptions {
             let Ok(t) = self.broker.topic(name) else {
                 continue;
             };
+            if source == Source::Topic && topic_created_ms.is_some_and(|c| c != t.created_ms) {
+                continue;
+            }
             let Ok(p) = t.partition(partition).cloned() else {
                 continue;
             };
@@ -907,11 +927,11 @@ impl Subscriptions {
         for s in ack_ids {
             let verdict = match parse_ack_id(s.as_ref()) {
                 None => "malformed",
-                Some((id, attempt)) => {
+                Some((id, attempt, epoch)) => {
                     let v = if in_flight_only {
-                        e.sub.check_in_flight(id, attempt)
+                        e.sub.check_in_flight(id, attempt, epoch)
                     } else {
-                        e.sub.check(id, attempt)
+                        e.sub.check(id, attempt, epoch)
                     };
                     if v == Settle::Ok {
                         if !seen.insert(id) {
@@ -1082,7 +1102,10 @@ impl Subscriptions {
             if !inner.subs.contains_key(name) {
                 return Err(SubError::NotFound(name.to_string()));
             }
-            let op = Op::Seek { positions };
+            let op = Op::Seek {
+                positions,
+                topic_created_ms: Some(topic.created_ms),
+            };
             let a = self.write(&mut inner, name, &op)?;
             let e = inner.subs.get_mut(name).expect("checked above");
             e.sub.apply(&op);
@@ -1238,13 +1261,14 @@ impl Subscriptions {
     /// One step of a reader: reads what it can, or waits for news. `None` when the subscription
     /// is gone; `Some(true)` when it read something.
     async fn read_step(&self, name: &str, uid: u64) -> Result<Option<bool>> {
-        let (topic_name, positions, room, generation, filter, decode, wake) = {
+        let (topic_name, incarnation, positions, room, generation, filter, decode, wake) = {
             let inner = self.lock();
             let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
                 return Ok(None);
             };
             (
                 e.sub.config.topic.clone(),
+                e.sub.topic_created_ms,
                 e.sub.positions.clone(),
                 reader_room(&e.sub),
                 e.generation,
@@ -1266,6 +1290,10 @@ impl Subscriptions {
                 return Ok(Some(false));
             }
         };
+        if incarnation != Some(topic.created_ms) {
+            self.topic_changed(name, uid, generation, &topic)?;
+            return Ok(Some(true));
+        }
         // Watch the ends before looking at them, so no append goes unnoticed.
         let mut news = self.broker.watch_topic(&topic);
         let mut progressed = false;
@@ -1368,6 +1396,52 @@ impl Subscriptions {
         Ok(Some(false))
     }
 
+    /// Records the topic the subscription reads when it is not the one recorded: the first time
+    /// for a subscription created before topics' creation times were kept, or after its topic
+    /// was deleted and created again, when it starts over at the start of the new topic and
+    /// drops every message of the old one (their events are gone; the new topic holds others
+    /// at the same offsets).
+    fn topic_changed(
+        &self,
+        name: &str,
+        uid: u64,
+        generation: u64,
+        topic: &spate_log::Topic,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
+            return Ok(());
+        };
+        // A seek or a new definition came first: the reader looks again.
+        if e.generation != generation {
+            return Ok(());
+        }
+        let op = match e.sub.topic_created_ms {
+            None => Op::Reading {
+                topic_created_ms: topic.created_ms,
+            },
+            Some(c) if c == topic.created_ms => return Ok(()),
+            Some(_) => Op::TopicReplaced {
+                topic_created_ms: topic.created_ms,
+                positions: topic
+                    .partitions
+                    .iter()
+                    .map(|p| p.log_start_offset())
+                    .collect(),
+            },
+        };
+        self.write(&mut inner, name, &op)?;
+        let e = inner.subs.get_mut(name).expect("checked above");
+        e.sub.apply(&op);
+        if matches!(op, Op::TopicReplaced { .. }) {
+            tracing::info!(subscription = name, topic = %topic.name, "topic created again; reading it from the start");
+            e.generation += 1;
+            e.wake.notify_one();
+            e.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
     /// Moves one doomed message to the dead-letter topic (see the module docs).
     async fn dead_letter(self: Arc<Self>, name: String, uid: u64, id: MsgId) {
         let mut backoff = Duration::from_millis(100);
@@ -1386,7 +1460,7 @@ impl Subscriptions {
 
     /// One step of a dead-letter move; `true` when done (or moot).
     async fn dead_letter_step(&self, name: &str, uid: u64, id: MsgId) -> Result<bool> {
-        let (config, state, attempt, event, partitions) = {
+        let (config, incarnation, state, attempt, event, partitions) = {
             let inner = self.lock();
             let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
                 return Ok(true);
@@ -1397,6 +1471,7 @@ impl Subscriptions {
             let partitions = e.sub.positions.len() as u32;
             (
                 e.sub.config.clone(),
+                e.sub.topic_created_ms,
                 m.state.clone(),
                 m.attempt,
                 // The original record, not its JSON, goes to the dead-letter topic.
@@ -1423,7 +1498,7 @@ impl Subscriptions {
                     Some(e) => e,
                     None => {
                         let loaded = self
-                            .load(&[id], &config.topic, &config.dead_letter_topic)
+                            .load(&[id], &config.topic, incarnation, &config.dead_letter_topic)
                             .await?;
                         match loaded.get(&id) {
                             Some(e) => e.clone(),
@@ -1496,7 +1571,12 @@ impl Subscriptions {
                             Some(e) => e,
                             None => {
                                 let loaded = self
-                                    .load(&[id], &config.topic, &config.dead_letter_topic)
+                                    .load(
+                                        &[id],
+                                        &config.topic,
+                                        incarnation,
+                                        &config.dead_letter_topic,
+                                    )
                                     .await?;
                                 match loaded.get(&id) {
                                     Some(e) => e.clone(),
@@ -1697,11 +1777,11 @@ fn replay(subs: &mut BTreeMap<String, Sub>, name: &str, offset: u64, op: Op) {
             config,
             start: Some(positions),
             created_ms,
+            topic_created_ms,
         } => {
-            subs.insert(
-                name.to_string(),
-                Sub::new(offset, config, created_ms, positions),
-            );
+            let mut sub = Sub::new(offset, config, created_ms, positions);
+            sub.topic_created_ms = topic_created_ms;
+            subs.insert(name.to_string(), sub);
         }
         Op::Delete => {
             subs.remove(name);

@@ -142,6 +142,9 @@ pub enum State {
 pub struct Msg {
     /// Deliveries so far.
     pub attempt: u32,
+    /// The subscription's [`Sub::epoch`] when the message was read: with the attempt, it tells
+    /// a delivery of the message apart from one made before a seek dropped it and read it again.
+    pub epoch: u32,
     pub state: State,
     /// Hash of the record key, for key ordering.
     pub key: Option<u64>,
@@ -201,6 +204,9 @@ pub enum Op {
         config: Config,
         start: Option<Vec<u64>>,
         created_ms: i64,
+        /// At creation: the creation time of the topic `start` points into.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic_created_ms: Option<i64>,
     },
     Delete,
     /// The reader went through partition `partition` up to (not including) `to`; `found` are the
@@ -247,6 +253,20 @@ pub enum Op {
     },
     /// Read positions move; pending messages of the topic are dropped.
     Seek {
+        positions: Vec<u64>,
+        /// The creation time of the topic `positions` point into.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic_created_ms: Option<i64>,
+    },
+    /// The topic read is the one created at `topic_created_ms` (recorded for subscriptions
+    /// created before the topic's creation time was kept).
+    Reading {
+        topic_created_ms: i64,
+    },
+    /// The topic was deleted and created again: every message of the topic read before is
+    /// dropped, whatever its state, and reading starts over at `positions` of the new topic.
+    TopicReplaced {
+        topic_created_ms: i64,
         positions: Vec<u64>,
     },
     /// The whole state of every subscription at this point of the journal.
@@ -329,9 +349,21 @@ pub struct Snapshot {
     pub config: Config,
     pub created_ms: i64,
     pub positions: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_created_ms: Option<i64>,
     pub msgs: Vec<(MsgId, u32, State, Found)>,
+    /// See [`Sub::epoch`]; absent (0) in snapshots written before it was kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
+    /// The epoch of each message of `msgs` read in an epoch other than 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<(MsgId, u32)>,
     pub redriven: Vec<(u32, u64)>,
     pub stats: Stats,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What an ack, nack or extend found for one ack id.
@@ -354,6 +386,14 @@ pub struct Sub {
     pub created_ms: i64,
     /// Next offset the reader looks at, per partition of the topic.
     pub positions: Vec<u64>,
+    /// The creation time of the topic read (see [`spate_log::Topic::created_ms`]): a topic
+    /// deleted and created again under the name is another log. `None` until known for a
+    /// subscription created before it was recorded.
+    pub topic_created_ms: Option<i64>,
+    /// Seeks and topic replacements so far. Each drops pending messages that reading the log
+    /// again brings back with attempts from 0: ack ids carry the epoch a message was read in,
+    /// so that one handed out before cannot settle the delivery made after.
+    pub epoch: u32,
     /// Unsettled messages. Unordered: what needs them in offset order sorts their ids.
     pub msgs: IdMap<MsgId, Msg>,
     /// Dead letters (partition, offset) already given back.
@@ -415,6 +455,8 @@ impl Sub {
             config,
             created_ms,
             positions,
+            topic_created_ms: None,
+            epoch: 0,
             msgs: IdMap::default(),
             redriven: BTreeSet::new(),
             stats: Stats::default(),
@@ -429,11 +471,18 @@ impl Sub {
 
     pub fn from_snapshot(s: Snapshot) -> Sub {
         let mut sub = Sub::new(s.uid, s.config, s.created_ms, s.positions);
+        sub.topic_created_ms = s.topic_created_ms;
         sub.stats = s.stats;
         sub.redriven = s.redriven.into_iter().collect();
         for (id, attempt, state, found) in s.msgs {
             sub.insert(id, found, attempt, state);
         }
+        for (id, epoch) in s.epochs {
+            if let Some(m) = sub.msgs.get_mut(&id) {
+                m.epoch = epoch;
+            }
+        }
+        sub.epoch = s.epoch;
         sub
     }
 
@@ -444,6 +493,12 @@ impl Sub {
             config: self.config.clone(),
             created_ms: self.created_ms,
             positions: self.positions.clone(),
+            topic_created_ms: self.topic_created_ms,
+            epoch: self.epoch,
+            epochs: in_order(&self.msgs, |_, m| m.epoch != 0)
+                .into_iter()
+                .map(|(id, m)| (id, m.epoch))
+                .collect(),
             msgs: in_order(&self.msgs, |_, _| true)
                 .into_iter()
                 .map(|(id, m)| {
@@ -527,6 +582,7 @@ impl Sub {
             id,
             Msg {
                 attempt,
+                epoch: self.epoch,
                 state: State::Ready,
                 key,
                 timestamp_ms,
@@ -690,10 +746,10 @@ impl Sub {
 
     /// Whether `attempt` is the current delivery of `id`, which may still be settled by its
     /// consumer (in flight, or timed out and not yet delivered again).
-    pub fn check(&self, id: MsgId, attempt: u32) -> Settle {
+    pub fn check(&self, id: MsgId, attempt: u32, epoch: u32) -> Settle {
         match self.msgs.get(&id) {
             None => Settle::Unknown,
-            Some(m) if m.attempt != attempt => Settle::Expired,
+            Some(m) if m.attempt != attempt || m.epoch != epoch => Settle::Expired,
             Some(m) => match m.state {
                 State::InFlight { .. } | State::Waiting { .. } | State::Ready => Settle::Ok,
                 State::Doomed { .. } | State::DeadLettering { .. } => Settle::Expired,
@@ -702,8 +758,8 @@ impl Sub {
     }
 
     /// Whether `id` is in flight under `attempt` (for extends).
-    pub fn check_in_flight(&self, id: MsgId, attempt: u32) -> Settle {
-        match self.check(id, attempt) {
+    pub fn check_in_flight(&self, id: MsgId, attempt: u32, epoch: u32) -> Settle {
+        match self.check(id, attempt, epoch) {
             Settle::Ok => match self.msgs.get(&id).map(|m| &m.state) {
                 Some(State::InFlight { .. }) => Settle::Ok,
                 _ => Settle::Expired,
@@ -831,7 +887,10 @@ impl Sub {
                     }
                 }
             }
-            Op::Seek { positions } => {
+            Op::Seek {
+                positions,
+                topic_created_ms,
+            } => {
                 let dropped = sorted_ids(&self.msgs, |id, m| {
                     id.0 == Source::Topic
                         && !matches!(m.state, State::Doomed { .. } | State::DeadLettering { .. })
@@ -840,6 +899,24 @@ impl Sub {
                     self.settle(id);
                 }
                 self.positions = positions.clone();
+                if topic_created_ms.is_some() {
+                    self.topic_created_ms = *topic_created_ms;
+                }
+                self.epoch = self.epoch.wrapping_add(1);
+            }
+            Op::Reading { topic_created_ms } => self.topic_created_ms = Some(*topic_created_ms),
+            Op::TopicReplaced {
+                topic_created_ms,
+                positions,
+            } => {
+                // Their events are gone with the old topic: the new one holds others at the
+                // same offsets. Dead-letter moves under way are dropped too.
+                for id in sorted_ids(&self.msgs, |id, _| id.0 == Source::Topic) {
+                    self.settle(id);
+                }
+                self.positions = positions.clone();
+                self.topic_created_ms = Some(*topic_created_ms);
+                self.epoch = self.epoch.wrapping_add(1);
             }
         }
     }
@@ -1061,12 +1138,12 @@ mod tests {
                 ids: vec![t(0, 0), t(0, 1)],
                 deadline,
             });
-            assert_eq!(sub.check(t(0, 0), round), Settle::Ok);
+            assert_eq!(sub.check(t(0, 0), round, 0), Settle::Ok);
             if round == 1 {
                 assert_eq!(sub.tick(deadline).len(), 0);
             }
         }
-        assert_eq!(sub.check(t(0, 0), 1), Settle::Expired);
+        assert_eq!(sub.check(t(0, 0), 1, 0), Settle::Expired);
         sub.apply(&Op::Nack {
             items: vec![(t(0, 0), 0)],
         });
@@ -1086,7 +1163,7 @@ mod tests {
             offset: 7,
         });
         assert_eq!(sub.stats.dead_lettered, 1);
-        assert_eq!(sub.check(t(0, 0), 2), Settle::Unknown);
+        assert_eq!(sub.check(t(0, 0), 2, 0), Settle::Unknown);
     }
 
     #[test]
@@ -1116,7 +1193,10 @@ mod tests {
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
         });
-        sub.apply(&Op::Seek { positions: vec![0] });
+        sub.apply(&Op::Seek {
+            positions: vec![0],
+            topic_created_ms: None,
+        });
         assert_eq!(sub.next_ready(10), vec![(Source::DeadLetters, 0, 5)]);
         assert_eq!(sub.positions, vec![0]);
         // A dead letter goes back once.
@@ -1124,6 +1204,64 @@ mod tests {
             letters: vec![(0, Found(5, 0, None))],
         });
         assert_eq!(sub.msgs.len(), 1);
+    }
+
+    #[test]
+    fn a_replaced_topic_drops_every_message_of_the_old_one_and_epochs_tell_reads_apart() {
+        let mut sub = Sub::new(0, config(Ordering::Key, 1), 0, vec![0]);
+        sub.topic_created_ms = Some(100);
+        read(&mut sub, 0, &[(0, Some(1)), (1, Some(2)), (2, None)]);
+        sub.apply(&Op::Redrive {
+            letters: vec![(0, Found(5, 0, None))],
+        });
+        // One in flight, one doomed (out of its one attempt), one on its way to the DLQ.
+        sub.apply(&Op::Deliver {
+            ids: vec![t(0, 0), t(0, 1), t(0, 2)],
+            deadline: 10,
+        });
+        sub.apply(&Op::Nack {
+            items: vec![(t(0, 1), 0), (t(0, 2), 0)],
+        });
+        sub.apply(&Op::DeadIntent {
+            id: t(0, 2),
+            reason: "x".into(),
+            partition: 0,
+            from: 0,
+        });
+        sub.apply(&Op::TopicReplaced {
+            topic_created_ms: 200,
+            positions: vec![0, 0],
+        });
+        // What is left is the redriven dead letter, which the old topic did not hold.
+        let left: Vec<MsgId> = sub.msgs.keys().copied().collect();
+        assert_eq!(left, vec![(Source::DeadLetters, 0, 5)]);
+        assert_eq!(
+            (sub.positions.clone(), sub.topic_created_ms, sub.epoch),
+            (vec![0, 0], Some(200), 1)
+        );
+        // Offset 0 read again is another message: the old delivery's ack id does not settle it.
+        read(&mut sub, 0, &[(0, Some(1))]);
+        sub.apply(&Op::Deliver {
+            ids: vec![t(0, 0)],
+            deadline: 20,
+        });
+        assert_eq!(sub.check(t(0, 0), 1, 0), Settle::Expired);
+        assert_eq!(sub.check(t(0, 0), 1, 1), Settle::Ok);
+        assert_eq!(sub.check((Source::DeadLetters, 0, 5), 0, 0), Settle::Ok);
+        // Epochs and the topic's creation time survive a snapshot.
+        let snap = sub.snapshot("s");
+        let copy = Sub::from_snapshot(snap.clone());
+        assert_eq!(copy.snapshot("s"), snap);
+        assert_eq!((copy.epoch, copy.topic_created_ms), (1, Some(200)));
+        assert_eq!(copy.check(t(0, 0), 1, 1), Settle::Ok);
+        // A snapshot written before either was kept reads with epoch 0 and no creation time.
+        let mut old = serde_json::to_value(&snap).unwrap();
+        let o = old.as_object_mut().unwrap();
+        for k in ["epoch", "epochs", "topic_created_ms"] {
+            o.remove(k);
+        }
+        let copy = Sub::from_snapshot(serde_json::from_value(old).unwrap());
+        assert_eq!((copy.epoch, copy.topic_created_ms), (0, None));
     }
 
     #[test]

@@ -30,6 +30,9 @@ impl From<DetectorError> for ApiError {
             DetectorError::Invalid(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid-detector", e.to_string())
             }
+            DetectorError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "detector-conflict", e.to_string())
+            }
             DetectorError::Store(_) => {
                 tracing::error!(error = %e, "detector store failed");
                 ApiError::new(

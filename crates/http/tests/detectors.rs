@@ -513,3 +513,35 @@ async fn a_preview_shows_what_a_filter_and_expressions_make_of_recent_events() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_topic_created_again_starts_the_detector_over() {
+    let (_dir, server, c) = setup().await;
+    c.define("fever", fever_rule()).await;
+    c.readings(
+        "telemetry",
+        &[("a", T0, 37.0), ("b", T0, 37.5), ("a", T0 + 1000, 36.9)],
+    )
+    .await;
+    let s = c.caught_up("fever", 3).await;
+    assert_eq!(s["series"], 2, "{s}");
+
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/topics/telemetry", None)
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    server.topic("telemetry", 1).await;
+    c.readings("telemetry", &[("c", T0 + 5000, 37.1)]).await;
+    // Fresh state over the new topic: its one point and series, none of the old ones.
+    let s = c.caught_up("fever", 1).await;
+    assert_eq!(s["series"], 1, "{s}");
+    let r = c.get("/v1/detectors/fever/series").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let names: Vec<&str> = r.body["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["series"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["c"], "{:?}", r.body);
+}

@@ -715,3 +715,59 @@ async fn row_changes_stream_over_sse_too() {
     drop(sse);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_topic_created_again_is_folded_from_its_start() {
+    let (_dir, server, c) = setup(1).await;
+    c.define(
+        "totals",
+        json!({"topic": "orders", "reduce": {"aggregate": {"n": "count()", "sum": "sum(data.v)"}}}),
+    )
+    .await;
+    c.publish(
+        "orders",
+        &[
+            ("k", json!({"v": 1})),
+            ("k", json!({"v": 2})),
+            ("k", json!({"v": 3})),
+        ],
+    )
+    .await;
+    c.status_until("totals", |s| s["position"] == "orders:0.3")
+        .await;
+    let r = c.get("/v1/projections/totals/rows/k").await;
+    assert_eq!(r.body["value"], json!({"n": 3, "sum": 6}), "{:?}", r.body);
+
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/topics/orders", None)
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    server.topic("orders", 2).await;
+    c.publish(
+        "orders",
+        &[("k", json!({"v": 10})), ("j", json!({"v": 20}))],
+    )
+    .await;
+    // The rows describe the new topic only: neither kept from the old one nor added to them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = c.get("/v1/projections/totals/rows").await.body;
+        let values: Vec<(Value, Value)> = rows["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["key"].clone(), r["value"].clone()))
+            .collect();
+        let want = vec![
+            (json!("j"), json!({"n": 1, "sum": 20})),
+            (json!("k"), json!({"n": 1, "sum": 10})),
+        ];
+        if values == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = c.get("/v1/projections/totals").await.body;
+    assert_eq!(s["status"], "running", "{s}");
+}

@@ -49,6 +49,9 @@ pub enum DetectorError {
     SeriesNotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Another change to the detector ran at the same time.
+    #[error("{0}")]
+    Conflict(String),
     #[error("detector store: {0}")]
     Store(String),
     #[error(transparent)]
@@ -204,6 +207,11 @@ struct Meta {
     /// The alert topic's end offsets at the checkpoint: alerts after them may be written again
     /// by the replay.
     alert_ends: Vec<u64>,
+    /// The creation time of the topic read (see [`spate_log::Topic::created_ms`]): a topic
+    /// deleted and created again under the name is another log. Absent in checkpoints written
+    /// before it was recorded; the topic found then is taken for the one read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topic_created_ms: Option<i64>,
 }
 
 /// A detector's status, as shown by the API.
@@ -263,6 +271,8 @@ pub struct SeriesInfo {
 struct Live {
     detector: Detector,
     positions: Vec<u64>,
+    /// See [`Meta::topic_created_ms`].
+    topic_created_ms: Option<i64>,
     errors: u64,
     last_error: Option<String>,
     /// Alerts written before the last crash that the replay must not write again: (source
@@ -393,6 +403,7 @@ impl Detectors {
         let live = Live {
             detector,
             positions: meta.positions.clone(),
+            topic_created_ms: meta.topic_created_ms,
             errors: meta.errors,
             last_error: meta.last_error.clone(),
             already,
@@ -528,6 +539,19 @@ impl Detectors {
                 "a server holds at most {DETECTORS_MAX} detectors"
             )));
         }
+        self.begin(name, compiled, &topic, existing).await
+    }
+
+    /// Starts a new generation of a detector over `topic`, with fresh state, retiring the one
+    /// before it; `true` when there was none.
+    async fn begin(
+        self: &Arc<Self>,
+        name: &str,
+        compiled: Compiled,
+        topic: &spate_log::Topic,
+        existing: Option<Arc<Det>>,
+    ) -> Result<(bool, Status)> {
+        let definition = &compiled.definition;
         let generation = existing.as_ref().map_or(0, |d| d.generation + 1);
         let positions: Vec<u64> = topic
             .partitions
@@ -547,6 +571,7 @@ impl Detectors {
             errors: 0,
             last_error: None,
             alert_ends,
+            topic_created_ms: Some(topic.created_ms),
         };
         let det = Arc::new(Det {
             generation,
@@ -554,6 +579,7 @@ impl Detectors {
             live: Mutex::new(Live {
                 detector: Detector::new(d.algorithm.clone(), d.cooldown_ms, d.max_series),
                 positions,
+                topic_created_ms: Some(topic.created_ms),
                 errors: 0,
                 last_error: None,
                 already: HashSet::new(),
@@ -571,14 +597,23 @@ impl Detectors {
             serde_json::to_vec(&meta).expect("detector meta serializes"),
         );
         let old = existing.clone();
-        blocking(move || {
+        let took_over = blocking(move || {
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(o) = &old {
-                o.retired.store(true, std::sync::atomic::Ordering::Release);
+            // Replaced or deleted since it was looked up: that change stands.
+            if let Some(o) = &old
+                && o.retired.swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                return Ok(false);
             }
-            metas.insert(key, bytes).map_err(store_err)
+            metas.insert(key, bytes).map_err(store_err)?;
+            Ok(true)
         })
         .await?;
+        if !took_over {
+            return Err(DetectorError::Conflict(format!(
+                "detector {name} changed while this request ran"
+            )));
+        }
         if let Some(o) = &existing {
             self.drop_series(name, o.generation);
         }
@@ -758,6 +793,22 @@ impl Detectors {
     async fn follow(self: Arc<Self>, name: String, d: Arc<Det>) {
         let mut backoff = Duration::from_millis(100);
         while self.current(&d) {
+            if let Some(topic) = self.topic_replaced(&d) {
+                // The state describes a log that is gone: the detector starts over on the new
+                // topic, as after a changed definition (its alerts stay in the alert topic).
+                tracing::info!(detector = %name, "topic created again; starting over");
+                let compiled = crate::filter::stored(|| d.compiled.definition.clone().compile());
+                let restarted = match compiled {
+                    Ok(c) => self.begin_from_follower(&name, c, topic, d.clone()).await,
+                    Err(e) => Err(DetectorError::Store(e)),
+                };
+                if let Err(e) = restarted {
+                    tracing::warn!(detector = %name, error = %e, "starting over after the topic was created again failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                continue;
+            }
             match self.follow_step(&name, &d).await {
                 Ok(_) => backoff = Duration::from_millis(100),
                 Err(e) => {
@@ -775,6 +826,27 @@ impl Detectors {
                 tracing::warn!(detector = %name, error = %e, "detector checkpoint failed");
             }
         }
+    }
+
+    /// The detector's topic when it is no longer the one read: deleted and created again under
+    /// its name. A checkpoint written before creation times were recorded takes the topic found
+    /// for its own (kept with the next checkpoint).
+    fn topic_replaced(&self, d: &Det) -> Option<Arc<spate_log::Topic>> {
+        let topic = self.broker.topic(&d.compiled.definition.topic).ok()?;
+        let mut l = d.live();
+        (*l.topic_created_ms.get_or_insert(topic.created_ms) != topic.created_ms).then_some(topic)
+    }
+
+    /// [`Detectors::begin`] for a follower, which `begin` itself spawns: the boxed future breaks
+    /// the cycle in the futures' types.
+    fn begin_from_follower<'a>(
+        self: &'a Arc<Self>,
+        name: &'a str,
+        compiled: Compiled,
+        topic: Arc<spate_log::Topic>,
+        existing: Arc<Det>,
+    ) -> futures_util::future::BoxFuture<'a, Result<(bool, Status)>> {
+        Box::pin(async move { self.begin(name, compiled, &topic, Some(existing)).await })
     }
 
     /// Processes what there is, or waits for news.
@@ -903,6 +975,7 @@ impl Detectors {
                 errors: l.errors,
                 last_error: l.last_error.clone(),
                 alert_ends,
+                topic_created_ms: l.topic_created_ms,
             };
             (changed, evicted, meta)
         };

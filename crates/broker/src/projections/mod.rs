@@ -99,6 +99,11 @@ struct Meta {
     halted: bool,
     /// The topic's end when the generation started: caught up once past it.
     rebuild_until: Vec<u64>,
+    /// The creation time of the topic folded (see [`spate_log::Topic::created_ms`]): a topic
+    /// deleted and created again under the name is another log. Absent in state stored before
+    /// it was recorded; the topic found then is taken for the one folded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topic_created_ms: Option<i64>,
 }
 
 /// A projection's status, as shown by the API.
@@ -241,6 +246,7 @@ fn fresh_meta(topic: &spate_log::Topic, compiled: &Compiled, generation: u64) ->
             .iter()
             .map(|p| p.high_watermark())
             .collect(),
+        topic_created_ms: Some(topic.created_ms),
     }
 }
 
@@ -463,6 +469,15 @@ impl Projections {
         self.pending_map().insert(name.to_string(), p.clone());
         tokio::spawn(self.clone().follow(name.to_string(), p));
         self.status(name)
+    }
+
+    /// [`Projections::rebuild`] for a follower, which the rebuild itself spawns: the boxed future
+    /// breaks the cycle in the futures' types.
+    fn rebuild_from_follower<'a>(
+        self: &'a Arc<Self>,
+        name: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<Status>> {
+        Box::pin(self.rebuild(name))
     }
 
     /// Makes a caught-up rebuild the projection: its state moves to the projection's key in one
@@ -758,6 +773,25 @@ impl Projections {
     async fn follow(self: Arc<Self>, name: String, p: Arc<Proj>) {
         let mut backoff = Duration::from_millis(100);
         while self.current(&name, &p) {
+            if self.topic_replaced(&p) {
+                // The rows describe a log that is gone: the new topic is folded from its start,
+                // as a rebuild does (the rows so far are served until the new ones caught up). A
+                // rebuild under way for the old topic starts again; the projection's follower
+                // leaves the work to a rebuild under way and applies nothing meanwhile.
+                let rebuilding = self.pending_map().contains_key(&name);
+                if p.is_pending() || !rebuilding {
+                    tracing::info!(projection = %name, "topic created again; folding it from the start");
+                    if let Err(e) = self.rebuild_from_follower(&name).await {
+                        tracing::warn!(projection = %name, error = %e, "rebuilding after the topic was created again failed; retrying");
+                    }
+                }
+                let mut stopped = self.stopped.subscribe();
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            }
             if p.is_pending() && p.caught_up() {
                 if let Err(e) = self.promote(&name, &p).await {
                     tracing::warn!(projection = %name, error = %e, "switching to a rebuild failed; retrying");
@@ -775,6 +809,17 @@ impl Projections {
                 }
             }
         }
+    }
+
+    /// Whether the projection's topic is no longer the one it folded: deleted and created
+    /// again under its name. State stored before creation times were recorded takes the topic
+    /// found for its own (kept with the next commit).
+    fn topic_replaced(&self, p: &Proj) -> bool {
+        let Ok(topic) = self.broker.topic(&p.compiled.definition.topic) else {
+            return false;
+        };
+        let mut m = p.meta();
+        *m.topic_created_ms.get_or_insert(topic.created_ms) != topic.created_ms
     }
 
     /// Applies what is there to apply, or waits for news. `true` when it applied something.

@@ -289,6 +289,18 @@ pub struct Committed {
     pub metadata: Option<String>,
 }
 
+/// A committed offset as stored, with the creation time of the topic it was committed for: a
+/// topic deleted and created again under its name has none committed (as Kafka deletes the
+/// offsets of a deleted topic). Records stored before it was kept have none, and count for the
+/// topic of the name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredOffset {
+    #[serde(flatten)]
+    committed: Committed,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topic_created_ms: Option<i64>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct OffsetKey {
     group: String,
@@ -327,7 +339,7 @@ pub struct GroupSummary {
 
 struct State {
     groups: HashMap<String, Group>,
-    offsets: HashMap<(String, String, u32), Committed>,
+    offsets: HashMap<(String, String, u32), StoredOffset>,
 }
 
 pub struct Coordinator {
@@ -381,7 +393,7 @@ impl Coordinator {
                     };
                     match (
                         serde_json::from_slice::<OffsetKey>(k),
-                        serde_json::from_slice::<Committed>(v),
+                        serde_json::from_slice::<StoredOffset>(v),
                     ) {
                         (Ok(k), Ok(c)) => {
                             offsets.insert((k.group, k.topic, k.partition), c);
@@ -709,14 +721,17 @@ impl Coordinator {
         let mut accepted = Vec::new();
         let now_ms = crate::now_ms();
         for (topic, partition, c) in offsets {
-            let known = self
-                .log
-                .topic(&topic)
-                .is_ok_and(|t| partition < t.config.partitions);
-            if !known {
-                results.push(Err(GroupError::UnknownTopicOrPartition));
-                continue;
-            }
+            let created = match self.log.topic(&topic) {
+                Ok(t) if partition < t.config.partitions => t.created_ms,
+                _ => {
+                    results.push(Err(GroupError::UnknownTopicOrPartition));
+                    continue;
+                }
+            };
+            let c = StoredOffset {
+                committed: c,
+                topic_created_ms: Some(created),
+            };
             results.push(Ok(()));
             let key = OffsetKey {
                 group: group_id.to_string(),
@@ -755,6 +770,15 @@ impl Coordinator {
         Ok(results)
     }
 
+    /// The committed offset of a stored one, unless committed for a topic of the name deleted
+    /// since.
+    fn current(&self, topic: &str, stored: &StoredOffset) -> Option<Committed> {
+        let replaced = stored
+            .topic_created_ms
+            .is_some_and(|c| self.log.topic(topic).map_or(true, |t| t.created_ms != c));
+        (!replaced).then(|| stored.committed.clone())
+    }
+
     /// OffsetFetch: committed offsets of a group, for the given partitions or all.
     pub fn fetch_offsets(
         &self,
@@ -772,7 +796,7 @@ impl Coordinator {
                             let c = state
                                 .offsets
                                 .get(&(group_id.to_string(), topic.clone(), p))
-                                .cloned();
+                                .and_then(|s| self.current(&topic, s));
                             (p, c)
                         })
                         .collect();
@@ -781,12 +805,11 @@ impl Coordinator {
                 .collect(),
             None => {
                 let mut by_topic: BTreeMap<String, Vec<(u32, Option<Committed>)>> = BTreeMap::new();
-                for ((g, t, p), c) in state.offsets.iter() {
-                    if g == group_id {
-                        by_topic
-                            .entry(t.clone())
-                            .or_default()
-                            .push((*p, Some(c.clone())));
+                for ((g, t, p), s) in state.offsets.iter() {
+                    if g == group_id
+                        && let Some(c) = self.current(t, s)
+                    {
+                        by_topic.entry(t.clone()).or_default().push((*p, Some(c)));
                     }
                 }
                 by_topic.into_iter().collect()
@@ -1099,5 +1122,27 @@ mod tests {
             Some(3)
         );
         assert_eq!(c.list().len(), 2);
+
+        // A topic deleted and created again under its name has nothing committed, as Kafka
+        // deletes a deleted topic's offsets; commits to the new topic count.
+        c.log.delete_topic("t").unwrap();
+        c.log.create_topic("t", TopicConfig::default(), 0).unwrap();
+        let got = c.fetch_offsets("g", Some(vec![("t".into(), vec![0])]));
+        assert_eq!(got[0].1[0].1, None);
+        assert!(c.fetch_offsets("solo", None).is_empty());
+        assert!(c.commit("solo", -1, "", commit(7), t0).await.is_ok());
+        let got = c.fetch_offsets("solo", None);
+        assert_eq!(got[0].1[0].1.as_ref().map(|c| c.offset), Some(7));
+        // Records stored before the topic's creation time was kept count for the topic found.
+        let old: StoredOffset =
+            serde_json::from_str(r#"{"offset":5,"leader_epoch":-1,"metadata":null}"#).unwrap();
+        assert_eq!(
+            (
+                old.committed.offset,
+                old.topic_created_ms,
+                c.current("t", &old).is_some()
+            ),
+            (5, None, true)
+        );
     }
 }

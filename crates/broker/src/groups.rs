@@ -26,6 +26,8 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Members of one group at most (Kafka's `group.max.size` default is unbounded; a bound keeps one
 /// group from exhausting memory).
 pub const GROUP_MEMBERS_MAX: usize = 1000;
+/// Bytes of metadata a committed offset may carry (Kafka's `offset.metadata.max.bytes`).
+pub const OFFSET_METADATA_MAX: usize = 4096;
 /// Session timeouts clients may ask for (Kafka's defaults are 6 s to 30 min; the lower bound is
 /// relaxed so tests and fast failover can use short sessions).
 pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(1000);
@@ -43,6 +45,8 @@ pub enum GroupError {
     UnknownTopicOrPartition,
     GroupIdNotFound,
     InvalidGroupId,
+    /// A committed offset's metadata is longer than [`OFFSET_METADATA_MAX`].
+    OffsetMetadataTooLarge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -721,6 +725,13 @@ impl Coordinator {
         let mut accepted = Vec::new();
         let now_ms = crate::now_ms();
         for (topic, partition, c) in offsets {
+            if c.metadata
+                .as_ref()
+                .is_some_and(|m| m.len() > OFFSET_METADATA_MAX)
+            {
+                results.push(Err(GroupError::OffsetMetadataTooLarge));
+                continue;
+            }
             let created = match self.log.topic(&topic) {
                 Ok(t) if partition < t.config.partitions => t.created_ms,
                 _ => {

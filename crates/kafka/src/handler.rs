@@ -63,6 +63,7 @@ pub mod code {
     pub const CORRUPT_MESSAGE: i16 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const OFFSET_METADATA_TOO_LARGE: i16 = 12;
     pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
     pub const RECORD_LIST_TOO_LARGE: i16 = 18;
     pub const INVALID_REQUIRED_ACKS: i16 = 21;
@@ -102,6 +103,7 @@ fn group_code(e: GroupError) -> i16 {
         GroupError::UnknownTopicOrPartition => code::UNKNOWN_TOPIC_OR_PARTITION,
         GroupError::GroupIdNotFound => code::GROUP_ID_NOT_FOUND,
         GroupError::InvalidGroupId => code::INVALID_GROUP_ID,
+        GroupError::OffsetMetadataTooLarge => code::OFFSET_METADATA_TOO_LARGE,
     }
 }
 

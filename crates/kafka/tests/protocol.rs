@@ -461,6 +461,75 @@ async fn group_requests_are_fenced_by_generation_and_member() {
     assert_eq!(h.error_code, 22);
 }
 
+#[tokio::test]
+async fn committed_metadata_over_the_limit_is_refused_per_partition() {
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+    use kafka_protocol::messages::{
+        GroupId, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    };
+    let (addr, broker) = server().await;
+    broker
+        .create_topic(
+            "t".into(),
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let max = spate_broker::groups::OFFSET_METADATA_MAX;
+    let part = |p: i32, offset: i64, metadata: usize| {
+        OffsetCommitRequestPartition::default()
+            .with_partition_index(p)
+            .with_committed_offset(offset)
+            .with_committed_metadata(Some(StrBytes::from_string("m".repeat(metadata))))
+    };
+    // A commit outside group management (generation -1), as kcat and admin tools make.
+    let commit = OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("g")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![
+            OffsetCommitRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("t")))
+                .with_partitions(vec![part(0, 5, max), part(1, 7, max + 1)]),
+        ]);
+    let r: OffsetCommitResponse = call(&mut s, ApiKey::OffsetCommit, 8, &commit).await;
+    let codes: Vec<i16> = r.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.error_code)
+        .collect();
+    assert_eq!(
+        codes,
+        [0, 12],
+        "OFFSET_METADATA_TOO_LARGE for the second only"
+    );
+    let fetch = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("g")))
+        .with_topics(Some(vec![
+            OffsetFetchRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("t")))
+                .with_partition_indexes(vec![0, 1]),
+        ]));
+    let r: OffsetFetchResponse = call(&mut s, ApiKey::OffsetFetch, 7, &fetch).await;
+    let got: Vec<(i64, usize)> = r.topics[0]
+        .partitions
+        .iter()
+        .map(|p| {
+            (
+                p.committed_offset,
+                p.metadata.as_ref().map_or(0, |m| m.len()),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(5, max), (-1, 0)]);
+}
+
 /// One v2 batch of `values`, compressed with `compression`, as a Kafka producer sends it.
 fn compressed_batch(values: &[Vec<u8>], compression: Compression) -> Vec<u8> {
     let records: Vec<Record> = values

@@ -30,6 +30,9 @@ impl LimitedListener {
 pub struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    /// An answer of hyper's own given a problem+json body (see [`with_problem_body`]), and how
+    /// much of it was written.
+    rewritten: Option<(Vec<u8>, usize)>,
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -51,6 +54,7 @@ impl axum::serve::Listener for LimitedListener {
                         LimitedStream {
                             stream,
                             _permit: permit,
+                            rewritten: None,
                         },
                         addr,
                     );
@@ -79,20 +83,100 @@ impl AsyncRead for LimitedStream {
     }
 }
 
+/// hyper answers a request it cannot parse by itself, before any handler runs: a head over its
+/// size limits (`431`), a URI too long for it (`414`) or a malformed request (`400`), each with an
+/// empty body and the connection closed. Such an answer, written as one response head, is given
+/// the problem+json body every other error of the API has; `None` for anything else.
+fn with_problem_body(head: &[u8]) -> Option<Vec<u8>> {
+    let (status, kind, detail) = match head.get(..13)? {
+        b"HTTP/1.1 400 " => (400, "bad-request", "the request is not valid HTTP/1.1"),
+        b"HTTP/1.1 414 " => (414, "uri-too-long", "the request's URI is too long"),
+        b"HTTP/1.1 431 " => (
+            431,
+            "headers-too-large",
+            "the request's headers are too large or too many",
+        ),
+        _ => return None,
+    };
+    let text = std::str::from_utf8(head).ok()?;
+    let lines: Vec<&str> = text.strip_suffix("\r\n\r\n")?.split("\r\n").collect();
+    let has = |line: &str| lines.iter().any(|l| l.eq_ignore_ascii_case(line));
+    if !has("content-length: 0") || !has("connection: close") {
+        return None;
+    }
+    let code = axum::http::StatusCode::from_u16(status).expect("a valid status");
+    let body = serde_json::json!({
+        "type": format!("urn:spate:problem:{kind}"),
+        "title": code.canonical_reason().unwrap_or("Error"),
+        "status": status,
+        "detail": detail,
+    })
+    .to_string();
+    let mut out = String::with_capacity(text.len() + body.len() + 64);
+    for line in lines {
+        if line.eq_ignore_ascii_case("content-length: 0") {
+            out.push_str(&format!(
+                "content-type: application/problem+json\r\ncontent-length: {}\r\n",
+                body.len()
+            ));
+        } else {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    Some(out.into_bytes())
+}
+
+impl LimitedStream {
+    /// Writes what is left of a rewritten answer.
+    fn poll_rewritten(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, at)) = &mut self.rewritten {
+            let n = std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, &bytes[*at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *at += n;
+            if *at == bytes.len() {
+                self.rewritten = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `head` as written when it is one of hyper's own answers, writing the rewritten one
+    /// in its place (the rest of it on later writes, flushes or the shutdown).
+    fn take_rewritten(&mut self, cx: &mut Context<'_>, head: &[u8]) -> Option<io::Result<usize>> {
+        let bytes = with_problem_body(head)?;
+        self.rewritten = Some((bytes, 0));
+        match self.poll_rewritten(cx) {
+            Poll::Ready(Err(e)) => Some(Err(e)),
+            _ => Some(Ok(head.len())),
+        }
+    }
+}
+
 impl AsyncWrite for LimitedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_rewritten(cx))?;
+        if let Some(r) = self.take_rewritten(cx, buf) {
+            return Poll::Ready(r);
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_rewritten(cx))?;
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_rewritten(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
@@ -101,10 +185,48 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_rewritten(cx))?;
+        // hyper's own answers are a response head alone, in one slice.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(head), None) = (filled.next(), filled.next())
+            && let Some(r) = self.take_rewritten(cx, head)
+        {
+            return Poll::Ready(r);
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_problem_body;
+
+    #[test]
+    fn only_hypers_own_empty_answers_get_a_problem_body() {
+        let head = "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Sun, 29 Nov 2026 14:13:18 GMT\r\n\r\n";
+        let out = String::from_utf8(with_problem_body(head.as_bytes()).unwrap()).unwrap();
+        let (new_head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(new_head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        assert!(new_head.contains("\r\ncontent-type: application/problem+json\r\n"));
+        assert!(new_head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
+        assert!(new_head.contains("\r\nconnection: close\r\n"));
+        assert!(new_head.ends_with("date: Sun, 29 Nov 2026 14:13:18 GMT"));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["status"], 431);
+        assert_eq!(v["type"], "urn:spate:problem:headers-too-large");
+        // Answers with a body, kept connections, other statuses and partial heads are left alone.
+        for other in [
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 12\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\n",
+        ] {
+            assert!(with_problem_body(other.as_bytes()).is_none(), "{other}");
+        }
     }
 }

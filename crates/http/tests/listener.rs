@@ -1,0 +1,92 @@
+//! Requests the HTTP server refuses before any handler runs, over raw loopback TCP: they get
+//! problem details like every other error, and the server goes on serving.
+
+mod common;
+
+use common::start;
+use serde_json::Value;
+use spate_http::push::PushLimits;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `request` on a new connection and reads the answer until the server closes it.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may answer (and close) before it has read all of an oversized request.
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection");
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
+    let status = head[9..12].parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or_default()
+        .to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len(), "{head}");
+    (status, content_type, serde_json::from_str(body).unwrap())
+}
+
+#[tokio::test]
+async fn requests_the_http_layer_refuses_get_problem_details() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    let big_header = format!(
+        "GET /v1/topics HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
+    let many_headers = format!(
+        "GET /v1/topics HTTP/1.1\r\nhost: x\r\n{}\r\n",
+        (0..200)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let long_uri = format!(
+        "GET /v1/topics/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let bad_length =
+        "GET /v1/topics HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n".to_string();
+    for (request, status, kind) in [
+        (big_header, 431, "headers-too-large"),
+        (many_headers, 431, "headers-too-large"),
+        (long_uri, 414, "uri-too-long"),
+        (bad_length, 400, "bad-request"),
+    ] {
+        let (got, content_type, body) = exchange(server.addr, request.as_bytes()).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(content_type, "application/problem+json");
+        assert_eq!(body["status"], status);
+        assert_eq!(body["type"], format!("urn:spate:problem:{kind}"));
+        assert!(
+            body["detail"].as_str().unwrap().contains("request"),
+            "{body}"
+        );
+    }
+    // Errors of handlers are untouched, and the server still serves.
+    let (got, content_type, body) = exchange(
+        server.addr,
+        b"GET /v1/topics/nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (got, content_type.as_str()),
+        (404, "application/problem+json")
+    );
+    assert_eq!(body["type"], "urn:spate:problem:topic-not-found");
+    let (got, _, body) = exchange(
+        server.addr,
+        b"GET /v1/topics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(got, 200, "{body}");
+}

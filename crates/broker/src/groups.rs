@@ -303,7 +303,23 @@ struct StoredOffset {
     committed: Committed,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     topic_created_ms: Option<i64>,
+    /// When the offset was committed (ms since the epoch), kept as it is when [`Coordinator::
+    /// maintain`] writes the offset again. Absent in records written before it was kept: their
+    /// record's timestamp is the commit time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    committed_ms: Option<i64>,
 }
+
+/// How long the offsets of a group without members are kept after their commit (Kafka's
+/// `offsets.retention.minutes`, 7 days).
+pub const OFFSETS_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How often [`Coordinator::maintain`] writes the offsets again when some were committed since.
+const OFFSETS_REWRITE_MS: i64 = 3600 * 1000;
+/// How often it writes them again in any case: well within the offsets topic's retention, so
+/// that retention never removes the last record of an offset that still counts.
+const OFFSETS_REWRITE_IDLE_MS: i64 = 24 * 3600 * 1000;
+/// Records per batch when offsets are written again.
+const REWRITE_BATCH_RECORDS: usize = 1000;
 
 #[derive(Serialize, Deserialize)]
 struct OffsetKey {
@@ -346,11 +362,27 @@ struct State {
     offsets: HashMap<(String, String, u32), StoredOffset>,
 }
 
+/// What [`Coordinator::maintain`] keeps between runs.
+struct Upkeep {
+    /// When offsets were last written again (ms).
+    last_ms: i64,
+    /// Whether any were committed since.
+    committed: bool,
+    /// Groups holding offsets seen without members, and since when (the first time seen so:
+    /// after a restart every group is without members until its consumers join again).
+    empty_since: HashMap<String, i64>,
+}
+
 pub struct Coordinator {
     log: Arc<Log>,
     offsets_log: Arc<Partition>,
     offsets_config: TopicConfig,
     state: Mutex<State>,
+    /// Held (shared) by commits from their append until their offsets are in `state`, and
+    /// (exclusively) by [`Coordinator::maintain`] while it writes the offsets again: a rewrite
+    /// must not write an offset older than one appended before it.
+    commits: tokio::sync::RwLock<()>,
+    rewritten: Mutex<Upkeep>,
     /// How long a rebalance of an empty group waits for more members before it completes.
     initial_delay: Duration,
 }
@@ -392,17 +424,25 @@ impl Coordinator {
                 let records = batch::decode(&bytes[at..at + h.total_bytes() as usize])
                     .map_err(spate_log::Error::from)?;
                 for r in records {
-                    let (Some(k), Some(v)) = (&r.key, &r.value) else {
+                    let Some(k) = &r.key else {
                         continue;
                     };
-                    match (
-                        serde_json::from_slice::<OffsetKey>(k),
-                        serde_json::from_slice::<StoredOffset>(v),
-                    ) {
-                        (Ok(k), Ok(c)) => {
-                            offsets.insert((k.group, k.topic, k.partition), c);
+                    let Ok(k) = serde_json::from_slice::<OffsetKey>(k) else {
+                        tracing::warn!(offset = r.offset, "skipping an unreadable offset key");
+                        continue;
+                    };
+                    let key = (k.group, k.topic, k.partition);
+                    // No value: the offset expired.
+                    let Some(v) = &r.value else {
+                        offsets.remove(&key);
+                        continue;
+                    };
+                    match serde_json::from_slice::<StoredOffset>(v) {
+                        Ok(mut c) => {
+                            c.committed_ms.get_or_insert(r.timestamp_ms);
+                            offsets.insert(key, c);
                         }
-                        _ => tracing::warn!(
+                        Err(_) => tracing::warn!(
                             offset = r.offset,
                             "skipping an unreadable offset commit record"
                         ),
@@ -419,6 +459,12 @@ impl Coordinator {
             state: Mutex::new(State {
                 groups: HashMap::new(),
                 offsets,
+            }),
+            commits: tokio::sync::RwLock::new(()),
+            rewritten: Mutex::new(Upkeep {
+                last_ms: now_ms,
+                committed: false,
+                empty_since: HashMap::new(),
             }),
             initial_delay,
         })
@@ -742,6 +788,7 @@ impl Coordinator {
             let c = StoredOffset {
                 committed: c,
                 topic_created_ms: Some(created),
+                committed_ms: Some(now_ms),
             };
             results.push(Ok(()));
             let key = OffsetKey {
@@ -758,6 +805,7 @@ impl Coordinator {
             accepted.push(((group_id.to_string(), topic, partition), c));
         }
         if let Some(mut bytes) = batch::encode(&records) {
+            let _writing = self.commits.read().await;
             let p = self.offsets_log.clone();
             let config = self.offsets_config.clone();
             let appended =
@@ -777,8 +825,107 @@ impl Coordinator {
             for (k, c) in accepted {
                 state.offsets.insert(k, c);
             }
+            self.upkeep().committed = true;
         }
         Ok(results)
+    }
+
+    fn upkeep(&self) -> MutexGuard<'_, Upkeep> {
+        self.rewritten.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the offsets topic small and its records young, as Kafka's compaction and offset
+    /// expiry do: when due (hourly after commits, daily in any case) or `force`d, writes every
+    /// offset that still counts again, a removal for each that expired or whose topic was
+    /// deleted, and then deletes the segments wholly before what it wrote. An offset expires
+    /// when it was committed more than [`OFFSETS_RETENTION_MS`] ago and its group has been
+    /// seen without members for as long. Returns the offsets written again, `None` when not due.
+    pub async fn maintain(
+        &self,
+        now_ms: i64,
+        force: bool,
+    ) -> Result<Option<usize>, crate::BrokerError> {
+        {
+            let u = self.upkeep();
+            let age = now_ms.saturating_sub(u.last_ms);
+            let due = (u.committed && age >= OFFSETS_REWRITE_MS) || age >= OFFSETS_REWRITE_IDLE_MS;
+            if !force && !due {
+                return Ok(None);
+            }
+        }
+        let _exclusive = self.commits.write().await;
+        let (records, kept) = {
+            let mut state = self.lock();
+            let mut upkeep = self.upkeep();
+            let State { groups, offsets } = &mut *state;
+            let empty_since = &mut upkeep.empty_since;
+            let with_offsets: std::collections::HashSet<&String> =
+                offsets.keys().map(|(g, _, _)| g).collect();
+            empty_since.retain(|g, _| with_offsets.contains(g));
+            for g in with_offsets {
+                if groups.get(g).is_some_and(|g| !g.members.is_empty()) {
+                    empty_since.remove(g);
+                } else {
+                    empty_since.entry(g.clone()).or_insert(now_ms);
+                }
+            }
+            let mut records = Vec::with_capacity(offsets.len());
+            let mut gone = Vec::new();
+            for (k, s) in offsets.iter() {
+                let (group, topic, _) = k;
+                let old = |since: i64| now_ms.saturating_sub(since) > OFFSETS_RETENTION_MS;
+                let expired = empty_since.get(group).is_some_and(|&t| old(t))
+                    && old(s.committed_ms.unwrap_or(now_ms));
+                let key = serde_json::to_vec(&OffsetKey {
+                    group: k.0.clone(),
+                    topic: k.1.clone(),
+                    partition: k.2,
+                })
+                .expect("keys serialize");
+                let value = if expired || self.current(topic, s).is_none() {
+                    gone.push(k.clone());
+                    None
+                } else {
+                    Some(serde_json::to_vec(s).expect("offsets serialize"))
+                };
+                records.push(NewRecord {
+                    timestamp_ms: now_ms,
+                    key: Some(key),
+                    value,
+                    headers: Vec::new(),
+                });
+            }
+            for k in gone {
+                offsets.remove(&k);
+            }
+            (records, offsets.len())
+        };
+        let mut first = None;
+        for chunk in records.chunks(REWRITE_BATCH_RECORDS) {
+            let mut bytes = batch::encode(chunk).expect("a chunk is never empty");
+            let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
+            let appended =
+                tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config))
+                    .await
+                    .map_err(|e| crate::BrokerError::Internal(e.to_string()))??;
+            first.get_or_insert(appended.base_offset);
+        }
+        let from = first.unwrap_or_else(|| self.offsets_log.log_end_offset());
+        let p = self.offsets_log.clone();
+        let deleted = tokio::task::spawn_blocking(move || p.delete_before(from))
+            .await
+            .map_err(|e| crate::BrokerError::Internal(e.to_string()))??;
+        {
+            let mut u = self.upkeep();
+            u.last_ms = now_ms;
+            u.committed = false;
+        }
+        tracing::debug!(
+            offsets = kept,
+            segments_deleted = deleted,
+            "committed offsets written again"
+        );
+        Ok(Some(kept))
     }
 
     /// The committed offset of a stored one, unless committed for a topic of the name deleted
@@ -934,6 +1081,94 @@ mod tests {
             .unwrap();
         }
         Coordinator::open(log, delay, 0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn offsets_written_again_outlive_retention_and_expire_without_members() {
+        let disk = MemStorage::new();
+        // Small segments, so that commits fill several and retention has some to drop.
+        let open = |disk: &MemStorage, now_ms: i64| {
+            let log = Arc::new(
+                Log::open(
+                    Arc::new(disk.clone()),
+                    std::path::Path::new("/d"),
+                    LogConfig::default(),
+                )
+                .unwrap(),
+            );
+            if log.topic("t").is_err() {
+                log.create_topic("t", TopicConfig::default(), 0).unwrap();
+                let config = TopicConfig {
+                    partitions: 1,
+                    retention_ms: Some(OFFSETS_RETENTION_MS as u64),
+                    segment_bytes: 4096,
+                    max_message_bytes: 4096,
+                    ..TopicConfig::default()
+                };
+                log.create_topic(OFFSETS_TOPIC, config, 0).unwrap();
+            }
+            (
+                Coordinator::open(log.clone(), Duration::ZERO, now_ms).unwrap(),
+                log,
+            )
+        };
+        let now_ms = crate::now_ms();
+        let (c, log) = open(&disk, now_ms);
+        let t0 = Instant::now();
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let commit = |offset| {
+            vec![(
+                "t".to_string(),
+                0,
+                Committed {
+                    offset,
+                    leader_epoch: -1,
+                    metadata: None,
+                },
+            )]
+        };
+        // "g" has a member; "idle" commits outside group management and has none.
+        for i in 0..100 {
+            c.commit("g", 1, &a.member_id, commit(i), t0).await.unwrap();
+        }
+        c.commit("idle", -1, "", commit(3), t0).await.unwrap();
+        let offsets = c.offsets_log.clone();
+        let segments = |p: &Partition| p.info().segments;
+        assert!(segments(&offsets) > 2, "commits fill several segments");
+        // Not due yet: commits came within the hour.
+        assert_eq!(c.maintain(now_ms + 1000, false).await.unwrap(), None);
+
+        // A day on, both are written again; "idle" is seen without members from now on.
+        let day = 24 * 3600 * 1000;
+        assert_eq!(c.maintain(now_ms + day, false).await.unwrap(), Some(2));
+        // Eight days on: what still counts is written again, the rest removed.
+        let later = now_ms + 8 * day + 2000;
+        assert_eq!(c.maintain(later, false).await.unwrap(), Some(1));
+        let got = c.fetch_offsets("g", None);
+        assert_eq!(got[0].1[0].1.as_ref().map(|c| c.offset), Some(99));
+        assert!(c.fetch_offsets("idle", None).is_empty());
+        assert_eq!(
+            segments(&offsets),
+            1,
+            "segments before the rewrite are deleted"
+        );
+        // Retention a day later removes nothing that counts; neither does a restart.
+        log.apply_retention(later + 24 * 3600 * 1000).unwrap();
+        drop((c, log, offsets));
+        let (c, _log) = open(&disk.restart(spate_log::mem::Unsynced::Drop), later);
+        let got = c.fetch_offsets("g", None);
+        assert_eq!(got[0].1[0].1.as_ref().map(|c| c.offset), Some(99));
+        assert!(c.fetch_offsets("idle", None).is_empty());
+        // After the restart "g" has no members: its offset is kept for seven days from then,
+        // then expires (it was committed long before; the rewrites kept its commit time).
+        assert_eq!(c.maintain(later + 1000, true).await.unwrap(), Some(1));
+        assert_eq!(c.maintain(later + 7 * day, true).await.unwrap(), Some(1));
+        assert_eq!(
+            c.maintain(later + 7 * day + 2000, true).await.unwrap(),
+            Some(0)
+        );
+        assert!(c.fetch_offsets("g", None).is_empty());
     }
 
     fn join(c: &Coordinator, member: &str, now: Instant) -> oneshot::Receiver<JoinResult> {

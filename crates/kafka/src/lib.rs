@@ -69,11 +69,19 @@ pub async fn run_coordinator_clock(
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Committed offsets are written again when due (see `Coordinator::maintain`).
+    let mut upkeep = tokio::time::interval(std::time::Duration::from_secs(60));
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => coordinator.tick(std::time::Instant::now()),
+            _ = upkeep.tick() => {
+                if let Err(e) = coordinator.maintain(spate_broker::now_ms(), false).await {
+                    tracing::warn!(error = %e, "writing committed offsets again failed");
+                }
+            }
         }
     }
 }

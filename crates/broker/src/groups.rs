@@ -47,6 +47,8 @@ pub enum GroupError {
     InvalidGroupId,
     /// A committed offset's metadata is longer than [`OFFSET_METADATA_MAX`].
     OffsetMetadataTooLarge,
+    /// The group has members: it cannot be deleted.
+    NonEmptyGroup,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -830,6 +832,71 @@ impl Coordinator {
         Ok(results)
     }
 
+    /// DeleteGroups: removes a group without members and its committed offsets, durably.
+    pub async fn delete_group(&self, group_id: &str) -> Result<(), GroupError> {
+        if group_id.is_empty() {
+            return Err(GroupError::InvalidGroupId);
+        }
+        let _writing = self.commits.read().await;
+        let keys: Vec<(String, String, u32)> = {
+            let state = self.lock();
+            let group = state.groups.get(group_id);
+            if group.is_some_and(|g| !g.members.is_empty()) {
+                return Err(GroupError::NonEmptyGroup);
+            }
+            let keys: Vec<_> = state
+                .offsets
+                .keys()
+                .filter(|(g, _, _)| g == group_id)
+                .cloned()
+                .collect();
+            if keys.is_empty() && group.is_none() {
+                return Err(GroupError::GroupIdNotFound);
+            }
+            keys
+        };
+        let now_ms = crate::now_ms();
+        let removals: Vec<NewRecord> = keys
+            .iter()
+            .map(|(group, topic, partition)| NewRecord {
+                timestamp_ms: now_ms,
+                key: Some(
+                    serde_json::to_vec(&OffsetKey {
+                        group: group.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                    })
+                    .expect("keys serialize"),
+                ),
+                value: None,
+                headers: Vec::new(),
+            })
+            .collect();
+        for chunk in removals.chunks(REWRITE_BATCH_RECORDS) {
+            let mut bytes = batch::encode(chunk).expect("a chunk is never empty");
+            let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
+            let appended =
+                tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config)).await;
+            if !matches!(appended, Ok(Ok(_))) {
+                tracing::error!(group = group_id, "failed to store the deletion of a group");
+                return Err(GroupError::CoordinatorNotAvailable);
+            }
+        }
+        let mut state = self.lock();
+        // A member may have joined meanwhile: its group stays, without the offsets.
+        for k in &keys {
+            state.offsets.remove(k);
+        }
+        if state
+            .groups
+            .get(group_id)
+            .is_some_and(|g| g.members.is_empty())
+        {
+            state.groups.remove(group_id);
+        }
+        Ok(())
+    }
+
     fn upkeep(&self) -> MutexGuard<'_, Upkeep> {
         self.rewritten.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1169,6 +1236,52 @@ mod tests {
             Some(0)
         );
         assert!(c.fetch_offsets("g", None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_group_is_deleted_only_without_members_and_stays_deleted() {
+        let disk = MemStorage::new();
+        let c = coordinator(&disk);
+        let t0 = Instant::now();
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let commit = vec![(
+            "t".to_string(),
+            1,
+            Committed {
+                offset: 4,
+                leader_epoch: -1,
+                metadata: None,
+            },
+        )];
+        c.commit("g", 1, &a.member_id, commit.clone(), t0)
+            .await
+            .unwrap();
+        c.commit("idle", -1, "", commit, t0).await.unwrap();
+        assert_eq!(c.delete_group("g").await, Err(GroupError::NonEmptyGroup));
+        assert_eq!(
+            c.delete_group("nope").await,
+            Err(GroupError::GroupIdNotFound)
+        );
+        assert_eq!(c.delete_group("").await, Err(GroupError::InvalidGroupId));
+        assert_eq!(c.delete_group("idle").await, Ok(()));
+        assert!(c.fetch_offsets("idle", None).is_empty());
+        assert!(c.describe("idle").is_none());
+        assert_eq!(
+            c.delete_group("idle").await,
+            Err(GroupError::GroupIdNotFound)
+        );
+        // Once its member left, "g" goes too; neither comes back after a restart.
+        assert_eq!(
+            c.leave("g", std::slice::from_ref(&a.member_id), t0),
+            vec![Ok(())]
+        );
+        assert_eq!(c.delete_group("g").await, Ok(()));
+        drop(c);
+        let c = coordinator(&disk.restart(spate_log::mem::Unsynced::Drop));
+        assert!(c.fetch_offsets("g", None).is_empty());
+        assert!(c.fetch_offsets("idle", None).is_empty());
+        assert!(c.list().is_empty());
     }
 
     fn join(c: &Coordinator, member: &str, now: Instant) -> oneshot::Receiver<JoinResult> {

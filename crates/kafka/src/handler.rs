@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
+use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
@@ -38,6 +39,7 @@ use kafka_protocol::messages::{
     ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
     RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
 };
+use kafka_protocol::messages::{DeleteGroupsRequest, DeleteGroupsResponse};
 use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::messages::{
     DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse,
@@ -83,6 +85,7 @@ pub mod code {
     pub const UNKNOWN_MEMBER_ID: i16 = 25;
     pub const INVALID_SESSION_TIMEOUT: i16 = 26;
     pub const REBALANCE_IN_PROGRESS: i16 = 27;
+    pub const NON_EMPTY_GROUP: i16 = 68;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
     pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
@@ -104,6 +107,7 @@ fn group_code(e: GroupError) -> i16 {
         GroupError::GroupIdNotFound => code::GROUP_ID_NOT_FOUND,
         GroupError::InvalidGroupId => code::INVALID_GROUP_ID,
         GroupError::OffsetMetadataTooLarge => code::OFFSET_METADATA_TOO_LARGE,
+        GroupError::NonEmptyGroup => code::NON_EMPTY_GROUP,
     }
 }
 
@@ -135,6 +139,7 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::DeleteGroups, 0, 2),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -322,6 +327,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(describe_groups(ctx, r)),
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(ctx, r)),
         RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(describe_configs(ctx, r)),
+        RequestKind::DeleteGroups(r) => ResponseKind::DeleteGroups(delete_groups(ctx, r).await),
         other => bail!("request {other:?} passed the version check but has no handler"),
     };
     Ok(Reply::Ready(encode_response(
@@ -1262,6 +1268,22 @@ fn offset_fetch(ctx: &Context, r: OffsetFetchRequest, version: i16) -> OffsetFet
     )
 }
 
+async fn delete_groups(ctx: &Context, r: DeleteGroupsRequest) -> DeleteGroupsResponse {
+    let mut results = Vec::with_capacity(r.groups_names.len());
+    for id in r.groups_names {
+        let code = match ctx.coordinator.delete_group(id.0.as_str()).await {
+            Ok(()) => code::NONE,
+            Err(e) => group_code(e),
+        };
+        results.push(
+            DeletableGroupResult::default()
+                .with_group_id(id)
+                .with_error_code(code),
+        );
+    }
+    DeleteGroupsResponse::default().with_results(results)
+}
+
 fn list_groups(ctx: &Context) -> ListGroupsResponse {
     ListGroupsResponse::default().with_groups(
         ctx.coordinator
@@ -1499,6 +1521,7 @@ mod tests {
                 ApiKey::DescribeConfigs => {
                     kafka_protocol::messages::DescribeConfigsRequest::VERSIONS
                 }
+                ApiKey::DeleteGroups => kafka_protocol::messages::DeleteGroupsRequest::VERSIONS,
                 other => panic!("{other:?} has no range check"),
             };
             assert!(range.min <= *lo && *hi <= range.max, "{key:?}");

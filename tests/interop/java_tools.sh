@@ -32,19 +32,22 @@ got=$(grep "^k" "$LOG/consumed" | sort | tr '\n' ' ')
 want=$(seq 1 300 | sed 's/^\(.*\)$/k\1:v\1/' | sort | tr '\n' ' ')
 [ "$got" = "$want" ] || { echo "console consumer read back something else"; exit 1; }
 echo "console producer and consumer: 300 keyed records round-tripped"
-# The consumer group command: list, describe, reset the offsets, delete.
+# The consumer group command: list, describe, reset the offsets, delete some, delete the group.
 G=org.apache.kafka.tools.consumer.group.ConsumerGroupCommand
 J $G --bootstrap-server "$BS" --list | grep -qx java-console
 lag() { J $G --bootstrap-server "$BS" --describe --group java-console | awk '$1 == "java-console" { s += $6 } END { print s + 0 }'; }
 [ "$(lag)" = 0 ] || { echo "the group has lag after reading everything"; exit 1; }
 J $G --bootstrap-server "$BS" --reset-offsets --to-earliest --execute --group java-console --topic java > /dev/null
 [ "$(lag)" = 300 ] || { echo "offsets reset to the earliest do not show 300 records of lag"; exit 1; }
+J $G --bootstrap-server "$BS" --delete-offsets --group java-console --topic java:0 | grep -q "^java *0 *Successful"
+partitions=$(J $G --bootstrap-server "$BS" --describe --group java-console | awk '$1 == "java-console" { print $3 }' | sort | tr '\n' ' ')
+[ "$partitions" = "1 2 " ] || { echo "offsets left after deleting partition 0's: $partitions"; exit 1; }
 J $G --bootstrap-server "$BS" --delete --group java-console | grep -q "was successful"
 if J $G --bootstrap-server "$BS" --list | grep -qx java-console; then echo "a deleted group is listed"; exit 1; fi
 if J $G --bootstrap-server "$BS" --delete --group java-console 2>&1 | grep -q "was successful"; then
   echo "a group deleted twice"; exit 1
 fi
-echo "consumer group command: described, reset, deleted"
+echo "consumer group command: described, reset, offsets deleted, group deleted"
 # The perf tools (idempotent producer by default in 4.x; consumer in a group).
 J org.apache.kafka.tools.ProducerPerformance --topic java --num-records 50000 --record-size 512 \
   --throughput -1 --producer-props bootstrap.servers="$BS" acks=all | tail -1 | tee "$LOG/p"

@@ -49,6 +49,8 @@ pub enum GroupError {
     OffsetMetadataTooLarge,
     /// The group has members: it cannot be deleted.
     NonEmptyGroup,
+    /// The group has members, which may read the topic: its offsets cannot be deleted.
+    GroupSubscribedToTopic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -855,6 +857,84 @@ impl Coordinator {
             }
             keys
         };
+        self.remove_offsets(group_id, &keys).await?;
+        let mut state = self.lock();
+        // A member may have joined meanwhile: its group stays, without the offsets.
+        for k in &keys {
+            state.offsets.remove(k);
+        }
+        if state
+            .groups
+            .get(group_id)
+            .is_some_and(|g| g.members.is_empty())
+        {
+            state.groups.remove(group_id);
+        }
+        Ok(())
+    }
+
+    /// OffsetDelete: removes committed offsets of a group without members, durably; per
+    /// partition, `Ok` also for one without an offset.
+    #[allow(clippy::type_complexity)]
+    pub async fn delete_offsets(
+        &self,
+        group_id: &str,
+        topics: Vec<(String, Vec<u32>)>,
+    ) -> Result<Vec<(String, Vec<(u32, Result<(), GroupError>)>)>, GroupError> {
+        if group_id.is_empty() {
+            return Err(GroupError::InvalidGroupId);
+        }
+        let _writing = self.commits.read().await;
+        let mut keys = Vec::new();
+        let results = {
+            let state = self.lock();
+            let group = state.groups.get(group_id);
+            if group.is_none() && !state.offsets.keys().any(|(g, _, _)| g == group_id) {
+                return Err(GroupError::GroupIdNotFound);
+            }
+            let active = group.is_some_and(|g| !g.members.is_empty());
+            topics
+                .into_iter()
+                .map(|(topic, partitions)| {
+                    let known = self.log.topic(&topic).ok();
+                    let results = partitions
+                        .into_iter()
+                        .map(|p| {
+                            let result = match &known {
+                                Some(t) if p < t.config.partitions => {
+                                    if active {
+                                        Err(GroupError::GroupSubscribedToTopic)
+                                    } else {
+                                        let k = (group_id.to_string(), topic.clone(), p);
+                                        if state.offsets.contains_key(&k) {
+                                            keys.push(k);
+                                        }
+                                        Ok(())
+                                    }
+                                }
+                                _ => Err(GroupError::UnknownTopicOrPartition),
+                            };
+                            (p, result)
+                        })
+                        .collect();
+                    (topic, results)
+                })
+                .collect()
+        };
+        self.remove_offsets(group_id, &keys).await?;
+        let mut state = self.lock();
+        for k in &keys {
+            state.offsets.remove(k);
+        }
+        Ok(results)
+    }
+
+    /// Writes a removal record for each key (the caller holds `commits`).
+    async fn remove_offsets(
+        &self,
+        group_id: &str,
+        keys: &[(String, String, u32)],
+    ) -> Result<(), GroupError> {
         let now_ms = crate::now_ms();
         let removals: Vec<NewRecord> = keys
             .iter()
@@ -878,21 +958,9 @@ impl Coordinator {
             let appended =
                 tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config)).await;
             if !matches!(appended, Ok(Ok(_))) {
-                tracing::error!(group = group_id, "failed to store the deletion of a group");
+                tracing::error!(group = group_id, "failed to store removed offsets");
                 return Err(GroupError::CoordinatorNotAvailable);
             }
-        }
-        let mut state = self.lock();
-        // A member may have joined meanwhile: its group stays, without the offsets.
-        for k in &keys {
-            state.offsets.remove(k);
-        }
-        if state
-            .groups
-            .get(group_id)
-            .is_some_and(|g| g.members.is_empty())
-        {
-            state.groups.remove(group_id);
         }
         Ok(())
     }
@@ -1259,11 +1327,47 @@ mod tests {
             .unwrap();
         c.commit("idle", -1, "", commit, t0).await.unwrap();
         assert_eq!(c.delete_group("g").await, Err(GroupError::NonEmptyGroup));
+        // Offsets go one by one only from groups without members.
+        let t1 = || vec![("t".to_string(), vec![1]), ("nope".to_string(), vec![0])];
+        let results = c.delete_offsets("g", t1()).await.unwrap();
+        assert_eq!(
+            results[0].1,
+            vec![(1, Err(GroupError::GroupSubscribedToTopic))]
+        );
+        assert_eq!(
+            results[1].1,
+            vec![(0, Err(GroupError::UnknownTopicOrPartition))]
+        );
+        assert_eq!(
+            c.delete_offsets("nope", t1()).await,
+            Err(GroupError::GroupIdNotFound)
+        );
         assert_eq!(
             c.delete_group("nope").await,
             Err(GroupError::GroupIdNotFound)
         );
         assert_eq!(c.delete_group("").await, Err(GroupError::InvalidGroupId));
+        c.commit(
+            "idle",
+            -1,
+            "",
+            vec![(
+                "t".to_string(),
+                2,
+                Committed {
+                    offset: 8,
+                    leader_epoch: -1,
+                    metadata: None,
+                },
+            )],
+            t0,
+        )
+        .await
+        .unwrap();
+        let results = c.delete_offsets("idle", t1()).await.unwrap();
+        assert_eq!(results[0].1, vec![(1, Ok(()))]);
+        let left = c.fetch_offsets("idle", None);
+        assert_eq!(left[0].1.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [2]);
         assert_eq!(c.delete_group("idle").await, Ok(()));
         assert!(c.fetch_offsets("idle", None).is_empty());
         assert!(c.describe("idle").is_none());

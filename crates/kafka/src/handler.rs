@@ -28,6 +28,9 @@ use kafka_protocol::messages::metadata_response::{
 use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
 };
+use kafka_protocol::messages::offset_delete_response::{
+    OffsetDeleteResponsePartition, OffsetDeleteResponseTopic,
+};
 use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
@@ -48,6 +51,7 @@ use kafka_protocol::messages::{
     OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
 };
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
+use kafka_protocol::messages::{OffsetDeleteRequest, OffsetDeleteResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use spate_broker::compressed::CompressedError;
 use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
@@ -88,6 +92,7 @@ pub mod code {
     pub const NON_EMPTY_GROUP: i16 = 68;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
     pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
+    pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
@@ -108,6 +113,7 @@ fn group_code(e: GroupError) -> i16 {
         GroupError::InvalidGroupId => code::INVALID_GROUP_ID,
         GroupError::OffsetMetadataTooLarge => code::OFFSET_METADATA_TOO_LARGE,
         GroupError::NonEmptyGroup => code::NON_EMPTY_GROUP,
+        GroupError::GroupSubscribedToTopic => code::GROUP_SUBSCRIBED_TO_TOPIC,
     }
 }
 
@@ -140,6 +146,7 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -328,6 +335,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(ctx, r)),
         RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(describe_configs(ctx, r)),
         RequestKind::DeleteGroups(r) => ResponseKind::DeleteGroups(delete_groups(ctx, r).await),
+        RequestKind::OffsetDelete(r) => ResponseKind::OffsetDelete(offset_delete(ctx, r).await),
         other => bail!("request {other:?} passed the version check but has no handler"),
     };
     Ok(Reply::Ready(encode_response(
@@ -1284,6 +1292,49 @@ async fn delete_groups(ctx: &Context, r: DeleteGroupsRequest) -> DeleteGroupsRes
     DeleteGroupsResponse::default().with_results(results)
 }
 
+async fn offset_delete(ctx: &Context, r: OffsetDeleteRequest) -> OffsetDeleteResponse {
+    let topics = r
+        .topics
+        .iter()
+        .map(|t| {
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| u32::try_from(p.partition_index).unwrap_or(u32::MAX))
+                .collect();
+            (name_of(&t.name).to_string(), partitions)
+        })
+        .collect();
+    match ctx
+        .coordinator
+        .delete_offsets(r.group_id.0.as_str(), topics)
+        .await
+    {
+        Err(e) => OffsetDeleteResponse::default().with_error_code(group_code(e)),
+        Ok(results) => OffsetDeleteResponse::default().with_topics(
+            results
+                .into_iter()
+                .map(|(topic, partitions)| {
+                    OffsetDeleteResponseTopic::default()
+                        .with_name(TopicName(str_bytes(&topic)))
+                        .with_partitions(
+                            partitions
+                                .into_iter()
+                                .map(|(p, result)| {
+                                    OffsetDeleteResponsePartition::default()
+                                        .with_partition_index(i32::try_from(p).unwrap_or(i32::MAX))
+                                        .with_error_code(
+                                            result.err().map_or(code::NONE, group_code),
+                                        )
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        ),
+    }
+}
+
 fn list_groups(ctx: &Context) -> ListGroupsResponse {
     ListGroupsResponse::default().with_groups(
         ctx.coordinator
@@ -1522,6 +1573,7 @@ mod tests {
                     kafka_protocol::messages::DescribeConfigsRequest::VERSIONS
                 }
                 ApiKey::DeleteGroups => kafka_protocol::messages::DeleteGroupsRequest::VERSIONS,
+                ApiKey::OffsetDelete => kafka_protocol::messages::OffsetDeleteRequest::VERSIONS,
                 other => panic!("{other:?} has no range check"),
             };
             assert!(range.min <= *lo && *hi <= range.max, "{key:?}");

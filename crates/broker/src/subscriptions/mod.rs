@@ -252,7 +252,8 @@ impl Spec {
 }
 
 /// An ack id: the message and the delivery it belongs to, as `t.<partition>.<offset>.<attempt>`
-/// (`d.` for redriven dead letters).
+/// (`d.` for redriven dead letters), followed by `.<epoch>` for a message read after a seek (see
+/// [`state::Sub::epoch`]).
 pub fn ack_id(id: MsgId, attempt: u32, epoch: u32) -> String {
     let s = match id.0 {
         Source::Topic => 't',

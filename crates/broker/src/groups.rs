@@ -51,6 +51,8 @@ pub enum GroupError {
     NonEmptyGroup,
     /// The group has members, which may read the topic: its offsets cannot be deleted.
     GroupSubscribedToTopic,
+    /// The offsets of one commit take more than the offsets topic's `max_message_bytes`.
+    InvalidCommitOffsetSize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,8 +324,29 @@ const OFFSETS_REWRITE_MS: i64 = 3600 * 1000;
 /// How often it writes them again in any case: well within the offsets topic's retention, so
 /// that retention never removes the last record of an offset that still counts.
 const OFFSETS_REWRITE_IDLE_MS: i64 = 24 * 3600 * 1000;
-/// Records per batch when offsets are written again.
-const REWRITE_BATCH_RECORDS: usize = 1000;
+/// Bytes of a record beside its key and value in a batch, at most (lengths, deltas, attributes).
+const RECORD_OVERHEAD: usize = 32;
+
+/// Encodes `records` as batches of consecutive records, each within `max_bytes` (the offsets
+/// topic's `max_message_bytes`; a record larger than that alone is a batch of its own).
+fn batches(records: &[NewRecord], max_bytes: u64) -> Vec<Vec<u8>> {
+    // The batch header, and room to spare.
+    let budget = (max_bytes as usize).saturating_sub(128);
+    let size = |r: &NewRecord| {
+        RECORD_OVERHEAD + r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)
+    };
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        if i > start && bytes + size(r) > budget {
+            out.extend(batch::encode(&records[start..i]));
+            (start, bytes) = (i, 0);
+        }
+        bytes += size(r);
+    }
+    out.extend(batch::encode(&records[start..]));
+    out
+}
 
 #[derive(Serialize, Deserialize)]
 struct OffsetKey {
@@ -809,6 +832,13 @@ impl Coordinator {
             accepted.push(((group_id.to_string(), topic, partition), c));
         }
         if let Some(mut bytes) = batch::encode(&records) {
+            // One commit is one batch, stored whole or not at all.
+            if bytes.len() as u64 > self.offsets_config.max_message_bytes {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(GroupError::InvalidCommitOffsetSize);
+                }
+                return Ok(results);
+            }
             let _writing = self.commits.read().await;
             let p = self.offsets_log.clone();
             let config = self.offsets_config.clone();
@@ -952,8 +982,7 @@ impl Coordinator {
                 headers: Vec::new(),
             })
             .collect();
-        for chunk in removals.chunks(REWRITE_BATCH_RECORDS) {
-            let mut bytes = batch::encode(chunk).expect("a chunk is never empty");
+        for mut bytes in batches(&removals, self.offsets_config.max_message_bytes) {
             let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
             let appended =
                 tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config)).await;
@@ -1036,8 +1065,7 @@ impl Coordinator {
             (records, offsets.len())
         };
         let mut first = None;
-        for chunk in records.chunks(REWRITE_BATCH_RECORDS) {
-            let mut bytes = batch::encode(chunk).expect("a chunk is never empty");
+        for mut bytes in batches(&records, self.offsets_config.max_message_bytes) {
             let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
             let appended =
                 tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config))
@@ -1386,6 +1414,156 @@ mod tests {
         assert!(c.fetch_offsets("g", None).is_empty());
         assert!(c.fetch_offsets("idle", None).is_empty());
         assert!(c.list().is_empty());
+    }
+
+    /// An acknowledged change to the committed offsets, for the crash test's model.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Set(&'static str, u32, i64),
+        DeleteGroup(&'static str),
+    }
+
+    type Model = BTreeMap<(&'static str, u32), i64>;
+
+    fn apply(model: &mut Model, change: &Change) {
+        match change {
+            Change::Set(g, p, o) => {
+                model.insert((g, *p), *o);
+            }
+            Change::DeleteGroup(g) => model.retain(|(group, _), _| group != g),
+        }
+    }
+
+    /// Commits to a group with a member and to one without, writes the offsets again every few
+    /// commits (small segments, so that segments are deleted) and deletes a group. Stops at the
+    /// first failure, which it returns with the change it was making.
+    async fn offsets_workload(
+        disk: &MemStorage,
+        acked: &mut Vec<Change>,
+    ) -> Result<(), Option<Change>> {
+        let log = Log::open(
+            Arc::new(disk.clone()),
+            std::path::Path::new("/d"),
+            LogConfig::default(),
+        )
+        .map_err(|_| None)?;
+        let log = Arc::new(log);
+        let small = TopicConfig {
+            partitions: 1,
+            segment_bytes: 4096,
+            max_message_bytes: 1024,
+            ..TopicConfig::default()
+        };
+        log.create_topic(OFFSETS_TOPIC, small, 0)
+            .map_err(|_| None)?;
+        let t = TopicConfig {
+            partitions: 3,
+            ..TopicConfig::default()
+        };
+        log.create_topic("t", t, 0).map_err(|_| None)?;
+        let c = Coordinator::open(log, Duration::ZERO, 0).map_err(|_| None)?;
+        let t0 = Instant::now();
+        let a = ready(join(&c, "", t0)).unwrap().unwrap();
+        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        for i in 0..24u32 {
+            let (group, generation, member) = if i % 3 == 0 {
+                ("solo", -1, "")
+            } else {
+                ("g", 1, a.member_id.as_str())
+            };
+            let change = Change::Set(group, i % 3, i64::from(i));
+            let committed = Committed {
+                offset: i64::from(i),
+                leader_epoch: -1,
+                metadata: Some("m".repeat(200)),
+            };
+            let r = c
+                .commit(
+                    group,
+                    generation,
+                    member,
+                    vec![("t".into(), i % 3, committed)],
+                    t0,
+                )
+                .await;
+            match r {
+                Ok(results) if results.iter().all(Result::is_ok) => acked.push(change),
+                _ => return Err(Some(change)),
+            }
+            if i % 8 == 7 {
+                c.maintain(crate::now_ms(), true).await.map_err(|_| None)?;
+            }
+            if i == 16 {
+                let change = Change::DeleteGroup("solo");
+                match c.delete_group("solo").await {
+                    Ok(()) => acked.push(change),
+                    Err(_) => return Err(Some(change)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_sync_point_keeps_every_acknowledged_offset_change() {
+        let disk = MemStorage::new();
+        offsets_workload(&disk, &mut Vec::new()).await.unwrap();
+        let sync_points = disk.syncs();
+        assert!(sync_points > 30, "the workload synced {sync_points} times");
+        // The rewrites deleted segments: the crashes below fall among deletions too.
+        let log = Log::open(
+            Arc::new(disk.restart(spate_log::mem::Unsynced::Drop)),
+            std::path::Path::new("/d"),
+            LogConfig::default(),
+        )
+        .unwrap();
+        let start = log.topic(OFFSETS_TOPIC).unwrap().partitions[0].log_start_offset();
+        assert!(start > 0, "no segment was deleted");
+        for crash_at in 1..=sync_points {
+            for unsynced in [
+                spate_log::mem::Unsynced::Drop,
+                spate_log::mem::Unsynced::KeepRandomPrefix(crash_at),
+            ] {
+                let disk = MemStorage::new();
+                disk.crash_at_sync(crash_at);
+                let mut acked = Vec::new();
+                let failed = offsets_workload(&disk, &mut acked)
+                    .await
+                    .expect_err("the crash surfaces as a failure");
+                let mut model = Model::new();
+                for change in &acked {
+                    apply(&mut model, change);
+                }
+                // The change under way at the crash may or may not have stuck.
+                let mut maybe = model.clone();
+                if let Some(change) = &failed {
+                    apply(&mut maybe, change);
+                }
+                let after = disk.restart(unsynced);
+                let Ok(log) = Log::open(
+                    Arc::new(after),
+                    std::path::Path::new("/d"),
+                    LogConfig::default(),
+                ) else {
+                    panic!("the log does not open after a crash at sync point {crash_at}");
+                };
+                let Ok(c) = Coordinator::open(Arc::new(log), Duration::ZERO, 0) else {
+                    panic!("offsets unreadable after a crash at sync point {crash_at}");
+                };
+                let mut found = Model::new();
+                for group in ["g", "solo"] {
+                    for (_, partitions) in c.fetch_offsets(group, None) {
+                        for (p, committed) in partitions {
+                            found.insert((group, p), committed.unwrap().offset);
+                        }
+                    }
+                }
+                assert!(
+                    found == model || found == maybe,
+                    "crash at sync point {crash_at}: found {found:?}, acknowledged {model:?}"
+                );
+            }
+        }
     }
 
     fn join(c: &Coordinator, member: &str, now: Instant) -> oneshot::Receiver<JoinResult> {

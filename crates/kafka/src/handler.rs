@@ -87,6 +87,7 @@ pub mod code {
     pub const INCONSISTENT_GROUP_PROTOCOL: i16 = 23;
     pub const INVALID_GROUP_ID: i16 = 24;
     pub const UNKNOWN_MEMBER_ID: i16 = 25;
+    pub const INVALID_COMMIT_OFFSET_SIZE: i16 = 28;
     pub const INVALID_SESSION_TIMEOUT: i16 = 26;
     pub const REBALANCE_IN_PROGRESS: i16 = 27;
     pub const NON_EMPTY_GROUP: i16 = 68;
@@ -114,6 +115,7 @@ fn group_code(e: GroupError) -> i16 {
         GroupError::OffsetMetadataTooLarge => code::OFFSET_METADATA_TOO_LARGE,
         GroupError::NonEmptyGroup => code::NON_EMPTY_GROUP,
         GroupError::GroupSubscribedToTopic => code::GROUP_SUBSCRIBED_TO_TOPIC,
+        GroupError::InvalidCommitOffsetSize => code::INVALID_COMMIT_OFFSET_SIZE,
     }
 }
 

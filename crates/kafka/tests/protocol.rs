@@ -462,7 +462,7 @@ async fn group_requests_are_fenced_by_generation_and_member() {
 }
 
 #[tokio::test]
-async fn committed_metadata_over_the_limit_is_refused_per_partition() {
+async fn committed_metadata_and_commits_over_their_limits_are_refused() {
     use kafka_protocol::messages::offset_commit_request::{
         OffsetCommitRequestPartition, OffsetCommitRequestTopic,
     };
@@ -528,6 +528,48 @@ async fn committed_metadata_over_the_limit_is_refused_per_partition() {
         })
         .collect();
     assert_eq!(got, [(5, max), (-1, 0)]);
+
+    // One commit is stored whole: more than the offsets topic takes in one batch (about 1 MiB)
+    // gets INVALID_COMMIT_OFFSET_SIZE for every partition, and nothing is stored.
+    broker
+        .create_topic(
+            "wide".into(),
+            TopicConfig {
+                partitions: 250,
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let wide = OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("g")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![
+            OffsetCommitRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("wide")))
+                .with_partitions((0..250).map(|p| part(p, 1, max)).collect()),
+        ]);
+    let r: OffsetCommitResponse = call(&mut s, ApiKey::OffsetCommit, 8, &wide).await;
+    let codes: Vec<i16> = r.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.error_code)
+        .collect();
+    assert!(codes.iter().all(|c| *c == 28), "{codes:?}");
+    let fetch = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("g")))
+        .with_topics(Some(vec![
+            OffsetFetchRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("wide")))
+                .with_partition_indexes(vec![0, 249]),
+        ]));
+    let r: OffsetFetchResponse = call(&mut s, ApiKey::OffsetFetch, 7, &fetch).await;
+    assert!(
+        r.topics[0]
+            .partitions
+            .iter()
+            .all(|p| p.committed_offset == -1)
+    );
 }
 
 /// One v2 batch of `values`, compressed with `compression`, as a Kafka producer sends it.

@@ -1269,3 +1269,65 @@ async fn a_topic_created_again_is_read_from_its_start_and_old_ack_ids_settle_not
     assert_eq!(ids, ["new4"]);
     assert_eq!(c.stats("s").await["in_flight"], 1);
 }
+
+#[tokio::test]
+async fn a_dead_letter_topic_deleted_and_created_again_parks_its_new_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("jobs", 1).await;
+    let c = Client::new(server.addr);
+    c.subscribe(
+        "fragile",
+        json!({"topic": "jobs", "from": "earliest", "max_attempts": 1}),
+    )
+    .await;
+    // Dead-letters `ids`: each is nacked on its one attempt.
+    let fail = async |ids: &[&str]| {
+        let before = c.stats("fragile").await["dead_lettered"].as_u64().unwrap();
+        for id in ids {
+            c.publish("jobs", id, None, json!({})).await;
+        }
+        for m in c.pull_n("fragile", ids.len(), 5000).await {
+            c.settle("fragile", "nack", &[ack_id(&m)], json!({})).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.stats("fragile").await["dead_lettered"] != before + ids.len() as u64 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let parked = async || {
+        let r = c.get("/v1/subscriptions/fragile/dead-letters").await;
+        let mut ids: Vec<String> = r.body["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["event"]["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    fail(&["a1", "a2"]).await;
+    let r = c.post("/v1/subscriptions/fragile/redrive", json!({})).await;
+    assert_eq!(r.body["redriven"], 2);
+    c.ack_all("fragile", &c.pull_n("fragile", 2, 5000).await)
+        .await;
+    assert!(parked().await.is_empty());
+
+    // The operator empties the dead-letter topic; new letters land at the same offsets.
+    let r = c
+        .send(reqwest::Method::DELETE, "/v1/topics/jobs.dlq", None)
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    fail(&["b1", "b2"]).await;
+    assert_eq!(parked().await, ["b1", "b2"]);
+    let r = c.post("/v1/subscriptions/fragile/redrive", json!({})).await;
+    assert_eq!(r.body["redriven"], 2);
+    let again = c.pull_n("fragile", 2, 5000).await;
+    let mut ids: Vec<&str> = again.iter().map(event_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["b1", "b2"]);
+    c.ack_all("fragile", &again).await;
+    assert!(parked().await.is_empty());
+    server.stop().await;
+}

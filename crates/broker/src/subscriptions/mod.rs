@@ -772,7 +772,7 @@ impl Subscriptions {
                         e.wake.notify_one();
                     }
                     let topic = (e.sub.config.topic.clone(), e.sub.topic_created_ms);
-                    let dlq = e.sub.config.dead_letter_topic.clone();
+                    let dlq = (e.sub.config.dead_letter_topic.clone(), e.sub.dlq_created_ms);
                     // Webhooks send events in binary mode: one held only as JSON is read again.
                     let decoded = e.sub.config.push.is_some();
                     let out: Vec<(MsgId, (u32, u32), Option<HeldEvent>)> = ids
@@ -794,7 +794,9 @@ impl Subscriptions {
                 // (the journal is synced in order), and the ticker syncs what is left within
                 // JOURNAL_SYNC_EVERY. A process crash loses nothing; a power loss may forget that a
                 // delivery just made counted as an attempt.
-                return self.deliveries(name, out, &topic.0, topic.1, &dlq).await;
+                return self
+                    .deliveries(name, out, &topic.0, topic.1, (&dlq.0, dlq.1))
+                    .await;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Ok(Vec::new());
@@ -809,7 +811,7 @@ impl Subscriptions {
         out: Vec<(MsgId, (u32, u32), Option<HeldEvent>)>,
         topic: &str,
         topic_created_ms: Option<i64>,
-        dlq: &str,
+        dlq: (&str, Option<i64>),
     ) -> Result<Vec<Delivery>> {
         let missing: Vec<MsgId> = out
             .iter()
@@ -819,11 +821,11 @@ impl Subscriptions {
         let loaded = if missing.is_empty() {
             BTreeMap::new()
         } else {
-            self.load(&missing, topic, topic_created_ms, dlq).await?
+            self.load(&missing, (topic, topic_created_ms), dlq).await?
         };
         let mut lost = Vec::new();
         let mut deliveries = Vec::with_capacity(out.len());
-        let (topic, dlq): (Arc<str>, Arc<str>) = (topic.into(), dlq.into());
+        let (topic, dlq): (Arc<str>, Arc<str>) = (topic.into(), dlq.0.into());
         for (id, (attempt, epoch), event) in out {
             let Some(event) =
                 event.or_else(|| loaded.get(&id).map(|e| HeldEvent::Decoded(e.clone())))
@@ -870,9 +872,8 @@ impl Subscriptions {
     async fn load(
         &self,
         ids: &[MsgId],
-        topic: &str,
-        topic_created_ms: Option<i64>,
-        dlq: &str,
+        (topic, topic_created_ms): (&str, Option<i64>),
+        (dlq, dlq_created_ms): (&str, Option<i64>),
     ) -> Result<BTreeMap<MsgId, Arc<Event>>> {
         let mut by_part: BTreeMap<(Source, u32), Vec<u64>> = BTreeMap::new();
         for id in ids {
@@ -888,7 +889,11 @@ impl Subscriptions {
             let Ok(t) = self.broker.topic(name) else {
                 continue;
             };
-            if source == Source::Topic && topic_created_ms.is_some_and(|c| c != t.created_ms) {
+            let created = match source {
+                Source::Topic => topic_created_ms,
+                Source::DeadLetters => dlq_created_ms,
+            };
+            if created.is_some_and(|c| c != t.created_ms) {
                 continue;
             }
             let Ok(p) = t.partition(partition).cloned() else {
@@ -1128,7 +1133,7 @@ impl Subscriptions {
         limit: usize,
         filter: Option<Arc<Filter>>,
     ) -> Result<(Vec<DeadLetter>, Option<(u32, u64)>)> {
-        let (dlq, redriven) = {
+        let (dlq, redriven, redriven_from) = {
             let inner = self.lock();
             let e = inner
                 .subs
@@ -1137,10 +1142,17 @@ impl Subscriptions {
             (
                 e.sub.config.dead_letter_topic.clone(),
                 e.sub.redriven.clone(),
+                e.sub.dlq_created_ms,
             )
         };
         let Ok(topic) = self.broker.topic(&dlq) else {
             return Ok((Vec::new(), None));
+        };
+        // Redriven from a dead-letter topic deleted since: nothing of this one was.
+        let redriven = if redriven_from.is_some_and(|c| c != topic.created_ms) {
+            std::collections::BTreeSet::new()
+        } else {
+            redriven
         };
         let name = name.to_string();
         blocking(move || {
@@ -1206,11 +1218,19 @@ impl Subscriptions {
                 .subs
                 .get(name)
                 .ok_or_else(|| SubError::NotFound(name.to_string()))?;
+            // The dead-letter topic the letters were read from, unless it went meanwhile.
+            let dlq_created_ms = self
+                .broker
+                .topic(&e.sub.config.dead_letter_topic)
+                .map_err(|_| SubError::Conflict("the dead-letter topic was deleted".into()))?
+                .created_ms;
+            let replaced = e.sub.dlq_created_ms.is_some_and(|c| c != dlq_created_ms);
             let fresh: Vec<&DeadLetter> = letters
                 .iter()
-                .filter(|l| !e.sub.redriven.contains(&(l.partition, l.offset)))
+                .filter(|l| replaced || !e.sub.redriven.contains(&(l.partition, l.offset)))
                 .collect();
             let op = Op::Redrive {
+                dlq_created_ms: Some(dlq_created_ms),
                 letters: fresh
                     .iter()
                     .map(|l| {
@@ -1461,7 +1481,7 @@ impl Subscriptions {
 
     /// One step of a dead-letter move; `true` when done (or moot).
     async fn dead_letter_step(&self, name: &str, uid: u64, id: MsgId) -> Result<bool> {
-        let (config, incarnation, state, attempt, event, partitions) = {
+        let (config, incarnation, dlq_incarnation, state, attempt, event, partitions) = {
             let inner = self.lock();
             let Some(e) = inner.subs.get(name).filter(|e| e.sub.uid == uid) else {
                 return Ok(true);
@@ -1473,6 +1493,7 @@ impl Subscriptions {
             (
                 e.sub.config.clone(),
                 e.sub.topic_created_ms,
+                e.sub.dlq_created_ms,
                 m.state.clone(),
                 m.attempt,
                 // The original record, not its JSON, goes to the dead-letter topic.
@@ -1499,7 +1520,11 @@ impl Subscriptions {
                     Some(e) => e,
                     None => {
                         let loaded = self
-                            .load(&[id], &config.topic, incarnation, &config.dead_letter_topic)
+                            .load(
+                                &[id],
+                                (&config.topic, incarnation),
+                                (&config.dead_letter_topic, dlq_incarnation),
+                            )
                             .await?;
                         match loaded.get(&id) {
                             Some(e) => e.clone(),
@@ -1574,9 +1599,8 @@ impl Subscriptions {
                                 let loaded = self
                                     .load(
                                         &[id],
-                                        &config.topic,
-                                        incarnation,
-                                        &config.dead_letter_topic,
+                                        (&config.topic, incarnation),
+                                        (&config.dead_letter_topic, dlq_incarnation),
                                     )
                                     .await?;
                                 match loaded.get(&id) {

@@ -250,6 +250,9 @@ pub enum Op {
     /// Dead letters given back to this subscription with fresh attempts.
     Redrive {
         letters: Vec<(u32, Found)>,
+        /// The creation time of the dead-letter topic they were read from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dlq_created_ms: Option<i64>,
     },
     /// Read positions move; pending messages of the topic are dropped.
     Seek {
@@ -351,6 +354,8 @@ pub struct Snapshot {
     pub positions: Vec<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic_created_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dlq_created_ms: Option<i64>,
     pub msgs: Vec<(MsgId, u32, State, Found)>,
     /// See [`Sub::epoch`]; absent (0) in snapshots written before it was kept.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -390,6 +395,9 @@ pub struct Sub {
     /// deleted and created again under the name is another log. `None` until known for a
     /// subscription created before it was recorded.
     pub topic_created_ms: Option<i64>,
+    /// The creation time of the dead-letter topic that `redriven` and the redriven messages
+    /// refer to; `None` before a redrive recorded it.
+    pub dlq_created_ms: Option<i64>,
     /// Seeks and topic replacements so far. Each drops pending messages that reading the log
     /// again brings back with attempts from 0: ack ids carry the epoch a message was read in,
     /// so that one handed out before cannot settle the delivery made after.
@@ -456,6 +464,7 @@ impl Sub {
             created_ms,
             positions,
             topic_created_ms: None,
+            dlq_created_ms: None,
             epoch: 0,
             msgs: IdMap::default(),
             redriven: BTreeSet::new(),
@@ -472,6 +481,7 @@ impl Sub {
     pub fn from_snapshot(s: Snapshot) -> Sub {
         let mut sub = Sub::new(s.uid, s.config, s.created_ms, s.positions);
         sub.topic_created_ms = s.topic_created_ms;
+        sub.dlq_created_ms = s.dlq_created_ms;
         sub.stats = s.stats;
         sub.redriven = s.redriven.into_iter().collect();
         for (id, attempt, state, found) in s.msgs {
@@ -494,6 +504,7 @@ impl Sub {
             created_ms: self.created_ms,
             positions: self.positions.clone(),
             topic_created_ms: self.topic_created_ms,
+            dlq_created_ms: self.dlq_created_ms,
             epoch: self.epoch,
             epochs: in_order(&self.msgs, |_, m| m.epoch != 0)
                 .into_iter()
@@ -880,7 +891,22 @@ impl Sub {
                     self.settle(*id);
                 }
             }
-            Op::Redrive { letters } => {
+            Op::Redrive {
+                letters,
+                dlq_created_ms,
+            } => {
+                if let Some(c) = *dlq_created_ms {
+                    // The dead-letter topic was deleted and created again: what was redriven
+                    // from the old one names nothing in the new one, and the redriven messages
+                    // still pending are gone with it.
+                    if self.dlq_created_ms.is_some_and(|d| d != c) {
+                        self.redriven.clear();
+                        for id in sorted_ids(&self.msgs, |id, _| id.0 == Source::DeadLetters) {
+                            self.settle(id);
+                        }
+                    }
+                    self.dlq_created_ms = Some(c);
+                }
                 for (partition, f) in letters {
                     if self.redriven.insert((*partition, f.0)) {
                         self.insert((Source::DeadLetters, *partition, f.0), *f, 0, State::Ready);
@@ -1192,6 +1218,7 @@ mod tests {
         read(&mut sub, 0, &[(0, None), (1, None)]);
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
+            dlq_created_ms: None,
         });
         sub.apply(&Op::Seek {
             positions: vec![0],
@@ -1202,6 +1229,7 @@ mod tests {
         // A dead letter goes back once.
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
+            dlq_created_ms: None,
         });
         assert_eq!(sub.msgs.len(), 1);
     }
@@ -1213,6 +1241,7 @@ mod tests {
         read(&mut sub, 0, &[(0, Some(1)), (1, Some(2)), (2, None)]);
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
+            dlq_created_ms: None,
         });
         // One in flight, one doomed (out of its one attempt), one on its way to the DLQ.
         sub.apply(&Op::Deliver {

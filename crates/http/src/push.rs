@@ -438,7 +438,17 @@ async fn connection(
                 Box::pin(conn.reply(error(None, "unsupported", "send JSON text messages"))).await;
                 continue;
             }
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            Some(Err(e)) => {
+                if message_too_big(&e) {
+                    let reason = format!(
+                        "a message may take at most {} bytes",
+                        s.push.max_message_bytes
+                    );
+                    Box::pin(close_with(&conn.closer, 1009, reason)).await;
+                }
+                break;
+            }
+            Some(Ok(Message::Close(_))) | None => break,
             Some(Ok(_)) => continue,
         };
         // Boxed: the futures of the ops are large, and an idle connection should not carry
@@ -454,6 +464,14 @@ async fn connection(
     drop(conn);
     drop(tx);
     let _ = writer.await;
+}
+
+/// Whether a read failed on a message or frame over the size limit: the connection closes with
+/// 1009 (message too big) and the limit, where other read errors just end it.
+fn message_too_big(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
 }
 
 fn error(id: Option<(&str, &str)>, code: &str, message: impl Into<String>) -> Value {

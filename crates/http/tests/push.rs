@@ -518,3 +518,50 @@ async fn a_position_past_the_end_is_refused_not_waited_on() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_message_over_the_limit_closes_with_1009_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        PushLimits {
+            max_message_bytes: 4096,
+            ..PushLimits::default()
+        },
+    )
+    .await;
+    server.topic("t", 1).await;
+    let mut ws = server.ws().await;
+    // Within the limit: an answer. Over it: a close frame saying why.
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "t"}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    let big = json!({"op": "publish", "topic": "t", "ref": "r", "event": {"specversion": "1.0",
+        "id": "e", "source": "/s", "type": "t", "data": "x".repeat(8000)}});
+    ws.socket
+        .send(Message::Text(big.to_string().into()))
+        .await
+        .unwrap();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.socket.next())
+            .await
+            .expect("the server answers")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame with a code"),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1009);
+    assert!(close.reason.contains("4096 bytes"), "{}", close.reason);
+    // Nothing of it was published.
+    let r = reqwest::get(format!(
+        "http://{}/v1/topics/t/events?partition=0&offset=0",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["events"], json!([]));
+    server.stop().await;
+}

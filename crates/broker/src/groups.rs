@@ -409,7 +409,7 @@ pub struct Coordinator {
     /// (exclusively) by [`Coordinator::maintain`] while it writes the offsets again: a rewrite
     /// must not write an offset older than one appended before it.
     commits: tokio::sync::RwLock<()>,
-    rewritten: Mutex<Upkeep>,
+    upkeep: Mutex<Upkeep>,
     /// How long a rebalance of an empty group waits for more members before it completes.
     initial_delay: Duration,
 }
@@ -488,7 +488,7 @@ impl Coordinator {
                 offsets,
             }),
             commits: tokio::sync::RwLock::new(()),
-            rewritten: Mutex::new(Upkeep {
+            upkeep: Mutex::new(Upkeep {
                 last_ms: now_ms,
                 committed: false,
                 empty_since: HashMap::new(),
@@ -995,7 +995,7 @@ impl Coordinator {
     }
 
     fn upkeep(&self) -> MutexGuard<'_, Upkeep> {
-        self.rewritten.lock().unwrap_or_else(|e| e.into_inner())
+        self.upkeep.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Keeps the offsets topic small and its records young, as Kafka's compaction and offset

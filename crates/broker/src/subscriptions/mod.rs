@@ -1219,11 +1219,16 @@ impl Subscriptions {
                 .get(name)
                 .ok_or_else(|| SubError::NotFound(name.to_string()))?;
             // The dead-letter topic the letters were read from, unless it went meanwhile.
-            let dlq_created_ms = self
+            let dlq = self
                 .broker
                 .topic(&e.sub.config.dead_letter_topic)
-                .map_err(|_| SubError::Conflict("the dead-letter topic was deleted".into()))?
-                .created_ms;
+                .map_err(|_| SubError::Conflict("the dead-letter topic was deleted".into()))?;
+            let dlq_created_ms = dlq.created_ms;
+            let retained_from: Vec<u64> = dlq
+                .partitions
+                .iter()
+                .map(|p| p.log_start_offset())
+                .collect();
             let replaced = e.sub.dlq_created_ms.is_some_and(|c| c != dlq_created_ms);
             let fresh: Vec<&DeadLetter> = letters
                 .iter()
@@ -1231,6 +1236,7 @@ impl Subscriptions {
                 .collect();
             let op = Op::Redrive {
                 dlq_created_ms: Some(dlq_created_ms),
+                retained_from,
                 letters: fresh
                     .iter()
                     .map(|l| {

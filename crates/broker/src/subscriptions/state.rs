@@ -253,6 +253,11 @@ pub enum Op {
         /// The creation time of the dead-letter topic they were read from.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dlq_created_ms: Option<i64>,
+        /// The first offset each partition of that topic still holds: letters redriven before
+        /// it are gone with retention and are forgotten, so the record of what was redriven
+        /// does not grow for ever.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        retained_from: Vec<u64>,
     },
     /// Read positions move; pending messages of the topic are dropped.
     Seek {
@@ -894,7 +899,15 @@ impl Sub {
             Op::Redrive {
                 letters,
                 dlq_created_ms,
+                retained_from,
             } => {
+                if !retained_from.is_empty() {
+                    self.redriven.retain(|(p, o)| {
+                        retained_from
+                            .get(*p as usize)
+                            .is_none_or(|start| o >= start)
+                    });
+                }
                 if let Some(c) = *dlq_created_ms {
                     // The dead-letter topic was deleted and created again: what was redriven
                     // from the old one names nothing in the new one, and the redriven messages
@@ -1219,6 +1232,7 @@ mod tests {
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
             dlq_created_ms: None,
+            retained_from: Vec::new(),
         });
         sub.apply(&Op::Seek {
             positions: vec![0],
@@ -1230,6 +1244,7 @@ mod tests {
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
             dlq_created_ms: None,
+            retained_from: Vec::new(),
         });
         assert_eq!(sub.msgs.len(), 1);
     }
@@ -1242,6 +1257,7 @@ mod tests {
         sub.apply(&Op::Redrive {
             letters: vec![(0, Found(5, 0, None))],
             dlq_created_ms: None,
+            retained_from: Vec::new(),
         });
         // One in flight, one doomed (out of its one attempt), one on its way to the DLQ.
         sub.apply(&Op::Deliver {
@@ -1291,6 +1307,28 @@ mod tests {
         }
         let copy = Sub::from_snapshot(serde_json::from_value(old).unwrap());
         assert_eq!((copy.epoch, copy.topic_created_ms), (0, None));
+    }
+
+    #[test]
+    fn redriven_letters_that_retention_removed_are_forgotten() {
+        let mut sub = Sub::new(0, config(Ordering::None, 5), 0, vec![0]);
+        let redrive = |letters: Vec<(u32, u64)>, retained_from: Vec<u64>| Op::Redrive {
+            letters: letters
+                .into_iter()
+                .map(|(p, o)| (p, Found(o, 0, None)))
+                .collect(),
+            dlq_created_ms: Some(7),
+            retained_from,
+        };
+        sub.apply(&redrive(vec![(0, 1), (0, 5), (1, 2)], vec![0, 0]));
+        assert_eq!(sub.redriven.len(), 3);
+        // Partition 0 now starts at offset 4: (0, 1) is gone from the topic, and from the record.
+        sub.apply(&redrive(vec![(0, 9)], vec![4, 0]));
+        let kept: Vec<(u32, u64)> = sub.redriven.iter().copied().collect();
+        assert_eq!(kept, vec![(0, 5), (0, 9), (1, 2)]);
+        // A snapshot keeps what is left.
+        let copy = Sub::from_snapshot(sub.snapshot("s"));
+        assert_eq!(copy.redriven, sub.redriven);
     }
 
     #[test]

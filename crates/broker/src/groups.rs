@@ -348,6 +348,26 @@ fn batches(records: &[NewRecord], max_bytes: u64) -> Vec<Vec<u8>> {
     out
 }
 
+/// The record of the offset of `key` (group, topic, partition) in the offsets topic; without a
+/// value, the record that removes it.
+fn offset_record(
+    (group, topic, partition): &(String, String, u32),
+    value: Option<&StoredOffset>,
+    now_ms: i64,
+) -> NewRecord {
+    let key = OffsetKey {
+        group: group.clone(),
+        topic: topic.clone(),
+        partition: *partition,
+    };
+    NewRecord {
+        timestamp_ms: now_ms,
+        key: Some(serde_json::to_vec(&key).expect("keys serialize")),
+        value: value.map(|v| serde_json::to_vec(v).expect("offsets serialize")),
+        headers: Vec::new(),
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct OffsetKey {
     group: String,
@@ -818,18 +838,9 @@ impl Coordinator {
                 committed_ms: Some(now_ms),
             };
             results.push(Ok(()));
-            let key = OffsetKey {
-                group: group_id.to_string(),
-                topic: topic.clone(),
-                partition,
-            };
-            records.push(NewRecord {
-                timestamp_ms: now_ms,
-                key: Some(serde_json::to_vec(&key).expect("keys serialize")),
-                value: Some(serde_json::to_vec(&c).expect("offsets serialize")),
-                headers: Vec::new(),
-            });
-            accepted.push(((group_id.to_string(), topic, partition), c));
+            let key = (group_id.to_string(), topic, partition);
+            records.push(offset_record(&key, Some(&c), now_ms));
+            accepted.push((key, c));
         }
         if let Some(mut bytes) = batch::encode(&records) {
             // One commit is one batch, stored whole or not at all.
@@ -968,30 +979,32 @@ impl Coordinator {
         let now_ms = crate::now_ms();
         let removals: Vec<NewRecord> = keys
             .iter()
-            .map(|(group, topic, partition)| NewRecord {
-                timestamp_ms: now_ms,
-                key: Some(
-                    serde_json::to_vec(&OffsetKey {
-                        group: group.clone(),
-                        topic: topic.clone(),
-                        partition: *partition,
-                    })
-                    .expect("keys serialize"),
-                ),
-                value: None,
-                headers: Vec::new(),
-            })
+            .map(|k| offset_record(k, None, now_ms))
             .collect();
-        for mut bytes in batches(&removals, self.offsets_config.max_message_bytes) {
-            let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
-            let appended =
-                tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config)).await;
-            if !matches!(appended, Ok(Ok(_))) {
-                tracing::error!(group = group_id, "failed to store removed offsets");
-                return Err(GroupError::CoordinatorNotAvailable);
-            }
+        if let Err(e) = self.append_offsets(&removals, now_ms).await {
+            tracing::error!(group = group_id, error = %e, "failed to store removed offsets");
+            return Err(GroupError::CoordinatorNotAvailable);
         }
         Ok(())
+    }
+
+    /// Appends offset records in batches within the offsets topic's `max_message_bytes`, each
+    /// durable before the next; the offset of the first, when there were any.
+    async fn append_offsets(
+        &self,
+        records: &[NewRecord],
+        now_ms: i64,
+    ) -> Result<Option<u64>, crate::BrokerError> {
+        let mut first = None;
+        for mut bytes in batches(records, self.offsets_config.max_message_bytes) {
+            let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
+            let appended =
+                tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config))
+                    .await
+                    .map_err(|e| crate::BrokerError::Internal(e.to_string()))??;
+            first.get_or_insert(appended.base_offset);
+        }
+        Ok(first)
     }
 
     fn upkeep(&self) -> MutexGuard<'_, Upkeep> {
@@ -1040,39 +1053,20 @@ impl Coordinator {
                 let old = |since: i64| now_ms.saturating_sub(since) > OFFSETS_RETENTION_MS;
                 let expired = empty_since.get(group).is_some_and(|&t| old(t))
                     && old(s.committed_ms.unwrap_or(now_ms));
-                let key = serde_json::to_vec(&OffsetKey {
-                    group: k.0.clone(),
-                    topic: k.1.clone(),
-                    partition: k.2,
-                })
-                .expect("keys serialize");
                 let value = if expired || self.current(topic, s).is_none() {
                     gone.push(k.clone());
                     None
                 } else {
-                    Some(serde_json::to_vec(s).expect("offsets serialize"))
+                    Some(s)
                 };
-                records.push(NewRecord {
-                    timestamp_ms: now_ms,
-                    key: Some(key),
-                    value,
-                    headers: Vec::new(),
-                });
+                records.push(offset_record(k, value, now_ms));
             }
             for k in gone {
                 offsets.remove(&k);
             }
             (records, offsets.len())
         };
-        let mut first = None;
-        for mut bytes in batches(&records, self.offsets_config.max_message_bytes) {
-            let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
-            let appended =
-                tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config))
-                    .await
-                    .map_err(|e| crate::BrokerError::Internal(e.to_string()))??;
-            first.get_or_insert(appended.base_offset);
-        }
+        let first = self.append_offsets(&records, now_ms).await?;
         let from = first.unwrap_or_else(|| self.offsets_log.log_end_offset());
         let p = self.offsets_log.clone();
         let deleted = tokio::task::spawn_blocking(move || p.delete_before(from))

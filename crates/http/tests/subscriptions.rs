@@ -91,6 +91,19 @@ impl Client {
         assert!(results.iter().all(|r| r == "ok"), "{results:?}");
     }
 
+    /// Waits until `n` messages of the subscription went to its dead-letter topic in all.
+    async fn until_dead_lettered(&self, name: &str, n: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let stats = self.stats(name).await;
+            if stats["dead_lettered"] == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn stats(&self, name: &str) -> Value {
         let r = self.get(&format!("/v1/subscriptions/{name}")).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
@@ -440,11 +453,8 @@ async fn redrive_gives_dead_letters_back_to_their_subscription_only() {
     for m in c.pull_n("sturdy", 3, 5000).await {
         c.settle("sturdy", "ack", &[ack_id(&m)], json!({})).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while c.stats("fragile").await["dead_lettered"] != 3 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.until_dead_lettered("fragile", 3, Duration::from_secs(5))
+        .await;
     // Pages of dead letters.
     let page = c
         .get("/v1/subscriptions/fragile/dead-letters?limit=2")
@@ -1104,15 +1114,8 @@ async fn a_webhook_that_cannot_be_reached_nacks_until_the_dead_letter_topic() {
     )
     .await;
     c.publish("orders", "o1", None, json!({})).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.stats("unreachable").await["dead_lettered"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            c.stats("unreachable").await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.until_dead_lettered("unreachable", 1, Duration::from_secs(10))
+        .await;
     let stats = c.stats("unreachable").await;
     assert_eq!(
         (stats["nacked"].clone(), stats["acked"].clone()),
@@ -1290,11 +1293,8 @@ async fn a_dead_letter_topic_deleted_and_created_again_parks_its_new_letters() {
         for m in c.pull_n("fragile", ids.len(), 5000).await {
             c.settle("fragile", "nack", &[ack_id(&m)], json!({})).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while c.stats("fragile").await["dead_lettered"] != before + ids.len() as u64 {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        c.until_dead_lettered("fragile", before + ids.len() as u64, Duration::from_secs(5))
+            .await;
     };
     let parked = async || {
         let r = c.get("/v1/subscriptions/fragile/dead-letters").await;

@@ -489,34 +489,42 @@ async fn committed_metadata_and_commits_over_their_limits_are_refused() {
             .with_committed_offset(offset)
             .with_committed_metadata(Some(StrBytes::from_string("m".repeat(metadata))))
     };
-    // A commit outside group management (generation -1), as kcat and admin tools make.
-    let commit = OffsetCommitRequest::default()
-        .with_group_id(GroupId(StrBytes::from_static_str("g")))
-        .with_generation_id_or_member_epoch(-1)
-        .with_topics(vec![
-            OffsetCommitRequestTopic::default()
-                .with_name(TopicName(StrBytes::from_static_str("t")))
-                .with_partitions(vec![part(0, 5, max), part(1, 7, max + 1)]),
-        ]);
-    let r: OffsetCommitResponse = call(&mut s, ApiKey::OffsetCommit, 8, &commit).await;
-    let codes: Vec<i16> = r.topics[0]
-        .partitions
-        .iter()
-        .map(|p| p.error_code)
-        .collect();
+    // Commits outside group management (generation -1), as kcat and admin tools make.
+    let commit = |topic: &'static str, partitions| {
+        OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_generation_id_or_member_epoch(-1)
+            .with_topics(vec![
+                OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(StrBytes::from_static_str(topic)))
+                    .with_partitions(partitions),
+            ])
+    };
+    let codes = |r: OffsetCommitResponse| -> Vec<i16> {
+        r.topics[0]
+            .partitions
+            .iter()
+            .map(|p| p.error_code)
+            .collect()
+    };
+    let fetch = |topic: &'static str, partitions| {
+        OffsetFetchRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_topics(Some(vec![
+                OffsetFetchRequestTopic::default()
+                    .with_name(TopicName(StrBytes::from_static_str(topic)))
+                    .with_partition_indexes(partitions),
+            ]))
+    };
+    let request = commit("t", vec![part(0, 5, max), part(1, 7, max + 1)]);
+    let codes_t = codes(call(&mut s, ApiKey::OffsetCommit, 8, &request).await);
     assert_eq!(
-        codes,
+        codes_t,
         [0, 12],
         "OFFSET_METADATA_TOO_LARGE for the second only"
     );
-    let fetch = OffsetFetchRequest::default()
-        .with_group_id(GroupId(StrBytes::from_static_str("g")))
-        .with_topics(Some(vec![
-            OffsetFetchRequestTopic::default()
-                .with_name(TopicName(StrBytes::from_static_str("t")))
-                .with_partition_indexes(vec![0, 1]),
-        ]));
-    let r: OffsetFetchResponse = call(&mut s, ApiKey::OffsetFetch, 7, &fetch).await;
+    let r: OffsetFetchResponse =
+        call(&mut s, ApiKey::OffsetFetch, 7, &fetch("t", vec![0, 1])).await;
     let got: Vec<(i64, usize)> = r.topics[0]
         .partitions
         .iter()
@@ -541,29 +549,11 @@ async fn committed_metadata_and_commits_over_their_limits_are_refused() {
         )
         .await
         .unwrap();
-    let wide = OffsetCommitRequest::default()
-        .with_group_id(GroupId(StrBytes::from_static_str("g")))
-        .with_generation_id_or_member_epoch(-1)
-        .with_topics(vec![
-            OffsetCommitRequestTopic::default()
-                .with_name(TopicName(StrBytes::from_static_str("wide")))
-                .with_partitions((0..250).map(|p| part(p, 1, max)).collect()),
-        ]);
-    let r: OffsetCommitResponse = call(&mut s, ApiKey::OffsetCommit, 8, &wide).await;
-    let codes: Vec<i16> = r.topics[0]
-        .partitions
-        .iter()
-        .map(|p| p.error_code)
-        .collect();
-    assert!(codes.iter().all(|c| *c == 28), "{codes:?}");
-    let fetch = OffsetFetchRequest::default()
-        .with_group_id(GroupId(StrBytes::from_static_str("g")))
-        .with_topics(Some(vec![
-            OffsetFetchRequestTopic::default()
-                .with_name(TopicName(StrBytes::from_static_str("wide")))
-                .with_partition_indexes(vec![0, 249]),
-        ]));
-    let r: OffsetFetchResponse = call(&mut s, ApiKey::OffsetFetch, 7, &fetch).await;
+    let wide = commit("wide", (0..250).map(|p| part(p, 1, max)).collect());
+    let codes_wide = codes(call(&mut s, ApiKey::OffsetCommit, 8, &wide).await);
+    assert!(codes_wide.iter().all(|c| *c == 28), "{codes_wide:?}");
+    let r: OffsetFetchResponse =
+        call(&mut s, ApiKey::OffsetFetch, 7, &fetch("wide", vec![0, 249])).await;
     assert!(
         r.topics[0]
             .partitions

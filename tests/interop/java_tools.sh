@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kafka's own Java tools against Spate's Kafka listener: TopicCommand, the console producer and
-# consumer (with keys and a consumer group), the consumer group command, ProducerPerformance and
-# ConsumerPerformance.
+# consumer (with keys and a consumer group), the consumer group command, the config command,
+# ProducerPerformance and ConsumerPerformance.
 # usage: java_tools.sh BOOTSTRAP JARS_DIR
 set -euo pipefail
 BS=$1
@@ -48,6 +48,18 @@ if J $G --bootstrap-server "$BS" --delete --group java-console 2>&1 | grep -q "w
   echo "a group deleted twice"; exit 1
 fi
 echo "consumer group command: described, reset, offsets deleted, group deleted"
+# The config command: change topic settings, read them back, put one back to its default; a bad
+# value is refused.
+C() { J org.apache.kafka.tools.ConfigCommand --bootstrap-server "$BS" --entity-type topics --entity-name java "$@"; }
+C --alter --add-config retention.ms=3600000,max.message.bytes=65536 | grep -q "Completed updating config"
+dynamic() { C --describe | awk '/=/ { sub(/ .*/, "", $1); print $1 }' | sort | tr '\n' ' '; }
+[ "$(dynamic)" = "max.message.bytes=65536 retention.ms=3600000 " ] || { echo "configs after --alter: $(dynamic)"; exit 1; }
+C --alter --delete-config max.message.bytes > /dev/null
+[ "$(dynamic)" = "retention.ms=3600000 " ] || { echo "configs after --delete-config: $(dynamic)"; exit 1; }
+if C --alter --add-config retention.ms=soon > "$LOG/bad" 2>&1; then echo "retention.ms=soon was accepted"; exit 1; fi
+grep -q InvalidConfigurationException "$LOG/bad" || { cat "$LOG/bad"; exit 1; }
+[ "$(dynamic)" = "retention.ms=3600000 " ] || { echo "configs after a refused change: $(dynamic)"; exit 1; }
+echo "config command: topic settings changed, described, reset; a bad value refused"
 # The perf tools (idempotent producer by default in 4.x; consumer in a group).
 J org.apache.kafka.tools.ProducerPerformance --topic java --num-records 50000 --record-size 512 \
   --throughput -1 --producer-props bootstrap.servers="$BS" acks=all | tail -1 | tee "$LOG/p"

@@ -73,6 +73,32 @@ def confluent(bootstrap, topic):
     configs = admin.describe_configs([resource])[resource].result(30)
     if configs["retention.ms"].value != "3600000":
         sys.exit(f"confluent: DescribeConfigs says retention.ms={configs['retention.ms'].value}")
+    # IncrementalAlterConfigs changes one setting; a bad value is refused and changes nothing.
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry
+
+    def incremental(name, value):
+        entry = ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+        change = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
+        admin.incremental_alter_configs([change])[change].result(30)
+
+    def described():
+        return {k: v.value for k, v in admin.describe_configs([resource])[resource].result(30).items()}
+
+    before = described()
+    incremental("retention.ms", "7200000")
+    after = described()
+    if after != {**before, "retention.ms": "7200000"}:
+        sys.exit(f"confluent: after IncrementalAlterConfigs the configs are {after}, not {before} with retention.ms=7200000")
+    try:
+        incremental("retention.ms", "soon")
+        sys.exit("confluent: retention.ms=soon was accepted")
+    except KafkaException as e:
+        if e.args[0].code() != KafkaError.INVALID_CONFIG:
+            sys.exit(f"confluent: retention.ms=soon got {e}, not INVALID_CONFIG")
+    if described() != after:
+        sys.exit("confluent: a refused config change changed the configs")
+    print("confluent: topic config changed with IncrementalAlterConfigs; a bad value got INVALID_CONFIG")
     failures = []
 
     def on_delivery(err, _msg):
@@ -111,8 +137,25 @@ def kafka_python(bootstrap, topic):
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.admin import KafkaAdminClient, NewTopic
 
+    from kafka.admin import ConfigResource, ConfigResourceType
+
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+    # Both alter APIs: IncrementalAlterConfigs (the default), then the older AlterConfigs, which
+    # replaces the whole set of topic settings (the client resends the settings made before).
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+    for incremental, name, value in ((True, "retention.ms", "1800000"), (False, "retention.bytes", "1073741824")):
+        change = ConfigResource(ConfigResourceType.TOPIC, topic, configs={name: value})
+        result = admin.alter_configs([change], incremental=incremental)
+        if result != {"topic": {topic: "OK"}}:
+            sys.exit(f"kafka-python: alter_configs(incremental={incremental}) answered {result}")
+    configs = admin.describe_configs([resource])["topic"][topic]
+    got = {k: (v["value"], v["config_source"]) for k, v in configs.items()}
+    want = {"retention.ms": ("1800000", "DYNAMIC_TOPIC_CONFIG"),
+            "retention.bytes": ("1073741824", "DYNAMIC_TOPIC_CONFIG")}
+    if got != want:
+        sys.exit(f"kafka-python: the topic's own configs are {got}, not {want}")
+    print("kafka-python: topic configs changed with IncrementalAlterConfigs and AlterConfigs")
     admin.close()
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", compression_type="gzip", linger_ms=5)
     futures = [producer.send(topic, key=k.encode(), value=v.encode(), headers=[("seq", h.encode())])

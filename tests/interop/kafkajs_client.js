@@ -4,7 +4,7 @@
 // usage: node kafkajs_client.js BOOTSTRAP
 'use strict';
 
-const { Kafka, CompressionTypes, logLevel } = require('kafkajs');
+const { Kafka, CompressionTypes, ConfigResourceTypes, logLevel } = require('kafkajs');
 
 const N = 10000;
 const KEYS = 23;
@@ -15,6 +15,22 @@ async function main() {
   const admin = kafka.admin();
   await admin.connect();
   await admin.createTopics({ topics: [{ topic: TOPIC, numPartitions: 3, replicationFactor: 1 }] });
+  // AlterConfigs replaces the topic's settings: the one named is set, the others keep defaults.
+  const resource = { type: ConfigResourceTypes.TOPIC, name: TOPIC };
+  await admin.alterConfigs({
+    validateOnly: false,
+    resources: [{ ...resource, configEntries: [{ name: 'retention.ms', value: '5400000' }] }],
+  });
+  const described = await admin.describeConfigs({
+    includeSynonyms: false,
+    resources: [{ ...resource, configNames: ['retention.ms', 'max.message.bytes'] }],
+  });
+  const entries = Object.fromEntries(described.resources[0].configEntries.map((e) => [e.configName, e]));
+  if (entries['retention.ms'].configValue !== '5400000' || entries['retention.ms'].isDefault
+      || !entries['max.message.bytes'].isDefault) {
+    throw new Error(`AlterConfigs left the configs as ${JSON.stringify(entries)}`);
+  }
+  console.log('kafkajs: topic config changed with AlterConfigs');
   await admin.disconnect();
 
   const producer = kafka.producer({ idempotent: true });

@@ -501,7 +501,7 @@ impl Coordinator {
         tracing::info!(committed = offsets.len(), "consumer group offsets loaded");
         Ok(Coordinator {
             log,
-            offsets_config: topic.config.clone(),
+            offsets_config: topic.config(),
             offsets_log: partition,
             state: Mutex::new(State {
                 groups: HashMap::new(),
@@ -826,7 +826,7 @@ impl Coordinator {
                 continue;
             }
             let created = match self.log.topic(&topic) {
-                Ok(t) if partition < t.config.partitions => t.created_ms,
+                Ok(t) if partition < t.config().partitions => t.created_ms,
                 _ => {
                     results.push(Err(GroupError::UnknownTopicOrPartition));
                     continue;
@@ -942,7 +942,7 @@ impl Coordinator {
                         .into_iter()
                         .map(|p| {
                             let result = match &known {
-                                Some(t) if p < t.config.partitions => {
+                                Some(t) if p < t.config().partitions => {
                                     if active {
                                         Err(GroupError::GroupSubscribedToTopic)
                                     } else {

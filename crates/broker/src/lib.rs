@@ -58,7 +58,9 @@ pub enum BrokerError {
     EventTooLarge { index: usize, size: u64, max: u64 },
     #[error("{0}")]
     Unsupported(String),
-    #[error("topic {0} is internal: it is written by the server only and cannot be deleted")]
+    #[error(
+        "topic {0} is internal: it is written by the server only and cannot be deleted or reconfigured"
+    )]
     InternalTopic(String),
     #[error("internal error: {0}")]
     Internal(String),
@@ -471,7 +473,7 @@ impl Broker {
                 Err(BrokerError::Log(spate_log::Error::UnknownTopic(_))) => {}
                 Err(e) => return Err(e),
             }
-            match self.create_topic(name.to_string(), config.clone()).await {
+            match self.create_topic(name.to_string(), config).await {
                 Ok(t) => return Ok(t),
                 // Someone else is creating it: it appears once its files are in place.
                 Err(BrokerError::Log(spate_log::Error::TopicExists(_))) => {
@@ -495,6 +497,22 @@ impl Broker {
             watches.remove(&(Arc::as_ptr(p) as usize));
         }
         Ok(())
+    }
+
+    /// Changes a topic's configuration (see [`Log::alter_topic_config`]). The server's own
+    /// topics keep the configuration it gives them.
+    pub async fn alter_topic_config(
+        &self,
+        name: String,
+        change: impl FnOnce(&TopicConfig) -> spate_log::Result<TopicConfig> + Send + 'static,
+        validate_only: bool,
+    ) -> Result<TopicConfig> {
+        self.topic(&name)?;
+        if is_internal(&name) {
+            return Err(BrokerError::InternalTopic(name));
+        }
+        let log = self.log.clone();
+        blocking(move || Ok(log.alter_topic_config(&name, change, validate_only)?)).await
     }
 
     /// A channel holding the partition's high watermark, updated as it advances: readers at the
@@ -576,7 +594,7 @@ impl Broker {
             }
         }
         let now = now_ms();
-        let n = topic.config.partitions;
+        let n = topic.config().partitions;
         let sticky = self.spread.fetch_add(1, Ordering::Relaxed) % n;
         let mut by_partition: BTreeMap<u32, Vec<(usize, NewRecord)>> = BTreeMap::new();
         for (index, e) in events.iter_mut().enumerate() {
@@ -600,7 +618,7 @@ impl Broker {
         let mut tasks = Vec::new();
         for (partition, records) in by_partition {
             let p = topic.partition(partition)?.clone();
-            let config = topic.config.clone();
+            let config = topic.config();
             let limit = config.max_message_bytes.saturating_sub(BATCH_SLACK_BYTES);
             let sizes: Vec<u64> = records
                 .iter()

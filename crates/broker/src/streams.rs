@@ -573,7 +573,7 @@ impl Broker {
             size += bytes;
         }
         // One batch, so that the append is all or nothing across a crash too.
-        let max = ts.topic.config.max_message_bytes.saturating_sub(256);
+        let max = ts.topic.config().max_message_bytes.saturating_sub(256);
         if size > max {
             return Err(BrokerError::EventTooLarge {
                 index: 0,
@@ -631,7 +631,7 @@ impl Broker {
             let mut buf = encoded.clone();
             let appended = part
                 .partition
-                .append_unsynced_at(&mut buf, now, &ts.topic.config, Some(end))
+                .append_unsynced_at(&mut buf, now, &ts.topic.config(), Some(end))
                 .map_err(BrokerError::from);
             match appended {
                 Ok(a) => break (current, a),
@@ -1070,12 +1070,12 @@ mod tests {
 
     #[test]
     fn entry_keys_keep_streams_apart_and_versions_in_order() {
-        let topic = Topic {
-            name: "orders".into(),
-            config: spate_log::TopicConfig::default(),
-            created_ms: 1_700_000_000_000,
-            partitions: Vec::new(),
-        };
+        let topic = Topic::new(
+            "orders".into(),
+            spate_log::TopicConfig::default(),
+            1_700_000_000_000,
+            Vec::new(),
+        );
         let p = partition_prefix(&topic, 3);
         assert_eq!(
             parse_partition_prefix(&p),

@@ -84,7 +84,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/topics", get(topics::list).post(topics::create))
         .route(
             "/v1/topics/{topic}",
-            get(topics::describe).delete(topics::delete),
+            get(topics::describe)
+                .patch(topics::alter)
+                .delete(topics::delete),
         )
         .route(
             "/v1/topics/{topic}/events",

@@ -1,4 +1,4 @@
-//! Topic endpoints: create, list, describe, delete.
+//! Topic endpoints: create, list, describe, change settings, delete.
 
 use axum::Json;
 use axum::body::Body;
@@ -32,6 +32,21 @@ struct CreateTopic {
     max_message_bytes: Option<u64>,
 }
 
+/// `PATCH /v1/topics/{topic}`: the settings to change; absent ones keep their value, `null`
+/// retention means "no limit". `partitions` may be given only with the current count.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlterTopic {
+    partitions: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    retention_ms: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    retention_bytes: Option<Option<u64>>,
+    segment_bytes: Option<u64>,
+    segment_ms: Option<u64>,
+    max_message_bytes: Option<u64>,
+}
+
 pub fn describe_topic(topic: &Topic) -> Value {
     let partitions: Vec<Value> = topic
         .partitions
@@ -47,7 +62,7 @@ pub fn describe_topic(topic: &Topic) -> Value {
             })
         })
         .collect();
-    let c = &topic.config;
+    let c = topic.config();
     json!({
         "name": topic.name,
         "config": {
@@ -82,6 +97,33 @@ pub async fn create(
     };
     let topic = s.broker.create_topic(req.name, config).await?;
     Ok((StatusCode::CREATED, Json(describe_topic(&topic))))
+}
+
+pub async fn alter(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let bytes = read_body(&headers, body, s.limits.max_request_bytes).await?;
+    let req: AlterTopic = parse_json(&bytes)?;
+    s.broker
+        .alter_topic_config(
+            topic.clone(),
+            move |c| {
+                Ok(TopicConfig {
+                    partitions: req.partitions.unwrap_or(c.partitions),
+                    retention_ms: req.retention_ms.unwrap_or(c.retention_ms),
+                    retention_bytes: req.retention_bytes.unwrap_or(c.retention_bytes),
+                    segment_bytes: req.segment_bytes.unwrap_or(c.segment_bytes),
+                    segment_ms: req.segment_ms.unwrap_or(c.segment_ms),
+                    max_message_bytes: req.max_message_bytes.unwrap_or(c.max_message_bytes),
+                })
+            },
+            false,
+        )
+        .await?;
+    Ok(Json(describe_topic(&*s.broker.topic(&topic)?)))
 }
 
 pub async fn list(State(s): State<AppState>) -> Json<Value> {

@@ -111,6 +111,16 @@ impl App {
         .await
     }
 
+    async fn alter(&self, topic: &str, body: Value) -> Reply {
+        self.call(
+            "PATCH",
+            &format!("/v1/topics/{topic}"),
+            "application/json",
+            body.to_string(),
+        )
+        .await
+    }
+
     async fn end_offsets(&self, topic: &str) -> Vec<u64> {
         let r = self.get(&format!("/v1/topics/{topic}")).await;
         r.body["partitions"]
@@ -286,6 +296,87 @@ async fn bad_topic_requests_are_refused_and_change_nothing() {
         .collect();
     assert_eq!(names, [json!("orders")]);
     assert_eq!(app.end_offsets("orders").await, [0]);
+}
+
+#[tokio::test]
+async fn a_topics_settings_change_with_patch_take_effect_and_bad_changes_change_nothing() {
+    let app = app();
+    let r = app.create(json!({"name": "orders", "partitions": 2})).await;
+    let before = r.body["config"].clone();
+    let r = app
+        .alter(
+            "orders",
+            json!({"retention_ms": null, "retention_bytes": 1073741824, "max_message_bytes": 4096}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let mut after = before.clone();
+    after["retention_ms"] = Value::Null;
+    after["retention_bytes"] = json!(1073741824);
+    after["max_message_bytes"] = json!(4096);
+    assert_eq!(r.body["config"], after);
+    assert_eq!(app.get("/v1/topics/orders").await.body["config"], after);
+    // The new limit applies to the next publish.
+    let big = json!({"specversion": "1.0", "id": "1", "source": "/t", "type": "t", "data": "x".repeat(5000)});
+    let r = app
+        .publish("orders", "application/cloudevents+json", big.clone())
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    // Nothing given, nothing changed; the current partition count may be repeated.
+    let r = app.alter("orders", json!({"partitions": 2})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["config"], after);
+
+    for (body, needle) in [
+        (json!({"partitions": 3}), "partition count"),
+        (json!({"retention_ms": 0}), "retention_ms"),
+        (json!({"segment_bytes": 100}), "segment_bytes"),
+        (json!({"max_message_bytes": 200000000}), "max_message_bytes"),
+        (
+            json!({"retention_ms": 1000, "segment_bytes": 1}),
+            "segment_bytes",
+        ),
+        (json!({"retention_ms": "soon"}), "invalid"),
+        (json!({"name": "other"}), "unknown field"),
+    ] {
+        assert_problem(
+            &app.alter("orders", body.clone()).await,
+            StatusCode::BAD_REQUEST,
+            needle,
+        );
+        assert_eq!(
+            app.get("/v1/topics/orders").await.body["config"],
+            after,
+            "{body}"
+        );
+    }
+    let r = app
+        .call(
+            "PATCH",
+            "/v1/topics/orders",
+            "application/json",
+            "{not json",
+        )
+        .await;
+    assert_problem(&r, StatusCode::BAD_REQUEST, "invalid JSON");
+    let r = app
+        .call(
+            "PATCH",
+            "/v1/topics/missing",
+            "application/json",
+            "{}".to_string(),
+        )
+        .await;
+    assert_problem(&r, StatusCode::NOT_FOUND, "missing");
+
+    let r = app
+        .alter("orders", json!({"max_message_bytes": 1048576}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = app
+        .publish("orders", "application/cloudevents+json", big)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
 }
 
 #[tokio::test]
@@ -728,6 +819,15 @@ async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
         .call("DELETE", "/v1/topics/__consumer_offsets", "", Body::empty())
         .await;
     assert_problem(&r, StatusCode::FORBIDDEN, "cannot be deleted");
+    let r = app
+        .call(
+            "PATCH",
+            "/v1/topics/__consumer_offsets",
+            "application/json",
+            r#"{"retention_ms": 1000}"#,
+        )
+        .await;
+    assert_problem(&r, StatusCode::FORBIDDEN, "reconfigured");
     assert_eq!(app.end_offsets("__consumer_offsets").await, [0]);
     assert_eq!(
         app.get("/v1/topics/__consumer_offsets/events").await.status,

@@ -364,7 +364,7 @@ async fn records_keyed_past_the_limit_or_not_in_utf8_join_no_stream() {
         }),
     )
     .unwrap();
-    let config = server.broker.topic("es").unwrap().config.clone();
+    let config = server.broker.topic("es").unwrap().config();
     tokio::task::spawn_blocking(move || {
         partition.append(&mut batch, 1, &config).unwrap();
         partition.append(&mut binary, 1, &config).unwrap();

@@ -36,6 +36,7 @@ use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{AlterConfigsRequest, AlterConfigsResponse};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsResponse, BrokerId, CreateTopicsRequest, CreateTopicsResponse,
     DeleteTopicsRequest, DeleteTopicsResponse, FetchRequest, FetchResponse, ListOffsetsRequest,
@@ -50,6 +51,7 @@ use kafka_protocol::messages::{
     LeaveGroupResponse, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
     OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
 };
+use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse};
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
 use kafka_protocol::messages::{OffsetDeleteRequest, OffsetDeleteResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
@@ -149,6 +151,8 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -336,6 +340,10 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(describe_groups(ctx, r)),
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(ctx, r)),
         RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(describe_configs(ctx, r)),
+        RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(alter_configs(ctx, r).await),
+        RequestKind::IncrementalAlterConfigs(r) => {
+            ResponseKind::IncrementalAlterConfigs(incremental_alter_configs(ctx, r).await)
+        }
         RequestKind::DeleteGroups(r) => ResponseKind::DeleteGroups(delete_groups(ctx, r).await),
         RequestKind::OffsetDelete(r) => ResponseKind::OffsetDelete(offset_delete(ctx, r).await),
         other => bail!("request {other:?} passed the version check but has no handler"),
@@ -455,7 +463,7 @@ async fn metadata(ctx: &Context, r: MetadataRequest, version: i16) -> MetadataRe
             .with_is_internal(spate_broker::is_internal(&name));
         topics.push(match topic_for(ctx, &name, create).await {
             Ok(topic) => t.with_partitions(
-                (0..topic.config.partitions as i32)
+                (0..topic.config().partitions as i32)
                     .map(|p| {
                         MetadataResponsePartition::default()
                             .with_partition_index(p)
@@ -479,6 +487,75 @@ async fn metadata(ctx: &Context, r: MetadataRequest, version: i16) -> MetadataRe
         .with_cluster_id(Some(StrBytes::from_static_str("spate")))
         .with_controller_id(BrokerId(NODE_ID))
         .with_topics(topics)
+}
+
+/// A topic setting given by name and value in CreateTopics, AlterConfigs or
+/// IncrementalAlterConfigs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Setting {
+    RetentionMs(Option<u64>),
+    RetentionBytes(Option<u64>),
+    SegmentBytes(u64),
+    SegmentMs(u64),
+    MaxMessageBytes(u64),
+    /// Accepted and meaningless here: `cleanup.policy=delete` (the only policy), and settings
+    /// about replicas and timestamps that change nothing on one node.
+    Ignored,
+}
+
+impl Setting {
+    fn apply(self, c: &mut TopicConfig) {
+        match self {
+            Setting::RetentionMs(v) => c.retention_ms = v,
+            Setting::RetentionBytes(v) => c.retention_bytes = v,
+            Setting::SegmentBytes(v) => c.segment_bytes = v,
+            Setting::SegmentMs(v) => c.segment_ms = v,
+            Setting::MaxMessageBytes(v) => c.max_message_bytes = v,
+            Setting::Ignored => {}
+        }
+    }
+}
+
+/// Parses a topic setting. A `None` value (and -1 for the retention limits) means what Kafka
+/// means: no limit for retention, the default otherwise.
+fn setting(name: &str, value: Option<&str>) -> Result<Setting, (i16, String)> {
+    let d = TopicConfig::default();
+    let bad = || {
+        (
+            code::INVALID_CONFIG,
+            format!("invalid value {:?} for {name}", value.unwrap_or_default()),
+        )
+    };
+    // A limit: -1 for none, else a positive number.
+    let limit = |default: Option<u64>| -> Result<Option<u64>, (i16, String)> {
+        match value {
+            None => Ok(default),
+            Some("-1") => Ok(None),
+            Some(v) => v.parse::<u64>().map(Some).map_err(|_| bad()),
+        }
+    };
+    let number = |default: u64| -> Result<u64, (i16, String)> {
+        value.map_or(Ok(default), |v| v.parse::<u64>().map_err(|_| bad()))
+    };
+    Ok(match name {
+        "retention.ms" => Setting::RetentionMs(limit(d.retention_ms)?),
+        "retention.bytes" => Setting::RetentionBytes(limit(d.retention_bytes)?),
+        "segment.bytes" => Setting::SegmentBytes(number(d.segment_bytes)?),
+        "segment.ms" => Setting::SegmentMs(number(d.segment_ms)?),
+        "max.message.bytes" => Setting::MaxMessageBytes(number(d.max_message_bytes)?),
+        "cleanup.policy" if value.is_none_or(|v| v == "delete") => Setting::Ignored,
+        "min.insync.replicas" | "unclean.leader.election.enable" => Setting::Ignored,
+        "message.timestamp.type" if value != Some("LogAppendTime") => Setting::Ignored,
+        other => {
+            return Err((
+                code::INVALID_CONFIG,
+                format!(
+                    "unsupported topic config {other}={}",
+                    value.unwrap_or_default()
+                ),
+            ));
+        }
+    })
 }
 
 /// Maps CreateTopics configs onto a topic configuration.
@@ -512,37 +589,8 @@ fn topic_config(
         ));
     }
     for cfg in &t.configs {
-        let value = cfg
-            .value
-            .as_ref()
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default();
-        let bad = || {
-            (
-                code::INVALID_CONFIG,
-                format!("invalid value {value:?} for {}", cfg.name.as_str()),
-            )
-        };
-        let number = || value.parse::<i64>().map_err(|_| bad());
-        match cfg.name.as_str() {
-            "retention.ms" => c.retention_ms = u64::try_from(number()?).ok(),
-            "retention.bytes" => c.retention_bytes = u64::try_from(number()?).ok(),
-            "segment.bytes" => c.segment_bytes = u64::try_from(number()?).map_err(|_| bad())?,
-            "segment.ms" => c.segment_ms = u64::try_from(number()?).map_err(|_| bad())?,
-            "max.message.bytes" => {
-                c.max_message_bytes = u64::try_from(number()?).map_err(|_| bad())?
-            }
-            "cleanup.policy" if value == "delete" => {}
-            // Settings about replicas and caching that mean nothing on one node.
-            "min.insync.replicas" | "unclean.leader.election.enable" | "message.timestamp.type"
-                if value != "LogAppendTime" => {}
-            other => {
-                return Err((
-                    code::INVALID_CONFIG,
-                    format!("unsupported topic config {other}={value}"),
-                ));
-            }
-        }
+        let value = cfg.value.as_ref().map(|v| v.as_str());
+        setting(cfg.name.as_str(), value)?.apply(&mut c);
     }
     Ok(c)
 }
@@ -820,7 +868,7 @@ async fn fetch(ctx: &Context, r: FetchRequest) -> FetchResponse {
 /// Resource types of DescribeConfigs.
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
-/// Config sources: set on the topic, or a default.
+/// Config sources: set on the topic (Kafka's DYNAMIC_TOPIC_CONFIG), or a default.
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_DEFAULT: i8 = 5;
 /// Config types (KIP-569): 3 = INT, 5 = LONG, 2 = STRING... as Kafka numbers them.
@@ -845,51 +893,56 @@ fn describe_configs(ctx: &Context, r: DescribeConfigsRequest) -> DescribeConfigs
                             .with_error_code(error_code(&e))
                             .with_error_message(Some(str_bytes(&e.to_string())));
                     }
-                    Ok(t) => vec![
-                        (
-                            "cleanup.policy",
-                            "delete".into(),
-                            TYPE_STRING,
-                            SOURCE_DEFAULT,
-                        ),
-                        (
-                            "retention.ms",
-                            opt(t.config.retention_ms),
-                            TYPE_LONG,
-                            SOURCE_TOPIC,
-                        ),
-                        (
-                            "retention.bytes",
-                            opt(t.config.retention_bytes),
-                            TYPE_LONG,
-                            SOURCE_TOPIC,
-                        ),
-                        (
-                            "segment.bytes",
-                            t.config.segment_bytes.to_string(),
-                            TYPE_INT,
-                            SOURCE_TOPIC,
-                        ),
-                        (
-                            "segment.ms",
-                            t.config.segment_ms.to_string(),
-                            TYPE_LONG,
-                            SOURCE_TOPIC,
-                        ),
-                        (
-                            "max.message.bytes",
-                            t.config.max_message_bytes.to_string(),
-                            TYPE_INT,
-                            SOURCE_TOPIC,
-                        ),
-                        ("min.insync.replicas", "1".into(), TYPE_INT, SOURCE_DEFAULT),
-                        (
-                            "message.timestamp.type",
-                            "CreateTime".into(),
-                            TYPE_STRING,
-                            SOURCE_DEFAULT,
-                        ),
-                    ],
+                    Ok(t) => {
+                        let (c, d) = (t.config(), TopicConfig::default());
+                        // Settings that differ from the defaults were given to the topic.
+                        let source = |set: bool| if set { SOURCE_TOPIC } else { SOURCE_DEFAULT };
+                        vec![
+                            (
+                                "cleanup.policy",
+                                "delete".into(),
+                                TYPE_STRING,
+                                SOURCE_DEFAULT,
+                            ),
+                            (
+                                "retention.ms",
+                                opt(c.retention_ms),
+                                TYPE_LONG,
+                                source(c.retention_ms != d.retention_ms),
+                            ),
+                            (
+                                "retention.bytes",
+                                opt(c.retention_bytes),
+                                TYPE_LONG,
+                                source(c.retention_bytes != d.retention_bytes),
+                            ),
+                            (
+                                "segment.bytes",
+                                c.segment_bytes.to_string(),
+                                TYPE_INT,
+                                source(c.segment_bytes != d.segment_bytes),
+                            ),
+                            (
+                                "segment.ms",
+                                c.segment_ms.to_string(),
+                                TYPE_LONG,
+                                source(c.segment_ms != d.segment_ms),
+                            ),
+                            (
+                                "max.message.bytes",
+                                c.max_message_bytes.to_string(),
+                                TYPE_INT,
+                                source(c.max_message_bytes != d.max_message_bytes),
+                            ),
+                            ("min.insync.replicas", "1".into(), TYPE_INT, SOURCE_DEFAULT),
+                            (
+                                "message.timestamp.type",
+                                "CreateTime".into(),
+                                TYPE_STRING,
+                                SOURCE_DEFAULT,
+                            ),
+                        ]
+                    }
                 },
                 RESOURCE_BROKER => {
                     let d = TopicConfig::default();
@@ -940,7 +993,8 @@ fn describe_configs(ctx: &Context, r: DescribeConfigsRequest) -> DescribeConfigs
                         ))));
                 }
             };
-            let wanted = res.configuration_keys.as_ref();
+            // No keys (null or an empty list) asks for every setting, as in Kafka.
+            let wanted = res.configuration_keys.as_ref().filter(|k| !k.is_empty());
             result.with_configs(
                 entries
                     .into_iter()
@@ -960,6 +1014,168 @@ fn describe_configs(ctx: &Context, r: DescribeConfigsRequest) -> DescribeConfigs
         })
         .collect();
     DescribeConfigsResponse::default().with_results(results)
+}
+
+/// IncrementalAlterConfigs operations (KIP-339).
+const OP_SET: i8 = 0;
+const OP_DELETE: i8 = 1;
+const OP_APPEND: i8 = 2;
+const OP_SUBTRACT: i8 = 3;
+
+/// What an alter request asks of one resource: its settings in order, and whether the
+/// settings not named go back to their defaults (AlterConfigs) or stay (IncrementalAlterConfigs).
+struct Alteration {
+    settings: Vec<Setting>,
+    reset_others: bool,
+}
+
+/// Changes one topic's settings; the result is the error code and message for the resource.
+async fn alter_topic(
+    ctx: &Context,
+    resource_type: i8,
+    name: &str,
+    alteration: Result<Alteration, (i16, String)>,
+    validate_only: bool,
+) -> (i16, Option<String>) {
+    let alteration = match (resource_type, alteration) {
+        (RESOURCE_TOPIC, Ok(a)) => a,
+        (RESOURCE_TOPIC, Err((code, message))) => return (code, Some(message)),
+        (RESOURCE_BROKER, _) => {
+            return (
+                code::INVALID_REQUEST,
+                Some(
+                    "broker settings are set when the server starts (flags or config file)".into(),
+                ),
+            );
+        }
+        (other, _) => {
+            return (
+                code::INVALID_REQUEST,
+                Some(format!("resource type {other} is not supported")),
+            );
+        }
+    };
+    let change = move |current: &TopicConfig| {
+        let mut c = if alteration.reset_others {
+            TopicConfig {
+                partitions: current.partitions,
+                ..TopicConfig::default()
+            }
+        } else {
+            *current
+        };
+        for s in alteration.settings {
+            s.apply(&mut c);
+        }
+        Ok(c)
+    };
+    match ctx
+        .broker
+        .alter_topic_config(name.to_string(), change, validate_only)
+        .await
+    {
+        Ok(_) => (code::NONE, None),
+        Err(e) => (error_code(&e), Some(e.to_string())),
+    }
+}
+
+/// Settings named twice in one resource make the request ambiguous, as Kafka also holds.
+fn unique_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), (i16, String)> {
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            return Err((code::INVALID_REQUEST, format!("config {n} is given twice")));
+        }
+    }
+    Ok(())
+}
+
+async fn alter_configs(ctx: &Context, r: AlterConfigsRequest) -> AlterConfigsResponse {
+    let mut responses = Vec::with_capacity(r.resources.len());
+    for res in r.resources {
+        let alteration = unique_names(res.configs.iter().map(|c| c.name.as_str())).and_then(|()| {
+            Ok(Alteration {
+                settings: res
+                    .configs
+                    .iter()
+                    .map(|c| setting(c.name.as_str(), c.value.as_ref().map(|v| v.as_str())))
+                    .collect::<Result<_, _>>()?,
+                reset_others: true,
+            })
+        });
+        let (error, message) = alter_topic(
+            ctx,
+            res.resource_type,
+            res.resource_name.as_str(),
+            alteration,
+            r.validate_only,
+        )
+        .await;
+        responses.push(
+            kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name)
+                .with_error_code(error)
+                .with_error_message(message.as_deref().map(str_bytes)),
+        );
+    }
+    AlterConfigsResponse::default().with_responses(responses)
+}
+
+async fn incremental_alter_configs(
+    ctx: &Context,
+    r: IncrementalAlterConfigsRequest,
+) -> IncrementalAlterConfigsResponse {
+    let mut responses = Vec::with_capacity(r.resources.len());
+    for res in r.resources {
+        let alteration = unique_names(res.configs.iter().map(|c| c.name.as_str())).and_then(|()| {
+            let settings = res
+                .configs
+                .iter()
+                .map(|c| {
+                    let name = c.name.as_str();
+                    let value = c.value.as_ref().map(|v| v.as_str());
+                    match c.config_operation {
+                        OP_SET => setting(name, value),
+                        // Back to the default.
+                        OP_DELETE => setting(name, None),
+                        // The only list setting is cleanup.policy, whose only value is delete.
+                        OP_APPEND if name == "cleanup.policy" && value == Some("delete") => {
+                            Ok(Setting::Ignored)
+                        }
+                        OP_APPEND | OP_SUBTRACT => Err((
+                            code::INVALID_CONFIG,
+                            format!("{name} is not a list config that can take APPEND or SUBTRACT with {:?}", value.unwrap_or_default()),
+                        )),
+                        op => Err((
+                            code::INVALID_REQUEST,
+                            format!("unknown config operation {op} for {name}"),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Alteration {
+                settings,
+                reset_others: false,
+            })
+        });
+        let (error, message) = alter_topic(
+            ctx,
+            res.resource_type,
+            res.resource_name.as_str(),
+            alteration,
+            r.validate_only,
+        )
+        .await;
+        responses.push(
+            kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name)
+                .with_error_code(error)
+                .with_error_message(message.as_deref().map(str_bytes)),
+        );
+    }
+    IncrementalAlterConfigsResponse::default().with_responses(responses)
 }
 
 fn init_producer_id(ctx: &Context, r: InitProducerIdRequest) -> InitProducerIdResponse {
@@ -1420,7 +1636,7 @@ async fn produce(
                 }
                 (Some(Ok(_)), None) => Err(code::CORRUPT_MESSAGE),
                 (Some(Ok(topic)), Some(records)) => partition_of(topic, pd.index)
-                    .map(|p| (p, topic.config.clone(), records.to_vec()))
+                    .map(|p| (p, topic.config(), records.to_vec()))
                     .map_err(|e| error_code(&e)),
             };
             slots.push((ti, pd.index, job));
@@ -1576,6 +1792,10 @@ mod tests {
                 }
                 ApiKey::DeleteGroups => kafka_protocol::messages::DeleteGroupsRequest::VERSIONS,
                 ApiKey::OffsetDelete => kafka_protocol::messages::OffsetDeleteRequest::VERSIONS,
+                ApiKey::AlterConfigs => kafka_protocol::messages::AlterConfigsRequest::VERSIONS,
+                ApiKey::IncrementalAlterConfigs => {
+                    kafka_protocol::messages::IncrementalAlterConfigsRequest::VERSIONS
+                }
                 other => panic!("{other:?} has no range check"),
             };
             assert!(range.min <= *lo && *hi <= range.max, "{key:?}");

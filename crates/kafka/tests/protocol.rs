@@ -639,3 +639,260 @@ async fn compressed_batches_that_expand_too_far_or_do_not_decompress_are_refused
     let page = spate_broker::read_events(&p, "z", 0, 0, 10).unwrap();
     assert_eq!(page.events.len(), 2);
 }
+
+/// A topic's settings as DescribeConfigs reports them: name → (value, source).
+async fn described(s: &mut TcpStream, topic: &str) -> (i16, Vec<(String, String, i8)>) {
+    use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+    use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
+    let r: DescribeConfigsResponse = call(
+        s,
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_string(topic.to_string())),
+        ]),
+    )
+    .await;
+    let res = &r.results[0];
+    let configs = res
+        .configs
+        .iter()
+        .map(|c| {
+            (
+                c.name.to_string(),
+                c.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                c.config_source,
+            )
+        })
+        .collect();
+    (res.error_code, configs)
+}
+
+fn value_of(configs: &[(String, String, i8)], name: &str) -> (String, i8) {
+    let (_, v, source) = configs.iter().find(|(n, ..)| n == name).unwrap();
+    (v.clone(), *source)
+}
+
+/// A setting's name, IncrementalAlterConfigs operation and value.
+type Change<'a> = (&'a str, i8, Option<&'a str>);
+
+/// One IncrementalAlterConfigs resource.
+fn incremental(
+    resource_type: i8,
+    name: &str,
+    configs: &[Change],
+) -> kafka_protocol::messages::incremental_alter_configs_request::AlterConfigsResource {
+    use kafka_protocol::messages::incremental_alter_configs_request::{
+        AlterConfigsResource, AlterableConfig,
+    };
+    AlterConfigsResource::default()
+        .with_resource_type(resource_type)
+        .with_resource_name(StrBytes::from_string(name.to_string()))
+        .with_configs(
+            configs
+                .iter()
+                .map(|(n, op, v)| {
+                    AlterableConfig::default()
+                        .with_name(StrBytes::from_string(n.to_string()))
+                        .with_config_operation(*op)
+                        .with_value(v.map(|v| StrBytes::from_string(v.to_string())))
+                })
+                .collect(),
+        )
+}
+
+#[tokio::test]
+async fn topic_settings_change_with_alter_configs_and_bad_changes_get_the_right_code() {
+    use kafka_protocol::messages::alter_configs_request::{AlterConfigsResource, AlterableConfig};
+    use kafka_protocol::messages::{
+        AlterConfigsRequest, AlterConfigsResponse, IncrementalAlterConfigsRequest,
+        IncrementalAlterConfigsResponse,
+    };
+    const SET: i8 = 0;
+    const DELETE: i8 = 1;
+    const APPEND: i8 = 2;
+    const SUBTRACT: i8 = 3;
+    const INVALID_CONFIG: i16 = 40;
+    const INVALID_REQUEST: i16 = 42;
+    let (addr, broker) = server().await;
+    broker
+        .create_topic(
+            "t".into(),
+            TopicConfig {
+                partitions: 3,
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let default = TopicConfig::default();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let (code, configs) = described(&mut s, "t").await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        value_of(&configs, "retention.ms"),
+        (default.retention_ms.unwrap().to_string(), 5)
+    );
+
+    // SET changes what is named and nothing else; the change is seen by readers of the topic.
+    for version in [0, 1] {
+        let r: IncrementalAlterConfigsResponse = call(
+            &mut s,
+            ApiKey::IncrementalAlterConfigs,
+            version,
+            &IncrementalAlterConfigsRequest::default().with_resources(vec![incremental(
+                2,
+                "t",
+                &[
+                    ("retention.ms", SET, Some("3600000")),
+                    ("segment.bytes", SET, Some("2097152")),
+                ],
+            )]),
+        )
+        .await;
+        assert_eq!(r.responses[0].error_code, 0, "{:?}", r.responses[0]);
+    }
+    let c = broker.topic("t").unwrap().config();
+    assert_eq!(
+        (c.retention_ms, c.segment_bytes, c.partitions),
+        (Some(3_600_000), 2 << 20, 3)
+    );
+    assert_eq!(c.max_message_bytes, default.max_message_bytes);
+    let (_, configs) = described(&mut s, "t").await;
+    assert_eq!(value_of(&configs, "retention.ms"), ("3600000".into(), 1));
+    assert_eq!(value_of(&configs, "segment.bytes"), ("2097152".into(), 1));
+    assert_eq!(
+        value_of(&configs, "max.message.bytes"),
+        (default.max_message_bytes.to_string(), 5)
+    );
+
+    // Bad changes get the right code, and change nothing of the resource they are in.
+    let refused: &[(&[Change], i16)] = &[
+        (
+            &[
+                ("retention.ms", SET, Some("60000")),
+                ("segment.bytes", SET, Some("ten")),
+            ],
+            INVALID_CONFIG,
+        ),
+        (&[("retention.ms", SET, Some("-7"))], INVALID_CONFIG),
+        (&[("segment.bytes", SET, Some("100"))], INVALID_CONFIG),
+        (
+            &[("max.message.bytes", SET, Some("3000000"))],
+            INVALID_CONFIG,
+        ),
+        (&[("cleanup.policy", SET, Some("compact"))], INVALID_CONFIG),
+        (&[("compression.type", SET, Some("zstd"))], INVALID_CONFIG),
+        (&[("retention.ms", APPEND, Some("1"))], INVALID_CONFIG),
+        (
+            &[("cleanup.policy", SUBTRACT, Some("delete"))],
+            INVALID_CONFIG,
+        ),
+        (&[("retention.ms", 9, Some("1"))], INVALID_REQUEST),
+        (
+            &[
+                ("retention.ms", SET, Some("1000")),
+                ("retention.ms", SET, Some("2000")),
+            ],
+            INVALID_REQUEST,
+        ),
+    ];
+    for (configs, want) in refused {
+        let r: IncrementalAlterConfigsResponse = call(
+            &mut s,
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            &IncrementalAlterConfigsRequest::default()
+                .with_resources(vec![incremental(2, "t", configs)]),
+        )
+        .await;
+        let res = &r.responses[0];
+        assert_eq!(res.error_code, *want, "{configs:?}");
+        assert!(res.error_message.is_some(), "{configs:?}");
+        assert_eq!(broker.topic("t").unwrap().config(), c, "{configs:?}");
+    }
+    // Other resources of the same request: unknown and internal topics, the broker, an unknown
+    // resource type; validate_only checks without changing.
+    let r: IncrementalAlterConfigsResponse = call(
+        &mut s,
+        ApiKey::IncrementalAlterConfigs,
+        1,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![
+            incremental(2, "missing", &[("retention.ms", SET, Some("1000"))]),
+            incremental(
+                2,
+                "__consumer_offsets",
+                &[("retention.ms", SET, Some("1000"))],
+            ),
+            incremental(4, "0", &[("log.retention.ms", SET, Some("1000"))]),
+            incremental(99, "x", &[]),
+        ]),
+    )
+    .await;
+    let codes: Vec<i16> = r.responses.iter().map(|r| r.error_code).collect();
+    assert_eq!(codes, [3, 17, INVALID_REQUEST, INVALID_REQUEST]);
+    let r: IncrementalAlterConfigsResponse = call(
+        &mut s,
+        ApiKey::IncrementalAlterConfigs,
+        1,
+        &IncrementalAlterConfigsRequest::default()
+            .with_validate_only(true)
+            .with_resources(vec![incremental(
+                2,
+                "t",
+                &[("retention.ms", SET, Some("1000"))],
+            )]),
+    )
+    .await;
+    assert_eq!(r.responses[0].error_code, 0);
+    assert_eq!(broker.topic("t").unwrap().config(), c);
+
+    // DELETE puts a setting back to its default.
+    let r: IncrementalAlterConfigsResponse = call(
+        &mut s,
+        ApiKey::IncrementalAlterConfigs,
+        1,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![incremental(
+            2,
+            "t",
+            &[("segment.bytes", DELETE, None)],
+        )]),
+    )
+    .await;
+    assert_eq!(r.responses[0].error_code, 0);
+    let c = broker.topic("t").unwrap().config();
+    assert_eq!(
+        (c.retention_ms, c.segment_bytes),
+        (Some(3_600_000), default.segment_bytes)
+    );
+
+    // The older AlterConfigs replaces the whole set: settings not named go back to defaults.
+    let r: AlterConfigsResponse = call(
+        &mut s,
+        ApiKey::AlterConfigs,
+        1,
+        &AlterConfigsRequest::default().with_resources(vec![
+            AlterConfigsResource::default()
+                .with_resource_type(2)
+                .with_resource_name(StrBytes::from_static_str("t"))
+                .with_configs(vec![
+                    AlterableConfig::default()
+                        .with_name(StrBytes::from_static_str("retention.bytes"))
+                        .with_value(Some(StrBytes::from_static_str("1073741824"))),
+                ]),
+        ]),
+    )
+    .await;
+    assert_eq!(r.responses[0].error_code, 0, "{:?}", r.responses[0]);
+    let c = broker.topic("t").unwrap().config();
+    assert_eq!(
+        c,
+        TopicConfig {
+            partitions: 3,
+            retention_bytes: Some(1 << 30),
+            ..default
+        }
+    );
+}

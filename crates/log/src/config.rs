@@ -70,7 +70,7 @@ pub const MESSAGE_BYTES_MAX: u64 = 64 << 20;
 const _: () = assert!(MESSAGE_BYTES_MAX < SEGMENT_BYTES_MAX);
 
 /// A topic's configuration, stored in its `topic.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     pub partitions: u32,
@@ -128,6 +128,12 @@ impl TopicConfig {
         }
         if self.retention_bytes == Some(0) {
             return bad("retention_bytes must be positive or null".into());
+        }
+        if self.max_message_bytes > self.segment_bytes {
+            return bad(format!(
+                "max_message_bytes ({}) must not exceed segment_bytes ({})",
+                self.max_message_bytes, self.segment_bytes
+            ));
         }
         Ok(())
     }

@@ -20,12 +20,32 @@ use crate::partition::Partition;
 /// A topic: its name, configuration and partitions.
 pub struct Topic {
     pub name: String,
-    pub config: TopicConfig,
+    /// Changed in place by [`Log::alter_topic_config`], so every holder of the topic sees it.
+    config: RwLock<TopicConfig>,
     pub created_ms: i64,
     pub partitions: Vec<Arc<Partition>>,
 }
 
 impl Topic {
+    pub fn new(
+        name: String,
+        config: TopicConfig,
+        created_ms: i64,
+        partitions: Vec<Arc<Partition>>,
+    ) -> Topic {
+        Topic {
+            name,
+            config: RwLock::new(config),
+            created_ms,
+            partitions,
+        }
+    }
+
+    /// The topic's configuration as it is now.
+    pub fn config(&self) -> TopicConfig {
+        *self.config.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>> {
         self.partitions
             .get(id as usize)
@@ -51,6 +71,9 @@ pub struct Log {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Names of topics being created.
     pending: Mutex<BTreeSet<String>>,
+    /// Held while a topic's configuration is changed or the topic deleted, so that a change
+    /// reads and writes the configuration it replaces and never writes into a topic being removed.
+    altering: Mutex<()>,
     /// Makes staging and trash names unique within a process.
     sequence: AtomicU64,
     /// The latest creation time given to a topic: each topic created gets a later one, so that
@@ -105,6 +128,7 @@ impl Log {
             config,
             topics: RwLock::new(topics),
             pending: Mutex::new(BTreeSet::new()),
+            altering: Mutex::new(()),
             sequence: AtomicU64::new(0),
             last_created_ms: AtomicI64::new(last_created_ms),
         })
@@ -132,12 +156,12 @@ impl Log {
                 config.clone(),
             )?));
         }
-        Ok(Topic {
-            name: file.name,
-            config: file.config,
-            created_ms: file.created_ms,
+        Ok(Topic::new(
+            file.name,
+            file.config,
+            file.created_ms,
             partitions,
-        })
+        ))
     }
 
     /// The directory the log lives in.
@@ -157,12 +181,6 @@ impl Log {
     pub fn create_topic(&self, name: &str, config: TopicConfig, now_ms: i64) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
         config.validate()?;
-        if config.max_message_bytes > config.segment_bytes {
-            return Err(Error::InvalidConfig(format!(
-                "max_message_bytes ({}) must not exceed segment_bytes ({})",
-                config.max_message_bytes, config.segment_bytes
-            )));
-        }
         // Reserve the name, then build the topic without holding the lock: creating many
         // partitions takes many fsyncs, and lookups of other topics must not wait for them.
         {
@@ -203,7 +221,7 @@ impl Log {
             let file = TopicFile {
                 name: name.to_string(),
                 created_ms: now_ms,
-                config: config.clone(),
+                config: *config,
             };
             let json = serde_json::to_vec_pretty(&file).expect("topic metadata serializes");
             let meta = staging.join("topic.json");
@@ -230,8 +248,45 @@ impl Log {
         )?))
     }
 
+    /// Changes a topic's configuration to what `change` makes of the current one; the partition
+    /// count stays as it is. The new configuration is durable in the topic's metadata before it
+    /// takes effect; it applies to appends and retention from then on (segments already sealed
+    /// keep their size). With `validate_only` nothing is changed. Returns the new configuration.
+    pub fn alter_topic_config(
+        &self,
+        name: &str,
+        change: impl FnOnce(&TopicConfig) -> Result<TopicConfig>,
+        validate_only: bool,
+    ) -> Result<TopicConfig> {
+        let _altering = self.altering.lock().unwrap_or_else(|e| e.into_inner());
+        let topic = self.topic(name)?;
+        let current = topic.config();
+        let config = change(&current)?;
+        if config.partitions != current.partitions {
+            return Err(Error::InvalidConfig(format!(
+                "the partition count of a topic cannot change here (topic {name} has {})",
+                current.partitions
+            )));
+        }
+        config.validate()?;
+        if validate_only || config == current {
+            return Ok(config);
+        }
+        let file = TopicFile {
+            name: name.to_string(),
+            created_ms: topic.created_ms,
+            config,
+        };
+        let json = serde_json::to_vec_pretty(&file).expect("topic metadata serializes");
+        let meta = self.dir.join("topics").join(name).join("topic.json");
+        write_atomically(&*self.storage, &meta, &json).ctx("write topic metadata", &meta)?;
+        *topic.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(config)
+    }
+
     /// Deletes a topic and all its data.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let _altering = self.altering.lock().unwrap_or_else(|e| e.into_inner());
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         let topic = topics
             .get(name)
@@ -293,7 +348,7 @@ impl Log {
         let mut n = 0;
         for topic in self.topics() {
             for p in &topic.partitions {
-                n += p.apply_retention(now_ms, &topic.config)?;
+                n += p.apply_retention(now_ms, &topic.config())?;
             }
         }
         Ok(n)

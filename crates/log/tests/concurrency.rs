@@ -19,11 +19,10 @@ fn concurrent_appenders_get_dense_unique_offsets() {
         max_message_bytes: 4096,
         ..TopicConfig::default()
     };
-    log.create_topic("t", config.clone(), 0).unwrap();
+    log.create_topic("t", config, 0).unwrap();
     let threads: Vec<_> = (0..8u8)
         .map(|w| {
             let log = log.clone();
-            let config = config.clone();
             std::thread::spawn(move || {
                 let p = log.topic("t").unwrap().partition(0).unwrap().clone();
                 (0..100u8)

@@ -24,7 +24,7 @@ fn retried_batches_keep_their_offsets_across_a_crash() {
     let disk = MemStorage::new();
     let log = open(&disk, LogConfig::default()).unwrap();
     let config = TopicConfig::default();
-    log.create_topic("t", config.clone(), 0).unwrap();
+    log.create_topic("t", config, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     let a = p.append(&mut batch(42, 0, 0, 3), 0, &config).unwrap();
     let b = p.append(&mut batch(42, 0, 3, 2), 0, &config).unwrap();

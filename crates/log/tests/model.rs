@@ -58,7 +58,7 @@ proptest! {
         let mut disk = MemStorage::new();
         let mut log = open(&disk, LogConfig::default()).unwrap();
         let mut config = TopicConfig { segment_ms: 3000, ..small_topic() };
-        log.create_topic("t", config.clone(), 0).unwrap();
+        log.create_topic("t", config, 0).unwrap();
         let mut model = Model { records: Vec::new(), next_offset: 0 };
         let mut now: i64 = 1_000_000;
         let mut counter = 0u32;

@@ -21,7 +21,7 @@ fn log_with_batches(batches: usize) -> (MemStorage, Vec<u64>) {
     let disk = MemStorage::new();
     let log = open(&disk, LogConfig::default()).unwrap();
     let config = TopicConfig::default();
-    log.create_topic("t", config.clone(), 0).unwrap();
+    log.create_topic("t", config, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     let mut ends = Vec::new();
     let mut end = 0;
@@ -133,7 +133,7 @@ fn a_bit_flipped_in_a_sealed_segment_is_detected_and_reported() {
     };
     let log = open(&disk, sparse.clone()).unwrap();
     let config = small_topic();
-    log.create_topic("t", config.clone(), 0).unwrap();
+    log.create_topic("t", config, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     for i in 0..80 {
         let mut b = batch_of(&values(4, i), 1000);
@@ -179,7 +179,7 @@ fn missing_indexes_of_a_sealed_segment_are_rebuilt() {
     let disk = MemStorage::new();
     let log = open(&disk, LogConfig::default()).unwrap();
     let config = small_topic();
-    log.create_topic("t", config.clone(), 0).unwrap();
+    log.create_topic("t", config, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     for i in 0..80 {
         let mut b = batch_of(&values(4, i), 1000 + i as i64);
@@ -211,8 +211,8 @@ fn workload(disk: &MemStorage, acked: &mut Vec<(u64, Vec<u8>)>) -> spate_log::Re
         retention_bytes: Some(6000),
         ..small_topic()
     };
-    log.create_topic("gone", config.clone(), 0)?;
-    log.create_topic("t", config.clone(), 0)?;
+    log.create_topic("gone", config, 0)?;
+    log.create_topic("t", config, 0)?;
     let p = log.topic("t")?.partition(0)?.clone();
     for i in 0..24u8 {
         let vals: Vec<Vec<u8>> = (0..3)
@@ -297,8 +297,8 @@ fn a_failed_fsync_poisons_the_partition() {
     let disk = MemStorage::new();
     let log = open(&disk, LogConfig::default()).unwrap();
     let config = TopicConfig::default();
-    log.create_topic("t", config.clone(), 0).unwrap();
-    log.create_topic("other", config.clone(), 0).unwrap();
+    log.create_topic("t", config, 0).unwrap();
+    log.create_topic("other", config, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     let mut b = batch_of(&values(2, 1), 0);
     p.append(&mut b, 0, &config).unwrap();
@@ -332,19 +332,19 @@ fn a_reopened_log_keeps_topics_configs_and_offsets() {
         retention_bytes: Some(1 << 30),
         ..TopicConfig::default()
     };
-    log.create_topic("orders", config.clone(), 42).unwrap();
+    log.create_topic("orders", config, 42).unwrap();
     let p = log.topic("orders").unwrap().partition(2).unwrap().clone();
     let mut b = batch_of(&values(5, 1), 0);
     p.append(&mut b, 0, &config).unwrap();
     assert!(matches!(
-        log.create_topic("orders", config.clone(), 0),
+        log.create_topic("orders", config, 0),
         Err(Error::TopicExists(_))
     ));
     drop(log);
     let disk = disk.restart(Unsynced::Drop);
     let log = open(&disk, LogConfig::default()).unwrap();
     let topic = log.topic("orders").unwrap();
-    assert_eq!(topic.config, config);
+    assert_eq!(topic.config(), config);
     assert_eq!(topic.created_ms, 42);
     assert_eq!(topic.partition(2).unwrap().high_watermark(), 5);
     assert_eq!(topic.partition(0).unwrap().high_watermark(), 0);
@@ -355,6 +355,139 @@ fn a_reopened_log_keeps_topics_configs_and_offsets() {
 }
 
 #[test]
+fn a_topic_config_change_is_durable_seen_by_holders_and_a_bad_one_changes_nothing() {
+    let disk = MemStorage::new();
+    let log = open(&disk, LogConfig::default()).unwrap();
+    let before = TopicConfig {
+        partitions: 2,
+        ..TopicConfig::default()
+    };
+    log.create_topic("t", before, 7).unwrap();
+    let held = log.topic("t").unwrap();
+    let after = TopicConfig {
+        retention_ms: None,
+        segment_bytes: 1 << 20,
+        max_message_bytes: 1 << 19,
+        ..before
+    };
+    let changed = log
+        .alter_topic_config(
+            "t",
+            |c| {
+                Ok(TopicConfig {
+                    retention_ms: None,
+                    segment_bytes: 1 << 20,
+                    max_message_bytes: 1 << 19,
+                    ..*c
+                })
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(changed, after);
+    // Whoever holds the topic sees the change; the topic is the same one.
+    assert_eq!(held.config(), after);
+    assert_eq!(held.created_ms, 7);
+
+    // Refused changes leave the configuration as it was.
+    let refused: [fn(&TopicConfig) -> TopicConfig; 4] = [
+        |c| TopicConfig {
+            partitions: 3,
+            ..*c
+        },
+        |c| TopicConfig {
+            max_message_bytes: c.segment_bytes + 1,
+            ..*c
+        },
+        |c| TopicConfig {
+            segment_bytes: 10,
+            ..*c
+        },
+        |c| TopicConfig {
+            retention_bytes: Some(0),
+            ..*c
+        },
+    ];
+    for change in refused {
+        let err = log
+            .alter_topic_config("t", |c| Ok(change(c)), false)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        assert_eq!(held.config(), after);
+    }
+    // Validation alone changes nothing either.
+    let checked = log
+        .alter_topic_config(
+            "t",
+            |c| {
+                Ok(TopicConfig {
+                    retention_ms: Some(1000),
+                    ..*c
+                })
+            },
+            true,
+        )
+        .unwrap();
+    assert_eq!(checked.retention_ms, Some(1000));
+    assert_eq!(held.config(), after);
+    assert!(matches!(
+        log.alter_topic_config("missing", |c| Ok(*c), false),
+        Err(Error::UnknownTopic(_))
+    ));
+
+    // The change was durable before it was answered.
+    let disk = disk.restart(Unsynced::Drop);
+    let log = open(&disk, LogConfig::default()).unwrap();
+    assert_eq!(log.topic("t").unwrap().config(), after);
+    assert_eq!(log.topic("t").unwrap().created_ms, 7);
+}
+
+#[test]
+fn a_crash_during_a_topic_config_change_keeps_the_old_or_the_new_config() {
+    let before = TopicConfig::default();
+    let after = TopicConfig {
+        retention_ms: Some(60_000),
+        ..before
+    };
+    let mut crash_at = 1;
+    loop {
+        let disk = MemStorage::new();
+        let log = open(&disk, LogConfig::default()).unwrap();
+        log.create_topic("t", before, 0).unwrap();
+        disk.crash_at_sync(crash_at);
+        let answered = log
+            .alter_topic_config(
+                "t",
+                |c| {
+                    Ok(TopicConfig {
+                        retention_ms: Some(60_000),
+                        ..*c
+                    })
+                },
+                false,
+            )
+            .is_ok();
+        for unsynced in [Unsynced::Drop, Unsynced::KeepRandomPrefix(crash_at)] {
+            let log = open(&disk.restart(unsynced), LogConfig::default()).unwrap();
+            let config = log.topic("t").unwrap().config();
+            if answered {
+                assert_eq!(config, after, "crash at sync {crash_at}");
+            } else {
+                assert!(
+                    config == before || config == after,
+                    "crash at sync {crash_at}: {config:?}"
+                );
+            }
+        }
+        if answered {
+            break;
+        }
+        crash_at += 1;
+    }
+    assert!(crash_at > 1, "the change takes sync points");
+}
+
+#[test]
 fn a_topic_created_again_under_its_name_gets_a_later_creation_time() {
     // What is derived from a topic records the creation time of the topic it read, so a topic
     // deleted and created again within the same millisecond (or under a clock that stepped
@@ -362,17 +495,17 @@ fn a_topic_created_again_under_its_name_gets_a_later_creation_time() {
     let disk = MemStorage::new();
     let log = open(&disk, LogConfig::default()).unwrap();
     let config = TopicConfig::default();
-    log.create_topic("orders", config.clone(), 1_000).unwrap();
+    log.create_topic("orders", config, 1_000).unwrap();
     log.delete_topic("orders").unwrap();
-    log.create_topic("orders", config.clone(), 1_000).unwrap();
+    log.create_topic("orders", config, 1_000).unwrap();
     assert_eq!(log.topic("orders").unwrap().created_ms, 1_001);
     log.delete_topic("orders").unwrap();
-    log.create_topic("orders", config.clone(), 900).unwrap();
+    log.create_topic("orders", config, 900).unwrap();
     assert_eq!(log.topic("orders").unwrap().created_ms, 1_002);
     // Also after a restart, from the topics on disk.
     drop(log);
     let log = open(&disk, LogConfig::default()).unwrap();
-    log.create_topic("other", config.clone(), 5).unwrap();
+    log.create_topic("other", config, 5).unwrap();
     assert_eq!(log.topic("other").unwrap().created_ms, 1_003);
     // A clock ahead of every topic is used as it is.
     log.create_topic("later", config, 2_000).unwrap();
@@ -448,7 +581,7 @@ fn zeros_written_ahead_of_appends_are_dropped_on_open_and_at_a_roll() {
         ..TopicConfig::default()
     };
     let log = open(&disk, config.clone()).unwrap();
-    log.create_topic("t", topic.clone(), 0).unwrap();
+    log.create_topic("t", topic, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     let mut b = batch_of(&values(3, 1), 1000);
     let size = b.len() as u64;
@@ -495,7 +628,7 @@ fn small_appends_get_the_space_ahead_written_with_zeros_and_recover_from_it() {
     };
     let topic = TopicConfig::default();
     let log = open(&disk, config.clone()).unwrap();
-    log.create_topic("t", topic.clone(), 0).unwrap();
+    log.create_topic("t", topic, 0).unwrap();
     let p = log.topic("t").unwrap().partition(0).unwrap().clone();
     let mut b = batch_of(&values(1, 1), 1000);
     let size = b.len() as u64;

@@ -179,7 +179,7 @@ fn one_run(
         max_message_bytes: 4 << 20,
         ..TopicConfig::default()
     };
-    let topic = log.create_topic("bench", config.clone(), 0)?;
+    let topic = log.create_topic("bench", config, 0)?;
     let partition = topic.partition(0)?.clone();
     let done = Arc::new(AtomicBool::new(false));
     let flusher = match policy {
@@ -200,7 +200,6 @@ fn one_run(
     let handles: Vec<_> = (0..writers)
         .map(|w| {
             let partition = partition.clone();
-            let config = config.clone();
             std::thread::spawn(move || -> Result<(u64, u64, Histogram<u64>)> {
                 let records: Vec<NewRecord> = (0..per_append)
                     .map(|i| NewRecord {

@@ -125,6 +125,18 @@ impl Client {
         Ok(())
     }
 
+    pub async fn alter_topic(&self, name: &str, body: Value) -> Result<()> {
+        let t = self
+            .send(
+                self.http
+                    .patch(self.url(&format!("/v1/topics/{name}")))
+                    .json(&body),
+            )
+            .await?;
+        println!("{}", serde_json::to_string_pretty(&t["config"])?);
+        Ok(())
+    }
+
     pub async fn describe_topic(&self, name: &str) -> Result<()> {
         let body = self
             .send(self.http.get(self.url(&format!("/v1/topics/{name}"))))

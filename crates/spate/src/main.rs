@@ -171,9 +171,42 @@ enum TopicsCommand {
     Describe {
         name: String,
     },
+    /// Change a topic's settings; those not given keep their value.
+    Alter {
+        name: String,
+        /// Milliseconds, or `none` for no time limit.
+        #[arg(long)]
+        retention_ms: Option<Limit>,
+        /// Bytes per partition, or `none` for no size limit.
+        #[arg(long)]
+        retention_bytes: Option<Limit>,
+        #[arg(long)]
+        segment_bytes: Option<u64>,
+        #[arg(long)]
+        segment_ms: Option<u64>,
+        #[arg(long)]
+        max_message_bytes: Option<u64>,
+    },
     Delete {
         name: String,
     },
+}
+
+/// A retention limit on the command line: a number, or `none`.
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<u64>);
+
+impl std::str::FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "none" {
+            return Ok(Limit(None));
+        }
+        s.parse()
+            .map(|n| Limit(Some(n)))
+            .map_err(|_| format!("expected a number or none, got {s:?}"))
+    }
 }
 
 #[derive(clap::Args)]
@@ -260,6 +293,32 @@ fn main() -> Result<()> {
                     }
                     TopicsCommand::List => c.list_topics().await,
                     TopicsCommand::Describe { name } => c.describe_topic(&name).await,
+                    TopicsCommand::Alter {
+                        name,
+                        retention_ms,
+                        retention_bytes,
+                        segment_bytes,
+                        segment_ms,
+                        max_message_bytes,
+                    } => {
+                        let mut body = serde_json::Map::new();
+                        if let Some(Limit(v)) = retention_ms {
+                            body.insert("retention_ms".into(), v.into());
+                        }
+                        if let Some(Limit(v)) = retention_bytes {
+                            body.insert("retention_bytes".into(), v.into());
+                        }
+                        for (key, v) in [
+                            ("segment_bytes", segment_bytes),
+                            ("segment_ms", segment_ms),
+                            ("max_message_bytes", max_message_bytes),
+                        ] {
+                            if let Some(v) = v {
+                                body.insert(key.into(), v.into());
+                            }
+                        }
+                        c.alter_topic(&name, body.into()).await
+                    }
                     TopicsCommand::Delete { name } => c.delete_topic(&name).await,
                 }
             }

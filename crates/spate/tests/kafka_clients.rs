@@ -21,6 +21,7 @@ fn run_python(client: &str) {
     );
     assert!(stdout.contains("10000 messages consumed"), "{stdout}");
     assert!(stdout.contains("HTTP read all 10000"), "{stdout}");
+    assert!(stdout.contains("topic config"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }
 
@@ -258,6 +259,10 @@ fn kafkajs_produces_and_consumes_with_a_group_of_two() {
         stdout.contains("10000 messages consumed by a group of two (2 got partitions)"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("topic config changed with AlterConfigs"),
+        "{stdout}"
+    );
     assert_eq!(server.terminate().code(), Some(0));
 }
 
@@ -272,6 +277,10 @@ fn kafkas_own_java_tools_work_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let stdout = common::interop("bash", "java_tools.sh", &[&server.kafka, &jars]);
+    assert!(
+        stdout.contains("config command: topic settings"),
+        "{stdout}"
+    );
     assert!(stdout.contains("java tools: all checks passed"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -92,6 +92,35 @@ fn sigterm_stops_gracefully_and_data_survives_a_restart() {
     );
     assert!(ok);
     assert!(out.starts_with("partition "), "{out}");
+    let (ok, out, _) = cli(
+        &url,
+        &[
+            "topics",
+            "alter",
+            "orders",
+            "--retention-ms",
+            "none",
+            "--segment-bytes",
+            "2097152",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let config: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(config["retention_ms"], Value::Null);
+    assert_eq!(config["segment_bytes"], 2097152);
+    let (ok, _, err) = cli(
+        &url,
+        &["topics", "alter", "orders", "--partitions", "3"],
+        None,
+    );
+    assert!(!ok && err.contains("--partitions"), "{err}");
+    let (ok, _, err) = cli(
+        &url,
+        &["topics", "alter", "orders", "--segment-bytes", "5"],
+        None,
+    );
+    assert!(!ok && err.contains("segment_bytes"), "{err}");
     assert_eq!(server.terminate().code(), Some(0));
 
     let server = common::start(dir.path(), &[]);
@@ -100,6 +129,12 @@ fn sigterm_stops_gracefully_and_data_survives_a_restart() {
     let e: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(e["event"]["data"]["amount"], 5);
     assert_eq!(e["event"]["partitionkey"], "o-1");
+    // The settings changed before the restart hold after it.
+    let (ok, out, _) = cli(&server.url, &["topics", "describe", "orders"], None);
+    assert!(ok);
+    let t: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(t["config"]["retention_ms"], Value::Null);
+    assert_eq!(t["config"]["segment_bytes"], 2097152);
     assert_eq!(server.terminate().code(), Some(0));
 }
 

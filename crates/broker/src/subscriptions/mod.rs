@@ -479,7 +479,7 @@ impl Subscriptions {
         Ok(Arc::new(Subscriptions {
             broker,
             journal,
-            journal_config: topic.config.clone(),
+            journal_config: topic.config(),
             inner: Mutex::new(inner),
             stopped: Default::default(),
         }))
@@ -1541,7 +1541,7 @@ impl Subscriptions {
                         }
                     }
                 };
-                let n = dlq.config.partitions;
+                let n = dlq.config().partitions;
                 let partition = match event.partition_key() {
                     Some(k) => crate::partitioner::partition_for_key(k.as_bytes(), n),
                     None => id.1 % n,
@@ -1629,7 +1629,7 @@ impl Subscriptions {
                         let now = now_ms();
                         let mut bytes =
                             batch::encode(&[letter.to_record(now)]).expect("one record");
-                        let config = dlq.config.clone();
+                        let config = dlq.config();
                         blocking(move || Ok(p.append(&mut bytes, now, &config)?.base_offset))
                             .await?
                     }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use serde::{Deserialize, Serialize};
 use spate_log::batch::{self, NewRecord};
 use spate_log::{Log, Partition, TopicConfig};
@@ -139,6 +139,31 @@ struct Group {
 }
 
 impl Group {
+    /// The topics the members subscribe to, read from their subscriptions when the group runs
+    /// Kafka's consumer protocol; `None` when that is not known (another protocol, no protocol
+    /// chosen yet, a subscription that does not parse): then every topic counts as subscribed.
+    fn subscribed_topics(&self) -> Option<std::collections::HashSet<String>> {
+        use kafka_protocol::messages::ConsumerProtocolSubscription;
+        use kafka_protocol::protocol::Decodable;
+        if self.protocol_type.as_deref() != Some("consumer") {
+            return None;
+        }
+        let protocol = self.protocol.as_deref()?;
+        let mut topics = std::collections::HashSet::new();
+        for m in self.members.values() {
+            let mut md = m.metadata(protocol);
+            if md.len() < 2 {
+                return None;
+            }
+            let version = md.get_i16();
+            // Later versions only add fields: read them as the latest this build knows.
+            let version = (version >= 0).then_some(version.min(3))?;
+            let sub = ConsumerProtocolSubscription::decode(&mut md, version).ok()?;
+            topics.extend(sub.topics.iter().map(|t| t.to_string()));
+        }
+        Some(topics)
+    }
+
     fn new() -> Group {
         Group {
             state: GroupState::Empty,
@@ -852,7 +877,7 @@ impl Coordinator {
             }
             let _writing = self.commits.read().await;
             let p = self.offsets_log.clone();
-            let config = self.offsets_config.clone();
+            let config = self.offsets_config;
             let appended =
                 tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config)).await;
             match appended {
@@ -914,8 +939,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// OffsetDelete: removes committed offsets of a group without members, durably; per
-    /// partition, `Ok` also for one without an offset.
+    /// OffsetDelete: removes committed offsets, durably, of topics the group's members do not
+    /// subscribe to (any topic of a group without members); per partition, `Ok` also for one
+    /// without an offset.
     #[allow(clippy::type_complexity)]
     pub async fn delete_offsets(
         &self,
@@ -933,7 +959,11 @@ impl Coordinator {
             if group.is_none() && !state.offsets.keys().any(|(g, _, _)| g == group_id) {
                 return Err(GroupError::GroupIdNotFound);
             }
-            let active = group.is_some_and(|g| !g.members.is_empty());
+            // While the group has members, the topics they read keep their offsets.
+            let (active, subscribed) = match group {
+                Some(g) if !g.members.is_empty() => (true, g.subscribed_topics()),
+                _ => (false, None),
+            };
             topics
                 .into_iter()
                 .map(|(topic, partitions)| {
@@ -943,7 +973,9 @@ impl Coordinator {
                         .map(|p| {
                             let result = match &known {
                                 Some(t) if p < t.config().partitions => {
-                                    if active {
+                                    if active
+                                        && subscribed.as_ref().is_none_or(|s| s.contains(&topic))
+                                    {
                                         Err(GroupError::GroupSubscribedToTopic)
                                     } else {
                                         let k = (group_id.to_string(), topic.clone(), p);
@@ -997,7 +1029,7 @@ impl Coordinator {
     ) -> Result<Option<u64>, crate::BrokerError> {
         let mut first = None;
         for mut bytes in batches(records, self.offsets_config.max_message_bytes) {
-            let (p, config) = (self.offsets_log.clone(), self.offsets_config.clone());
+            let (p, config) = (self.offsets_log.clone(), self.offsets_config);
             let appended =
                 tokio::task::spawn_blocking(move || p.append(&mut bytes, now_ms, &config))
                     .await
@@ -1326,6 +1358,87 @@ mod tests {
             Some(0)
         );
         assert!(c.fetch_offsets("g", None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn offsets_of_topics_no_member_reads_are_deleted_while_the_group_runs() {
+        use kafka_protocol::messages::ConsumerProtocolSubscription;
+        use kafka_protocol::protocol::{Encodable, StrBytes};
+        let disk = MemStorage::new();
+        let c = coordinator(&disk);
+        c.log.create_topic("u", TopicConfig::default(), 0).unwrap();
+        let subscription = |version: i16, topics: &[&str]| {
+            let mut md = bytes::BytesMut::new();
+            md.extend_from_slice(&version.to_be_bytes());
+            ConsumerProtocolSubscription::default()
+                .with_topics(
+                    topics
+                        .iter()
+                        .map(|t| StrBytes::from_string(t.to_string()))
+                        .collect(),
+                )
+                .encode(&mut md, version.min(3))
+                .unwrap();
+            md.freeze()
+        };
+        let t0 = Instant::now();
+        let join_reading = |member: &str, metadata: Bytes| {
+            c.join(
+                JoinRequest {
+                    group_id: "g".into(),
+                    member_id: member.into(),
+                    client_id: "c".into(),
+                    client_host: "h".into(),
+                    protocol_type: "consumer".into(),
+                    protocols: vec![("range".into(), metadata)],
+                    session_timeout: Duration::from_secs(10),
+                    rebalance_timeout: Duration::from_secs(5),
+                },
+                t0,
+            )
+        };
+        // One member reads "t" (a subscription of a version newer than this build knows).
+        let a = ready(join_reading("", subscription(7, &["t"])))
+            .unwrap()
+            .unwrap();
+        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let offset = |topic: &str| {
+            (
+                topic.to_string(),
+                0,
+                Committed {
+                    offset: 4,
+                    leader_epoch: -1,
+                    metadata: None,
+                },
+            )
+        };
+        c.commit("g", 1, &a.member_id, vec![offset("t"), offset("u")], t0)
+            .await
+            .unwrap();
+        let both = || vec![("t".to_string(), vec![0]), ("u".to_string(), vec![0])];
+        let results = c.delete_offsets("g", both()).await.unwrap();
+        assert_eq!(
+            results[0].1,
+            vec![(0, Err(GroupError::GroupSubscribedToTopic))]
+        );
+        assert_eq!(results[1].1, vec![(0, Ok(()))]);
+        let left: Vec<String> = c
+            .fetch_offsets("g", None)
+            .into_iter()
+            .filter(|(_, parts)| parts.iter().any(|(_, c)| c.is_some()))
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(left, ["t"]);
+        // A member whose subscription does not parse counts as reading every topic.
+        let _joining = join_reading("", Bytes::from_static(b"\x00"));
+        let results = c.delete_offsets("g", both()).await.unwrap();
+        assert!(
+            results
+                .iter()
+                .all(|(_, r)| r[0].1 == Err(GroupError::GroupSubscribedToTopic)),
+            "{results:?}"
+        );
     }
 
     #[tokio::test]

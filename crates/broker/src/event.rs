@@ -48,6 +48,8 @@ pub enum EventError {
     BothData,
     #[error("`data_base64` is not valid base64: {0}")]
     Base64(String),
+    #[error("the data is not valid JSON ({0}), but its content type {1:?} says it is")]
+    DataNotJson(String, String),
 }
 
 /// A CloudEvent. Optional attributes are `None` when absent; `id`, `source` and `time` are filled by
@@ -257,8 +259,16 @@ impl Event {
             map.insert(name, Value::String(value));
         }
         let mut event = Event::from_json(Value::Object(map))?;
+        // Data declared JSON must be JSON: readers are promised a JSON value in `data`. An empty
+        // body is an event without data, whatever its content type.
+        if let Some(ct) = content_type.as_deref().filter(|ct| is_json_media_type(ct))
+            && !body.is_empty()
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        {
+            return Err(EventError::DataNotJson(e.to_string(), ct.to_string()));
+        }
         event.datacontenttype = content_type;
-        event.data = Some(body);
+        event.data = (!body.is_empty()).then_some(body);
         Ok(event)
     }
 

@@ -654,7 +654,50 @@ async fn bad_events_are_refused_and_change_nothing() {
         .body(Body::empty())
         .unwrap();
     assert_problem(&app.send(req).await, StatusCode::BAD_REQUEST, "percent");
+    // Binary mode whose body is declared JSON but is not.
+    for ct in [
+        "application/json",
+        "application/vnd.order+json; charset=utf-8",
+    ] {
+        let req = Request::post("/v1/topics/orders/events")
+            .header("ce-type", "t")
+            .header("content-type", ct)
+            .body(Body::from("{\"amount\": 5"))
+            .unwrap();
+        assert_problem(
+            &app.send(req).await,
+            StatusCode::BAD_REQUEST,
+            "not valid JSON",
+        );
+    }
     assert_eq!(app.end_offsets("orders").await, [0, 0]);
+    // An empty body is an event without data; other media types are opaque bytes.
+    let req = Request::post("/v1/topics/orders/events")
+        .header("ce-type", "t")
+        .header("content-type", "application/json")
+        .body(Body::empty())
+        .unwrap();
+    let r = app.send(req).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let at = &r.body["offsets"][0];
+    let read = app
+        .get(&format!(
+            "/v1/topics/orders/events?partition={}&offset={}&limit=1",
+            at["partition"], at["offset"]
+        ))
+        .await;
+    let event = &read.body["events"][0]["event"];
+    assert_eq!(event["type"], "t", "{}", read.body);
+    assert!(
+        event.get("data").is_none() && event.get("data_base64").is_none(),
+        "{event}"
+    );
+    let req = Request::post("/v1/topics/orders/events")
+        .header("ce-type", "t")
+        .header("content-type", "text/plain")
+        .body(Body::from("{\"amount\": 5"))
+        .unwrap();
+    assert_eq!(app.send(req).await.status, StatusCode::CREATED);
 }
 
 fn futures_stream(

@@ -40,16 +40,18 @@ impl Syncer {
         }
         let (syncer, p) = (self.clone(), p.clone());
         tokio::task::spawn_blocking(move || {
-            loop {
-                // An fsync covers the whole log end at the time it starts; a failure poisons the
-                // partition, which wakes the waiters.
-                let failed = p.flush().is_err();
-                let mut s = syncer.state.lock().unwrap_or_else(|e| e.into_inner());
-                if failed || p.high_watermark() >= s.wanted {
-                    s.running = false;
-                    return;
+            spate_log::io::with_raised_priority(|| {
+                loop {
+                    // An fsync covers the whole log end at the time it starts; a failure poisons
+                    // the partition, which wakes the waiters.
+                    let failed = p.flush().is_err();
+                    let mut s = syncer.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if failed || p.high_watermark() >= s.wanted {
+                        s.running = false;
+                        return;
+                    }
                 }
-            }
+            })
         });
     }
 }

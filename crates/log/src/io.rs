@@ -239,3 +239,42 @@ pub fn read_all(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
 pub fn parent(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("/"))
 }
+
+/// The nice value the threads that wait on fsyncs ask for (lower runs first).
+const SYNC_THREAD_NICE: i32 = -10;
+
+/// Runs `f` with the calling thread's scheduling priority raised, where the process may raise it
+/// (root, `CAP_SYS_NICE`, or an `RLIMIT_NICE` that allows it, e.g. systemd's `LimitNICE=`);
+/// otherwise as it is. For the threads that run fsyncs: an acknowledgement waits for the fsync and
+/// then for its thread to get a CPU back, which on a busy machine can take longer than the disk.
+#[allow(unsafe_code)]
+pub fn with_raised_priority<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(target_os = "linux")]
+    {
+        struct Restore(libc::id_t, i32);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: changes this thread's nice value only; lowering a priority is always
+                // allowed.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, self.0, self.1) };
+            }
+        }
+        // SAFETY: gettid has no preconditions; getpriority and setpriority read and change the
+        // nice value of this thread only (Linux keeps one per thread).
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        let before = unsafe {
+            *libc::__errno_location() = 0;
+            let p = libc::getpriority(libc::PRIO_PROCESS, tid);
+            (*libc::__errno_location() == 0).then_some(p)
+        };
+        let _restore = before
+            .filter(|&p| p > SYNC_THREAD_NICE)
+            .filter(
+                |_| unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, SYNC_THREAD_NICE) } == 0,
+            )
+            .map(|p| Restore(tid, p));
+        f()
+    }
+    #[cfg(not(target_os = "linux"))]
+    f()
+}

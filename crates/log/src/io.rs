@@ -278,3 +278,32 @@ pub fn with_raised_priority<T>(f: impl FnOnce() -> T) -> T {
     #[cfg(not(target_os = "linux"))]
     f()
 }
+
+#[cfg(all(test, target_os = "linux"))]
+#[allow(unsafe_code)]
+mod tests {
+    fn nice() -> i32 {
+        // SAFETY: reads this thread's nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn the_priority_is_raised_where_allowed_and_given_back_after() {
+        std::thread::spawn(|| {
+            let before = nice();
+            let inside = super::with_raised_priority(nice);
+            // SAFETY: reads the effective user id.
+            if unsafe { libc::geteuid() } == 0 {
+                assert_eq!(inside, super::SYNC_THREAD_NICE.min(before));
+            } else {
+                assert!(inside <= before, "{inside} > {before}");
+            }
+            assert_eq!(nice(), before);
+            // Given back after a panic too.
+            let _ = std::panic::catch_unwind(|| super::with_raised_priority(|| panic!("inside")));
+            assert_eq!(nice(), before);
+        })
+        .join()
+        .unwrap();
+    }
+}

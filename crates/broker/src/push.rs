@@ -81,6 +81,13 @@ pub enum FeedStart {
     Time(i64),
     /// The next offset to deliver, per partition; partitions not listed start at the latest.
     Offsets(HashMap<u32, u64>),
+    /// Offsets handed out by the topic created at `topic_created_ms`: they count when the topic
+    /// under the name is still that one; when it was deleted and created again since, they say
+    /// nothing about the new topic, which is then read from its start.
+    Resume {
+        offsets: HashMap<u32, u64>,
+        topic_created_ms: i64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +138,14 @@ impl Broker {
         max_behind: Duration,
     ) -> Result<Feed> {
         let topic = self.topic(topic)?;
+        let start = match start {
+            FeedStart::Resume {
+                offsets,
+                topic_created_ms,
+            } if topic_created_ms == topic.created_ms => FeedStart::Offsets(offsets),
+            FeedStart::Resume { .. } => FeedStart::Earliest,
+            start => start,
+        };
         for (p, _) in match &start {
             FeedStart::Offsets(m) => m.iter().collect::<Vec<_>>(),
             _ => Vec::new(),
@@ -149,7 +164,8 @@ impl Broker {
                 .map(|(i, p)| {
                     let hw = p.high_watermark();
                     Ok(match &start_for_blocking {
-                        FeedStart::Earliest => p.log_start_offset(),
+                        // (A resume is an `Offsets` or `Earliest` by now.)
+                        FeedStart::Earliest | FeedStart::Resume { .. } => p.log_start_offset(),
                         FeedStart::Latest => hw,
                         FeedStart::Time(t) => p.offset_for_timestamp(*t)?.map_or(hw, |(o, _)| o),
                         FeedStart::Offsets(m) => match m.get(&(i as u32)) {
@@ -312,6 +328,12 @@ impl Feed {
     /// where a resumed feed starts so that nothing is missed or repeated.
     pub fn position(&self) -> &[u64] {
         &self.position
+    }
+
+    /// The creation time of the topic this feed reads: what tells it from a topic deleted and
+    /// created again under its name.
+    pub fn topic_created_ms(&self) -> i64 {
+        self.topic.created_ms
     }
 
     pub fn topic(&self) -> &str {

@@ -90,14 +90,30 @@ fn parse_cursor(cursor: &str) -> Result<HashMap<u32, u64>, String> {
     Ok(out)
 }
 
-/// The cursor after an event: the last offset delivered per partition.
-fn cursor_of(position: &[u64]) -> String {
-    position
+/// The cursor after an event: the last offset delivered per partition, then `@` and the creation
+/// time of the topic that handed them out.
+fn cursor_of(position: &[u64], topic_created_ms: i64) -> String {
+    let mut out = position
         .iter()
         .enumerate()
         .map(|(p, next)| format!("{p}:{}", *next as i64 - 1))
         .collect::<Vec<_>>()
-        .join(",")
+        .join(",");
+    out.push('@');
+    out.push_str(&topic_created_ms.to_string());
+    out
+}
+
+/// Splits the topic's creation time off a cursor (`...@<ms>`); cursors without one are taken
+/// as they are.
+fn split_cursor(cursor: &str) -> Result<(&str, Option<i64>), String> {
+    match cursor.split_once('@') {
+        None => Ok((cursor, None)),
+        Some((c, t)) => t
+            .parse()
+            .map(|t| (c, Some(t)))
+            .map_err(|_| format!("invalid cursor {cursor:?}: the part after @ is not a number")),
+    }
 }
 
 fn feed_error(e: BrokerError) -> ApiError {
@@ -143,13 +159,23 @@ pub async fn sse(
         .filter(|id| !id.is_empty())
         .or_else(|| q.get("cursor").cloned());
     let feed = if let Some(stream) = q.get("stream") {
-        // One stream: the cursor is the version of the last event seen.
+        // One stream: the cursor is the version of the last event seen (then the topic's
+        // creation time: a stream of a topic created again is read from its start).
         let from_version = match (cursor, q.get("from_version")) {
-            (Some(id), _) => id
-                .parse::<u64>()
-                .ok()
-                .and_then(|v| v.checked_add(1))
-                .ok_or_else(|| ApiError::bad_request(format!("invalid stream cursor {id:?}")))?,
+            (Some(id), _) => {
+                let (version, created) = split_cursor(&id).map_err(ApiError::bad_request)?;
+                let next = version
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|v| v.checked_add(1))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("invalid stream cursor {id:?}"))
+                    })?;
+                match created {
+                    Some(c) if c != s.broker.topic(&topic)?.created_ms => 0,
+                    _ => next,
+                }
+            }
             (None, Some(v)) => v.parse().map_err(|_| {
                 ApiError::bad_request(format!(
                     "`from_version` must be a version number, got {v:?}"
@@ -177,7 +203,17 @@ pub async fn sse(
             return Err(ApiError::bad_request("`from_version` needs `stream`"));
         }
         let start = match (cursor, q.get("from")) {
-            (Some(id), _) => FeedStart::Offsets(parse_cursor(&id).map_err(ApiError::bad_request)?),
+            (Some(id), _) => {
+                let (cursor, created) = split_cursor(&id).map_err(ApiError::bad_request)?;
+                let offsets = parse_cursor(cursor).map_err(ApiError::bad_request)?;
+                match created {
+                    Some(topic_created_ms) => FeedStart::Resume {
+                        offsets,
+                        topic_created_ms,
+                    },
+                    None => FeedStart::Offsets(offsets),
+                }
+            }
             (_, Some(from)) => parse_from(from).map_err(ApiError::bad_request)?,
             (_, None) => FeedStart::Latest,
         };
@@ -221,8 +257,8 @@ fn sse_stream(
                 data.push('{');
                 push_event_end(&mut data, feed.version(), &e);
                 let id = match feed.version() {
-                    Some(v) => v.to_string(),
-                    None => cursor_of(feed.position()),
+                    Some(v) => format!("{v}@{}", feed.topic_created_ms()),
+                    None => cursor_of(feed.position(), feed.topic_created_ms()),
                 };
                 deliveries.delivered(&e);
                 let event = SseEvent::default().id(id).data(data);
@@ -494,6 +530,7 @@ fn known_fields(op: &str, v: &Value) -> Result<(), String> {
             "types",
             "stream",
             "from_version",
+            "topic_created_ms",
         ],
         "unsubscribe" => &["id", "subscription"],
         "publish" => &["topic", "event", "ref"],
@@ -652,6 +689,32 @@ impl Connection {
                 .map(FeedStart::Offsets),
             Some(_) => Err("`from` must be a string or an object of partition offsets".into()),
         };
+        // Positions handed out by an earlier topic of the name do not count for this one.
+        let created = match v.get("topic_created_ms") {
+            None | Some(Value::Null) => None,
+            Some(c) => match c.as_i64() {
+                Some(c) => Some(c),
+                None => {
+                    return self
+                        .reply(error(
+                            tag,
+                            "malformed",
+                            "`topic_created_ms` must be an integer",
+                        ))
+                        .await;
+                }
+            },
+        };
+        let start = match (start, created) {
+            (Ok(FeedStart::Offsets(offsets)), Some(topic_created_ms)) => Ok(FeedStart::Resume {
+                offsets,
+                topic_created_ms,
+            }),
+            (Ok(_), Some(_)) if v.get("stream").is_none() => {
+                Err("`topic_created_ms` goes with `from` offsets or with `stream`".to_string())
+            }
+            (start, _) => start,
+        };
         let start = match start {
             Ok(s) => s,
             Err(e) => return self.reply(error(tag, "malformed", e)).await,
@@ -682,6 +745,15 @@ impl Connection {
                     .await;
             }
         };
+        // A stream of a topic created again since `topic_created_ms` is read from its start.
+        let stream = match (stream, created) {
+            (Some((st, _)), Some(c))
+                if self.s.broker.topic(topic).is_ok_and(|t| t.created_ms != c) =>
+            {
+                Some((st, 0))
+            }
+            (stream, _) => stream,
+        };
         let feed = match &stream {
             Some((st, fv)) => {
                 self.s
@@ -709,10 +781,12 @@ impl Connection {
             .enumerate()
             .map(|(p, o)| (p.to_string(), json!(o)))
             .collect();
+        let created = feed.topic_created_ms();
         let reply = match &stream {
             Some((st, fv)) => json!({"op": "subscribed", "id": id, "topic": topic, "stream": st,
-                "from_version": fv}),
-            None => json!({"op": "subscribed", "id": id, "topic": topic, "from": from}),
+                "from_version": fv, "topic_created_ms": created}),
+            None => json!({"op": "subscribed", "id": id, "topic": topic, "from": from,
+                "topic_created_ms": created}),
         };
         self.reply(reply).await;
         let handle = tokio::spawn(run_subscription(
@@ -1149,11 +1223,20 @@ mod tests {
         ] {
             assert!(parse_cursor(bad).is_err(), "{bad:?}");
         }
-        // What an event's cursor says reads back as the position after it.
-        assert_eq!(cursor_of(&[42, 0, 1]), "0:41,1:-1,2:0");
+        // What an event's cursor says reads back as the position after it, in the topic
+        // created then.
+        let cursor = cursor_of(&[42, 0, 1], 1_700_000_000_123);
+        assert_eq!(cursor, "0:41,1:-1,2:0@1700000000123");
+        let (offsets, created) = split_cursor(&cursor).unwrap();
+        assert_eq!(created, Some(1_700_000_000_123));
         assert_eq!(
-            parse_cursor(&cursor_of(&[42, 0, 1])),
+            parse_cursor(offsets),
             Ok(HashMap::from([(0, 42), (1, 0), (2, 1)]))
         );
+        // Cursors of earlier versions have no creation time.
+        assert_eq!(split_cursor("0:41"), Ok(("0:41", None)));
+        for bad in ["0:41@", "0:41@x", "0:41@1@2"] {
+            assert!(split_cursor(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -469,6 +469,94 @@ async fn a_slow_websocket_consumer_is_cut_off_while_others_get_everything() {
 }
 
 #[tokio::test]
+async fn a_position_in_a_deleted_topic_resumes_the_topic_created_again_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("t", 1).await;
+    server.publish("t", 0, 5).await;
+    let mut sse = Sse::open(server.addr, "from=earliest", None).await;
+    let (_, cursor) = sse.take(5).await;
+    drop(sse);
+    // One stream's cursor: the version of its last event seen (n = 2 is stream k2's first).
+    let mut sse = Sse::open(server.addr, "stream=k2", None).await;
+    let (events, stream_cursor) = sse.take(1).await;
+    assert_eq!(numbers(&events), [2]);
+    drop(sse);
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "t", "from": "earliest"}))
+        .await;
+    let created = ws.recv().await["topic_created_ms"].clone();
+    assert!(created.is_i64(), "{created}");
+    assert_eq!(numbers(&ws.events(5).await), (0..5).collect::<Vec<_>>());
+    drop(ws);
+    assert!(cursor.ends_with(&format!("@{created}")), "{cursor}");
+
+    // The topic is deleted and created again; it grows past the old positions.
+    server.broker.delete_topic("t".into()).await.unwrap();
+    server.topic("t", 1).await;
+    server.publish("t", 100, 8).await;
+    // Positions in the old topic read the new one from its start: nothing of it is skipped.
+    let mut sse = Sse::open(server.addr, "", Some(&cursor)).await;
+    let (events, new_cursor) = sse.take(8).await;
+    assert_eq!(numbers(&events), (100..108).collect::<Vec<_>>());
+    assert!(
+        !new_cursor.ends_with(&format!("@{created}")),
+        "{new_cursor}"
+    );
+    drop(sse);
+    // Stream k2 of the new topic holds n = 100 and 107; an old cursor reads both.
+    let mut sse = Sse::open(server.addr, "stream=k2", Some(&stream_cursor)).await;
+    let (events, _) = sse.take(2).await;
+    assert_eq!(numbers(&events), [100, 107]);
+    drop(sse);
+    let mut ws = server.ws().await;
+    ws.send(
+        json!({"op": "subscribe", "id": "s", "topic": "t", "from": {"0": 5},
+        "topic_created_ms": created}),
+    )
+    .await;
+    let reply = ws.recv().await;
+    assert_eq!(reply["from"], json!({"0": 0}), "{reply}");
+    assert_ne!(reply["topic_created_ms"], created);
+    assert_eq!(numbers(&ws.events(8).await), (100..108).collect::<Vec<_>>());
+    // Positions that name no topic are taken as they are; so are those of the current topic.
+    let now = reply["topic_created_ms"].clone();
+    for (id, extra) in [("a", json!(null)), ("b", now)] {
+        ws.send(
+            json!({"op": "subscribe", "id": id, "topic": "t", "from": {"0": 5},
+            "topic_created_ms": extra}),
+        )
+        .await;
+        assert_eq!(ws.recv().await["from"], json!({"0": 5}));
+        assert_eq!(numbers(&ws.events(3).await), (105..108).collect::<Vec<_>>());
+    }
+    let mut sse = Sse::open(server.addr, "", Some("0:4")).await;
+    let (events, _) = sse.take(3).await;
+    assert_eq!(numbers(&events), (105..108).collect::<Vec<_>>());
+    // A creation time that is not a number is refused.
+    ws.send(
+        json!({"op": "subscribe", "id": "c", "topic": "t", "from": "earliest",
+        "topic_created_ms": 1}),
+    )
+    .await;
+    assert_eq!(ws.recv().await["code"], "malformed");
+    ws.send(
+        json!({"op": "subscribe", "id": "c", "topic": "t", "from": {"0": 1},
+        "topic_created_ms": "x"}),
+    )
+    .await;
+    assert_eq!(ws.recv().await["code"], "malformed");
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/v1/topics/t/sse", server.addr))
+        .header("Last-Event-ID", "0:4@soon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_position_past_the_end_is_refused_not_waited_on() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), PushLimits::default()).await;

@@ -479,9 +479,11 @@ async fn a_stream_subscription_catches_up_then_follows_without_gap_or_duplicate(
             .unwrap();
         text.push_str(std::str::from_utf8(&chunk).unwrap());
     }
-    assert!(text.contains("id: 58\n"), "{text}");
-    assert!(text.contains("id: 59\n"), "{text}");
+    // The id is the version, then the topic's creation time.
+    let created = server.broker.topic("es").unwrap().created_ms;
+    assert!(text.contains(&format!("id: 58@{created}\n")), "{text}");
+    assert!(text.contains(&format!("id: 59@{created}\n")), "{text}");
     assert!(text.contains("\"version\":58"), "{text}");
-    assert!(!text.contains("id: 57\n"), "{text}");
+    assert!(!text.contains("id: 57@"), "{text}");
     server.stop().await;
 }

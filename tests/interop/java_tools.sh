@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kafka's own Java tools against Spate's Kafka listener: TopicCommand, the console producer and
 # consumer (with keys and a consumer group), the consumer group command, the config command,
-# ProducerPerformance and ConsumerPerformance.
+# ProducerPerformance and ConsumerPerformance, the delete records command.
 # usage: java_tools.sh BOOTSTRAP JARS_DIR
 set -euo pipefail
 BS=$1
@@ -67,4 +67,11 @@ grep -q '^50000 records sent' "$LOG/p"
 J org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$BS" --topic java \
   --num-records 50300 --timeout 60000 --group java-perf | tail -1 | tee "$LOG/c"
 [ "$(cut -d, -f5 "$LOG/c" | tr -d ' ')" = 50300 ] || { echo "ConsumerPerformance did not read 50300 records"; exit 1; }
+# Deleting records: partition 0 of the topic starts at offset 5 afterwards, for every client.
+echo '{"version": 1, "partitions": [{"topic": "java", "partition": 0, "offset": 5}]}' > "$LOG/delete.json"
+J org.apache.kafka.tools.DeleteRecordsCommand --bootstrap-server "$BS" --offset-json-file "$LOG/delete.json" \
+  | grep -q "java-0.*low_watermark: 5" || { echo "DeleteRecordsCommand did not report low_watermark 5"; exit 1; }
+earliest=$(J org.apache.kafka.tools.GetOffsetShell --bootstrap-server "$BS" --topic java --partitions 0 --time -2)
+[ "$earliest" = "java:0:5" ] || { echo "earliest offset after deleting records: $earliest"; exit 1; }
+echo "delete records command: partition 0 starts at offset 5"
 echo "java tools: all checks passed"

@@ -515,6 +515,23 @@ impl Broker {
         blocking(move || Ok(log.alter_topic_config(&name, change, validate_only)?)).await
     }
 
+    /// Deletes a partition's records before `offset` (before the high watermark when `None`),
+    /// durably (see [`Partition::delete_records`]); returns the new log start. The server's own
+    /// topics keep their records.
+    pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: Option<u64>,
+    ) -> Result<u64> {
+        let t = self.topic(topic)?;
+        if is_internal(topic) {
+            return Err(BrokerError::InternalTopic(topic.to_string()));
+        }
+        let p = t.partition(partition)?.clone();
+        blocking(move || Ok(p.delete_records(offset.unwrap_or_else(|| p.high_watermark()))?)).await
+    }
+
     /// A channel holding the partition's high watermark, updated as it advances: readers at the
     /// end of the log wait on it instead of polling.
     pub fn watch(

@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
             get(events::read).post(events::publish),
         )
         .route("/v1/topics/{topic}/sse", get(push::sse))
+        .route("/v1/topics/{topic}/truncate", post(topics::truncate))
         .route(
             "/v1/topics/{topic}/streams/{stream}/events",
             get(streams::read).post(streams::append),

@@ -1,4 +1,4 @@
-//! Topic endpoints: create, list, describe, change settings, delete.
+//! Topic endpoints: create, list, describe, change settings, truncate, delete.
 
 use axum::Json;
 use axum::body::Body;
@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use spate_log::{Topic, TopicConfig};
 
+use crate::error::ApiError;
 use crate::events::{parse_json, read_body};
 use crate::{ApiResult, AppState};
 
@@ -124,6 +125,63 @@ pub async fn alter(
         )
         .await?;
     Ok(Json(describe_topic(&*s.broker.topic(&topic)?)))
+}
+
+/// `POST /v1/topics/{topic}/truncate`: `{"before": {"0": 120, "1": "end"}}` deletes each named
+/// partition's records before the offset (`"end"`: all of them), as Kafka's DeleteRecords.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Truncate {
+    before: std::collections::BTreeMap<String, Value>,
+}
+
+pub async fn truncate(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let bytes = read_body(&headers, body, s.limits.max_request_bytes).await?;
+    let req: Truncate = parse_json(&bytes)?;
+    if req.before.is_empty() {
+        return Err(ApiError::bad_request("`before` names no partition"));
+    }
+    let t = s.broker.topic(&topic)?;
+    // Everything is checked before anything is deleted.
+    let mut plan = Vec::with_capacity(req.before.len());
+    for (p, offset) in &req.before {
+        let id: u32 = p
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("partition {p:?} is not a number")))?;
+        let partition = t.partition(id).map_err(spate_broker::BrokerError::from)?;
+        let offset = match offset {
+            Value::String(e) if e == "end" => None,
+            v => Some(v.as_u64().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "offset of partition {id} must be a non-negative integer or \"end\""
+                ))
+            })?),
+        };
+        if let Some(o) = offset
+            && o > partition.high_watermark()
+        {
+            return Err(
+                spate_broker::BrokerError::from(spate_log::Error::OffsetOutOfRange {
+                    offset: o,
+                    log_start_offset: partition.log_start_offset(),
+                    high_watermark: partition.high_watermark(),
+                })
+                .into(),
+            );
+        }
+        plan.push((id, offset));
+    }
+    let mut starts = serde_json::Map::new();
+    for (id, offset) in plan {
+        let start = s.broker.delete_records(&topic, id, offset).await?;
+        starts.insert(id.to_string(), start.into());
+    }
+    Ok(Json(json!({ "log_start_offsets": starts })))
 }
 
 pub async fn list(State(s): State<AppState>) -> Json<Value> {

@@ -380,6 +380,99 @@ async fn a_topics_settings_change_with_patch_take_effect_and_bad_changes_change_
 }
 
 #[tokio::test]
+async fn a_topic_truncated_reads_from_its_new_start_and_bad_truncations_change_nothing() {
+    let app = app();
+    app.create(json!({"name": "orders", "partitions": 2})).await;
+    for i in 0..10 {
+        let e = json!({"type": "t", "partitionkey": format!("k{i}"), "data": i});
+        let r = app
+            .publish("orders", "application/cloudevents+json", e)
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let ends = app.end_offsets("orders").await;
+    assert!(ends.iter().all(|e| *e >= 2), "{ends:?}");
+    let truncate = |body: Value| {
+        app.call(
+            "POST",
+            "/v1/topics/orders/truncate",
+            "application/json",
+            body.to_string(),
+        )
+    };
+    // Refused as a whole: nothing is deleted when one partition is wrong.
+    for (body, status, needle) in [
+        (
+            json!({"before": {"0": 1, "1": ends[1] + 1}}),
+            StatusCode::BAD_REQUEST,
+            "offset",
+        ),
+        (
+            json!({"before": {"0": 1, "5": 0}}),
+            StatusCode::NOT_FOUND,
+            "partition",
+        ),
+        (
+            json!({"before": {"0": 1, "x": 0}}),
+            StatusCode::BAD_REQUEST,
+            "not a number",
+        ),
+        (
+            json!({"before": {"0": -1}}),
+            StatusCode::BAD_REQUEST,
+            "non-negative",
+        ),
+        (
+            json!({"before": {"0": "start"}}),
+            StatusCode::BAD_REQUEST,
+            "end",
+        ),
+        (
+            json!({"before": {}}),
+            StatusCode::BAD_REQUEST,
+            "no partition",
+        ),
+        (
+            json!({"offsets": {"0": 1}}),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+    ] {
+        assert_problem(&truncate(body.clone()).await, status, needle);
+        let starts: Vec<Value> = app.get("/v1/topics/orders").await.body["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["log_start_offset"].clone())
+            .collect();
+        assert_eq!(starts, [json!(0), json!(0)], "{body}");
+    }
+    let r = truncate(json!({"before": {"0": 1, "1": "end"}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["log_start_offsets"], json!({"0": 1, "1": ends[1]}));
+    let described = app.get("/v1/topics/orders").await.body;
+    assert_eq!(described["partitions"][0]["log_start_offset"], 1);
+    assert_eq!(described["partitions"][1]["log_start_offset"], ends[1]);
+    // Reading from the start gives what is left; before it is out of range.
+    let r = app
+        .get("/v1/topics/orders/events?partition=0&offset=1&limit=100")
+        .await;
+    assert_eq!(
+        r.body["events"].as_array().unwrap().len() as u64,
+        ends[0] - 1,
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["events"][0]["offset"], 1);
+    assert_problem(
+        &app.get("/v1/topics/orders/events?partition=0&offset=0")
+            .await,
+        StatusCode::BAD_REQUEST,
+        "out of range",
+    );
+}
+
+#[tokio::test]
 async fn events_are_published_in_all_three_modes_and_read_back() {
     let app = app();
     app.create(json!({"name": "orders"})).await;
@@ -871,6 +964,15 @@ async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
         )
         .await;
     assert_problem(&r, StatusCode::FORBIDDEN, "reconfigured");
+    let r = app
+        .call(
+            "POST",
+            "/v1/topics/__consumer_offsets/truncate",
+            "application/json",
+            r#"{"before": {"0": "end"}}"#,
+        )
+        .await;
+    assert_problem(&r, StatusCode::FORBIDDEN, "internal");
     assert_eq!(app.end_offsets("__consumer_offsets").await, [0]);
     assert_eq!(
         app.get("/v1/topics/__consumer_offsets/events").await.status,

@@ -9,6 +9,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::delete_records_response::{
+    DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
+};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
@@ -44,6 +47,7 @@ use kafka_protocol::messages::{
     RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
 };
 use kafka_protocol::messages::{DeleteGroupsRequest, DeleteGroupsResponse};
+use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
 use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::messages::{
     DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse,
@@ -152,6 +156,7 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::DeleteRecords, 0, 2),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
 ];
 
@@ -341,6 +346,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(init_producer_id(ctx, r)),
         RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(describe_configs(ctx, r)),
         RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(alter_configs(ctx, r).await),
+        RequestKind::DeleteRecords(r) => ResponseKind::DeleteRecords(delete_records(ctx, r).await),
         RequestKind::IncrementalAlterConfigs(r) => {
             ResponseKind::IncrementalAlterConfigs(incremental_alter_configs(ctx, r).await)
         }
@@ -1014,6 +1020,46 @@ fn describe_configs(ctx: &Context, r: DescribeConfigsRequest) -> DescribeConfigs
         })
         .collect();
     DescribeConfigsResponse::default().with_results(results)
+}
+
+/// DeleteRecords: moves each partition's log start to the offset given (-1: the high watermark).
+async fn delete_records(ctx: &Context, r: DeleteRecordsRequest) -> DeleteRecordsResponse {
+    let mut topics = Vec::with_capacity(r.topics.len());
+    for t in r.topics {
+        let name = name_of(&t.name).to_string();
+        let mut partitions = Vec::with_capacity(t.partitions.len());
+        for p in t.partitions {
+            let result = DeleteRecordsPartitionResult::default()
+                .with_partition_index(p.partition_index)
+                .with_low_watermark(-1);
+            let outcome = match (u32::try_from(p.partition_index), p.offset) {
+                (Err(_), _) => Err(code::UNKNOWN_TOPIC_OR_PARTITION),
+                (Ok(id), -1) => ctx
+                    .broker
+                    .delete_records(&name, id, None)
+                    .await
+                    .map_err(|e| error_code(&e)),
+                (Ok(id), o) => match u64::try_from(o) {
+                    Ok(o) => ctx
+                        .broker
+                        .delete_records(&name, id, Some(o))
+                        .await
+                        .map_err(|e| error_code(&e)),
+                    Err(_) => Err(code::OFFSET_OUT_OF_RANGE),
+                },
+            };
+            partitions.push(match outcome {
+                Ok(start) => result.with_low_watermark(start as i64),
+                Err(code) => result.with_error_code(code),
+            });
+        }
+        topics.push(
+            DeleteRecordsTopicResult::default()
+                .with_name(t.name)
+                .with_partitions(partitions),
+        );
+    }
+    DeleteRecordsResponse::default().with_topics(topics)
 }
 
 /// IncrementalAlterConfigs operations (KIP-339).
@@ -1793,6 +1839,7 @@ mod tests {
                 ApiKey::DeleteGroups => kafka_protocol::messages::DeleteGroupsRequest::VERSIONS,
                 ApiKey::OffsetDelete => kafka_protocol::messages::OffsetDeleteRequest::VERSIONS,
                 ApiKey::AlterConfigs => kafka_protocol::messages::AlterConfigsRequest::VERSIONS,
+                ApiKey::DeleteRecords => kafka_protocol::messages::DeleteRecordsRequest::VERSIONS,
                 ApiKey::IncrementalAlterConfigs => {
                     kafka_protocol::messages::IncrementalAlterConfigsRequest::VERSIONS
                 }

@@ -896,3 +896,114 @@ async fn topic_settings_change_with_alter_configs_and_bad_changes_get_the_right_
         }
     );
 }
+
+#[tokio::test]
+async fn delete_records_moves_the_log_start_and_bad_requests_get_the_right_code() {
+    use kafka_protocol::messages::delete_records_request::{
+        DeleteRecordsPartition, DeleteRecordsTopic,
+    };
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::{
+        BrokerId, DeleteRecordsRequest, DeleteRecordsResponse, ListOffsetsRequest,
+        ListOffsetsResponse,
+    };
+    let (addr, broker) = server().await;
+    broker
+        .create_topic(
+            "t".into(),
+            TopicConfig {
+                partitions: 2,
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let events: Vec<spate_broker::Event> = (0..20)
+        .map(|i| {
+            spate_broker::Event::from_json(serde_json::json!({
+                "type": "t", "partitionkey": format!("k{i}"), "data": i
+            }))
+            .unwrap()
+        })
+        .collect();
+    broker.publish("t", events).await.unwrap();
+    let t = broker.topic("t").unwrap();
+    let ends: Vec<u64> = t.partitions.iter().map(|p| p.high_watermark()).collect();
+    assert!(ends.iter().all(|e| *e >= 3), "{ends:?}");
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let delete = |topic: &'static str, parts: &[(i32, i64)]| {
+        DeleteRecordsRequest::default()
+            .with_timeout_ms(1000)
+            .with_topics(vec![
+                DeleteRecordsTopic::default()
+                    .with_name(TopicName(StrBytes::from_static_str(topic)))
+                    .with_partitions(
+                        parts
+                            .iter()
+                            .map(|(p, o)| {
+                                DeleteRecordsPartition::default()
+                                    .with_partition_index(*p)
+                                    .with_offset(*o)
+                            })
+                            .collect(),
+                    ),
+            ])
+    };
+    let results = |r: DeleteRecordsResponse| -> Vec<(i16, i64)> {
+        r.topics[0]
+            .partitions
+            .iter()
+            .map(|p| (p.error_code, p.low_watermark))
+            .collect()
+    };
+    // Partition 0 to offset 2, partition 1 to its end (-1).
+    for version in [0, 2] {
+        let r: DeleteRecordsResponse = call(
+            &mut s,
+            ApiKey::DeleteRecords,
+            version,
+            &delete("t", &[(0, 2), (1, -1)]),
+        )
+        .await;
+        assert_eq!(results(r), [(0, 2), (0, ends[1] as i64)]);
+    }
+    assert_eq!(t.partitions[0].log_start_offset(), 2);
+    assert_eq!(t.partitions[1].log_start_offset(), ends[1]);
+    // Consumers asking for the earliest offset get the new start.
+    let r: ListOffsetsResponse = call(
+        &mut s,
+        ApiKey::ListOffsets,
+        6,
+        &ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(TopicName(StrBytes::from_static_str("t")))
+                    .with_partitions(vec![
+                        ListOffsetsPartition::default()
+                            .with_partition_index(0)
+                            .with_timestamp(-2),
+                    ]),
+            ]),
+    )
+    .await;
+    assert_eq!(r.topics[0].partitions[0].offset, 2);
+    // Before the start: nothing changes; past the end, a bad offset or partition: refused.
+    let r: DeleteRecordsResponse = call(
+        &mut s,
+        ApiKey::DeleteRecords,
+        2,
+        &delete(
+            "t",
+            &[(0, 1), (0, ends[0] as i64 + 1), (0, -5), (7, 1), (-1, 1)],
+        ),
+    )
+    .await;
+    assert_eq!(results(r), [(0, 2), (1, -1), (1, -1), (3, -1), (3, -1)]);
+    assert_eq!(t.partitions[0].log_start_offset(), 2);
+    for (topic, code) in [("nope", 3), ("__consumer_offsets", 17)] {
+        let r: DeleteRecordsResponse =
+            call(&mut s, ApiKey::DeleteRecords, 2, &delete(topic, &[(0, -1)])).await;
+        assert_eq!(results(r), [(code, -1)], "{topic}");
+    }
+}

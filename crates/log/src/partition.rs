@@ -28,6 +28,10 @@ const ZERO_FILL_APPEND_FRACTION: u64 = 16;
 /// The largest input of one append. Keeps a segment below 4 GiB (positions are u32) whatever the
 /// segment size, and bounds the memory an append holds.
 pub const APPEND_BYTES_MAX: u64 = 256 << 20;
+
+/// The file of a partition that holds its log start when records were deleted
+/// ([`Partition::delete_records`]).
+const START_FILE: &str = "log-start";
 const _: () = assert!(APPEND_BYTES_MAX + crate::config::SEGMENT_BYTES_MAX <= u32::MAX as u64);
 
 /// The result of an append.
@@ -77,6 +81,11 @@ pub struct Partition {
     segments: RwLock<Vec<Arc<Segment>>>,
     writer: Mutex<Writer>,
     high_watermark: AtomicU64,
+    /// The first offset records may be read from when records were deleted ahead of the first
+    /// segment's end (Kafka's DeleteRecords); 0 when none were. Stored in `log-start`.
+    start: AtomicU64,
+    /// Held while `start` is moved.
+    moving_start: Mutex<()>,
     poisoned: AtomicBool,
     closed: AtomicBool,
     sync: Mutex<SyncState>,
@@ -180,6 +189,8 @@ impl Partition {
                 allocated,
             }),
             high_watermark: AtomicU64::new(next_offset),
+            start: AtomicU64::new(0),
+            moving_start: Mutex::new(()),
             poisoned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             sync: Mutex::new(SyncState {
@@ -268,15 +279,31 @@ impl Partition {
                 });
             }
         }
-        Ok(Self::assemble(
-            storage,
-            dir,
-            topic,
-            id,
-            config,
-            segments,
-            producer_batches,
-        ))
+        let start = Self::read_start(&*storage, dir)?;
+        let partition = Self::assemble(storage, dir, topic, id, config, segments, producer_batches);
+        // A start past the recovered end (data lost to a repair) is the end.
+        let end = partition.log_end_offset();
+        if start > end {
+            tracing::warn!(dir = %dir.display(), start, end, "log start is past the log end; starting at the end");
+        }
+        partition.start.store(start.min(end), Ordering::Release);
+        Ok(partition)
+    }
+
+    /// The log start stored by [`Partition::delete_records`]; 0 without one.
+    fn read_start(storage: &dyn Storage, dir: &Path) -> Result<u64> {
+        let path = dir.join(START_FILE);
+        if !storage.exists(&path).ctx("check", &path)? {
+            return Ok(0);
+        }
+        let bytes = crate::io::read_all(storage, &path).ctx("read log start", &path)?;
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Error::Metadata {
+                path,
+                reason: "log start is not an offset".into(),
+            })
     }
 
     /// Loads a sealed segment's indexes (rebuilding them when missing) and checks its tail.
@@ -758,13 +785,48 @@ impl Partition {
     }
 
     pub fn log_start_offset(&self) -> u64 {
-        read_lock(&self.segments)[0].base_offset
+        Self::start_of(&read_lock(&self.segments), &self.start)
+    }
+
+    /// The first readable offset: the first segment's base, or the start records were deleted
+    /// to when that is later.
+    fn start_of(segments: &[Arc<Segment>], start: &AtomicU64) -> u64 {
+        segments[0].base_offset.max(start.load(Ordering::Acquire))
+    }
+
+    /// Deletes the records before `offset` (at most the high watermark), as Kafka's DeleteRecords:
+    /// the log start moves there, durably, before this returns, and the segments holding only
+    /// records before it are removed. Returns the log start, which stays where it is when it is
+    /// already past `offset`.
+    pub fn delete_records(&self, offset: u64) -> Result<u64> {
+        let _moving = lock(&self.moving_start);
+        let high_watermark = self.high_watermark();
+        let current = self.log_start_offset();
+        if offset > high_watermark {
+            return Err(Error::OffsetOutOfRange {
+                offset,
+                log_start_offset: current,
+                high_watermark,
+            });
+        }
+        if offset <= current {
+            return Ok(current);
+        }
+        if self.is_poisoned() {
+            return Err(self.poisoned_error());
+        }
+        let path = self.dir.join(START_FILE);
+        crate::io::write_atomically(&*self.storage, &path, offset.to_string().as_bytes())
+            .ctx("write log start", &path)?;
+        self.start.store(offset, Ordering::Release);
+        self.delete_before(offset)?;
+        Ok(offset)
     }
 
     pub fn info(&self) -> PartitionInfo {
         let segments = self.snapshot();
         PartitionInfo {
-            log_start_offset: segments[0].base_offset,
+            log_start_offset: Self::start_of(&segments, &self.start),
             log_end_offset: self.high_watermark(),
             high_watermark: self.high_watermark(),
             size_bytes: segments.iter().map(|s| s.state().size).sum(),
@@ -777,7 +839,7 @@ impl Partition {
     pub fn read(&self, offset: u64, max_bytes: u64) -> Result<Vec<u8>> {
         let high_watermark = self.high_watermark();
         let segments = self.snapshot();
-        let log_start_offset = segments[0].base_offset;
+        let log_start_offset = Self::start_of(&segments, &self.start);
         if offset < log_start_offset || offset > high_watermark {
             return Err(Error::OffsetOutOfRange {
                 offset,
@@ -804,12 +866,19 @@ impl Partition {
     /// timestamp; `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>> {
         let high_watermark = self.high_watermark();
+        let start = self.start.load(Ordering::Acquire);
         for segment in self.snapshot() {
             if segment.base_offset >= high_watermark {
                 break;
             }
-            if let Some(offset) = segment.offset_for_timestamp(timestamp_ms, high_watermark)? {
-                return Ok(Some(offset));
+            if let Some((offset, ts)) =
+                segment.offset_for_timestamp(timestamp_ms, high_watermark)?
+            {
+                // Deleted records are not found: the first one kept comes after them.
+                if offset < start {
+                    return Ok((start < high_watermark).then_some((start, ts)));
+                }
+                return Ok(Some((offset, ts)));
             }
         }
         Ok(None)

@@ -443,6 +443,97 @@ fn a_topic_config_change_is_durable_seen_by_holders_and_a_bad_one_changes_nothin
 }
 
 #[test]
+fn deleted_records_stay_deleted_across_a_restart_and_their_segments_go() {
+    let disk = MemStorage::new();
+    let log = open(&disk, LogConfig::default()).unwrap();
+    let config = small_topic();
+    log.create_topic("t", config, 0).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    // Batches of 3 records of 200 B: several segments of 4 KiB.
+    for i in 0..30u8 {
+        let values: Vec<Vec<u8>> = (0..3).map(|j| [i, j, 7, 7].repeat(50)).collect();
+        p.append(&mut batch_of(&values, 1000 + i as i64), 0, &config)
+            .unwrap();
+    }
+    let segments = p.info().segments;
+    assert!(segments > 3, "{segments}");
+    assert_eq!(p.delete_records(40).unwrap(), 40);
+    assert_eq!(p.log_start_offset(), 40);
+    assert_eq!(p.info().log_start_offset, 40);
+    assert!(p.info().segments < segments);
+    assert!(matches!(
+        p.read(39, 4096),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(read_all(&log, "t", 40)[0].0, 40);
+    // Timestamps before the start find the first record kept.
+    assert_eq!(p.offset_for_timestamp(0).unwrap().map(|(o, _)| o), Some(40));
+    // An offset before the start changes nothing; one past the end is refused.
+    assert_eq!(p.delete_records(10).unwrap(), 40);
+    assert!(matches!(
+        p.delete_records(91),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    drop((p, log));
+    let disk = disk.restart(Unsynced::Drop);
+    let log = open(&disk, LogConfig::default()).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    assert_eq!(p.log_start_offset(), 40);
+    assert_eq!(p.high_watermark(), 90);
+    assert!(matches!(
+        p.read(39, 4096),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    // Up to the end: nothing is left to read, and appends go on after it.
+    assert_eq!(p.delete_records(90).unwrap(), 90);
+    assert_eq!(p.offset_for_timestamp(0).unwrap(), None);
+    let appended = p
+        .append(&mut batch_of(&values(1, 9), 5000), 0, &config)
+        .unwrap();
+    assert_eq!(appended.base_offset, 90);
+    assert_eq!(read_all(&log, "t", 90), [(90, values(1, 9)[0].clone())]);
+}
+
+#[test]
+fn a_crash_while_records_are_deleted_keeps_the_old_or_the_new_start() {
+    let mut crash_at = 1;
+    loop {
+        let disk = MemStorage::new();
+        let log = open(&disk, LogConfig::default()).unwrap();
+        let config = small_topic();
+        log.create_topic("t", config, 0).unwrap();
+        let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+        for i in 0..20u8 {
+            let values: Vec<Vec<u8>> = (0..3).map(|j| [i, j].repeat(100)).collect();
+            p.append(&mut batch_of(&values, 0), 0, &config).unwrap();
+        }
+        disk.crash_at_sync(crash_at);
+        let answered = p.delete_records(31).is_ok();
+        for unsynced in [Unsynced::Drop, Unsynced::KeepRandomPrefix(crash_at)] {
+            let log = open(&disk.restart(unsynced), LogConfig::default()).unwrap();
+            let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+            let start = p.log_start_offset();
+            if answered {
+                assert_eq!(start, 31, "crash at sync {crash_at}");
+            } else {
+                assert!(
+                    start == 31 || start <= 30,
+                    "crash at sync {crash_at}: {start}"
+                );
+            }
+            // Whatever the start, the records from it on are all there.
+            let got = read_all(&log, "t", start);
+            assert_eq!(got.len() as u64, 60 - start, "crash at sync {crash_at}");
+        }
+        if answered {
+            break;
+        }
+        crash_at += 1;
+    }
+    assert!(crash_at > 1, "deleting records takes sync points");
+}
+
+#[test]
 fn a_crash_during_a_topic_config_change_keeps_the_old_or_the_new_config() {
     let before = TopicConfig::default();
     let after = TopicConfig {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kafka's own Java tools against Spate's Kafka listener: TopicCommand, the console producer and
 # consumer (with keys and a consumer group), the consumer group command, the config command,
-# ProducerPerformance and ConsumerPerformance, the delete records command.
+# ProducerPerformance and ConsumerPerformance, the log dirs and delete records commands.
 # usage: java_tools.sh BOOTSTRAP JARS_DIR
 set -euo pipefail
 BS=$1
@@ -67,6 +67,15 @@ grep -q '^50000 records sent' "$LOG/p"
 J org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$BS" --topic java \
   --num-records 50300 --timeout 60000 --group java-perf | tail -1 | tee "$LOG/c"
 [ "$(cut -d, -f5 "$LOG/c" | tr -d ' ')" = 50300 ] || { echo "ConsumerPerformance did not read 50300 records"; exit 1; }
+# Adding partitions is refused with the reason; the log dirs command lists the partitions' sizes.
+if J org.apache.kafka.tools.TopicCommand --bootstrap-server "$BS" --alter --topic java --partitions 4 > "$LOG/alter" 2>&1; then
+  echo "adding partitions was accepted"; exit 1
+fi
+grep -q "keeps the 3 partitions" "$LOG/alter" || { cat "$LOG/alter"; exit 1; }
+J org.apache.kafka.tools.LogDirsCommand --bootstrap-server "$BS" --describe --topic-list java > "$LOG/dirs"
+sizes=$(grep '^{' "$LOG/dirs" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sorted(p["partition"] for b in d["brokers"] for l in b["logDirs"] for p in l["partitions"] if p["size"] > 0))')
+[ "$sizes" = "['java-0', 'java-1', 'java-2']" ] || { echo "log dirs list: $sizes"; cat "$LOG/dirs"; exit 1; }
+echo "partitions: adding refused with the reason; log dirs list the partitions with their sizes"
 # Deleting records: partition 0 of the topic starts at offset 5 afterwards, for every client.
 echo '{"version": 1, "partitions": [{"topic": "java", "partition": 0, "offset": 5}]}' > "$LOG/delete.json"
 J org.apache.kafka.tools.DeleteRecordsCommand --bootstrap-server "$BS" --offset-json-file "$LOG/delete.json" \

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::delete_records_response::{
@@ -17,6 +18,9 @@ use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
 };
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::describe_log_dirs_response::{
+    DescribeLogDirsPartition, DescribeLogDirsResult, DescribeLogDirsTopic,
+};
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::find_coordinator_response::Coordinator as CoordinatorEntry;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
@@ -46,6 +50,7 @@ use kafka_protocol::messages::{
     ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
     RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
 };
+use kafka_protocol::messages::{CreatePartitionsRequest, CreatePartitionsResponse};
 use kafka_protocol::messages::{DeleteGroupsRequest, DeleteGroupsResponse};
 use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
 use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
@@ -55,6 +60,7 @@ use kafka_protocol::messages::{
     LeaveGroupResponse, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
     OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse,
 };
+use kafka_protocol::messages::{DescribeLogDirsRequest, DescribeLogDirsResponse};
 use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse};
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
 use kafka_protocol::messages::{OffsetDeleteRequest, OffsetDeleteResponse};
@@ -157,6 +163,8 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::AlterConfigs, 0, 2),
     (ApiKey::DeleteRecords, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
 ];
 
@@ -347,6 +355,12 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
         RequestKind::DescribeConfigs(r) => ResponseKind::DescribeConfigs(describe_configs(ctx, r)),
         RequestKind::AlterConfigs(r) => ResponseKind::AlterConfigs(alter_configs(ctx, r).await),
         RequestKind::DeleteRecords(r) => ResponseKind::DeleteRecords(delete_records(ctx, r).await),
+        RequestKind::CreatePartitions(r) => {
+            ResponseKind::CreatePartitions(create_partitions(ctx, r))
+        }
+        RequestKind::DescribeLogDirs(r) => {
+            ResponseKind::DescribeLogDirs(describe_log_dirs(ctx, r).await)
+        }
         RequestKind::IncrementalAlterConfigs(r) => {
             ResponseKind::IncrementalAlterConfigs(incremental_alter_configs(ctx, r).await)
         }
@@ -1060,6 +1074,112 @@ async fn delete_records(ctx: &Context, r: DeleteRecordsRequest) -> DeleteRecords
         );
     }
     DeleteRecordsResponse::default().with_topics(topics)
+}
+
+/// CreatePartitions: a topic keeps the partition count it was created with (the partition of a
+/// key, and so of an event-sourcing stream, depends on it), so every request is answered with
+/// `INVALID_PARTITIONS` and the reason, as Kafka answers a count that is not an increase.
+fn create_partitions(ctx: &Context, r: CreatePartitionsRequest) -> CreatePartitionsResponse {
+    let results = r
+        .topics
+        .into_iter()
+        .map(|t| {
+            let (code, message) = match ctx.broker.topic(name_of(&t.name)) {
+                Err(e) => (error_code(&e), e.to_string()),
+                Ok(topic) => {
+                    let n = topic.partitions.len();
+                    (
+                        code::INVALID_PARTITIONS,
+                        if i64::from(t.count) == n as i64 {
+                            format!("topic {} already has {n} partitions", topic.name)
+                        } else {
+                            format!(
+                                "topic {} keeps the {n} partitions it was created with: the \
+                                 partition of a key, and so of a stream, depends on the count",
+                                topic.name
+                            )
+                        },
+                    )
+                }
+            };
+            CreatePartitionsTopicResult::default()
+                .with_name(t.name)
+                .with_error_code(code)
+                .with_error_message(Some(str_bytes(&message)))
+        })
+        .collect();
+    CreatePartitionsResponse::default().with_results(results)
+}
+
+/// DescribeLogDirs: the data directory is the one log dir; each partition with its size on disk.
+async fn describe_log_dirs(ctx: &Context, r: DescribeLogDirsRequest) -> DescribeLogDirsResponse {
+    let log = ctx.broker.log();
+    let wanted: Option<Vec<(String, Vec<i32>)>> = r.topics.map(|ts| {
+        ts.into_iter()
+            .map(|t| (name_of(&t.topic).to_string(), t.partitions))
+            .collect()
+    });
+    let mut topics = Vec::new();
+    for topic in log.topics() {
+        let asked: Option<&Vec<i32>> = match &wanted {
+            None => None,
+            Some(w) => match w.iter().find(|(n, _)| *n == topic.name) {
+                Some((_, ps)) => Some(ps),
+                None => continue,
+            },
+        };
+        let partitions: Vec<DescribeLogDirsPartition> = topic
+            .partitions
+            .iter()
+            .filter(|p| asked.is_none_or(|ps| ps.contains(&(p.id as i32))))
+            .map(|p| {
+                DescribeLogDirsPartition::default()
+                    .with_partition_index(p.id as i32)
+                    .with_partition_size(p.info().size_bytes as i64)
+            })
+            .collect();
+        topics.push(
+            DescribeLogDirsTopic::default()
+                .with_name(TopicName(str_bytes(&topic.name)))
+                .with_partitions(partitions),
+        );
+    }
+    let dir = log.dir().to_path_buf();
+    let space = tokio::task::spawn_blocking(move || disk_space(&dir))
+        .await
+        .ok()
+        .flatten();
+    let (total, usable) = space.unwrap_or((-1, -1));
+    DescribeLogDirsResponse::default().with_results(vec![
+        DescribeLogDirsResult::default()
+            .with_log_dir(str_bytes(
+                &std::path::absolute(log.dir())
+                    .unwrap_or_else(|_| log.dir().to_path_buf())
+                    .display()
+                    .to_string(),
+            ))
+            .with_topics(topics)
+            .with_total_bytes(total)
+            .with_usable_bytes(usable),
+    ])
+}
+
+/// The size and the free space of the file system holding `dir`, in bytes.
+#[allow(unsafe_code)]
+fn disk_space(dir: &std::path::Path) -> Option<(i64, i64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `st` has room for the result, which is read
+    // only when the call succeeded.
+    let st = unsafe {
+        if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    let block = st.f_frsize as i64;
+    Some((st.f_blocks as i64 * block, st.f_bavail as i64 * block))
 }
 
 /// IncrementalAlterConfigs operations (KIP-339).
@@ -1840,6 +1960,12 @@ mod tests {
                 ApiKey::OffsetDelete => kafka_protocol::messages::OffsetDeleteRequest::VERSIONS,
                 ApiKey::AlterConfigs => kafka_protocol::messages::AlterConfigsRequest::VERSIONS,
                 ApiKey::DeleteRecords => kafka_protocol::messages::DeleteRecordsRequest::VERSIONS,
+                ApiKey::CreatePartitions => {
+                    kafka_protocol::messages::CreatePartitionsRequest::VERSIONS
+                }
+                ApiKey::DescribeLogDirs => {
+                    kafka_protocol::messages::DescribeLogDirsRequest::VERSIONS
+                }
                 ApiKey::IncrementalAlterConfigs => {
                     kafka_protocol::messages::IncrementalAlterConfigsRequest::VERSIONS
                 }

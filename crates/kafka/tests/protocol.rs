@@ -1007,3 +1007,104 @@ async fn delete_records_moves_the_log_start_and_bad_requests_get_the_right_code(
         assert_eq!(results(r), [(code, -1)], "{topic}");
     }
 }
+
+#[tokio::test]
+async fn partitions_are_not_added_and_log_dirs_list_every_partition_with_its_size() {
+    use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+    use kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
+    use kafka_protocol::messages::{
+        CreatePartitionsRequest, CreatePartitionsResponse, DescribeLogDirsRequest,
+        DescribeLogDirsResponse,
+    };
+    const INVALID_PARTITIONS: i16 = 37;
+    let (addr, broker) = server().await;
+    for (name, partitions) in [("a", 2), ("b", 1)] {
+        broker
+            .create_topic(
+                name.into(),
+                TopicConfig {
+                    partitions,
+                    ..TopicConfig::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let event =
+        spate_broker::Event::from_json(serde_json::json!({"type": "t", "data": "x"})).unwrap();
+    broker.publish("b", vec![event]).await.unwrap();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let r: CreatePartitionsResponse = call(
+        &mut s,
+        ApiKey::CreatePartitions,
+        3,
+        &CreatePartitionsRequest::default().with_topics(
+            [("a", 4), ("a", 2), ("nope", 3)]
+                .into_iter()
+                .map(|(name, count)| {
+                    CreatePartitionsTopic::default()
+                        .with_name(TopicName(StrBytes::from_static_str(name)))
+                        .with_count(count)
+                })
+                .collect(),
+        ),
+    )
+    .await;
+    let codes: Vec<i16> = r.results.iter().map(|t| t.error_code).collect();
+    assert_eq!(codes, [INVALID_PARTITIONS, INVALID_PARTITIONS, 3]);
+    let message = r.results[0].error_message.as_ref().unwrap().to_string();
+    assert!(message.contains("keeps the 2 partitions"), "{message}");
+    assert_eq!(broker.topic("a").unwrap().partitions.len(), 2);
+
+    for version in [1, 4] {
+        // Every topic, then only topic b.
+        for topics in [
+            None,
+            Some(vec![
+                DescribableLogDirTopic::default()
+                    .with_topic(TopicName(StrBytes::from_static_str("b")))
+                    .with_partitions(vec![0]),
+            ]),
+        ] {
+            let only_b = topics.is_some();
+            let r: DescribeLogDirsResponse = call(
+                &mut s,
+                ApiKey::DescribeLogDirs,
+                version,
+                &DescribeLogDirsRequest::default().with_topics(topics),
+            )
+            .await;
+            assert_eq!(r.results.len(), 1);
+            let dir = &r.results[0];
+            let listed: Vec<(String, Vec<(i32, i64)>)> = dir
+                .topics
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.0.to_string(),
+                        t.partitions
+                            .iter()
+                            .map(|p| (p.partition_index, p.partition_size))
+                            .collect(),
+                    )
+                })
+                .collect();
+            let b_size = broker.topic("b").unwrap().partitions[0].info().size_bytes as i64;
+            assert!(b_size > 0);
+            let want_b = ("b".to_string(), vec![(0, b_size)]);
+            if only_b {
+                assert_eq!(listed, [want_b]);
+            } else {
+                assert!(listed.contains(&want_b), "{listed:?}");
+                assert!(
+                    listed.contains(&("a".to_string(), vec![(0, 0), (1, 0)])),
+                    "{listed:?}"
+                );
+            }
+            if version >= 4 {
+                // The in-memory disk of this test has no file system to measure.
+                assert!(dir.total_bytes == -1 || dir.total_bytes >= dir.usable_bytes);
+            }
+        }
+    }
+}

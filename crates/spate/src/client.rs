@@ -137,6 +137,18 @@ impl Client {
         Ok(())
     }
 
+    pub async fn truncate_topic(&self, name: &str, body: Value) -> Result<()> {
+        let r = self
+            .send(
+                self.http
+                    .post(self.url(&format!("/v1/topics/{name}/truncate")))
+                    .json(&body),
+            )
+            .await?;
+        println!("{}", serde_json::to_string_pretty(&r["log_start_offsets"])?);
+        Ok(())
+    }
+
     pub async fn describe_topic(&self, name: &str) -> Result<()> {
         let body = self
             .send(self.http.get(self.url(&format!("/v1/topics/{name}"))))

@@ -187,6 +187,13 @@ enum TopicsCommand {
         #[arg(long)]
         max_message_bytes: Option<u64>,
     },
+    /// Delete records from the start of partitions, e.g. `--before 0:120,1:end`.
+    Truncate {
+        name: String,
+        /// `partition:offset` pairs, the new first offset of each partition (`end`: every record).
+        #[arg(long)]
+        before: String,
+    },
     Delete {
         name: String,
     },
@@ -318,6 +325,24 @@ fn main() -> Result<()> {
                             }
                         }
                         c.alter_topic(&name, body.into()).await
+                    }
+                    TopicsCommand::Truncate { name, before } => {
+                        let mut offsets = serde_json::Map::new();
+                        for pair in before.split(',') {
+                            let (p, o) = pair.trim().split_once(':').ok_or_else(|| {
+                                anyhow::anyhow!("expected partition:offset pairs, got {pair:?}")
+                            })?;
+                            let o = if o == "end" {
+                                serde_json::Value::from("end")
+                            } else {
+                                o.parse::<u64>()
+                                    .map_err(|_| anyhow::anyhow!("offset {o:?} is not a number"))?
+                                    .into()
+                            };
+                            offsets.insert(p.to_string(), o);
+                        }
+                        c.truncate_topic(&name, serde_json::json!({ "before": offsets }))
+                            .await
                     }
                     TopicsCommand::Delete { name } => c.delete_topic(&name).await,
                 }

@@ -135,6 +135,25 @@ fn sigterm_stops_gracefully_and_data_survives_a_restart() {
     let t: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(t["config"]["retention_ms"], Value::Null);
     assert_eq!(t["config"]["segment_bytes"], 2097152);
+    // The one event published is deleted; the partitions start after it.
+    let (ok, out, err) = cli(
+        &server.url,
+        &["topics", "truncate", "orders", "--before", "0:end,1:end"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let starts: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        starts["0"].as_u64().unwrap() + starts["1"].as_u64().unwrap(),
+        1,
+        "{out}"
+    );
+    let (ok, _, err) = cli(
+        &server.url,
+        &["topics", "truncate", "orders", "--before", "0"],
+        None,
+    );
+    assert!(!ok && err.contains("partition:offset"), "{err}");
     assert_eq!(server.terminate().code(), Some(0));
 }
 

@@ -80,6 +80,8 @@ pub struct Placement {
 /// Where a read starts.
 #[derive(Debug, Clone, Copy)]
 pub enum Start {
+    /// The first record still stored (after retention and deleted records).
+    Earliest,
     Offset(u64),
     /// The first event stored at or after this time (ms since the epoch).
     Time(i64),
@@ -746,6 +748,7 @@ impl Broker {
         let name = topic.name.clone();
         blocking(move || {
             let offset = match start {
+                Start::Earliest => p.log_start_offset(),
                 Start::Offset(o) => o,
                 Start::Time(t) => p
                     .offset_for_timestamp(t)?

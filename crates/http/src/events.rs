@@ -248,7 +248,7 @@ pub async fn read(
                 })?;
             Start::Time((t.unix_timestamp_nanos() / 1_000_000) as i64)
         }
-        (None, None) => Start::Offset(0),
+        (None, None) => Start::Earliest,
     };
     let (events, next_offset) = s.broker.read_json(&topic, partition, start, limit).await?;
     let mut out =

@@ -470,6 +470,9 @@ async fn a_topic_truncated_reads_from_its_new_start_and_bad_truncations_change_n
         StatusCode::BAD_REQUEST,
         "out of range",
     );
+    // Without an offset, reads start at the first event still stored.
+    let r = app.get("/v1/topics/orders/events?partition=0").await;
+    assert_eq!(r.body["events"][0]["offset"], 1, "{}", r.body);
 }
 
 #[tokio::test]

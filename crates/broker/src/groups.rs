@@ -1382,23 +1382,8 @@ mod tests {
             md.freeze()
         };
         let t0 = Instant::now();
-        let join_reading = |member: &str, metadata: Bytes| {
-            c.join(
-                JoinRequest {
-                    group_id: "g".into(),
-                    member_id: member.into(),
-                    client_id: "c".into(),
-                    client_host: "h".into(),
-                    protocol_type: "consumer".into(),
-                    protocols: vec![("range".into(), metadata)],
-                    session_timeout: Duration::from_secs(10),
-                    rebalance_timeout: Duration::from_secs(5),
-                },
-                t0,
-            )
-        };
         // One member reads "t" (a subscription of a version newer than this build knows).
-        let a = ready(join_reading("", subscription(7, &["t"])))
+        let a = ready(join_with(&c, "", subscription(7, &["t"]), t0))
             .unwrap()
             .unwrap();
         let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
@@ -1431,7 +1416,7 @@ mod tests {
             .collect();
         assert_eq!(left, ["t"]);
         // A member whose subscription does not parse counts as reading every topic.
-        let _joining = join_reading("", Bytes::from_static(b"\x00"));
+        let _joining = join_with(&c, "", Bytes::from_static(b"\x00"), t0);
         let results = c.delete_offsets("g", both()).await.unwrap();
         assert!(
             results
@@ -1674,6 +1659,16 @@ mod tests {
     }
 
     fn join(c: &Coordinator, member: &str, now: Instant) -> oneshot::Receiver<JoinResult> {
+        join_with(c, member, Bytes::from_static(b"md"), now)
+    }
+
+    /// A member of group "g" joining with this "range" subscription metadata.
+    fn join_with(
+        c: &Coordinator,
+        member: &str,
+        metadata: Bytes,
+        now: Instant,
+    ) -> oneshot::Receiver<JoinResult> {
         c.join(
             JoinRequest {
                 group_id: "g".into(),
@@ -1681,7 +1676,7 @@ mod tests {
                 client_id: "c".into(),
                 client_host: "h".into(),
                 protocol_type: "consumer".into(),
-                protocols: vec![("range".into(), Bytes::from_static(b"md"))],
+                protocols: vec![("range".into(), metadata)],
                 session_timeout: Duration::from_secs(10),
                 rebalance_timeout: Duration::from_secs(5),
             },

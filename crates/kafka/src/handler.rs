@@ -1256,24 +1256,56 @@ fn unique_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), (i16, St
     Ok(())
 }
 
+/// Reads the settings of one resource: (name, operation, value) in request order. AlterConfigs
+/// gives every setting as a SET and resets the others.
+fn alteration<'a>(
+    configs: impl Iterator<Item = (&'a str, i8, Option<&'a str>)> + Clone,
+    reset_others: bool,
+) -> Result<Alteration, (i16, String)> {
+    unique_names(configs.clone().map(|(name, ..)| name))?;
+    let settings = configs
+        .map(|(name, op, value)| match op {
+            OP_SET => setting(name, value),
+            // Back to the default.
+            OP_DELETE => setting(name, None),
+            // The only list setting is cleanup.policy, whose only value is delete.
+            OP_APPEND if name == "cleanup.policy" && value == Some("delete") => {
+                Ok(Setting::Ignored)
+            }
+            OP_APPEND | OP_SUBTRACT => Err((
+                code::INVALID_CONFIG,
+                format!(
+                    "{name} is not a list config that can take APPEND or SUBTRACT with {:?}",
+                    value.unwrap_or_default()
+                ),
+            )),
+            op => Err((
+                code::INVALID_REQUEST,
+                format!("unknown config operation {op} for {name}"),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Alteration {
+        settings,
+        reset_others,
+    })
+}
+
 async fn alter_configs(ctx: &Context, r: AlterConfigsRequest) -> AlterConfigsResponse {
     let mut responses = Vec::with_capacity(r.resources.len());
     for res in r.resources {
-        let alteration = unique_names(res.configs.iter().map(|c| c.name.as_str())).and_then(|()| {
-            Ok(Alteration {
-                settings: res
-                    .configs
-                    .iter()
-                    .map(|c| setting(c.name.as_str(), c.value.as_ref().map(|v| v.as_str())))
-                    .collect::<Result<_, _>>()?,
-                reset_others: true,
-            })
+        let configs = res.configs.iter().map(|c| {
+            (
+                c.name.as_str(),
+                OP_SET,
+                c.value.as_ref().map(|v| v.as_str()),
+            )
         });
         let (error, message) = alter_topic(
             ctx,
             res.resource_type,
             res.resource_name.as_str(),
-            alteration,
+            alteration(configs, true),
             r.validate_only,
         )
         .await;
@@ -1294,42 +1326,18 @@ async fn incremental_alter_configs(
 ) -> IncrementalAlterConfigsResponse {
     let mut responses = Vec::with_capacity(r.resources.len());
     for res in r.resources {
-        let alteration = unique_names(res.configs.iter().map(|c| c.name.as_str())).and_then(|()| {
-            let settings = res
-                .configs
-                .iter()
-                .map(|c| {
-                    let name = c.name.as_str();
-                    let value = c.value.as_ref().map(|v| v.as_str());
-                    match c.config_operation {
-                        OP_SET => setting(name, value),
-                        // Back to the default.
-                        OP_DELETE => setting(name, None),
-                        // The only list setting is cleanup.policy, whose only value is delete.
-                        OP_APPEND if name == "cleanup.policy" && value == Some("delete") => {
-                            Ok(Setting::Ignored)
-                        }
-                        OP_APPEND | OP_SUBTRACT => Err((
-                            code::INVALID_CONFIG,
-                            format!("{name} is not a list config that can take APPEND or SUBTRACT with {:?}", value.unwrap_or_default()),
-                        )),
-                        op => Err((
-                            code::INVALID_REQUEST,
-                            format!("unknown config operation {op} for {name}"),
-                        )),
-                    }
-                })
-                .collect::<Result<_, _>>()?;
-            Ok(Alteration {
-                settings,
-                reset_others: false,
-            })
+        let configs = res.configs.iter().map(|c| {
+            (
+                c.name.as_str(),
+                c.config_operation,
+                c.value.as_ref().map(|v| v.as_str()),
+            )
         });
         let (error, message) = alter_topic(
             ctx,
             res.resource_type,
             res.resource_name.as_str(),
-            alteration,
+            alteration(configs, false),
             r.validate_only,
         )
         .await;

@@ -51,6 +51,20 @@ async fn server() -> (String, Arc<Broker>) {
     (addr, broker)
 }
 
+/// Creates a topic of `partitions` partitions with the default settings.
+async fn topic(broker: &Broker, name: &str, partitions: u32) {
+    broker
+        .create_topic(
+            name.into(),
+            TopicConfig {
+                partitions,
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
 fn frame<R: Encodable>(key: ApiKey, version: i16, correlation_id: i32, body: &R) -> BytesMut {
     let mut out = BytesMut::new();
     out.put_i32(0);
@@ -471,16 +485,7 @@ async fn committed_metadata_and_commits_over_their_limits_are_refused() {
         GroupId, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
     };
     let (addr, broker) = server().await;
-    broker
-        .create_topic(
-            "t".into(),
-            TopicConfig {
-                partitions: 2,
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+    topic(&broker, "t", 2).await;
     let mut s = TcpStream::connect(&addr).await.unwrap();
     let max = spate_broker::groups::OFFSET_METADATA_MAX;
     let part = |p: i32, offset: i64, metadata: usize| {
@@ -539,16 +544,7 @@ async fn committed_metadata_and_commits_over_their_limits_are_refused() {
 
     // One commit is stored whole: more than the offsets topic takes in one batch (about 1 MiB)
     // gets INVALID_COMMIT_OFFSET_SIZE for every partition, and nothing is stored.
-    broker
-        .create_topic(
-            "wide".into(),
-            TopicConfig {
-                partitions: 250,
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+    topic(&broker, "wide", 250).await;
     let wide = commit("wide", (0..250).map(|p| part(p, 1, max)).collect());
     let codes_wide = codes(call(&mut s, ApiKey::OffsetCommit, 8, &wide).await);
     assert!(codes_wide.iter().all(|c| *c == 28), "{codes_wide:?}");
@@ -717,16 +713,7 @@ async fn topic_settings_change_with_alter_configs_and_bad_changes_get_the_right_
     const INVALID_CONFIG: i16 = 40;
     const INVALID_REQUEST: i16 = 42;
     let (addr, broker) = server().await;
-    broker
-        .create_topic(
-            "t".into(),
-            TopicConfig {
-                partitions: 3,
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+    topic(&broker, "t", 3).await;
     let default = TopicConfig::default();
     let mut s = TcpStream::connect(&addr).await.unwrap();
     let (code, configs) = described(&mut s, "t").await;
@@ -908,16 +895,7 @@ async fn delete_records_moves_the_log_start_and_bad_requests_get_the_right_code(
         ListOffsetsResponse,
     };
     let (addr, broker) = server().await;
-    broker
-        .create_topic(
-            "t".into(),
-            TopicConfig {
-                partitions: 2,
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+    topic(&broker, "t", 2).await;
     let events: Vec<spate_broker::Event> = (0..20)
         .map(|i| {
             spate_broker::Event::from_json(serde_json::json!({
@@ -1018,18 +996,8 @@ async fn partitions_are_not_added_and_log_dirs_list_every_partition_with_its_siz
     };
     const INVALID_PARTITIONS: i16 = 37;
     let (addr, broker) = server().await;
-    for (name, partitions) in [("a", 2), ("b", 1)] {
-        broker
-            .create_topic(
-                name.into(),
-                TopicConfig {
-                    partitions,
-                    ..TopicConfig::default()
-                },
-            )
-            .await
-            .unwrap();
-    }
+    topic(&broker, "a", 2).await;
+    topic(&broker, "b", 1).await;
     let event =
         spate_broker::Event::from_json(serde_json::json!({"type": "t", "data": "x"})).unwrap();
     broker.publish("b", vec![event]).await.unwrap();

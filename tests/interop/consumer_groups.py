@@ -5,6 +5,8 @@ usage: consumer_groups.py STEP BOOTSTRAP [ASSIGNOR]
           over its partition; committed offsets make a restarted consumer resume where the group
           left off.
   resume: after a server restart, a member of the same group resumes from the committed offsets.
+  static: two static members (group.instance.id); one restarts and takes back its partitions
+          without a rebalance: the other member's assignment is never revoked.
 Exits non-zero on any mismatch.
 """
 
@@ -30,32 +32,40 @@ def produce(bootstrap, start, n):
         sys.exit("messages undelivered")
 
 
-def consumer(bootstrap, name):
-    return Consumer({
+def consumer(bootstrap, name, group=GROUP, instance=None):
+    config = {
         "bootstrap.servers": bootstrap,
-        "group.id": GROUP,
+        "group.id": group,
         "client.id": name,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
         "partition.assignment.strategy": ASSIGNOR,
-    })
+    }
+    if instance:
+        config["group.instance.id"] = instance
+    return Consumer(config)
 
 
 class Member(threading.Thread):
     """Polls, records what it got, commits synchronously after each batch."""
 
-    def __init__(self, bootstrap, name):
+    def __init__(self, bootstrap, name, topic=TOPIC, group=GROUP, instance=None):
         super().__init__(daemon=True)
-        self.c = consumer(bootstrap, name)
-        self.c.subscribe([TOPIC])
+        self.c = consumer(bootstrap, name, group, instance)
+        self.revoked = 0
+        self.c.subscribe([topic], on_revoke=self.on_revoke)
         self.name = name
         self.got = []
         self.errors = []
         self.assigned = []
         self.lock = threading.Lock()
         self.running = True
+
+    def on_revoke(self, _consumer, partitions):
+        if partitions:
+            self.revoked += 1
 
     def run(self):
         while self.running:
@@ -145,5 +155,57 @@ def resume(bootstrap):
     print("resume: committed offsets survived the server restart")
 
 
+def static(bootstrap):
+    topic, group = "static", "static-grp"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)]).values():
+        f.result(30)
+
+    def produce_to(start, n):
+        p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+        for i in range(start, start + n):
+            p.produce(topic, key=f"k{i % 17}", value=str(i))
+        if p.flush(30) != 0:
+            sys.exit("messages undelivered")
+
+    produce_to(0, 300)
+    a = Member(bootstrap, "a", topic, group, instance="instance-a")
+    b = Member(bootstrap, "b", topic, group, instance="instance-b")
+    a.start()
+    b.start()
+    wait_for(lambda: len(a.got) + len(b.got) >= 300, "300 messages across two static members")
+    wait_for(lambda: sorted(a.partitions() + b.partitions()) == [0, 1, 2],
+             "two static members to cover three partitions")
+    a_parts, b_parts = a.partitions(), b.partitions()
+    b_revoked = b.revoked
+    description = admin.describe_consumer_groups([group])[group].result(30)
+    instances = sorted(m.group_instance_id for m in description.members)
+    if instances != ["instance-a", "instance-b"]:
+        sys.exit(f"DescribeGroups should list both instance ids, got {instances}")
+
+    # Member a restarts with the same instance id, well within its session timeout: a static
+    # member leaves no LeaveGroup behind, and its successor takes its place as it was.
+    a.stop()
+    a2 = Member(bootstrap, "a2", topic, group, instance="instance-a")
+    a2.start()
+    produce_to(300, 300)
+    wait_for(lambda: len(a2.got) + len([v for v in b.got if v >= 300]) >= 300,
+             "300 more messages after the restart")
+    wait_for(lambda: a2.partitions() == a_parts, "the restarted member to hold its old partitions")
+    if b.revoked != b_revoked or b.partitions() != b_parts:
+        sys.exit(f"the other static member was rebalanced: {b.revoked - b_revoked} revocations, "
+                 f"partitions {b_parts} -> {b.partitions()}")
+    everything = sorted(a.got + a2.got + b.got)
+    if everything != list(range(600)):
+        sys.exit(f"the group consumed {len(everything)} messages, duplicates or gaps")
+    description = admin.describe_consumer_groups([group])[group].result(30)
+    if str(description.state) not in ("ConsumerGroupState.STABLE", "STABLE"):
+        sys.exit(f"the group should be stable, is {description.state}")
+    a2.stop()
+    b.stop()
+    print(f"static: a restarted static member took back partitions {a_parts} without a rebalance; "
+          f"the other kept {b_parts}")
+
+
 if __name__ == "__main__":
-    {"split": split, "resume": resume}[sys.argv[1]](sys.argv[2])
+    {"split": split, "resume": resume, "static": static}[sys.argv[1]](sys.argv[2])

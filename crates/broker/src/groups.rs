@@ -53,6 +53,9 @@ pub enum GroupError {
     GroupSubscribedToTopic,
     /// The offsets of one commit take more than the offsets topic's `max_message_bytes`.
     InvalidCommitOffsetSize,
+    /// The request names a static member (`group.instance.id`) that a newer member with the same
+    /// instance id has replaced.
+    FencedInstanceId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,8 @@ pub struct Joined {
     pub member_id: String,
     /// For the leader: every member and its metadata for the chosen protocol; empty for others.
     pub members: Vec<(String, Bytes)>,
+    /// The leader must not compute an assignment (a static leader replaced in a stable group).
+    pub skip_assignment: bool,
 }
 
 pub type JoinResult = Result<Joined, (GroupError, String)>;
@@ -94,6 +99,10 @@ pub type SyncResult = Result<(String, String, Bytes), GroupError>;
 pub struct JoinRequest {
     pub group_id: String,
     pub member_id: String,
+    /// A static member's `group.instance.id`: it keeps its assignment across restarts.
+    pub instance_id: Option<String>,
+    /// Whether the client understands JoinGroup's `skip_assignment` (version 9 and later).
+    pub skip_assignment_supported: bool,
     pub client_id: String,
     pub client_host: String,
     pub protocol_type: String,
@@ -103,6 +112,8 @@ pub struct JoinRequest {
 }
 
 struct Member {
+    /// Set for a static member.
+    instance_id: Option<String>,
     client_id: String,
     client_host: String,
     protocols: Vec<(String, Bytes)>,
@@ -162,6 +173,108 @@ impl Group {
             topics.extend(sub.topics.iter().map(|t| t.to_string()));
         }
         Some(topics)
+    }
+
+    /// The member id of the static member with this instance id.
+    fn static_member(&self, instance_id: &str) -> Option<&String> {
+        self.members
+            .iter()
+            .find(|(_, m)| m.instance_id.as_deref() == Some(instance_id))
+            .map(|(id, _)| id)
+    }
+
+    /// Refuses a request naming an instance id that now belongs to another member id: the
+    /// sender was replaced by a newer member with the same `group.instance.id`. An instance id
+    /// the group does not know is not checked here (the member id is, by the caller).
+    fn check_instance(&self, member_id: &str, instance_id: Option<&str>) -> Result<(), GroupError> {
+        match instance_id.and_then(|i| self.static_member(i)) {
+            Some(id) if id != member_id => Err(GroupError::FencedInstanceId),
+            _ => Ok(()),
+        }
+    }
+
+    /// A static member joined again without its member id (it restarted): its entry moves to a
+    /// new member id and keeps its assignment, and the old member id is fenced. In a stable group,
+    /// when this member still supports the group's protocol with the same metadata (the same
+    /// subscription), the join is answered at once with the current generation and nothing
+    /// rebalances (KIP-345); otherwise a rebalance starts, as for any join.
+    fn replace_static_member(
+        &mut self,
+        old_id: &str,
+        req: JoinRequest,
+        tx: oneshot::Sender<JoinResult>,
+        now: Instant,
+        initial_delay: Duration,
+    ) {
+        let Some(mut member) = self.members.remove(old_id) else {
+            let _ = tx.send(Err((GroupError::UnknownMemberId, "member removed".into())));
+            return;
+        };
+        if let Some(earlier) = member.awaiting_join.take() {
+            let _ = earlier.send(Err((
+                GroupError::FencedInstanceId,
+                "replaced by a newer member with the same instance id".into(),
+            )));
+        }
+        if let Some(earlier) = member.awaiting_sync.take() {
+            let _ = earlier.send(Err(GroupError::FencedInstanceId));
+        }
+        let instance = req.instance_id.clone().unwrap_or_default();
+        let new_id = format!("{instance}-{}", uuid::Uuid::now_v7());
+        let was_leader = self.leader.as_deref() == Some(old_id);
+        if was_leader {
+            self.leader = Some(new_id.clone());
+        }
+        let unchanged = self.state == GroupState::Stable
+            && self.protocol.as_ref().is_some_and(|p| {
+                req.protocols
+                    .iter()
+                    .any(|(name, md)| name == p && *md == member.metadata(p))
+            });
+        member.client_id = req.client_id;
+        member.client_host = req.client_host;
+        member.protocols = req.protocols;
+        member.session_timeout = req.session_timeout;
+        member.rebalance_timeout = req.rebalance_timeout;
+        member.last_seen = now;
+        if !unchanged {
+            member.awaiting_join = Some(tx);
+            self.members.insert(new_id, member);
+            if self.state != GroupState::PreparingRebalance {
+                self.prepare_rebalance(now, initial_delay);
+            }
+            if self.join_complete(now) {
+                self.complete_join(now);
+            }
+            return;
+        }
+        self.members.insert(new_id.clone(), member);
+        let protocol = self.protocol.clone().unwrap_or_default();
+        // A replaced leader learns that it leads, with the members, and that it must not assign
+        // (the group is stable: the assignment stands) when its client understands that (JoinGroup
+        // v9's skip_assignment); older clients are given the old leader id, so that the new member
+        // does not take itself for the leader and hand out an assignment nobody would receive.
+        let (leader, members, skip_assignment) = if was_leader && req.skip_assignment_supported {
+            let all = self
+                .members
+                .iter()
+                .map(|(id, m)| (id.clone(), m.metadata(&protocol)))
+                .collect();
+            (new_id.clone(), all, true)
+        } else if was_leader {
+            (old_id.to_string(), Vec::new(), false)
+        } else {
+            (self.leader.clone().unwrap_or_default(), Vec::new(), false)
+        };
+        let _ = tx.send(Ok(Joined {
+            generation: self.generation,
+            protocol_type: self.protocol_type.clone().unwrap_or_default(),
+            protocol,
+            leader,
+            member_id: new_id,
+            members,
+            skip_assignment,
+        }));
     }
 
     fn new() -> Group {
@@ -282,6 +395,7 @@ impl Group {
                     } else {
                         Vec::new()
                     },
+                    skip_assignment: false,
                 }));
             }
         }
@@ -425,8 +539,20 @@ pub struct GroupSummary {
     pub state: GroupState,
     pub protocol_type: String,
     pub protocol: String,
-    /// member id, client id, client host, metadata for the chosen protocol, assignment.
-    pub members: Vec<(String, String, String, Bytes, Bytes)>,
+    pub members: Vec<MemberSummary>,
+}
+
+/// A member of a group, for DescribeGroups.
+#[derive(Debug, Clone)]
+pub struct MemberSummary {
+    pub member_id: String,
+    /// A static member's `group.instance.id`.
+    pub instance_id: Option<String>,
+    pub client_id: String,
+    pub client_host: String,
+    /// The member's metadata for the chosen protocol.
+    pub metadata: Bytes,
+    pub assignment: Bytes,
 }
 
 struct State {
@@ -590,8 +716,27 @@ impl Coordinator {
             );
             return rx;
         }
-        let member_id = if req.member_id.is_empty() {
-            format!("{}-{}", req.client_id, uuid::Uuid::now_v7())
+        // A static member joining without its member id (after a restart) takes the place of
+        // the member holding its instance id.
+        let replacing = match (&req.instance_id, req.member_id.is_empty()) {
+            (Some(instance), true) => group.static_member(instance).cloned(),
+            _ => None,
+        };
+        let member_id = if let Some(old) = &replacing {
+            old.clone()
+        } else if req.member_id.is_empty() {
+            let prefix = req.instance_id.as_deref().unwrap_or(&req.client_id);
+            format!("{prefix}-{}", uuid::Uuid::now_v7())
+        } else if group
+            .check_instance(&req.member_id, req.instance_id.as_deref())
+            .is_err()
+        {
+            fail(
+                tx,
+                GroupError::FencedInstanceId,
+                "the instance id belongs to a newer member",
+            );
+            return rx;
         } else if group.members.contains_key(&req.member_id) {
             req.member_id.clone()
         } else {
@@ -619,7 +764,12 @@ impl Coordinator {
             return rx;
         }
         group.protocol_type = Some(req.protocol_type.clone());
+        if let Some(old) = replacing {
+            group.replace_static_member(&old, req, tx, now, self.initial_delay);
+            return rx;
+        }
         let member = group.members.entry(member_id).or_insert_with(|| Member {
+            instance_id: req.instance_id.clone(),
             client_id: req.client_id.clone(),
             client_host: req.client_host.clone(),
             protocols: Vec::new(),
@@ -650,16 +800,21 @@ impl Coordinator {
         &self,
         group_id: &str,
         generation: i32,
-        member_id: &str,
+        member: (&str, Option<&str>),
         assignments: Vec<(String, Bytes)>,
         now: Instant,
     ) -> oneshot::Receiver<SyncResult> {
         let (tx, rx) = oneshot::channel();
+        let (member_id, instance_id) = member;
         let mut state = self.lock();
         let Some(group) = state.groups.get_mut(group_id) else {
             let _ = tx.send(Err(GroupError::UnknownMemberId));
             return rx;
         };
+        if let Err(e) = group.check_instance(member_id, instance_id) {
+            let _ = tx.send(Err(e));
+            return rx;
+        }
         let Some(member) = group.members.get_mut(member_id) else {
             let _ = tx.send(Err(GroupError::UnknownMemberId));
             return rx;
@@ -703,14 +858,16 @@ impl Coordinator {
         &self,
         group_id: &str,
         generation: i32,
-        member_id: &str,
+        member: (&str, Option<&str>),
         now: Instant,
     ) -> Result<(), GroupError> {
+        let (member_id, instance_id) = member;
         let mut state = self.lock();
         let group = state
             .groups
             .get_mut(group_id)
             .ok_or(GroupError::UnknownMemberId)?;
+        group.check_instance(member_id, instance_id)?;
         let member = group
             .members
             .get_mut(member_id)
@@ -725,29 +882,38 @@ impl Coordinator {
         }
     }
 
-    /// LeaveGroup: each member's result.
+    /// LeaveGroup: each member's result. A member is named by its member id, or, for a static
+    /// member, by its instance id (the member id may then be empty; when given, it must be the
+    /// one the instance id belongs to).
     pub fn leave(
         &self,
         group_id: &str,
-        member_ids: &[String],
+        members: &[(String, Option<String>)],
         now: Instant,
     ) -> Vec<Result<(), GroupError>> {
         let mut state = self.lock();
         let Some(group) = state.groups.get_mut(group_id) else {
-            return member_ids
+            return members
                 .iter()
                 .map(|_| Err(GroupError::UnknownMemberId))
                 .collect();
         };
-        let results = member_ids
+        let results = members
             .iter()
-            .map(|id| {
-                if group.members.contains_key(id) {
-                    group.remove_member(id, now, self.initial_delay);
-                    Ok(())
-                } else {
-                    Err(GroupError::UnknownMemberId)
-                }
+            .map(|(member_id, instance_id)| {
+                let id = match instance_id {
+                    Some(instance) => match group.static_member(instance) {
+                        None => return Err(GroupError::UnknownMemberId),
+                        Some(id) if !member_id.is_empty() && id != member_id => {
+                            return Err(GroupError::FencedInstanceId);
+                        }
+                        Some(id) => id.clone(),
+                    },
+                    None if group.members.contains_key(member_id) => member_id.clone(),
+                    None => return Err(GroupError::UnknownMemberId),
+                };
+                group.remove_member(&id, now, self.initial_delay);
+                Ok(())
             })
             .collect();
         if group.join_complete(now) {
@@ -793,9 +959,10 @@ impl Coordinator {
         &self,
         group_id: &str,
         generation: i32,
-        member_id: &str,
+        member: (&str, Option<&str>),
         now: Instant,
     ) -> Result<(), GroupError> {
+        let (member_id, instance_id) = member;
         let mut state = self.lock();
         let Some(group) = state.groups.get_mut(group_id) else {
             return if generation < 0 {
@@ -804,6 +971,7 @@ impl Coordinator {
                 Err(GroupError::IllegalGeneration)
             };
         };
+        group.check_instance(member_id, instance_id)?;
         if generation < 0 && member_id.is_empty() {
             return if group.members.is_empty() {
                 Ok(())
@@ -830,14 +998,14 @@ impl Coordinator {
         &self,
         group_id: &str,
         generation: i32,
-        member_id: &str,
+        member: (&str, Option<&str>),
         offsets: Vec<(String, u32, Committed)>,
         now: Instant,
     ) -> Result<Vec<Result<(), GroupError>>, GroupError> {
         if group_id.is_empty() {
             return Err(GroupError::InvalidGroupId);
         }
-        self.check_commit(group_id, generation, member_id, now)?;
+        self.check_commit(group_id, generation, member, now)?;
         let mut results = Vec::with_capacity(offsets.len());
         let mut records = Vec::new();
         let mut accepted = Vec::new();
@@ -1224,15 +1392,13 @@ impl Coordinator {
             members: g
                 .members
                 .iter()
-                .map(|(id, m)| {
-                    let metadata = m.metadata(&protocol);
-                    (
-                        id.clone(),
-                        m.client_id.clone(),
-                        m.client_host.clone(),
-                        metadata,
-                        m.assignment.clone(),
-                    )
+                .map(|(id, m)| MemberSummary {
+                    member_id: id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    client_host: m.client_host.clone(),
+                    metadata: m.metadata(&protocol),
+                    assignment: m.assignment.clone(),
                 })
                 .collect(),
         })
@@ -1305,7 +1471,7 @@ mod tests {
         let (c, log) = open(&disk, now_ms);
         let t0 = Instant::now();
         let a = ready(join(&c, "", t0)).unwrap().unwrap();
-        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let _ = ready(c.sync("g", 1, (&a.member_id, None), vec![], t0));
         let commit = |offset| {
             vec![(
                 "t".to_string(),
@@ -1319,9 +1485,13 @@ mod tests {
         };
         // "g" has a member; "idle" commits outside group management and has none.
         for i in 0..100 {
-            c.commit("g", 1, &a.member_id, commit(i), t0).await.unwrap();
+            c.commit("g", 1, (&a.member_id, None), commit(i), t0)
+                .await
+                .unwrap();
         }
-        c.commit("idle", -1, "", commit(3), t0).await.unwrap();
+        c.commit("idle", -1, ("", None), commit(3), t0)
+            .await
+            .unwrap();
         let offsets = c.offsets_log.clone();
         let segments = |p: &Partition| p.info().segments;
         assert!(segments(&offsets) > 2, "commits fill several segments");
@@ -1386,7 +1556,7 @@ mod tests {
         let a = ready(join_with(&c, "", subscription(7, &["t"]), t0))
             .unwrap()
             .unwrap();
-        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let _ = ready(c.sync("g", 1, (&a.member_id, None), vec![], t0));
         let offset = |topic: &str| {
             (
                 topic.to_string(),
@@ -1398,9 +1568,15 @@ mod tests {
                 },
             )
         };
-        c.commit("g", 1, &a.member_id, vec![offset("t"), offset("u")], t0)
-            .await
-            .unwrap();
+        c.commit(
+            "g",
+            1,
+            (&a.member_id, None),
+            vec![offset("t"), offset("u")],
+            t0,
+        )
+        .await
+        .unwrap();
         let both = || vec![("t".to_string(), vec![0]), ("u".to_string(), vec![0])];
         let results = c.delete_offsets("g", both()).await.unwrap();
         assert_eq!(
@@ -1432,7 +1608,7 @@ mod tests {
         let c = coordinator(&disk);
         let t0 = Instant::now();
         let a = ready(join(&c, "", t0)).unwrap().unwrap();
-        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let _ = ready(c.sync("g", 1, (&a.member_id, None), vec![], t0));
         let commit = vec![(
             "t".to_string(),
             1,
@@ -1442,10 +1618,10 @@ mod tests {
                 metadata: None,
             },
         )];
-        c.commit("g", 1, &a.member_id, commit.clone(), t0)
+        c.commit("g", 1, (&a.member_id, None), commit.clone(), t0)
             .await
             .unwrap();
-        c.commit("idle", -1, "", commit, t0).await.unwrap();
+        c.commit("idle", -1, ("", None), commit, t0).await.unwrap();
         assert_eq!(c.delete_group("g").await, Err(GroupError::NonEmptyGroup));
         // Offsets go one by one only from groups without members.
         let t1 = || vec![("t".to_string(), vec![1]), ("nope".to_string(), vec![0])];
@@ -1470,7 +1646,7 @@ mod tests {
         c.commit(
             "idle",
             -1,
-            "",
+            ("", None),
             vec![(
                 "t".to_string(),
                 2,
@@ -1497,7 +1673,7 @@ mod tests {
         );
         // Once its member left, "g" goes too; neither comes back after a restart.
         assert_eq!(
-            c.leave("g", std::slice::from_ref(&a.member_id), t0),
+            c.leave("g", &[(a.member_id.clone(), None)], t0),
             vec![Ok(())]
         );
         assert_eq!(c.delete_group("g").await, Ok(()));
@@ -1556,7 +1732,7 @@ mod tests {
         let c = Coordinator::open(log, Duration::ZERO, 0).map_err(|_| None)?;
         let t0 = Instant::now();
         let a = ready(join(&c, "", t0)).unwrap().unwrap();
-        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let _ = ready(c.sync("g", 1, (&a.member_id, None), vec![], t0));
         for i in 0..24u32 {
             let (group, generation, member) = if i % 3 == 0 {
                 ("solo", -1, "")
@@ -1573,7 +1749,7 @@ mod tests {
                 .commit(
                     group,
                     generation,
-                    member,
+                    (member, None),
                     vec![("t".into(), i % 3, committed)],
                     t0,
                 )
@@ -1673,6 +1849,8 @@ mod tests {
             JoinRequest {
                 group_id: "g".into(),
                 member_id: member.into(),
+                instance_id: None,
+                skip_assignment_supported: true,
                 client_id: "c".into(),
                 client_host: "h".into(),
                 protocol_type: "consumer".into(),
@@ -1688,6 +1866,177 @@ mod tests {
         rx.try_recv().ok()
     }
 
+    fn join_static(
+        c: &Coordinator,
+        member: &str,
+        instance: &str,
+        metadata: &'static [u8],
+        skip_assignment_supported: bool,
+        now: Instant,
+    ) -> oneshot::Receiver<JoinResult> {
+        c.join(
+            JoinRequest {
+                group_id: "g".into(),
+                member_id: member.into(),
+                instance_id: Some(instance.into()),
+                skip_assignment_supported,
+                client_id: "c".into(),
+                client_host: "h".into(),
+                protocol_type: "consumer".into(),
+                protocols: vec![("range".into(), Bytes::from_static(metadata))],
+                session_timeout: Duration::from_secs(10),
+                rebalance_timeout: Duration::from_secs(5),
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn a_static_member_that_restarts_takes_its_place_without_a_rebalance() {
+        let disk = MemStorage::new();
+        let c = coordinator(&disk);
+        let t0 = Instant::now();
+        // Two static members form a stable generation.
+        let a = ready(join_static(&c, "", "ia", b"md", true, t0))
+            .unwrap()
+            .unwrap();
+        assert!(a.member_id.starts_with("ia-"), "{}", a.member_id);
+        let b_rx = join_static(&c, "", "ib", b"md", true, t0);
+        let leader = ready(join_static(&c, &a.member_id, "ia", b"md", true, t0))
+            .unwrap()
+            .unwrap();
+        let follower = ready(b_rx).unwrap().unwrap();
+        assert_eq!((leader.generation, follower.generation), (2, 2));
+        assert_eq!(leader.leader, leader.member_id);
+        let follower_sync = c.sync("g", 2, (&follower.member_id, None), vec![], t0);
+        let _ = ready(c.sync(
+            "g",
+            2,
+            (&leader.member_id, None),
+            vec![
+                (leader.member_id.clone(), Bytes::from_static(b"p0")),
+                (follower.member_id.clone(), Bytes::from_static(b"p1")),
+            ],
+            t0,
+        ));
+        assert_eq!(
+            ready(follower_sync).unwrap().unwrap().2,
+            Bytes::from_static(b"p1")
+        );
+        let instance = |m: &Joined| m.member_id.split('-').next().unwrap().to_string();
+        let (li, fi) = (instance(&leader), instance(&follower));
+
+        // The follower restarts: answered at once, same generation, its old assignment; the
+        // leader's heartbeat sees no rebalance.
+        let f2 = ready(join_static(&c, "", &fi, b"md", true, t0))
+            .expect("answered without a rebalance")
+            .unwrap();
+        assert_ne!(f2.member_id, follower.member_id);
+        assert_eq!(f2.generation, 2);
+        assert_eq!(f2.leader, leader.member_id);
+        assert!(f2.members.is_empty() && !f2.skip_assignment);
+        assert_eq!(c.heartbeat("g", 2, (&leader.member_id, None), t0), Ok(()));
+        let s = ready(c.sync("g", 2, (&f2.member_id, Some(&fi)), vec![], t0));
+        assert_eq!(s.unwrap().unwrap().2, Bytes::from_static(b"p1"));
+        assert_eq!(c.describe("g").unwrap().state, GroupState::Stable);
+
+        // The replaced member is fenced wherever it names its instance id, unknown otherwise.
+        let old = follower.member_id.as_str();
+        assert_eq!(
+            c.heartbeat("g", 2, (old, Some(&fi)), t0),
+            Err(GroupError::FencedInstanceId)
+        );
+        assert_eq!(
+            c.heartbeat("g", 2, (old, None), t0),
+            Err(GroupError::UnknownMemberId)
+        );
+        assert_eq!(
+            ready(c.sync("g", 2, (old, Some(&fi)), vec![], t0)).unwrap(),
+            Err(GroupError::FencedInstanceId)
+        );
+        let commit = vec![(
+            "t".to_string(),
+            0,
+            Committed {
+                offset: 1,
+                leader_epoch: -1,
+                metadata: None,
+            },
+        )];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(
+            rt.block_on(c.commit("g", 2, (old, Some(&fi)), commit, t0)),
+            Err(GroupError::FencedInstanceId)
+        );
+        assert_eq!(
+            ready(join_static(&c, old, &fi, b"md", true, t0))
+                .unwrap()
+                .unwrap_err()
+                .0,
+            GroupError::FencedInstanceId
+        );
+
+        // The leader restarts: a client that knows skip_assignment learns it leads, with the
+        // members, and must not assign; an older client is given the old leader id instead.
+        let l2 = ready(join_static(&c, "", &li, b"md", true, t0))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l2.generation, 2);
+        assert_eq!(l2.leader, l2.member_id);
+        assert!(l2.skip_assignment);
+        assert_eq!(l2.members.len(), 2);
+        let l3 = ready(join_static(&c, "", &li, b"md", false, t0))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (l3.leader.as_str(), l3.skip_assignment),
+            (l2.member_id.as_str(), false)
+        );
+        assert!(l3.members.is_empty());
+        let s = ready(c.sync("g", 2, (&l3.member_id, Some(&li)), vec![], t0));
+        assert_eq!(s.unwrap().unwrap().2, Bytes::from_static(b"p0"));
+
+        // A restart with another subscription rebalances.
+        let f3_rx = join_static(&c, "", &fi, b"other topics", true, t0);
+        assert_eq!(
+            c.heartbeat("g", 2, (&l3.member_id, None), t0),
+            Err(GroupError::RebalanceInProgress)
+        );
+        let l4 = ready(join_static(&c, &l3.member_id, &li, b"md", true, t0))
+            .unwrap()
+            .unwrap();
+        let f3 = ready(f3_rx).unwrap().unwrap();
+        assert_eq!((l4.generation, f3.generation), (3, 3));
+
+        // Leaving by instance id: the member id may be left out, a wrong one is fenced.
+        assert_eq!(
+            c.leave(
+                "g",
+                &[
+                    ("someone".into(), Some(fi.clone())),
+                    (String::new(), Some("nobody".into())),
+                    (String::new(), Some(fi.clone())),
+                ],
+                t0
+            ),
+            vec![
+                Err(GroupError::FencedInstanceId),
+                Err(GroupError::UnknownMemberId),
+                Ok(())
+            ]
+        );
+        let members: Vec<Option<String>> = c
+            .describe("g")
+            .unwrap()
+            .members
+            .into_iter()
+            .map(|m| m.instance_id)
+            .collect();
+        assert_eq!(members, vec![Some(li)]);
+    }
+
     #[test]
     fn two_members_rebalance_fence_stale_generations_and_expire() {
         let disk = MemStorage::new();
@@ -1700,7 +2049,7 @@ mod tests {
         let s = ready(c.sync(
             "g",
             1,
-            &a.member_id,
+            (&a.member_id, None),
             vec![(a.member_id.clone(), Bytes::from_static(b"all"))],
             t0,
         ));
@@ -1708,7 +2057,7 @@ mod tests {
         // A second member joins: the first learns of the rebalance from its heartbeat.
         let b_rx = join(&c, "", t0);
         assert_eq!(
-            c.heartbeat("g", 1, &a.member_id, t0),
+            c.heartbeat("g", 1, (&a.member_id, None), t0),
             Err(GroupError::RebalanceInProgress)
         );
         let a2 = ready(join(&c, &a.member_id, t0)).unwrap().unwrap();
@@ -1717,11 +2066,11 @@ mod tests {
         assert_eq!(a2.members.len(), 2, "the leader sees every member");
         assert!(b.members.is_empty());
         // The follower waits for the leader's assignment.
-        let b_sync = c.sync("g", 2, &b.member_id, vec![], t0);
+        let b_sync = c.sync("g", 2, (&b.member_id, None), vec![], t0);
         let a_sync = c.sync(
             "g",
             2,
-            &a.member_id,
+            (&a.member_id, None),
             vec![
                 (a.member_id.clone(), Bytes::from_static(b"p0")),
                 (b.member_id.clone(), Bytes::from_static(b"p1")),
@@ -1732,27 +2081,27 @@ mod tests {
         assert_eq!(ready(b_sync).unwrap().unwrap().2, Bytes::from_static(b"p1"));
         // A stale generation is fenced.
         assert_eq!(
-            c.heartbeat("g", 1, &a.member_id, t0),
+            c.heartbeat("g", 1, (&a.member_id, None), t0),
             Err(GroupError::IllegalGeneration)
         );
         assert_eq!(
-            c.heartbeat("g", 2, "nobody", t0),
+            c.heartbeat("g", 2, ("nobody", None), t0),
             Err(GroupError::UnknownMemberId)
         );
-        assert_eq!(c.heartbeat("g", 2, &b.member_id, t0), Ok(()));
+        assert_eq!(c.heartbeat("g", 2, (&b.member_id, None), t0), Ok(()));
         // b stops heartbeating; after its session a rebalance leaves a alone in generation 3.
         let t1 = t0 + Duration::from_secs(8);
-        assert_eq!(c.heartbeat("g", 2, &a.member_id, t1), Ok(()));
+        assert_eq!(c.heartbeat("g", 2, (&a.member_id, None), t1), Ok(()));
         let t2 = t0 + Duration::from_secs(11);
         c.tick(t2);
         assert_eq!(
-            c.heartbeat("g", 2, &a.member_id, t2),
+            c.heartbeat("g", 2, (&a.member_id, None), t2),
             Err(GroupError::RebalanceInProgress)
         );
         let a3 = ready(join(&c, &a.member_id, t2)).unwrap().unwrap();
         assert_eq!((a3.generation, a3.members.len()), (3, 1));
         assert_eq!(
-            c.heartbeat("g", 3, &b.member_id, t2),
+            c.heartbeat("g", 3, (&b.member_id, None), t2),
             Err(GroupError::UnknownMemberId)
         );
     }
@@ -1789,7 +2138,7 @@ mod tests {
         let c = coordinator(&disk);
         let t0 = Instant::now();
         let a = ready(join(&c, "", t0)).unwrap().unwrap();
-        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
+        let _ = ready(c.sync("g", 1, (&a.member_id, None), vec![], t0));
         let b_rx = join(&c, "", t0);
         // a never rejoins; after the rebalance timeout b forms the group alone.
         c.tick(t0 + Duration::from_secs(4));
@@ -1832,26 +2181,33 @@ mod tests {
             ]
         };
         assert_eq!(
-            c.commit("g", 1, &a.member_id, commit(5), t0).await,
+            c.commit("g", 1, (&a.member_id, None), commit(5), t0).await,
             Err(GroupError::RebalanceInProgress)
         );
-        let _ = ready(c.sync("g", 1, &a.member_id, vec![], t0));
-        let r = c.commit("g", 1, &a.member_id, commit(5), t0).await.unwrap();
+        let _ = ready(c.sync("g", 1, (&a.member_id, None), vec![], t0));
+        let r = c
+            .commit("g", 1, (&a.member_id, None), commit(5), t0)
+            .await
+            .unwrap();
         assert_eq!(r, vec![Ok(()), Err(GroupError::UnknownTopicOrPartition)]);
         assert_eq!(
-            c.commit("g", 0, &a.member_id, commit(9), t0).await,
+            c.commit("g", 0, (&a.member_id, None), commit(9), t0).await,
             Err(GroupError::IllegalGeneration)
         );
         assert_eq!(
-            c.commit("g", 1, "x", commit(9), t0).await,
+            c.commit("g", 1, ("x", None), commit(9), t0).await,
             Err(GroupError::UnknownMemberId)
         );
         assert_eq!(
-            c.commit("g", -1, "", commit(9), t0).await,
+            c.commit("g", -1, ("", None), commit(9), t0).await,
             Err(GroupError::IllegalGeneration)
         );
         // Simple commits outside group management work for groups without members.
-        assert!(c.commit("solo", -1, "", commit(3), t0).await.is_ok());
+        assert!(
+            c.commit("solo", -1, ("", None), commit(3), t0)
+                .await
+                .is_ok()
+        );
         drop(c);
         let c = coordinator(&disk.restart(spate_log::mem::Unsynced::Drop));
         let got = c.fetch_offsets("g", Some(vec![("t".into(), vec![0, 1])]));
@@ -1873,7 +2229,11 @@ mod tests {
         let got = c.fetch_offsets("g", Some(vec![("t".into(), vec![0])]));
         assert_eq!(got[0].1[0].1, None);
         assert!(c.fetch_offsets("solo", None).is_empty());
-        assert!(c.commit("solo", -1, "", commit(7), t0).await.is_ok());
+        assert!(
+            c.commit("solo", -1, ("", None), commit(7), t0)
+                .await
+                .is_ok()
+        );
         let got = c.fetch_offsets("solo", None);
         assert_eq!(got[0].1[0].1.as_ref().map(|c| c.offset), Some(7));
         // Records stored before the topic's creation time was kept count for the topic found.

@@ -105,6 +105,7 @@ pub mod code {
     pub const NON_EMPTY_GROUP: i16 = 68;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
     pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
+    pub const FENCED_INSTANCE_ID: i16 = 82;
     pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
@@ -128,6 +129,7 @@ fn group_code(e: GroupError) -> i16 {
         GroupError::NonEmptyGroup => code::NON_EMPTY_GROUP,
         GroupError::GroupSubscribedToTopic => code::GROUP_SUBSCRIBED_TO_TOPIC,
         GroupError::InvalidCommitOffsetSize => code::INVALID_COMMIT_OFFSET_SIZE,
+        GroupError::FencedInstanceId => code::FENCED_INSTANCE_ID,
     }
 }
 
@@ -339,7 +341,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
                     .heartbeat(
                         r.group_id.0.as_str(),
                         r.generation_id,
-                        r.member_id.as_str(),
+                        (r.member_id.as_str(), r.group_instance_id.as_deref()),
                         Instant::now(),
                     )
                     .err()
@@ -1422,6 +1424,8 @@ async fn join_group(
     let request = JoinRequest {
         group_id: r.group_id.0.to_string(),
         member_id: r.member_id.to_string(),
+        instance_id: r.group_instance_id.as_ref().map(|i| i.to_string()),
+        skip_assignment_supported: version >= 9,
         client_id: header
             .client_id
             .as_ref()
@@ -1445,6 +1449,7 @@ async fn join_group(
             .with_protocol_name(Some(str_bytes(&j.protocol)))
             .with_leader(str_bytes(&j.leader))
             .with_member_id(str_bytes(&j.member_id))
+            .with_skip_assignment(j.skip_assignment)
             .with_members(
                 j.members
                     .into_iter()
@@ -1472,7 +1477,7 @@ async fn sync_group(ctx: &Context, r: SyncGroupRequest) -> SyncGroupResponse {
     let rx = ctx.coordinator.sync(
         r.group_id.0.as_str(),
         r.generation_id,
-        r.member_id.as_str(),
+        (r.member_id.as_str(), r.group_instance_id.as_deref()),
         assignments,
         Instant::now(),
     );
@@ -1489,14 +1494,25 @@ async fn sync_group(ctx: &Context, r: SyncGroupRequest) -> SyncGroupResponse {
 fn leave_group(ctx: &Context, r: LeaveGroupRequest, version: i16) -> LeaveGroupResponse {
     let now = Instant::now();
     if version < 3 {
-        let result = ctx
-            .coordinator
-            .leave(r.group_id.0.as_str(), &[r.member_id.to_string()], now);
+        let result = ctx.coordinator.leave(
+            r.group_id.0.as_str(),
+            &[(r.member_id.to_string(), None)],
+            now,
+        );
         return LeaveGroupResponse::default()
             .with_error_code(result[0].err().map_or(code::NONE, group_code));
     }
-    let ids: Vec<String> = r.members.iter().map(|m| m.member_id.to_string()).collect();
-    let results = ctx.coordinator.leave(r.group_id.0.as_str(), &ids, now);
+    let members: Vec<(String, Option<String>)> = r
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.member_id.to_string(),
+                m.group_instance_id.as_ref().map(|i| i.to_string()),
+            )
+        })
+        .collect();
+    let results = ctx.coordinator.leave(r.group_id.0.as_str(), &members, now);
     LeaveGroupResponse::default().with_members(
         r.members
             .into_iter()
@@ -1531,7 +1547,7 @@ async fn offset_commit(ctx: &Context, r: OffsetCommitRequest) -> OffsetCommitRes
         .commit(
             r.group_id.0.as_str(),
             r.generation_id_or_member_epoch,
-            r.member_id.as_str(),
+            (r.member_id.as_str(), r.group_instance_id.as_deref()),
             offsets,
             Instant::now(),
         )
@@ -1759,13 +1775,14 @@ fn describe_groups(ctx: &Context, r: DescribeGroupsRequest) -> DescribeGroupsRes
                     .with_members(
                         g.members
                             .into_iter()
-                            .map(|(member, client, host, metadata, assignment)| {
+                            .map(|m| {
                                 DescribedGroupMember::default()
-                                    .with_member_id(str_bytes(&member))
-                                    .with_client_id(str_bytes(&client))
-                                    .with_client_host(str_bytes(&host))
-                                    .with_member_metadata(metadata)
-                                    .with_member_assignment(assignment)
+                                    .with_member_id(str_bytes(&m.member_id))
+                                    .with_group_instance_id(m.instance_id.as_deref().map(str_bytes))
+                                    .with_client_id(str_bytes(&m.client_id))
+                                    .with_client_host(str_bytes(&m.client_host))
+                                    .with_member_metadata(m.metadata)
+                                    .with_member_assignment(m.assignment)
                             })
                             .collect(),
                     ),

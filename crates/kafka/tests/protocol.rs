@@ -476,6 +476,121 @@ async fn group_requests_are_fenced_by_generation_and_member() {
 }
 
 #[tokio::test]
+async fn a_static_member_rejoining_replaces_its_predecessor_which_is_fenced() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::leave_group_request::MemberIdentity;
+    use kafka_protocol::messages::{
+        DescribeGroupsRequest, DescribeGroupsResponse, GroupId, HeartbeatRequest,
+        HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
+        LeaveGroupResponse, SyncGroupRequest, SyncGroupResponse,
+    };
+    let (addr, _) = server().await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let group = || GroupId(StrBytes::from_static_str("g"));
+    let instance = || Some(StrBytes::from_static_str("host-1"));
+    let join = |member: StrBytes| {
+        JoinGroupRequest::default()
+            .with_group_id(group())
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(5_000)
+            .with_member_id(member)
+            .with_group_instance_id(instance())
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![
+                JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("range"))
+                    .with_metadata(Bytes::from_static(b"m")),
+            ])
+    };
+    let first: JoinGroupResponse =
+        call(&mut s, ApiKey::JoinGroup, 7, &join(StrBytes::default())).await;
+    assert_eq!((first.error_code, first.generation_id), (0, 1));
+    let sync = SyncGroupRequest::default()
+        .with_group_id(group())
+        .with_generation_id(1)
+        .with_member_id(first.member_id.clone())
+        .with_group_instance_id(instance());
+    let synced: SyncGroupResponse = call(&mut s, ApiKey::SyncGroup, 5, &sync).await;
+    assert_eq!(synced.error_code, 0);
+    // The same instance joins again without a member id (a restart): answered at once in the
+    // same generation; a v7 client is given the old leader id, so it does not assign.
+    let second: JoinGroupResponse =
+        call(&mut s, ApiKey::JoinGroup, 7, &join(StrBytes::default())).await;
+    assert_eq!((second.error_code, second.generation_id), (0, 1));
+    assert_ne!(second.member_id, first.member_id);
+    assert_eq!(second.leader, first.member_id);
+    let heartbeat = |member: StrBytes| {
+        HeartbeatRequest::default()
+            .with_group_id(group())
+            .with_generation_id(1)
+            .with_member_id(member)
+            .with_group_instance_id(instance())
+    };
+    let h: HeartbeatResponse = call(
+        &mut s,
+        ApiKey::Heartbeat,
+        4,
+        &heartbeat(first.member_id.clone()),
+    )
+    .await;
+    assert_eq!(h.error_code, 82, "FENCED_INSTANCE_ID");
+    let h: HeartbeatResponse = call(
+        &mut s,
+        ApiKey::Heartbeat,
+        4,
+        &heartbeat(second.member_id.clone()),
+    )
+    .await;
+    assert_eq!(h.error_code, 0);
+    // A v9 client learns that it leads and must skip the assignment.
+    let third: JoinGroupResponse =
+        call(&mut s, ApiKey::JoinGroup, 9, &join(StrBytes::default())).await;
+    assert_eq!((third.error_code, third.generation_id), (0, 1));
+    assert_eq!(third.leader, third.member_id);
+    assert!(third.skip_assignment);
+    let described: DescribeGroupsResponse = call(
+        &mut s,
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups(vec![group()]),
+    )
+    .await;
+    let g = &described.groups[0];
+    assert_eq!(g.group_state.as_str(), "Stable");
+    assert_eq!(g.members.len(), 1);
+    assert_eq!(g.members[0].group_instance_id, instance());
+    assert_eq!(g.members[0].member_id, third.member_id);
+    // Leaving by instance id alone; a wrong member id for the instance is fenced.
+    let leave = |member: &str| {
+        LeaveGroupRequest::default()
+            .with_group_id(group())
+            .with_members(vec![
+                MemberIdentity::default()
+                    .with_member_id(StrBytes::from_string(member.to_string()))
+                    .with_group_instance_id(instance()),
+            ])
+    };
+    let left: LeaveGroupResponse = call(
+        &mut s,
+        ApiKey::LeaveGroup,
+        4,
+        &leave(first.member_id.as_str()),
+    )
+    .await;
+    assert_eq!(left.members[0].error_code, 82);
+    let left: LeaveGroupResponse = call(&mut s, ApiKey::LeaveGroup, 4, &leave("")).await;
+    assert_eq!((left.error_code, left.members[0].error_code), (0, 0));
+    let described: DescribeGroupsResponse = call(
+        &mut s,
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups(vec![group()]),
+    )
+    .await;
+    assert!(described.groups[0].members.is_empty());
+}
+
+#[tokio::test]
 async fn committed_metadata_and_commits_over_their_limits_are_refused() {
     use kafka_protocol::messages::offset_commit_request::{
         OffsetCommitRequestPartition, OffsetCommitRequestTopic,

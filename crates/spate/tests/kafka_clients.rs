@@ -188,6 +188,16 @@ fn consumer_groups_work_with_round_robin_and_cooperative_sticky_assignment() {
     }
 }
 
+#[test]
+fn a_static_member_restarts_without_rebalancing_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    // librdkafka with group.instance.id: a member closes (no LeaveGroup, as static members do)
+    // and comes back with the same instance id; the other member's partitions are not revoked.
+    groups_step("static", &server.kafka, "range");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
 /// A free loopback port (bound and released), so a restarted server can listen where clients
 /// expect it.
 fn free_port() -> u16 {

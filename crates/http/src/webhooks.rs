@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spate_broker::Event;
-use spate_broker::subscriptions::{Delivery, PushConfig, Subscriptions};
+use spate_broker::subscriptions::{Delivery, PushConfig, Subscriptions, signing_key};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -87,7 +87,7 @@ async fn deliver(
             let (subs, client, name, push) =
                 (subs.clone(), client.clone(), name.clone(), push.clone());
             tokio::spawn(async move {
-                let ok = post(&client, &push, &d).await;
+                let ok = post(&client, &name, &push, &d).await;
                 let ids = [d.ack_id.clone()];
                 let settled = if ok {
                     subs.ack(&name, &ids).await
@@ -116,15 +116,49 @@ fn header_value(v: &str) -> String {
     out
 }
 
+/// The Standard Webhooks signature of a request: `v1,` and the base64 HMAC-SHA256, under the
+/// secret's key, of `<webhook-id>.<webhook-timestamp>.<body>`.
+fn signature(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(tag)
+    )
+}
+
 fn request(
     client: &reqwest::Client,
+    subscription: &str,
     push: &PushConfig,
     d: &Delivery,
     e: &Event,
 ) -> reqwest::RequestBuilder {
+    let body = e.data.clone().unwrap_or_default();
     let mut r = client
         .post(&push.url)
-        .timeout(Duration::from_millis(push.timeout_ms))
+        .timeout(Duration::from_millis(push.timeout_ms));
+    // The subscription's own headers first: those Spate sets below cannot be among them.
+    for (name, v) in &push.headers {
+        r = r.header(name, v);
+    }
+    if let Some(key) = push.secret.as_deref().and_then(|s| signing_key(s).ok()) {
+        // The same id on every attempt of a message, so that a receiver can drop repeats.
+        let id = format!("{subscription}:{}:{}:{}", d.topic, d.partition, d.offset);
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs());
+        r = r
+            .header("webhook-signature", signature(&key, &id, timestamp, &body))
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string());
+    }
+    let mut r = r
         .header("ce-specversion", "1.0")
         .header("ce-type", header_value(&e.event_type))
         .header("spate-delivery-attempt", d.attempt.to_string());
@@ -144,11 +178,16 @@ fn request(
     for (name, v) in &e.extensions {
         r = r.header(format!("ce-{name}"), header_value(v));
     }
-    r.body(e.data.clone().unwrap_or_default())
+    r.body(body)
 }
 
 /// POSTs one message; `true` on a 2xx answer.
-async fn post(client: &reqwest::Client, push: &PushConfig, d: &Delivery) -> bool {
+async fn post(
+    client: &reqwest::Client,
+    subscription: &str,
+    push: &PushConfig,
+    d: &Delivery,
+) -> bool {
     // Pulls of a pushing subscription hand out decoded events; one held only as JSON is parsed.
     let e = match d.event.decoded() {
         Ok(e) => e,
@@ -157,7 +196,7 @@ async fn post(client: &reqwest::Client, push: &PushConfig, d: &Delivery) -> bool
             return false;
         }
     };
-    match request(client, push, d, &e).send().await {
+    match request(client, subscription, push, d, &e).send().await {
         Ok(r) => r.status().is_success(),
         Err(e) => {
             tracing::debug!(url = %push.url, error = %e, "webhook delivery failed");

@@ -1002,6 +1002,137 @@ async fn webhooks_get_binary_cloudevents_and_failures_are_retried() {
 }
 
 #[tokio::test]
+async fn webhooks_carry_their_headers_and_a_standard_webhooks_signature() {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    use std::sync::{Arc, Mutex};
+
+    type Seen = Arc<Mutex<Vec<(HashMap<String, String>, Vec<u8>)>>>;
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let s = s.clone();
+                async move {
+                    let headers: HashMap<String, String> = headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                        .collect();
+                    let authorized =
+                        headers.get("authorization").map(String::as_str) == Some("Bearer t0ken");
+                    let mut seen = s.lock().unwrap();
+                    seen.push((headers, body.to_vec()));
+                    // Unauthorized requests fail, and so does the first attempt of each message.
+                    let id = &seen.last().unwrap().0["ce-id"];
+                    let attempt = seen.iter().filter(|(h, _)| &h["ce-id"] == id).count();
+                    if authorized && attempt > 1 {
+                        axum::http::StatusCode::NO_CONTENT
+                    } else {
+                        axum::http::StatusCode::UNAUTHORIZED
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    let hook_server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 1).await;
+    let c = Client::new(server.addr);
+    let key: Vec<u8> = (0u8..32).collect();
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(&key)
+    );
+    let url = format!("http://{hook_addr}/hook");
+    let spec = |push: Value| {
+        json!({"topic": "orders", "from": "earliest", "backoff": {"initial_ms": 20, "max_ms": 50},
+            "push": push})
+    };
+    // Bad headers and secrets are refused and create nothing.
+    let many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("x-h{i}"), json!("v"))).collect();
+    for push in [
+        json!({"url": url, "headers": {"Content-Type": "text/plain"}}),
+        json!({"url": url, "headers": {"ce-id": "forged"}}),
+        json!({"url": url, "headers": {"webhook-signature": "v1,forged"}}),
+        json!({"url": url, "headers": {"bad name": "v"}}),
+        json!({"url": url, "headers": {"x-ok": "line\nbreak"}}),
+        json!({"url": url, "headers": many}),
+        json!({"url": url, "secret": "plain-text"}),
+        json!({"url": url, "secret": "whsec_c2hvcnQ="}),
+        json!({"url": url, "secret": "whsec_not base64!"}),
+    ] {
+        let r = c.put("/v1/subscriptions/signed", spec(push.clone())).await;
+        assert_eq!(r.status, 400, "{push}: {:?}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("push."),
+            "{:?}",
+            r.body
+        );
+        assert_eq!(c.get("/v1/subscriptions/signed").await.status, 404);
+    }
+    c.subscribe(
+        "signed",
+        spec(json!({"url": url, "headers": {"Authorization": "Bearer t0ken"}, "secret": secret})),
+    )
+    .await;
+    // The definition shows the headers, not the secret.
+    let shown = c.get("/v1/subscriptions/signed").await.body;
+    assert_eq!(shown["push"]["headers"]["Authorization"], "Bearer t0ken");
+    assert_eq!(shown["push"]["secret"], "(set; not shown)");
+    for i in 0..3 {
+        c.publish("orders", &format!("s{i}"), None, json!({"i": i}))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.stats("signed").await["acked"] != 3 {
+        assert!(Instant::now() < deadline, "{:?}", c.stats("signed").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 6, "two attempts per message");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut ids: HashMap<String, String> = HashMap::new();
+    for (headers, body) in &seen {
+        assert_eq!(headers["authorization"], "Bearer t0ken");
+        // Standard Webhooks: v1, base64 HMAC-SHA256 of "<id>.<timestamp>.<body>".
+        let (id, timestamp) = (&headers["webhook-id"], &headers["webhook-timestamp"]);
+        let ts: u64 = timestamp.parse().unwrap();
+        assert!(ts.abs_diff(now) < 60, "timestamp {ts}, now {now}");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(body);
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(headers["webhook-signature"], expected);
+        // One id per message, the same on its retry.
+        let earlier = ids.insert(headers["ce-id"].clone(), id.clone());
+        assert!(
+            earlier.as_ref().is_none_or(|e| e == id),
+            "{earlier:?} then {id}"
+        );
+    }
+    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        ids.values().collect::<std::collections::HashSet<_>>().len(),
+        3
+    );
+    server.stop().await;
+    hook_server.abort();
+}
+
+#[tokio::test]
 async fn a_pull_acks_the_previous_batch_first() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), PushLimits::default()).await;

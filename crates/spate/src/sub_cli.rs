@@ -5,6 +5,8 @@ use serde_json::{Value, json};
 
 use crate::client::Client;
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(clap::Subcommand)]
 pub enum SubCommand {
     /// Create or update a subscription.
@@ -33,6 +35,14 @@ pub enum SubCommand {
         /// POST each message to this URL (CloudEvents binary mode) instead of waiting for pulls.
         #[arg(long)]
         push_url: Option<String>,
+        /// A header for every webhook request, `NAME:VALUE` (repeatable), e.g.
+        /// `authorization:Bearer …`.
+        #[arg(long = "push-header", requires = "push_url")]
+        push_headers: Vec<String>,
+        /// Sign webhook requests (Standard Webhooks) with this secret: `whsec_` and a key of 24 to
+        /// 64 bytes in base64.
+        #[arg(long, requires = "push_url")]
+        push_secret: Option<String>,
     },
     /// List subscriptions with their backlog.
     List,
@@ -74,8 +84,30 @@ pub async fn run(c: &Client, command: SubCommand) -> Result<()> {
             dead_letter_topic,
             ordering,
             push_url,
+            push_headers,
+            push_secret,
         } => {
             let mut spec = json!({ "topic": topic });
+            let push = match push_url {
+                None => None,
+                Some(url) => {
+                    let mut headers = serde_json::Map::new();
+                    for h in push_headers {
+                        let (name, value) = h.split_once(':').ok_or_else(|| {
+                            anyhow::anyhow!("--push-header {h:?} is not NAME:VALUE")
+                        })?;
+                        headers.insert(name.trim().to_string(), value.trim().into());
+                    }
+                    let mut push = json!({ "url": url });
+                    if !headers.is_empty() {
+                        push["headers"] = Value::Object(headers);
+                    }
+                    if let Some(secret) = push_secret {
+                        push["secret"] = secret.into();
+                    }
+                    Some(push)
+                }
+            };
             crate::client::set_given(
                 &mut spec,
                 [
@@ -86,7 +118,7 @@ pub async fn run(c: &Client, command: SubCommand) -> Result<()> {
                     ("max_attempts", max_attempts.map(Value::from)),
                     ("dead_letter_topic", dead_letter_topic.map(Value::from)),
                     ("ordering", ordering.map(Value::from)),
-                    ("push", push_url.map(|u| json!({ "url": u }))),
+                    ("push", push),
                 ],
             );
             let s = c

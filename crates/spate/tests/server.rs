@@ -633,6 +633,43 @@ async fn cli_manages_subscriptions_and_metrics_count_them() {
         assert!(body.lines().any(|l| l == line), "no {line} in\n{body}");
     }
     run(&["sub", "delete", "cli"]);
+
+    // A webhook subscription with a header and a signing secret: the definition keeps the
+    // header and hides the secret; a header without a value is refused before any request.
+    let secret = "whsec_MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIz";
+    run(&[
+        "sub",
+        "create",
+        "hooked",
+        "--topic",
+        "jobs",
+        "--push-url",
+        "http://127.0.0.1:9/hook",
+        "--push-header",
+        "authorization: Bearer abc",
+        "--push-secret",
+        secret,
+    ]);
+    let d: Value = serde_json::from_str(&run(&["sub", "describe", "hooked"])).unwrap();
+    assert_eq!(d["push"]["headers"]["authorization"], "Bearer abc", "{d}");
+    assert_eq!(d["push"]["secret"], "(set; not shown)", "{d}");
+    let (ok, _, err) = cli(
+        &url,
+        &[
+            "sub",
+            "create",
+            "other",
+            "--topic",
+            "jobs",
+            "--push-url",
+            "http://127.0.0.1:9/hook",
+            "--push-header",
+            "no-colon",
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("NAME:VALUE"), "{err}");
+    run(&["sub", "delete", "hooked"]);
     server.terminate();
 }
 

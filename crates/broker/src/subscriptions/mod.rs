@@ -34,7 +34,10 @@ use crate::{
     read_records_within,
 };
 pub use state::HeldEvent;
-pub use state::{Backoff, Config, MsgId, Op, Ordering, PushConfig, Settle, Source, Stats};
+pub use state::{
+    Backoff, Config, MsgId, Op, Ordering, PushConfig, SECRET_SHOWN, Settle, Source, Stats,
+    signing_key,
+};
 use state::{Found, State, Sub, key_hash};
 
 /// The internal topic holding the journal of every subscription.
@@ -235,6 +238,7 @@ impl Spec {
             if !(1..=1000).contains(&push.max_in_flight) {
                 return bad("push.max_in_flight must be within 1..=1000".into());
             }
+            push.check_headers_and_secret().map_err(SubError::Invalid)?;
         }
         Ok(Config {
             topic: self.topic,
@@ -566,7 +570,7 @@ impl Subscriptions {
                         return Ok((false, info));
                     }
                     let op = Op::Define {
-                        config: config.clone(),
+                        config: Box::new(config.clone()),
                         start: None,
                         created_ms: e.sub.created_ms,
                         topic_created_ms: None,
@@ -589,7 +593,7 @@ impl Subscriptions {
                     let created_ms = now_ms();
                     let positions = start.clone().unwrap_or_default();
                     let op = Op::Define {
-                        config: config.clone(),
+                        config: Box::new(config.clone()),
                         start: Some(positions.clone()),
                         created_ms,
                         topic_created_ms: Some(topic.created_ms),
@@ -708,9 +712,13 @@ impl Subscriptions {
             })
             .unwrap_or(0);
         let now = now_ms();
+        let mut config = sub.config.clone();
+        if let Some(secret) = config.push.as_mut().and_then(|p| p.secret.as_mut()) {
+            *secret = state::SECRET_SHOWN.into();
+        }
         Info {
             name: name.to_string(),
-            config: sub.config.clone(),
+            config,
             created: crate::event::now_rfc3339(sub.created_ms),
             stats: LiveStats {
                 backlog: sub.waiting() as u64 + unread,
@@ -1810,7 +1818,7 @@ fn replay(subs: &mut BTreeMap<String, Sub>, name: &str, offset: u64, op: Op) {
             created_ms,
             topic_created_ms,
         } => {
-            let mut sub = Sub::new(offset, config, created_ms, positions);
+            let mut sub = Sub::new(offset, *config, created_ms, positions);
             sub.topic_created_ms = topic_created_ms;
             subs.insert(name.to_string(), sub);
         }

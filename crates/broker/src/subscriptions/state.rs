@@ -81,6 +81,74 @@ pub struct PushConfig {
     pub timeout_ms: u64,
     #[serde(default = "default_push_in_flight")]
     pub max_in_flight: u32,
+    /// Headers sent with every request, e.g. `authorization` for an endpoint that wants a key.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// A Standard Webhooks signing secret, `whsec_` followed by the key in base64: each request
+    /// then carries `webhook-id`, `webhook-timestamp` and `webhook-signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// What a subscription's definition shows instead of its signing secret.
+pub const SECRET_SHOWN: &str = "(set; not shown)";
+
+/// The key of a Standard Webhooks signing secret: `whsec_` followed by 24 to 64 bytes in base64.
+pub fn signing_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let why = "push.secret must be \"whsec_\" followed by a key of 24 to 64 bytes in base64";
+    let encoded = secret.strip_prefix("whsec_").ok_or(why)?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| why)?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(why.into());
+    }
+    Ok(key)
+}
+
+/// Header names a subscription cannot set on its webhook requests: Spate sets them.
+fn reserved_header(lower: &str) -> bool {
+    matches!(
+        lower,
+        "content-type" | "content-length" | "host" | "transfer-encoding" | "connection"
+    ) || ["ce-", "spate-", "webhook-"]
+        .iter()
+        .any(|p| lower.starts_with(p))
+}
+
+impl PushConfig {
+    /// Checks the headers and the secret (the URL and limits are checked with the definition).
+    pub fn check_headers_and_secret(&self) -> Result<(), String> {
+        if self.headers.len() > 16 {
+            return Err(format!(
+                "push.headers holds at most 16 headers, got {}",
+                self.headers.len()
+            ));
+        }
+        let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+        for (name, value) in &self.headers {
+            if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
+                return Err(format!("push.headers: {name:?} is not a header name"));
+            }
+            if reserved_header(&name.to_ascii_lowercase()) {
+                return Err(format!(
+                    "push.headers: {name} is set by Spate (content-type, content-length, host, \
+                     transfer-encoding, connection, ce-*, spate-*, webhook-*)"
+                ));
+            }
+            let visible = |c: u8| c == b'\t' || (0x20..0x7f).contains(&c);
+            if value.len() > 4096 || !value.bytes().all(visible) {
+                return Err(format!(
+                    "push.headers: the value of {name} must be at most 4096 visible ASCII characters"
+                ));
+            }
+        }
+        if let Some(secret) = &self.secret {
+            signing_key(secret)?;
+        }
+        Ok(())
+    }
 }
 
 fn default_push_timeout() -> u64 {
@@ -201,7 +269,8 @@ pub struct Found(pub u64, pub i64, pub Option<u64>);
 pub enum Op {
     /// Creates (with `start`, one read position per partition) or updates a subscription.
     Define {
-        config: Config,
+        /// Boxed: the other operations, written for every read and settlement, are small.
+        config: Box<Config>,
         start: Option<Vec<u64>>,
         created_ms: i64,
         /// At creation: the creation time of the topic `start` points into.
@@ -795,7 +864,7 @@ impl Sub {
         match op {
             Op::Define { config, .. } => {
                 let reorder = config.ordering != self.config.ordering;
-                self.config = config.clone();
+                self.config = Config::clone(config);
                 if reorder {
                     self.reorder();
                 }

@@ -396,7 +396,10 @@ impl Feed {
         let version = match &mut self.stream {
             None => None,
             Some(scope) => {
-                if e.event.partition_key() != Some(scope.key.as_str()) {
+                if e.event.partition_key() != Some(scope.key.as_str())
+                    || e.event.event_type == crate::streams::STREAM_DELETED_TYPE
+                {
+                    // A stream's deletion takes no version; a feed of the stream leaves it out.
                     return None;
                 }
                 let v = scope.next_version;

@@ -37,6 +37,10 @@ const FOLLOW_PAGE_BYTES: u64 = 1 << 20;
 /// Streams per partition whose length is kept in memory (the most recently used, roughly).
 const HOT_STREAMS: usize = 65_536;
 
+/// The type of the event that deletes a stream (soft delete): it takes no version; the stream's
+/// events before it are no longer read, and events appended after it continue the versions.
+pub const STREAM_DELETED_TYPE: &str = "spate.stream.deleted";
+
 /// What an append expects of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expected {
@@ -48,6 +52,20 @@ pub enum Expected {
     Exists,
     /// The stream's last event must have this version.
     Version(u64),
+}
+
+impl Expected {
+    /// Whether a stream of `len` versions, read from version `start` on (it was deleted at
+    /// `start`; 0 when never), is as expected. A deleted stream with no event since does not exist.
+    fn fits(self, len: u64, start: u64) -> bool {
+        let exists = len > start;
+        match self {
+            Expected::Any => true,
+            Expected::NoStream => !exists,
+            Expected::Exists => exists,
+            Expected::Version(v) => exists && len == v + 1,
+        }
+    }
 }
 
 impl std::str::FromStr for Expected {
@@ -82,6 +100,16 @@ pub struct StreamAppend {
     pub offsets: Vec<u64>,
 }
 
+/// Where a stream deletion went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamDeleted {
+    /// The last version deleted; the next event appended gets the one after it.
+    pub version: u64,
+    pub partition: u32,
+    /// The offset of the deletion event.
+    pub offset: u64,
+}
+
 /// A stream's position.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StreamInfo {
@@ -108,6 +136,9 @@ struct Store {
     entries: fjall::Keyspace,
     /// `partition prefix` → the offset (u64) up to which the partition's entries reflect the log.
     checkpoints: fjall::Keyspace,
+    /// `partition prefix | stream length (u32) | stream` → the first version still read (u64),
+    /// for streams that were deleted: the stream's length at its last deletion.
+    starts: fjall::Keyspace,
 }
 
 fn store_err(e: impl std::fmt::Display) -> BrokerError {
@@ -192,10 +223,14 @@ impl Store {
         let checkpoints = db
             .keyspace("checkpoints", fjall::KeyspaceCreateOptions::default)
             .map_err(store_err)?;
+        let starts = db
+            .keyspace("starts", fjall::KeyspaceCreateOptions::default)
+            .map_err(store_err)?;
         Ok(Store {
             db,
             entries,
             checkpoints,
+            starts,
         })
     }
 
@@ -212,19 +247,36 @@ impl Store {
             }
         }
         for prefix in stale {
-            let mut batch = self.db.batch();
-            for item in self.entries.prefix(&prefix) {
-                batch.remove(&self.entries, item.key().map_err(store_err)?);
+            self.remove_partition(&prefix)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a partition's index: its entries, stream starts and checkpoint (the checkpoint
+    /// last, so that an interrupted removal is found again).
+    fn remove_partition(&self, prefix: &[u8]) -> Result<()> {
+        let mut batch = self.db.batch();
+        for keyspace in [&self.entries, &self.starts] {
+            for item in keyspace.prefix(prefix) {
+                batch.remove(keyspace, item.key().map_err(store_err)?);
                 if batch.len() >= 10_000 {
                     std::mem::replace(&mut batch, self.db.batch())
                         .commit()
                         .map_err(store_err)?;
                 }
             }
-            batch.remove(&self.checkpoints, prefix.clone());
-            batch.commit().map_err(store_err)?;
         }
-        Ok(())
+        batch.remove(&self.checkpoints, prefix.to_vec());
+        batch.commit().map_err(store_err)
+    }
+
+    /// The first version of a stream still read: 0, or its length when it was last deleted.
+    fn start(&self, reader: &impl Readable, stream_prefix: &[u8]) -> Result<u64> {
+        Ok(reader
+            .get(&self.starts, stream_prefix)
+            .map_err(store_err)?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0))
     }
 
     /// The number of versions of a stream in the store.
@@ -270,23 +322,39 @@ impl Store {
 /// current generation becomes the previous one and the older is dropped.
 #[derive(Default)]
 struct Hot {
-    current: HashMap<String, u64>,
-    previous: HashMap<String, u64>,
+    current: HashMap<String, Stored>,
+    previous: HashMap<String, Stored>,
+}
+
+/// A stream as the store holds it: its number of versions, and the first still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    len: u64,
+    start: u64,
+}
+
+impl Stored {
+    fn read(store: &Store, reader: &impl Readable, stream_prefix: &[u8]) -> Result<Stored> {
+        Ok(Stored {
+            len: store.len(reader, stream_prefix)?,
+            start: store.start(reader, stream_prefix)?,
+        })
+    }
 }
 
 impl Hot {
-    fn get(&self, stream: &str) -> Option<u64> {
+    fn get(&self, stream: &str) -> Option<Stored> {
         self.current
             .get(stream)
             .or_else(|| self.previous.get(stream))
             .copied()
     }
 
-    fn put(&mut self, stream: String, len: u64) {
+    fn put(&mut self, stream: String, stored: Stored) {
         if self.current.len() >= HOT_STREAMS / 2 && !self.current.contains_key(&stream) {
             self.previous = std::mem::take(&mut self.current);
         }
-        self.current.insert(stream, len);
+        self.current.insert(stream, stored);
     }
 }
 
@@ -348,30 +416,31 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl PartitionStreams {
-    /// The stream's length including appends not yet applied by the follower (for version
-    /// checks), and its offsets at `versions` (for retries), from memory for hot streams.
+    /// The stream's length including appends not yet applied by the follower and its first
+    /// version still read (for version checks), and its offsets at the versions `versions` gives
+    /// for that first version (for retries), from memory for hot streams.
     fn current(
         &self,
         store: &Store,
         stream: &str,
-        versions: Option<Range<u64>>,
-    ) -> Result<(u64, Vec<u64>)> {
+        versions: impl FnOnce(u64) -> Option<Range<u64>>,
+    ) -> Result<(u64, u64, Vec<u64>)> {
         let sp = stream_prefix(&self.prefix, stream);
         // The write lock keeps the follower from committing between the store and memory.
         let mut mem = write(&self.mem);
-        let stored = match mem.hot.get(stream) {
-            Some(n) => n,
+        let Stored { len: stored, start } = match mem.hot.get(stream) {
+            Some(s) => s,
             None => {
-                let n = store.len(&store.db.snapshot(), &sp)?;
-                mem.hot.put(stream.to_string(), n);
-                n
+                let s = Stored::read(store, &store.db.snapshot(), &sp)?;
+                mem.hot.put(stream.to_string(), s);
+                s
             }
         };
         let pending = mem.pending.get(stream).map_or(&[][..], Vec::as_slice);
         let len = stored + pending.len() as u64;
         let mut offsets = Vec::new();
         // Only a retry (versions below the stream's length) needs them.
-        if let Some(v) = versions.filter(|v| v.start < len) {
+        if let Some(v) = versions(start).filter(|v| v.start < len) {
             let end = v.end.min(len);
             let v = v.start..end;
             offsets.extend(
@@ -387,7 +456,7 @@ impl PartitionStreams {
                     .copied(),
             );
         }
-        Ok((len, offsets))
+        Ok((len, start, offsets))
     }
 }
 
@@ -439,12 +508,7 @@ impl Broker {
                         // The log lost what the index had seen (a repair truncated it): rebuild.
                         Some(c) if c > p.high_watermark() => {
                             tracing::warn!(topic = %t2.name, partition = p.id, checkpoint = c, "the stream index is ahead of the log; rebuilding it");
-                            let mut batch = st2.db.batch();
-                            for item in st2.entries.prefix(&prefix) {
-                                batch.remove(&st2.entries, item.key().map_err(store_err)?);
-                            }
-                            batch.remove(&st2.checkpoints, prefix.clone());
-                            batch.commit().map_err(store_err)?;
+                            st2.remove_partition(&prefix)?;
                             start
                         }
                         Some(c) => c.max(start),
@@ -551,6 +615,12 @@ impl Broker {
         let now = now_ms();
         let mut size = 0;
         for (index, e) in events.iter_mut().enumerate() {
+            if e.event_type == STREAM_DELETED_TYPE {
+                return Err(BrokerError::Stream(StreamError::InvalidStream(format!(
+                    "event {index} has type {STREAM_DELETED_TYPE}, which deletes a stream: \
+                     delete it with DELETE instead"
+                ))));
+            }
             match e.partition_key() {
                 Some(k) if k != stream => {
                     return Err(BrokerError::Stream(StreamError::InvalidStream(format!(
@@ -593,19 +663,16 @@ impl Broker {
             if end > *writer_end {
                 wait_applied(part, end).await?;
             }
-            let first = match expected {
-                Expected::NoStream => Some(0),
-                Expected::Version(v) => Some(v + 1),
-                Expected::Any | Expected::Exists => None,
-            };
-            let (current, at) = part.current(&ts.store, stream, first.map(|f| f..f + n))?;
-            let fits = match expected {
-                Expected::Any => true,
-                Expected::NoStream => current == 0,
-                Expected::Exists => current > 0,
-                Expected::Version(v) => current == v + 1,
-            };
-            if !fits {
+            let mut first = None;
+            let (current, start, at) = part.current(&ts.store, stream, |start| {
+                first = match expected {
+                    Expected::NoStream => Some(start),
+                    Expected::Version(v) => Some(v + 1),
+                    Expected::Any | Expected::Exists => None,
+                };
+                first.map(|f| f..f + n)
+            })?;
+            if !expected.fits(current, start) {
                 // Whether this is a retry of an append already made is checked without holding
                 // the writer: events at versions below `current` never change, and reading them
                 // must not hold up the appends of other streams of the partition.
@@ -622,7 +689,7 @@ impl Broker {
                     });
                 }
                 return Err(BrokerError::Stream(StreamError::WrongVersion {
-                    current: current.checked_sub(1),
+                    current: (current > start).then(|| current - 1),
                 }));
             }
             // Append only if nothing else was appended since the check.
@@ -664,6 +731,74 @@ impl Broker {
         })
     }
 
+    /// Deletes a stream if it is at `expected` (soft delete, as EventStoreDB's): appends a
+    /// [`STREAM_DELETED_TYPE`] event, after which reads leave out the stream's earlier events
+    /// and the stream does not exist until an event is appended again, at the next version. The
+    /// events stay in the topic (Kafka consumers and topic reads see them) until retention
+    /// removes them. `None` when the stream has no event to delete.
+    pub async fn delete_stream(
+        self: &Arc<Self>,
+        topic: &str,
+        stream: &str,
+        expected: Expected,
+    ) -> Result<Option<StreamDeleted>> {
+        check_stream_id(stream)?;
+        let ts = self.topic_streams(topic).await?;
+        let now = now_ms();
+        let mut marker = Event {
+            event_type: STREAM_DELETED_TYPE.into(),
+            source: Some(format!("/spate/topics/{topic}/streams")),
+            ..Event::default()
+        };
+        marker
+            .extensions
+            .insert("partitionkey".into(), stream.to_string());
+        marker.fill_defaults(now);
+        let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
+        let part = &ts.parts[index as usize];
+        let encoded = batch::encode(&[marker.to_record(now)]).expect("one record");
+        // The writer is held until the index has applied the deletion, so that no append checks
+        // its version against the stream as it was before.
+        let mut writer_end = part.writer.lock().await;
+        let (len, appended) = loop {
+            let end = part.partition.log_end_offset();
+            if end > *writer_end {
+                wait_applied(part, end).await?;
+            }
+            let (len, start, _) = part.current(&ts.store, stream, |_| None)?;
+            if !expected.fits(len, start) {
+                return Err(BrokerError::Stream(StreamError::WrongVersion {
+                    current: (len > start).then(|| len - 1),
+                }));
+            }
+            if len == start {
+                return Ok(None);
+            }
+            let mut buf = encoded.clone();
+            match part
+                .partition
+                .append_unsynced_at(&mut buf, now, &ts.topic.config(), Some(end))
+                .map_err(BrokerError::from)
+            {
+                Ok(a) => break (len, a),
+                Err(BrokerError::Log(spate_log::Error::NotAtOffset { .. })) => {
+                    *writer_end = (*writer_end).min(end);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        *writer_end = appended.last_offset + 1;
+        self.acknowledgeable(&part.partition, appended).await?;
+        wait_applied(part, appended.last_offset + 1).await?;
+        drop(writer_end);
+        Ok(Some(StreamDeleted {
+            version: len - 1,
+            partition: index,
+            offset: appended.base_offset,
+        }))
+    }
+
     /// Where a stream stands; `None` when it has no durable event.
     pub async fn stream_info(
         self: &Arc<Self>,
@@ -672,10 +807,10 @@ impl Broker {
     ) -> Result<Option<StreamInfo>> {
         let (_, index, info) = self
             .with_durable_stream(topic, stream, |v| {
-                if v.len == 0 {
+                if v.len == v.start {
                     return Ok(None);
                 }
-                let first = v.offsets(0..1)?;
+                let first = v.offsets(v.start..v.start + 1)?;
                 let last = v.offsets(v.len - 1..v.len)?;
                 Ok(first
                     .first()
@@ -708,14 +843,15 @@ impl Broker {
         // windows of nearby batches (events removed by retention are left out).
         let (_, _, events) = self
             .with_durable_stream(topic, stream, move |v| {
-                if v.len == 0 {
+                if v.len == v.start {
                     return Ok(None);
                 }
+                // Versions before the stream's last deletion are not read.
                 let range = if backward {
                     let top = from_version.unwrap_or(u64::MAX).min(v.len - 1) + 1;
-                    top.saturating_sub(limit as u64)..top
+                    top.saturating_sub(limit as u64).max(v.start)..top.max(v.start)
                 } else {
-                    let from = from_version.unwrap_or(0).min(v.len);
+                    let from = from_version.unwrap_or(0).clamp(v.start, v.len);
                     from..(from + limit as u64).min(v.len)
                 };
                 let wanted = v.offsets(range)?;
@@ -773,7 +909,7 @@ impl Broker {
                 (ts2.store.db.snapshot(), mem.applied)
             };
             let sp = stream_prefix(&part.prefix, &stream);
-            let len = ts2.store.len(&snapshot, &sp)?;
+            let Stored { len, start } = Stored::read(&ts2.store, &snapshot, &sp)?;
             f(&DurableStream {
                 store: &ts2.store,
                 partition: &part.partition,
@@ -782,6 +918,7 @@ impl Broker {
                 snapshot,
                 prefix: sp,
                 len,
+                start,
                 applied,
             })
         })
@@ -803,10 +940,16 @@ impl Broker {
         let mut feed = self
             .feed(topic, crate::push::FeedStart::Latest, filter, max_behind)
             .await?;
-        let (_, index, (len, at)) = self
+        let (_, index, (len, from_version, at)) = self
             .with_durable_stream(topic, stream, move |v| {
+                // Versions before the stream's last deletion are not delivered.
+                let from_version = from_version.max(v.start);
                 let at = v.offsets(from_version..from_version.saturating_add(1))?;
-                Ok((v.len, at.first().map(|&(_, o)| o).unwrap_or(v.applied)))
+                Ok((
+                    v.len,
+                    from_version,
+                    at.first().map(|&(_, o)| o).unwrap_or(v.applied),
+                ))
             })
             .await?;
         // Past the stream's end, the feed starts where the snapshot's view of the log ends.
@@ -830,6 +973,8 @@ struct DurableStream<'a> {
     prefix: Vec<u8>,
     /// Its number of versions.
     len: u64,
+    /// The first version still read (the length at its last deletion; 0 when never deleted).
+    start: u64,
     /// The log offset the snapshot reflects the partition up to.
     applied: u64,
 }
@@ -897,9 +1042,13 @@ async fn wait_applied(part: &PartitionStreams, offset: u64) -> Result<()> {
     }
 }
 
-/// The keyed records of the batches read from `from` (at most about `FOLLOW_PAGE_BYTES`), as
-/// (offset, stream), and the offset after them.
-fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
+/// A keyed record the stream index follower read: its offset, its stream, and whether it
+/// deletes the stream.
+type KeyedRecord = (u64, String, bool);
+
+/// The keyed records of the batches read from `from` (at most about `FOLLOW_PAGE_BYTES`), and
+/// the offset after them.
+fn read_keys(p: &Partition, from: u64) -> Result<(Vec<KeyedRecord>, u64)> {
     let bytes = p.read(from, FOLLOW_PAGE_BYTES)?;
     let mut keys = Vec::new();
     let mut next = from;
@@ -912,7 +1061,10 @@ fn read_keys(p: &Partition, from: u64) -> Result<(Vec<(u64, String)>, u64)> {
                 && key.len() <= STREAM_ID_BYTES_MAX
                 && !key.contains(char::REPLACEMENT_CHARACTER)
             {
-                keys.push((offset, key));
+                let deletes = r.headers.iter().any(|(name, value)| {
+                    *name == "ce_type" && *value == Some(STREAM_DELETED_TYPE.as_bytes())
+                });
+                keys.push((offset, key, deletes));
             }
             Ok(())
         })?;
@@ -933,28 +1085,36 @@ fn apply_page(ts: &TopicStreams, i: usize, from: u64) -> Result<u64> {
     } else {
         (Vec::new(), from)
     };
-    // The follower is the only writer of entries: lengths read here stay true until it commits.
-    let mut lens: HashMap<&str, u64> = HashMap::new();
+    // The follower is the only writer of entries and starts: what is read here stays true until
+    // it commits.
+    let mut lens: HashMap<&str, Stored> = HashMap::new();
     let mut batch = store.db.batch();
     let snapshot = store.db.snapshot();
-    for (offset, stream) in &keys {
-        let len = match lens.get_mut(stream.as_str()) {
-            Some(len) => len,
+    for (offset, stream, deletes) in &keys {
+        let sp = stream_prefix(&part.prefix, stream);
+        let stored = match lens.get_mut(stream.as_str()) {
+            Some(s) => s,
             None => {
                 let hot = read(&part.mem).hot.get(stream);
-                let n = match hot {
-                    Some(n) => n,
-                    None => store.len(&snapshot, &stream_prefix(&part.prefix, stream))?,
+                let s = match hot {
+                    Some(s) => s,
+                    None => Stored::read(store, &snapshot, &sp)?,
                 };
-                lens.entry(stream.as_str()).or_insert(n)
+                lens.entry(stream.as_str()).or_insert(s)
             }
         };
+        if *deletes {
+            // A deletion takes no version: the stream is read from its current length on.
+            stored.start = stored.len;
+            batch.insert(&store.starts, sp, stored.len.to_be_bytes().to_vec());
+            continue;
+        }
         batch.insert(
             &store.entries,
-            entry_key(&stream_prefix(&part.prefix, stream), *len),
+            entry_key(&sp, stored.len),
             offset.to_be_bytes().to_vec(),
         );
-        *len += 1;
+        stored.len += 1;
     }
     batch.insert(
         &store.checkpoints,
@@ -964,14 +1124,14 @@ fn apply_page(ts: &TopicStreams, i: usize, from: u64) -> Result<u64> {
     let mut mem = write(&part.mem);
     batch.commit().map_err(store_err)?;
     mem.applied = next;
-    for (stream, len) in lens {
+    for (stream, stored) in lens {
         if let Some(pending) = mem.pending.get_mut(stream) {
             pending.retain(|&o| o >= next);
             if pending.is_empty() {
                 mem.pending.remove(stream);
             }
         }
-        mem.hot.put(stream.to_string(), len);
+        mem.hot.put(stream.to_string(), stored);
     }
     Ok(next)
 }
@@ -1100,16 +1260,17 @@ mod tests {
     #[test]
     fn the_hot_map_keeps_recent_streams_and_stays_bounded() {
         let mut hot = Hot::default();
+        let stored = |len| Stored { len, start: 0 };
         for i in 0..HOT_STREAMS as u64 * 3 {
-            hot.put(format!("s{i}"), i);
+            hot.put(format!("s{i}"), stored(i));
         }
         assert!(hot.current.len() + hot.previous.len() <= HOT_STREAMS);
         let last = HOT_STREAMS as u64 * 3 - 1;
-        assert_eq!(hot.get(&format!("s{last}")), Some(last));
+        assert_eq!(hot.get(&format!("s{last}")), Some(stored(last)));
         assert_eq!(hot.get("s0"), None);
         // An update wins over the older generation's value.
         let older = hot.previous.keys().next().unwrap().clone();
-        hot.put(older.clone(), 7);
-        assert_eq!(hot.get(&older), Some(7));
+        hot.put(older.clone(), Stored { len: 7, start: 7 });
+        assert_eq!(hot.get(&older), Some(Stored { len: 7, start: 7 }));
     }
 }

@@ -98,7 +98,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/topics/{topic}/streams/{stream}/events",
             get(streams::read).post(streams::append),
         )
-        .route("/v1/topics/{topic}/streams/{stream}", get(streams::info))
+        .route(
+            "/v1/topics/{topic}/streams/{stream}",
+            get(streams::info).delete(streams::delete),
+        )
         .route("/v1/detectors", get(detectors::list))
         .route(
             "/v1/detectors/{name}",

@@ -111,6 +111,31 @@ pub async fn read(
     Ok(crate::json_text(out))
 }
 
+/// `DELETE /v1/topics/{topic}/streams/{stream}?expected_version=<n>|any|exists`: a soft
+/// delete (see docs/streams.md).
+pub async fn delete(
+    State(s): State<AppState>,
+    Path((topic, stream)): Path<(String, String)>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q, &["expected_version"])?;
+    let expected: Expected = match q.get("expected_version") {
+        Some(v) => v.parse().map_err(ApiError::bad_request)?,
+        None => Expected::Any,
+    };
+    if expected == Expected::NoStream {
+        return Err(ApiError::bad_request(
+            "expected_version=no_stream cannot delete anything: give a version, any or exists",
+        ));
+    }
+    let deleted = s
+        .broker
+        .delete_stream(&topic, &stream, expected)
+        .await?
+        .ok_or_else(|| not_found(&stream))?;
+    Ok(Json(json!(deleted)))
+}
+
 /// `GET /v1/topics/{topic}/streams/{stream}`
 pub async fn info(
     State(s): State<AppState>,

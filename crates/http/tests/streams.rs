@@ -336,6 +336,162 @@ async fn records_from_other_doors_join_their_stream_and_the_index_survives_a_res
 }
 
 #[tokio::test]
+async fn a_deleted_stream_is_gone_until_appended_to_again_also_after_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 2).await;
+    let c = Client::new(server.addr);
+    let delete = |expected: &'static str| {
+        let (http, base) = (c.http.clone(), c.base.clone());
+        async move {
+            let r = http
+                .delete(format!(
+                    "{base}/v1/topics/es/streams/d?expected_version={expected}"
+                ))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            Reply {
+                status,
+                body: r.json().await.unwrap_or(Value::Null),
+            }
+        }
+    };
+    assert_eq!(
+        c.append("d", "no_stream", &["a0", "a1", "a2"]).await.status,
+        201
+    );
+    assert_eq!(c.append("other", "no_stream", &["o0"]).await.status, 201);
+    // A deletion checks the expected version like an append; nothing to delete is a 404.
+    let r = delete("1").await;
+    assert_eq!((r.status, &r.body["current_version"]), (409, &json!(2)));
+    assert_eq!(delete("no_stream").await.status, 400);
+    let r = delete("2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["version"], 2);
+    let marker = r.body["offset"].as_u64().unwrap();
+    let partition = r.body["partition"].as_u64().unwrap();
+    assert_eq!(delete("any").await.status, 404);
+    // The stream does not exist any more: reads, its position and version checks say so.
+    assert_eq!(c.get("/v1/topics/es/streams/d").await.status, 404);
+    assert_eq!(c.get("/v1/topics/es/streams/d/events").await.status, 404);
+    for expected in ["exists", "2"] {
+        let r = c.append("d", expected, &["x"]).await;
+        assert_eq!(r.status, 409, "{expected}: {}", r.body);
+        assert_eq!(r.body["current_version"], Value::Null);
+    }
+    // Only a deletion writes the deletion type.
+    let r = c
+        .http
+        .post(format!("{}/v1/topics/es/streams/d/events", c.base))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"z","source":"/s","type":"spate.stream.deleted"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Appending starts the stream again at the next version; a retry is recognized.
+    let r = c.append("d", "no_stream", &["b3"]).await;
+    assert_eq!((r.status, &r.body["first_version"]), (201, &json!(3)));
+    let retry = c.append("d", "no_stream", &["b3"]).await;
+    assert_eq!(
+        (retry.status, &retry.body["offsets"]),
+        (201, &r.body["offsets"])
+    );
+    assert_eq!(c.append("d", "3", &["b4"]).await.status, 201);
+    let read = |q: &'static str| {
+        let path = format!("/v1/topics/es/streams/d/events{q}");
+        let c = &c;
+        async move { c.get(&path).await }
+    };
+    let versions = |r: &Reply| -> Vec<(u64, String)> {
+        r.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["version"].as_u64().unwrap(),
+                    e["event"]["id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let want = vec![(3, "b3".to_string()), (4, "b4".to_string())];
+    assert_eq!(versions(&read("").await), want);
+    assert_eq!(versions(&read("?from_version=0").await), want);
+    assert!(versions(&read("?direction=backward&from_version=2").await).is_empty());
+    let info = c.get("/v1/topics/es/streams/d").await.body;
+    assert_eq!(info["version"], 4);
+    assert_eq!(info["first_offset"], r.body["offsets"][0]);
+    // The topic still holds the deleted events and the deletion, as a Kafka consumer sees them.
+    let page = c
+        .get(&format!(
+            "/v1/topics/es/events?partition={partition}&offset={marker}&limit=1"
+        ))
+        .await
+        .body;
+    let e = &page["events"][0];
+    assert_eq!(e["offset"], marker, "{page}");
+    assert_eq!(e["event"]["type"], "spate.stream.deleted");
+    assert_eq!(e["event"]["partitionkey"], "d");
+    // A stream subscription from version 0 starts after the deletion.
+    let mut ws = server.ws().await;
+    ws.send(json!({"op": "subscribe", "id": "s", "topic": "es", "stream": "d", "from_version": 0}))
+        .await;
+    assert_eq!(ws.recv().await["op"], "subscribed");
+    let got: Vec<u64> = ws
+        .events(2)
+        .await
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, vec![3, 4]);
+    // Another door can delete too: a plain publish of the deletion type for the stream.
+    let r = c
+        .http
+        .post(format!("{}/v1/topics/es/events", c.base))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"z","source":"/s","type":"spate.stream.deleted","partitionkey":"d"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c.append("d", "exists", &["x"]).await;
+    assert_eq!((r.status, &r.body["current_version"]), (409, &Value::Null));
+    let r = c.append("d", "no_stream", &["c5"]).await;
+    assert_eq!((r.status, &r.body["first_version"]), (201, &json!(5)));
+    // The live subscription goes on with the new version, leaving the deletion out.
+    let got = ws.events(1).await;
+    assert_eq!(
+        (&got[0]["version"], &got[0]["event"]["id"]),
+        (&json!(5), &json!("c5"))
+    );
+    drop(ws);
+    let before = (
+        read("").await.body,
+        c.get("/v1/topics/es/streams/d").await.body,
+    );
+    assert_eq!(versions(&read("").await), vec![(5, "c5".to_string())]);
+    server.stop().await;
+
+    // The index rebuilt from the log (its directory removed while stopped) agrees.
+    std::fs::remove_dir_all(dir.path().join("streams")).unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    let c = Client::new(server.addr);
+    let after = (
+        c.get("/v1/topics/es/streams/d/events").await.body,
+        c.get("/v1/topics/es/streams/d").await.body,
+    );
+    assert_eq!(after, before);
+    assert_eq!(c.ids("other").await, ["o0"]);
+    let r = c.append("d", "5", &["c6"]).await;
+    assert_eq!((r.status, &r.body["first_version"]), (201, &json!(6)));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn records_keyed_past_the_limit_or_not_in_utf8_join_no_stream() {
     use spate_broker::streams::STREAM_ID_BYTES_MAX;
     let dir = tempfile::tempdir().unwrap();

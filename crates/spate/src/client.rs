@@ -217,6 +217,17 @@ impl Client {
         Ok(())
     }
 
+    /// Deletes a stream and says up to which version.
+    pub async fn stream_delete(&self, topic: &str, stream: &str, expected: &str) -> Result<()> {
+        let url = format!("/v1/topics/{topic}/streams/{stream}?expected_version={expected}");
+        let d = self.send(self.http.delete(self.url(&url))).await?;
+        println!(
+            "deleted stream {stream} up to version {} (partition {}, offset {})",
+            d["version"], d["partition"], d["offset"]
+        );
+        Ok(())
+    }
+
     /// Prints a stream's events as JSON lines, page by page.
     pub async fn stream_read(
         &self,

@@ -142,6 +142,15 @@ enum StreamCommand {
         #[arg(long)]
         backward: bool,
     },
+    /// Delete a stream (soft delete: reads leave out its events; appending starts it again at
+    /// the next version).
+    Delete {
+        topic: String,
+        stream: String,
+        /// A version number, any or exists.
+        #[arg(long, default_value = "any")]
+        expected_version: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -390,6 +399,11 @@ fn main() -> Result<()> {
                         from_version,
                         backward,
                     } => c.stream_read(&topic, &stream, from_version, backward).await,
+                    StreamCommand::Delete {
+                        topic,
+                        stream,
+                        expected_version,
+                    } => c.stream_delete(&topic, &stream, &expected_version).await,
                 }
             }
             Command::Tail {

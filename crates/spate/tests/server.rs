@@ -554,6 +554,33 @@ fn cli_appends_to_and_reads_a_stream() {
     let (ok, _, err) = cli(&url, &["stream", "read", "orders", "nope"], None);
     assert!(!ok);
     assert!(err.contains("404"), "{err}");
+    // Deleting: a wrong expected version is refused; then the stream reads as gone, and the
+    // next append continues the versions.
+    let delete = |expected: &str| {
+        cli(
+            &url,
+            &[
+                "stream",
+                "delete",
+                "orders",
+                "order-7",
+                "--expected-version",
+                expected,
+            ],
+            None,
+        )
+    };
+    let (ok, _, err) = delete("1");
+    assert!(!ok && err.contains("409"), "{err}");
+    let (ok, out, err) = delete("2");
+    assert!(ok, "{err}");
+    assert!(out.contains("up to version 2"), "{out}");
+    let (ok, _, err) = cli(&url, &["stream", "read", "orders", "order-7"], None);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, out, err) = append("no_stream", "{\"n\": 4}\n");
+    assert!(ok, "{err}");
+    let placed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(placed["first_version"], 3);
 }
 
 #[tokio::test]

@@ -1,11 +1,13 @@
 //! kill -9 loop for event-sourcing streams: writers append batches of 1-5 events with expected
-//! versions to their own streams of the real server (`--fsync batch`), the server is killed with
-//! SIGKILL at a random moment and restarted. After every restart:
+//! versions to their own streams of the real server (`--fsync batch`), and now and then delete
+//! one (with its expected version); the server is killed with SIGKILL at a random moment and
+//! restarted. After every restart:
 //!
-//! - every acknowledged append is in its stream at its acknowledged versions;
+//! - every acknowledged append is in the topic, and in its stream at its acknowledged versions
+//!   unless a deletion after it hides it; every acknowledged deletion holds;
 //! - every batch is all or nothing: a batch found in a stream is whole, at consecutive versions;
 //! - the stream index, which goes on from its checkpoint after each kill, agrees with a scan of the
-//!   whole topic.
+//!   whole topic (versions counted over the stream's events, deletions taking none).
 //!
 //! At the end the index store is removed and rebuilt from the log: it equals the index before.
 //!
@@ -25,19 +27,43 @@ const TOPIC: &str = "ledger";
 const WRITERS: usize = 4;
 const STREAMS_PER_WRITER: usize = 5;
 
-/// Acknowledged appends: (stream, first version) → ids.
-type Acked = Arc<Mutex<HashMap<(String, u64), Vec<String>>>>;
+/// What the server acknowledged.
+#[derive(Default, Clone)]
+struct Oracle {
+    /// Appends: (stream, first version) → ids.
+    appends: HashMap<(String, u64), Vec<String>>,
+    /// Deletions: stream → the first version still read after the latest acknowledged one.
+    deleted: HashMap<String, u64>,
+}
 
-async fn version_of(client: &reqwest::Client, url: &str, stream: &str) -> Option<u64> {
+type Acked = Arc<Mutex<Oracle>>;
+
+/// Where a writer's stream stands: the version of its next event, if known (a stream that reads
+/// as not existing may have been deleted with versions after it), and whether it exists.
+#[derive(Clone, Copy)]
+struct Next {
+    version: Option<u64>,
+    exists: bool,
+}
+
+/// A stream's state on the server; `None` when it cannot be reached.
+async fn next_of(client: &reqwest::Client, url: &str, stream: &str) -> Option<Next> {
     let r = client
         .get(format!("{url}/v1/topics/{TOPIC}/streams/{stream}"))
         .send()
         .await
         .ok()?;
     if r.status().as_u16() == 404 {
-        return None;
+        return Some(Next {
+            version: None,
+            exists: false,
+        });
     }
-    r.json::<Value>().await.ok()?["version"].as_u64()
+    let v = r.json::<Value>().await.ok()?["version"].as_u64()?;
+    Some(Next {
+        version: Some(v + 1),
+        exists: true,
+    })
 }
 
 async fn writer(
@@ -52,20 +78,56 @@ async fn writer(
     let streams: Vec<String> = (0..STREAMS_PER_WRITER)
         .map(|i| format!("acct-{w}-{i}"))
         .collect();
-    // What the server holds now (an unacknowledged append may or may not have landed).
-    let mut next: HashMap<String, u64> = HashMap::new();
+    // What the server holds now (an unacknowledged append or deletion may or may not have
+    // landed).
+    let mut next: HashMap<String, Next> = HashMap::new();
     for s in &streams {
-        let Some(v) = version_of(&client, &url, s)
-            .await
-            .map(|v| v + 1)
-            .or(Some(0))
-        else {
+        let Some(n) = next_of(&client, &url, s).await else {
             return;
         };
-        next.insert(s.clone(), v);
+        next.insert(s.clone(), n);
     }
     for seq in 0.. {
         let stream = &streams[(rng.next() % STREAMS_PER_WRITER as u64) as usize];
+        let at = next[stream];
+        if at.exists && rng.next().is_multiple_of(12) {
+            let last = at.version.expect("an existing stream's version is known") - 1;
+            let Ok(res) = client
+                .delete(format!(
+                    "{url}/v1/topics/{TOPIC}/streams/{stream}?expected_version={last}"
+                ))
+                .send()
+                .await
+            else {
+                return;
+            };
+            match res.status().as_u16() {
+                200 => {
+                    let Ok(body) = res.json::<Value>().await else {
+                        return;
+                    };
+                    assert_eq!(body["version"], last, "{body}");
+                    acked
+                        .lock()
+                        .unwrap()
+                        .deleted
+                        .insert(stream.clone(), last + 1);
+                    next.insert(
+                        stream.clone(),
+                        Next {
+                            version: Some(last + 1),
+                            exists: false,
+                        },
+                    );
+                }
+                409 => panic!(
+                    "conflict deleting {stream} at {last}: {}",
+                    res.text().await.unwrap_or_default()
+                ),
+                _ => return,
+            }
+            continue;
+        }
         let n = 1 + (rng.next() % 5) as usize;
         let batch = format!("c{cycle}-w{w}-q{seq}");
         let ids: Vec<String> = (0..n).map(|k| format!("{batch}-{k}")).collect();
@@ -77,11 +139,12 @@ async fn writer(
                     "data": {"batch": batch, "k": k, "n": n, "pad": "x".repeat((rng.next() % 4000) as usize)}})
             })
             .collect();
-        let v = next[stream];
-        let expected = if v == 0 {
-            "no_stream".to_string()
-        } else {
-            (v - 1).to_string()
+        let expected = match at {
+            Next { exists: false, .. } => "no_stream".to_string(),
+            Next {
+                version: Some(v), ..
+            } => (v - 1).to_string(),
+            Next { version: None, .. } => unreachable!("an existing stream's version is known"),
         };
         let res = client
             .post(format!(
@@ -97,17 +160,28 @@ async fn writer(
                 let Ok(body) = res.json::<Value>().await else {
                     return;
                 };
-                assert_eq!(body["first_version"], v, "{body}");
-                assert_eq!(body["last_version"], v + n as u64 - 1, "{body}");
+                let first = body["first_version"].as_u64().unwrap();
+                if let Some(v) = at.version {
+                    assert_eq!(first, v, "{body}");
+                }
+                assert_eq!(body["last_version"], first + n as u64 - 1, "{body}");
                 acked
                     .lock()
                     .unwrap()
-                    .insert((stream.clone(), v), ids.clone());
-                next.insert(stream.clone(), v + n as u64);
+                    .appends
+                    .insert((stream.clone(), first), ids.clone());
+                next.insert(
+                    stream.clone(),
+                    Next {
+                        version: Some(first + n as u64),
+                        exists: true,
+                    },
+                );
             }
             // Only this writer writes its streams: a conflict is a bug.
             409 => panic!(
-                "conflict on {stream} at {v}: {}",
+                "conflict on {stream} at {:?}: {}",
+                at.version,
                 res.text().await.unwrap_or_default()
             ),
             _ => return,
@@ -117,12 +191,12 @@ async fn writer(
 
 /// A stream's whole content through the index, page by page.
 async fn read_stream(client: &reqwest::Client, url: &str, stream: &str) -> Vec<Value> {
-    let mut all = Vec::new();
+    let mut all: Vec<Value> = Vec::new();
     loop {
+        let from = all.last().map_or(0, |e| e["version"].as_u64().unwrap() + 1);
         let r = client
             .get(format!(
-                "{url}/v1/topics/{TOPIC}/streams/{stream}/events?from_version={}&limit=1000",
-                all.len()
+                "{url}/v1/topics/{TOPIC}/streams/{stream}/events?from_version={from}&limit=1000"
             ))
             .send()
             .await
@@ -139,17 +213,28 @@ async fn read_stream(client: &reqwest::Client, url: &str, stream: &str) -> Vec<V
     }
 }
 
-/// Every stream's event ids in offset order, from a scan of the whole topic.
-async fn scan(
-    client: &reqwest::Client,
-    url: &str,
-    partitions: u64,
-) -> HashMap<String, Vec<String>> {
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+/// A stream as a scan of the whole topic shows it.
+#[derive(Default)]
+struct Scanned {
+    /// Every event id in offset order, deleted or not (deletions left out).
+    all: Vec<String>,
+    /// The first version read: the number of events before the last deletion.
+    start: u64,
+}
+
+/// Every stream, from a scan of the whole topic: versions count the stream's events, a deletion
+/// takes none and hides the events before it.
+async fn scan(client: &reqwest::Client, url: &str, partitions: u64) -> HashMap<String, Scanned> {
+    let mut out: HashMap<String, Scanned> = HashMap::new();
     for (_, _, e) in common::read_topic(client, url, TOPIC, partitions).await {
-        out.entry(e["partitionkey"].as_str().unwrap().to_string())
-            .or_default()
-            .push(e["id"].as_str().unwrap().to_string());
+        let s = out
+            .entry(e["partitionkey"].as_str().unwrap().to_string())
+            .or_default();
+        if e["type"] == "spate.stream.deleted" {
+            s.start = s.all.len() as u64;
+        } else {
+            s.all.push(e["id"].as_str().unwrap().to_string());
+        }
     }
     out
 }
@@ -185,25 +270,39 @@ async fn verify(client: &reqwest::Client, url: &str, acked: &Acked, cycle: usize
     let scanned = scan(client, url, 3).await;
     let acked = acked.lock().unwrap().clone();
     let mut streams: HashMap<String, Vec<Value>> = HashMap::new();
+    let empty = Scanned::default();
     for w in 0..WRITERS {
         for i in 0..STREAMS_PER_WRITER {
             let stream = format!("acct-{w}-{i}");
             let events = read_stream(client, url, &stream).await;
             streams.insert(stream.clone(), events.clone());
+            let log = scanned.get(&stream).unwrap_or(&empty);
             let ids: Vec<String> = events
                 .iter()
                 .enumerate()
                 .map(|(v, e)| {
-                    assert_eq!(e["version"], v as u64, "seed {seed}: gap in {stream}");
+                    assert_eq!(
+                        e["version"],
+                        log.start + v as u64,
+                        "seed {seed}: gap in {stream}"
+                    );
                     e["event"]["id"].as_str().unwrap().to_string()
                 })
                 .collect();
             // The index agrees with the log.
             assert_eq!(
                 ids,
-                scanned.get(&stream).cloned().unwrap_or_default(),
+                log.all[log.start as usize..],
                 "seed {seed}, cycle {cycle}: index and log disagree on {stream}"
             );
+            // An acknowledged deletion holds (a later one, unacknowledged, may have landed too).
+            if let Some(&start) = acked.deleted.get(&stream) {
+                assert!(
+                    log.start >= start,
+                    "seed {seed}, cycle {cycle}: {stream} deleted before {start} reads from {}",
+                    log.start
+                );
+            }
             // All or nothing: each batch found is whole and consecutive.
             let mut v = 0;
             while v < events.len() {
@@ -224,19 +323,27 @@ async fn verify(client: &reqwest::Client, url: &str, acked: &Acked, cycle: usize
             }
         }
     }
-    // Every acknowledged append is where it was acknowledged.
-    for ((stream, first), ids) in &acked {
+    // Every acknowledged append is in the topic at its version, and read in its stream there
+    // unless deleted since.
+    for ((stream, first), ids) in &acked.appends {
+        let log = &scanned[stream];
         let events = &streams[stream];
         for (k, id) in ids.iter().enumerate() {
-            let got = events.get(*first as usize + k).unwrap_or_else(|| {
-                panic!("seed {seed}, cycle {cycle}: acknowledged {id} lost from {stream}")
-            });
+            let version = *first + k as u64;
             assert_eq!(
-                got["event"]["id"],
-                *id,
-                "seed {seed}: {stream} v{}",
-                *first as usize + k
+                log.all.get(version as usize),
+                Some(id),
+                "seed {seed}, cycle {cycle}: acknowledged {id} lost from {stream}"
             );
+            if version < log.start {
+                continue;
+            }
+            let got = events
+                .get((version - log.start) as usize)
+                .unwrap_or_else(|| {
+                    panic!("seed {seed}, cycle {cycle}: acknowledged {id} not read in {stream}")
+                });
+            assert_eq!(got["event"]["id"], *id, "seed {seed}: {stream} v{version}");
         }
     }
 }
@@ -259,7 +366,7 @@ async fn kill_9_keeps_stream_appends_whole_and_acknowledged() {
             common::create_topic(&client, &server.url, TOPIC, 3).await;
         }
         verify(&client, &server.url, &acked, cycle, seed).await;
-        let before = acked.lock().unwrap().len();
+        let before = acked.lock().unwrap().appends.len();
         let tasks: Vec<_> = (0..WRITERS)
             .map(|w| {
                 tokio::spawn(writer(
@@ -277,7 +384,7 @@ async fn kill_9_keeps_stream_appends_whole_and_acknowledged() {
         for t in tasks {
             t.await.unwrap();
         }
-        if acked.lock().unwrap().len() > before {
+        if acked.lock().unwrap().appends.len() > before {
             killed_with_writes += 1;
         }
     }
@@ -293,9 +400,16 @@ async fn kill_9_keeps_stream_appends_whole_and_acknowledged() {
         rebuilt, before,
         "seed {seed}: the index rebuilt from the log differs from the one kept across the kills"
     );
-    let appends = acked.lock().unwrap().len();
+    let (appends, deleted) = {
+        let a = acked.lock().unwrap();
+        (a.appends.len(), a.deleted.len())
+    };
     println!(
-        "{appends} acknowledged appends verified after {cycles} kills ({killed_with_writes} cycles acknowledged appends before the kill)"
+        "{appends} acknowledged appends and deletions of {deleted} streams verified after {cycles} kills ({killed_with_writes} cycles acknowledged appends before the kill)"
+    );
+    assert!(
+        deleted > 0,
+        "no deletion was acknowledged: the test did not exercise them"
     );
     assert!(
         killed_with_writes * 2 >= cycles,

@@ -121,6 +121,18 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
         for g in groups.list() {
             let positions = groups.positions(broker, &g.group_id);
             let lag = positions.iter().map(|p| p.lag()).sum::<u64>();
+            // On /metrics too, per partition, as Kafka's lag exporters give it.
+            for p in &positions {
+                metrics::gauge!(
+                    "spate_consumer_group_lag_records",
+                    "group" => g.group_id.clone(),
+                    "topic" => p.topic.clone(),
+                    "partition" => p.partition.to_string()
+                )
+                .set(p.lag() as f64);
+            }
+            metrics::gauge!("spate_consumer_group_members", "group" => g.group_id.clone())
+                .set(g.members.len() as f64);
             // In seconds: the age of the oldest record the group has not consumed.
             let oldest = positions
                 .iter()
@@ -140,10 +152,13 @@ fn sample(broker: &Broker, sources: &Sources, prev: &mut Option<Previous>) -> Ve
                 label: Some(("group", g.group_id.clone())),
                 value: lag as f64,
             });
+            let lag_seconds = oldest.map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
+            metrics::gauge!("spate_consumer_group_lag_seconds", "group" => g.group_id.clone())
+                .set(lag_seconds);
             out.push(Sample {
                 name: "consumer_lag_seconds",
                 label: Some(("group", g.group_id)),
-                value: oldest.map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0),
+                value: lag_seconds,
             });
         }
     }

@@ -359,4 +359,17 @@ fn describe_metrics() {
         "spate_slow_consumers_total",
         "Push connections closed because they fell too far behind."
     );
+    describe_gauge!(
+        "spate_consumer_group_lag_records",
+        "Records of a partition after a Kafka consumer group's committed offset."
+    );
+    describe_gauge!(
+        "spate_consumer_group_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest record a Kafka consumer group has not committed past."
+    );
+    describe_gauge!(
+        "spate_consumer_group_members",
+        "Members of a Kafka consumer group."
+    );
 }

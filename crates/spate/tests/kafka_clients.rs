@@ -189,12 +189,72 @@ fn consumer_groups_work_with_round_robin_and_cooperative_sticky_assignment() {
 }
 
 #[test]
-fn a_static_member_restarts_without_rebalancing_its_group() {
+fn a_static_member_restarts_without_rebalancing_its_group_and_lag_is_on_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::start(dir.path(), &[]);
+    let server = common::start_env(dir.path(), &[], &[("SPATE_METRICS_INTERVAL_MS", "200")]);
     // librdkafka with group.instance.id: a member closes (no LeaveGroup, as static members do)
     // and comes back with the same instance id; the other member's partitions are not revoked.
     groups_step("static", &server.kafka, "range");
+    // Everything was consumed and committed; 7 more records make a lag of 7 on /metrics.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = |want_lag: u64| {
+        rt.block_on(async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let text = reqwest::get(format!("{}/metrics", server.url))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                let lag: f64 = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("spate_consumer_group_lag_records{")
+                            && l.contains("group=\"static-grp\"")
+                    })
+                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                    .sum();
+                let partitions = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("spate_consumer_group_lag_records{")
+                            && l.contains("group=\"static-grp\"")
+                    })
+                    .count();
+                if lag == want_lag as f64 && partitions == 3 {
+                    return text;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "lag {lag} over {partitions} partitions, want {want_lag}:\n{text}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let text = metrics(0);
+    // Static members that closed stay members until their session times out (6 s here).
+    let members = text
+        .lines()
+        .find_map(|l| l.strip_prefix("spate_consumer_group_members{group=\"static-grp\"} "))
+        .unwrap_or_else(|| panic!("no members gauge in\n{text}"));
+    assert!(["0", "1", "2"].contains(&members), "{members}");
+    rt.block_on(async {
+        for i in 0..7 {
+            let r = reqwest::Client::new()
+                .post(format!("{}/v1/topics/static/events", server.url))
+                .header("content-type", "application/cloudevents+json")
+                .body(format!(
+                    r#"{{"specversion":"1.0","id":"m{i}","source":"/t","type":"t","partitionkey":"k{i}"}}"#
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    });
+    metrics(7);
     assert_eq!(server.terminate().code(), Some(0));
 }
 

@@ -560,6 +560,16 @@ async fn a_static_member_rejoining_replaces_its_predecessor_which_is_fenced() {
     assert_eq!(g.members.len(), 1);
     assert_eq!(g.members[0].group_instance_id, instance());
     assert_eq!(g.members[0].member_id, third.member_id);
+    // Versions before 4 have no instance id: the same group is described without it.
+    let old: DescribeGroupsResponse = call(
+        &mut s,
+        ApiKey::DescribeGroups,
+        3,
+        &DescribeGroupsRequest::default().with_groups(vec![group()]),
+    )
+    .await;
+    assert_eq!(old.groups[0].members[0].member_id, third.member_id);
+    assert_eq!(old.groups[0].members[0].group_instance_id, None);
     // Leaving by instance id alone; a wrong member id for the instance is fenced.
     let leave = |member: &str| {
         LeaveGroupRequest::default()

@@ -36,7 +36,9 @@ pub async fn run(subs: Arc<Subscriptions>, shutdown: impl std::future::Future<Ou
             _ = every.tick() => {
                 running.retain(|_, h| !h.is_finished());
                 for (name, uid, push) in subs.pushing() {
-                    let key = (name.clone(), uid, format!("{push:?}"));
+                    // The delivery task restarts when the definition changes (its
+                    // `current` check ends the old one).
+                    let key = (name.clone(), uid, serde_json::to_string(&push).unwrap_or_default());
                     if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(key) {
                         let task = deliver(subs.clone(), client.clone(), name, uid, push);
                         slot.insert(tokio::spawn(task));

@@ -72,8 +72,8 @@ impl Backoff {
     }
 }
 
-/// Webhook delivery.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Webhook delivery. Its `Debug` form leaves the secret out, so that no log shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {
     pub url: String,
@@ -88,6 +88,18 @@ pub struct PushConfig {
     /// then carries `webhook-id`, `webhook-timestamp` and `webhook-signature`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for PushConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushConfig")
+            .field("url", &self.url)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("secret", &self.secret.as_ref().map(|_| SECRET_SHOWN))
+            .finish()
+    }
 }
 
 /// What a subscription's definition shows instead of its signing secret.
@@ -1112,6 +1124,24 @@ mod tests {
 
     fn t(p: u32, o: u64) -> MsgId {
         (Source::Topic, p, o)
+    }
+
+    #[test]
+    fn webhook_secrets_and_header_values_stay_out_of_debug_output() {
+        let push = PushConfig {
+            url: "http://h/hook".into(),
+            timeout_ms: 1000,
+            max_in_flight: 1,
+            headers: [("authorization".to_string(), "Bearer hunter2".to_string())].into(),
+            secret: Some("whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0".into()),
+        };
+        assert!(push.check_headers_and_secret().is_ok());
+        let shown = format!("{push:?}");
+        assert!(shown.contains("authorization") && shown.contains("http://h/hook"));
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("c2VjcmV0"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -110,6 +110,19 @@ pub struct StreamDeleted {
     pub offset: u64,
 }
 
+/// A stream in a listing of a topic's streams.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamListed {
+    pub stream: String,
+    /// Its last version.
+    pub version: u64,
+    pub partition: u32,
+}
+
+/// Streams a listing looks at per request at most (deleted ones are passed over), so that a
+/// topic of deleted streams does not make one request long.
+const LIST_LOOKS_MAX: usize = 10_000;
+
 /// A stream's position.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StreamInfo {
@@ -797,6 +810,89 @@ impl Broker {
             partition: index,
             offset: appended.base_offset,
         }))
+    }
+
+    /// Up to `limit` streams of `topic` that exist (have an event since their last deletion),
+    /// after the stream `after` names (partition, stream id), in the index's order: by partition,
+    /// then by the length of the id, then by its bytes. Also returns where the next page starts
+    /// (`None` at the end).
+    pub async fn list_streams(
+        self: &Arc<Self>,
+        topic: &str,
+        after: Option<(u32, String)>,
+        limit: usize,
+    ) -> Result<(Vec<StreamListed>, Option<(u32, String)>)> {
+        if let Some((_, stream)) = &after {
+            check_stream_id(stream)?;
+        }
+        let ts = self.topic_streams(topic).await?;
+        let first = after.as_ref().map_or(0, |a| a.0);
+        if first as usize >= ts.parts.len() {
+            return Err(BrokerError::Stream(StreamError::InvalidStream(format!(
+                "the cursor names partition {first}; topic {topic} has {}",
+                ts.parts.len()
+            ))));
+        }
+        for part in &ts.parts[first as usize..] {
+            wait_applied(part, part.partition.high_watermark()).await?;
+        }
+        let ts2 = ts.clone();
+        blocking(move || {
+            let snapshot = ts2.store.db.snapshot();
+            let mut out = Vec::new();
+            let mut looked = 0;
+            let mut after = after;
+            for index in first..ts2.parts.len() as u32 {
+                let prefix = &ts2.parts[index as usize].prefix;
+                // Past every entry of the stream the cursor names, or from the partition's start.
+                let mut from = match after.take() {
+                    Some((p, stream)) if p == index => {
+                        let mut k = stream_prefix(prefix, &stream);
+                        k.extend_from_slice(&[0xff; 8]);
+                        std::ops::Bound::Excluded(k)
+                    }
+                    _ => std::ops::Bound::Included(prefix.clone()),
+                };
+                loop {
+                    let next = snapshot
+                        .range(&ts2.store.entries, (from, std::ops::Bound::Unbounded))
+                        .next();
+                    let Some(item) = next else { break };
+                    let k = item.key().map_err(store_err)?;
+                    if !k.starts_with(prefix) {
+                        break;
+                    }
+                    let rest = &k[prefix.len()..];
+                    let id_len = rest
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+                        .ok_or_else(|| store_err("an entry key has no stream"))?;
+                    let id = rest
+                        .get(4..4 + id_len)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .ok_or_else(|| store_err("an entry key has no stream"))?
+                        .to_string();
+                    let sp = stream_prefix(prefix, &id);
+                    let Stored { len, start } = Stored::read(&ts2.store, &snapshot, &sp)?;
+                    let mut past = sp;
+                    past.extend_from_slice(&[0xff; 8]);
+                    from = std::ops::Bound::Excluded(past);
+                    looked += 1;
+                    if len > start {
+                        out.push(StreamListed {
+                            stream: id.clone(),
+                            version: len - 1,
+                            partition: index,
+                        });
+                    }
+                    if out.len() >= limit || looked >= LIST_LOOKS_MAX {
+                        return Ok((out, Some((index, id))));
+                    }
+                }
+            }
+            Ok((out, None))
+        })
+        .await
     }
 
     /// Where a stream stands; `None` when it has no durable event.

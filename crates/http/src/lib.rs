@@ -98,6 +98,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/topics/{topic}/streams/{stream}/events",
             get(streams::read).post(streams::append),
         )
+        .route("/v1/topics/{topic}/streams", get(streams::list))
         .route(
             "/v1/topics/{topic}/streams/{stream}",
             get(streams::info).delete(streams::delete),

@@ -136,6 +136,39 @@ pub async fn delete(
     Ok(Json(json!(deleted)))
 }
 
+/// `GET /v1/topics/{topic}/streams?limit=&after=`: the topic's streams, a page at a time.
+pub async fn list(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q, &["limit", "after"])?;
+    let limit: usize = number(&q, "limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("`limit` must be within 1..=1000"));
+    }
+    // The cursor is `<partition>:<stream id>`, as `next` gives it.
+    let after = match q.get("after") {
+        None => None,
+        Some(c) => {
+            let parsed = c
+                .split_once(':')
+                .and_then(|(p, stream)| Some((p.parse::<u32>().ok()?, stream.to_string())));
+            Some(parsed.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`after` must be a cursor from `next` (<partition>:<stream>), got {c:?}"
+                ))
+            })?)
+        }
+    };
+    s.broker.topic(&topic)?;
+    let (streams, next) = s.broker.list_streams(&topic, after, limit).await?;
+    Ok(Json(json!({
+        "streams": streams,
+        "next": next.map(|(p, stream)| format!("{p}:{stream}")),
+    })))
+}
+
 /// `GET /v1/topics/{topic}/streams/{stream}`
 pub async fn info(
     State(s): State<AppState>,

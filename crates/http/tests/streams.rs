@@ -492,6 +492,89 @@ async fn a_deleted_stream_is_gone_until_appended_to_again_also_after_a_rebuild()
 }
 
 #[tokio::test]
+async fn a_topics_streams_are_listed_page_by_page_without_deleted_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("es", 3).await;
+    let c = Client::new(server.addr);
+    let mut want = BTreeMap::new();
+    for i in 0..40u64 {
+        // Ids of several lengths, some with a colon, streams of 1 to 3 events.
+        let stream = format!("s:{}{}", "x".repeat((i % 4) as usize), i);
+        let n = 1 + i % 3;
+        let ids: Vec<String> = (0..n).map(|k| format!("{stream}-{k}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(c.append(&stream, "no_stream", &ids).await.status, 201);
+        want.insert(stream, n - 1);
+    }
+    // Deleted streams are not listed; one appended to again after its deletion is.
+    for stream in ["s:0", "s:x1", "s:xx2"] {
+        let r = c
+            .http
+            .delete(format!("{}/v1/topics/es/streams/{stream}", c.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        want.remove(stream);
+    }
+    assert_eq!(c.append("s:xx2", "no_stream", &["again"]).await.status, 201);
+    want.insert("s:xx2".into(), 3);
+    let mut got = BTreeMap::new();
+    let mut pages = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = "/v1/topics/es/streams?limit=7".to_string();
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={}", urlencode(a)));
+        }
+        let r = c.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        pages += 1;
+        for s in r.body["streams"].as_array().unwrap() {
+            let stream = s["stream"].as_str().unwrap().to_string();
+            let info = c
+                .get(&format!("/v1/topics/es/streams/{}", urlencode(&stream)))
+                .await
+                .body;
+            assert_eq!(s["partition"], info["partition"], "{stream}");
+            let earlier = got.insert(stream, s["version"].as_u64().unwrap());
+            assert!(earlier.is_none(), "listed twice: {s}");
+        }
+        match r.body["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+        assert!(pages < 20, "the listing does not end");
+    }
+    assert_eq!(got, want);
+    assert!(pages >= 6, "{pages} pages of 7 for 38 streams");
+    // Bad requests.
+    for q in [
+        "limit=0",
+        "limit=1001",
+        "after=nocolon",
+        "after=x:s",
+        "after=9:s",
+        "what=1",
+    ] {
+        let r = c.get(&format!("/v1/topics/es/streams?{q}")).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+    }
+    assert_eq!(c.get("/v1/topics/nope/streams").await.status, 404);
+    server.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
 async fn records_keyed_past_the_limit_or_not_in_utf8_join_no_stream() {
     use spate_broker::streams::STREAM_ID_BYTES_MAX;
     let dir = tempfile::tempdir().unwrap();

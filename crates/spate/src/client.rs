@@ -217,6 +217,28 @@ impl Client {
         Ok(())
     }
 
+    /// Prints a topic's streams as JSON lines, page by page.
+    pub async fn stream_list(&self, topic: &str) -> Result<()> {
+        let mut after: Option<String> = None;
+        loop {
+            let mut req = self
+                .http
+                .get(self.url(&format!("/v1/topics/{topic}/streams")))
+                .query(&[("limit", "1000")]);
+            if let Some(a) = &after {
+                req = req.query(&[("after", a)]);
+            }
+            let page = self.send(req).await?;
+            for s in page["streams"].as_array().into_iter().flatten() {
+                println!("{s}");
+            }
+            match page["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// Deletes a stream and says up to which version.
     pub async fn stream_delete(&self, topic: &str, stream: &str, expected: &str) -> Result<()> {
         let url = format!("/v1/topics/{topic}/streams/{stream}?expected_version={expected}");

@@ -142,6 +142,8 @@ enum StreamCommand {
         #[arg(long)]
         backward: bool,
     },
+    /// Print a topic's streams (those with events) as JSON lines.
+    List { topic: String },
     /// Delete a stream (soft delete: reads leave out its events; appending starts it again at
     /// the next version).
     Delete {
@@ -399,6 +401,7 @@ fn main() -> Result<()> {
                         from_version,
                         backward,
                     } => c.stream_read(&topic, &stream, from_version, backward).await,
+                    StreamCommand::List { topic } => c.stream_list(&topic).await,
                     StreamCommand::Delete {
                         topic,
                         stream,

@@ -581,6 +581,13 @@ fn cli_appends_to_and_reads_a_stream() {
     assert!(ok, "{err}");
     let placed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(placed["first_version"], 3);
+    let (ok, out, err) = cli(&url, &["stream", "list", "orders"], None);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (&listed["stream"], &listed["version"]),
+        (&serde_json::json!("order-7"), &serde_json::json!(3))
+    );
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! (interval fsyncs, retention) running. Later features (consumer groups, subscriptions, streams,
 //! projections, detectors) live here too.
 
+pub mod auth;
 pub mod compressed;
 pub mod detectors;
 mod durable;

@@ -30,14 +30,47 @@ function toast(message) {
 
 const enc = encodeURIComponent;
 
+// ---- access token (servers started with --auth-tokens-file) -------------------------------
+// Given once as /#token=<token>, kept for the tab's life in sessionStorage, taken out of the
+// address bar; asked for when the server answers 401.
+const auth = {
+  key: "spate-token",
+  get() {
+    const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+    if (m) {
+      sessionStorage.setItem(this.key, decodeURIComponent(m[1]));
+      history.replaceState(null, "", location.pathname + location.search);
+    }
+    return sessionStorage.getItem(this.key);
+  },
+  ask() {
+    const t = window.prompt("This server needs an access token:");
+    if (t) sessionStorage.setItem(this.key, t.trim());
+    return !!t;
+  },
+  /** `url` with the token in its query, for WebSocket and EventSource (they take no headers). */
+  url(url) {
+    const t = this.get();
+    if (!t) return url;
+    return url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(t);
+  },
+};
+// Before the router reads the address: a #token=… is taken out of it first.
+auth.get();
+
 /** Calls the API; a problem+json answer becomes an Error carrying its detail. */
-async function api(method, path, body, contentType) {
+async function api(method, path, body, contentType, retried) {
   const init = { method, headers: {} };
   if (body !== undefined) {
     init.headers["content-type"] = contentType || "application/json";
     init.body = typeof body === "string" ? body : JSON.stringify(body);
   }
+  const token = auth.get();
+  if (token) init.headers["authorization"] = "Bearer " + token;
   const res = await fetch(path, init);
+  if (res.status === 401 && !retried && auth.ask()) {
+    return api(method, path, body, contentType, true);
+  }
   const text = await res.text();
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch (_) { json = null; }
@@ -74,7 +107,7 @@ const live = {
   handlers: new Map(), // id → {msg, err, sub (the op to send again on reconnect)}
   queue: [],
   connect() {
-    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`;
+    const url = auth.url(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws`);
     const ws = new WebSocket(url);
     this.ws = ws;
     ws.onopen = () => {

@@ -4,6 +4,7 @@
 //! caller bound, with a cap on connections and a graceful shutdown. Handlers parse and check input,
 //! call the broker, and map results to JSON; they know nothing of files.
 
+mod auth;
 mod consume;
 mod detectors;
 mod error;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub subscriptions: Option<Arc<spate_broker::subscriptions::Subscriptions>>,
     /// Set when the server stops: push streams end so that shutdown does not wait on them.
     pub stopping: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The access tokens requests must present; `None`: no authentication.
+    pub auth: Option<Arc<spate_broker::auth::Tokens>>,
 }
 
 /// A response whose body is JSON text written by hand.
@@ -167,6 +170,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
         .layer(axum::middleware::map_response(error::problem_details))
         .with_state(state)
 }

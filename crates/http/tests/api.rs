@@ -44,6 +44,7 @@ fn app_with(limits: HttpLimits, max_event_bytes: u64) -> App {
             groups: None,
             subscriptions: None,
             stopping: None,
+            auth: None,
         }),
         disk,
     }
@@ -941,6 +942,7 @@ async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
             groups: None,
             subscriptions: None,
             stopping: None,
+            auth: None,
         }),
         disk,
     };

@@ -64,6 +64,8 @@ use kafka_protocol::messages::{DescribeLogDirsRequest, DescribeLogDirsResponse};
 use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse};
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
 use kafka_protocol::messages::{OffsetDeleteRequest, OffsetDeleteResponse};
+use kafka_protocol::messages::{SaslAuthenticateRequest, SaslAuthenticateResponse};
+use kafka_protocol::messages::{SaslHandshakeRequest, SaslHandshakeResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use spate_broker::compressed::CompressedError;
 use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
@@ -105,6 +107,9 @@ pub mod code {
     pub const NON_EMPTY_GROUP: i16 = 68;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
     pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
+    pub const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
+    pub const ILLEGAL_SASL_STATE: i16 = 34;
+    pub const SASL_AUTHENTICATION_FAILED: i16 = 58;
     pub const FENCED_INSTANCE_ID: i16 = 82;
     pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
@@ -168,6 +173,9 @@ pub const APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
+    // Version 0 of SaslHandshake is followed by raw SASL bytes outside Kafka's framing: only 1.
+    (ApiKey::SaslHandshake, 1, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 fn supported(key: ApiKey, version: i16) -> bool {
@@ -181,6 +189,100 @@ pub struct Context {
     pub config: Arc<KafkaConfig>,
     /// The client's address, shown in group descriptions.
     pub peer: String,
+    /// Where the connection stands in SASL authentication (with access tokens).
+    pub sasl: Sasl,
+}
+
+/// A connection's SASL state: nothing yet, PLAIN chosen (SaslHandshake), authenticated, or
+/// failed (the connection closes after the answer).
+#[derive(Default)]
+pub struct Sasl(std::sync::atomic::AtomicU8);
+
+const SASL_NONE: u8 = 0;
+const SASL_PLAIN: u8 = 1;
+const SASL_DONE: u8 = 2;
+const SASL_FAILED: u8 = 3;
+
+impl Sasl {
+    fn get(&self) -> u8 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self, state: u8) {
+        self.0.store(state, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether authentication failed: the connection is to close once the answer is sent.
+    pub fn failed(&self) -> bool {
+        self.get() == SASL_FAILED
+    }
+}
+
+/// SaslHandshake: only PLAIN is offered, and only with access tokens configured.
+fn sasl_handshake(ctx: &Context, r: SaslHandshakeRequest) -> SaslHandshakeResponse {
+    let plain = vec![StrBytes::from_static_str("PLAIN")];
+    if ctx.config.auth.is_none() {
+        return SaslHandshakeResponse::default().with_error_code(code::ILLEGAL_SASL_STATE);
+    }
+    if ctx.sasl.get() != SASL_NONE {
+        return SaslHandshakeResponse::default()
+            .with_error_code(code::ILLEGAL_SASL_STATE)
+            .with_mechanisms(plain);
+    }
+    if r.mechanism.as_str() != "PLAIN" {
+        return SaslHandshakeResponse::default()
+            .with_error_code(code::UNSUPPORTED_SASL_MECHANISM)
+            .with_mechanisms(plain);
+    }
+    ctx.sasl.set(SASL_PLAIN);
+    SaslHandshakeResponse::default().with_mechanisms(plain)
+}
+
+/// SaslAuthenticate with PLAIN (RFC 4616: `[authzid] NUL authcid NUL passwd`): the password must
+/// be one of the access tokens; the user name is only logged.
+fn sasl_authenticate(ctx: &Context, r: SaslAuthenticateRequest) -> SaslAuthenticateResponse {
+    let fail = |code: i16, why: &str| {
+        ctx.sasl.set(SASL_FAILED);
+        SaslAuthenticateResponse::default()
+            .with_error_code(code)
+            .with_error_message(Some(StrBytes::from_string(why.to_string())))
+    };
+    let Some(tokens) = &ctx.config.auth else {
+        return SaslAuthenticateResponse::default()
+            .with_error_code(code::ILLEGAL_SASL_STATE)
+            .with_error_message(Some(StrBytes::from_static_str(
+                "this listener does not authenticate",
+            )));
+    };
+    if ctx.sasl.get() != SASL_PLAIN {
+        return fail(
+            code::ILLEGAL_SASL_STATE,
+            "SaslAuthenticate before SaslHandshake chose PLAIN",
+        );
+    }
+    let parts: Vec<&[u8]> = r.auth_bytes.split(|b| *b == 0).collect();
+    let [authzid, user, password] = parts[..] else {
+        return fail(
+            code::SASL_AUTHENTICATION_FAILED,
+            "Authentication failed: malformed PLAIN credentials",
+        );
+    };
+    let user = String::from_utf8_lossy(user);
+    if !authzid.is_empty() && authzid != user.as_bytes() {
+        return fail(
+            code::SASL_AUTHENTICATION_FAILED,
+            "Authentication failed: authorization id differs from the user name",
+        );
+    }
+    if !tokens.accepts(password) {
+        tracing::info!(peer = %ctx.peer, %user, "kafka authentication failed");
+        return fail(
+            code::SASL_AUTHENTICATION_FAILED,
+            "Authentication failed: invalid credentials",
+        );
+    }
+    ctx.sasl.set(SASL_DONE);
+    SaslAuthenticateResponse::default()
 }
 
 fn encode_response(
@@ -320,7 +422,24 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
     };
     let header_version = api.response_header_version(version);
     let id = header.correlation_id;
+    // With access tokens, nothing but version discovery and SASL before authentication: the
+    // connection closes, as Kafka's does.
+    if ctx.config.auth.is_some()
+        && ctx.sasl.get() != SASL_DONE
+        && !matches!(
+            request,
+            RequestKind::ApiVersions(_)
+                | RequestKind::SaslHandshake(_)
+                | RequestKind::SaslAuthenticate(_)
+        )
+    {
+        bail!("{api:?} from {} before SASL authentication", ctx.peer);
+    }
     let body = match request {
+        RequestKind::SaslHandshake(r) => ResponseKind::SaslHandshake(sasl_handshake(ctx, r)),
+        RequestKind::SaslAuthenticate(r) => {
+            ResponseKind::SaslAuthenticate(sasl_authenticate(ctx, r))
+        }
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
         RequestKind::Metadata(r) => ResponseKind::Metadata(metadata(ctx, r, version).await),
         RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(create_topics(ctx, r).await),
@@ -1993,6 +2112,10 @@ mod tests {
                 }
                 ApiKey::IncrementalAlterConfigs => {
                     kafka_protocol::messages::IncrementalAlterConfigsRequest::VERSIONS
+                }
+                ApiKey::SaslHandshake => kafka_protocol::messages::SaslHandshakeRequest::VERSIONS,
+                ApiKey::SaslAuthenticate => {
+                    kafka_protocol::messages::SaslAuthenticateRequest::VERSIONS
                 }
                 other => panic!("{other:?} has no range check"),
             };

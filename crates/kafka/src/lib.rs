@@ -39,6 +39,9 @@ pub struct KafkaConfig {
     pub auto_create_topics: bool,
     /// Partitions of topics created without a count (CreateTopics with -1, auto-creation).
     pub default_partitions: u32,
+    /// Access tokens: when set, a connection must authenticate with SASL/PLAIN, a token as the
+    /// password, before any request but ApiVersions and the SASL ones.
+    pub auth: Option<Arc<spate_broker::auth::Tokens>>,
 }
 
 impl Default for KafkaConfig {
@@ -51,6 +54,7 @@ impl Default for KafkaConfig {
             max_connections: 10_000,
             auto_create_topics: false,
             default_partitions: 1,
+            auth: None,
         }
     }
 }
@@ -121,6 +125,7 @@ pub async fn serve(
             coordinator: coordinator.clone(),
             config: config.clone(),
             peer: peer.ip().to_string(),
+            sasl: Default::default(),
         };
         let stop = stop_rx.clone();
         connections.spawn(async move {
@@ -170,6 +175,10 @@ async fn connection(
             Ok(Some(request)) => match handler::handle(&ctx, request).await {
                 Ok(reply) => {
                     if tx.send(reply).await.is_err() {
+                        break Ok(());
+                    }
+                    // A failed authentication is answered, then the connection closes.
+                    if ctx.sasl.failed() {
                         break Ok(());
                     }
                 }

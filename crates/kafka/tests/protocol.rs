@@ -25,6 +25,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn server() -> (String, Arc<Broker>) {
+    server_with(None).await
+}
+
+/// A server whose connections must authenticate with one of `tokens`, when given.
+async fn server_with(tokens: Option<&str>) -> (String, Arc<Broker>) {
     let log = Log::open(
         Arc::new(MemStorage::new()),
         Path::new("/d"),
@@ -36,6 +41,7 @@ async fn server() -> (String, Arc<Broker>) {
     let addr = listener.local_addr().unwrap().to_string();
     let config = KafkaConfig {
         max_request_bytes: 1 << 20,
+        auth: tokens.map(|t| Arc::new(spate_broker::auth::Tokens::parse(t).unwrap())),
         ..KafkaConfig::default()
     };
     let coordinator = Arc::new(
@@ -112,6 +118,120 @@ async fn assert_closed(s: &mut TcpStream) {
         .await
         .expect("closed within 10 s");
     assert!(matches!(n, Ok(0) | Err(_)), "connection should be closed");
+}
+
+#[tokio::test]
+async fn with_tokens_connections_authenticate_with_sasl_plain_first() {
+    use kafka_protocol::messages::{
+        SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+        SaslHandshakeResponse,
+    };
+    let token = "kafka-token-0123456789";
+    let (addr, broker) = server_with(Some(token)).await;
+    topic(&broker, "t", 1).await;
+    let handshake = |mechanism: &'static str| {
+        SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(mechanism))
+    };
+    let plain = |authzid: &str, user: &str, password: &str| {
+        SaslAuthenticateRequest::default()
+            .with_auth_bytes(Bytes::from(format!("{authzid}\0{user}\0{password}")))
+    };
+    let metadata = MetadataRequest::default().with_topics(None);
+    // Anything but ApiVersions and SASL before authenticating closes the connection.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let v: ApiVersionsResponse = call(
+        &mut s,
+        ApiKey::ApiVersions,
+        3,
+        &ApiVersionsRequest::default(),
+    )
+    .await;
+    let sasl = v
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == ApiKey::SaslHandshake as i16)
+        .unwrap();
+    assert_eq!((sasl.min_version, sasl.max_version), (1, 1));
+    s.write_all(&frame(ApiKey::Metadata, 9, 7, &metadata))
+        .await
+        .unwrap();
+    assert_closed(&mut s).await;
+    // Only PLAIN is offered; authenticating before choosing it is out of order.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let h: SaslHandshakeResponse = call(
+        &mut s,
+        ApiKey::SaslHandshake,
+        1,
+        &handshake("SCRAM-SHA-256"),
+    )
+    .await;
+    assert_eq!(h.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
+    assert_eq!(h.mechanisms, vec![StrBytes::from_static_str("PLAIN")]);
+    let a: SaslAuthenticateResponse =
+        call(&mut s, ApiKey::SaslAuthenticate, 2, &plain("", "u", token)).await;
+    assert_eq!(a.error_code, 34, "ILLEGAL_SASL_STATE");
+    assert_closed(&mut s).await;
+    // A wrong password, malformed credentials, another authorization id: answered, then closed.
+    for (authzid, user, password) in [
+        ("", "u", "kafka-token-0123456789X"),
+        ("", "u", ""),
+        ("someone-else", "u", token),
+    ] {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        let h: SaslHandshakeResponse =
+            call(&mut s, ApiKey::SaslHandshake, 1, &handshake("PLAIN")).await;
+        assert_eq!(h.error_code, 0);
+        let a: SaslAuthenticateResponse = call(
+            &mut s,
+            ApiKey::SaslAuthenticate,
+            2,
+            &plain(authzid, user, password),
+        )
+        .await;
+        assert_eq!(a.error_code, 58, "SASL_AUTHENTICATION_FAILED");
+        assert!(a.error_message.is_some());
+        assert_closed(&mut s).await;
+    }
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let a: SaslAuthenticateResponse = call(
+        &mut s,
+        ApiKey::SaslAuthenticate,
+        2,
+        &SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from_static(b"no-nul-bytes")),
+    )
+    .await;
+    assert_eq!(a.error_code, 34);
+    // The token as the password: requests are served from then on.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let h: SaslHandshakeResponse =
+        call(&mut s, ApiKey::SaslHandshake, 1, &handshake("PLAIN")).await;
+    assert_eq!(h.error_code, 0);
+    let a: SaslAuthenticateResponse = call(
+        &mut s,
+        ApiKey::SaslAuthenticate,
+        2,
+        &plain("app", "app", token),
+    )
+    .await;
+    assert_eq!(a.error_code, 0);
+    let m: MetadataResponse = call(&mut s, ApiKey::Metadata, 9, &metadata).await;
+    assert!(
+        m.topics
+            .iter()
+            .any(|t| t.name.as_ref().is_some_and(|n| n.as_str() == "t"))
+    );
+    let h: SaslHandshakeResponse =
+        call(&mut s, ApiKey::SaslHandshake, 1, &handshake("PLAIN")).await;
+    assert_eq!(h.error_code, 34, "a second handshake is out of order");
+
+    // Without tokens, SASL is refused and nothing needs it.
+    let (addr, _) = server().await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let h: SaslHandshakeResponse =
+        call(&mut s, ApiKey::SaslHandshake, 1, &handshake("PLAIN")).await;
+    assert_eq!(h.error_code, 34);
+    let m: MetadataResponse = call(&mut s, ApiKey::Metadata, 9, &metadata).await;
+    assert!(m.brokers.len() == 1, "served without authentication");
 }
 
 #[tokio::test]

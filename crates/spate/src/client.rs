@@ -32,10 +32,21 @@ pub fn set_given<'a>(
 }
 
 impl Client {
-    pub fn new(server: &str) -> Client {
+    /// A client of the server at `server`, sending `token` as a bearer token when given.
+    pub fn new(server: &str, token: Option<&str>) -> Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token
+            && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+        {
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         Client {
             base: server.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()
+                .unwrap_or_default(),
         }
     }
 

@@ -41,6 +41,9 @@ pub struct ServeConfig {
     /// How long the first rebalance of an empty Kafka consumer group waits for more members to
     /// join before it assigns partitions (Kafka's `group.initial.rebalance.delay.ms`).
     pub group_initial_rebalance_delay_ms: u64,
+    /// A file of access tokens (one per line): when set, HTTP requests and Kafka connections
+    /// must present one (see docs/security.md).
+    pub auth_tokens_file: Option<PathBuf>,
 }
 
 /// The longest initial rebalance delay accepted: 5 minutes, the Java consumer's default rebalance
@@ -48,7 +51,7 @@ pub struct ServeConfig {
 const GROUP_INITIAL_REBALANCE_DELAY_MAX_MS: u64 = 300_000;
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 16] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -64,6 +67,7 @@ pub const KEYS: [&str; 15] = [
     "metrics_interval_ms",
     "preallocate_bytes",
     "group_initial_rebalance_delay_ms",
+    "auth_tokens_file",
 ];
 
 impl Default for ServeConfig {
@@ -84,6 +88,7 @@ impl Default for ServeConfig {
             metrics_interval_ms: 5_000,
             preallocate_bytes: 1 << 20,
             group_initial_rebalance_delay_ms: 300,
+            auth_tokens_file: None,
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct Overrides {
     pub max_connections: Option<usize>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub repair: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_tokens_file: Option<PathBuf>,
 }
 
 impl ServeConfig {

@@ -165,6 +165,15 @@ struct ServerArg {
         global = true
     )]
     server: String,
+    /// An access token, for a server started with `--auth-tokens-file`.
+    #[arg(long, env = "SPATE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+impl ServerArg {
+    fn client(&self) -> client::Client {
+        client::Client::new(&self.server, self.token.as_deref())
+    }
 }
 
 #[derive(Subcommand)]
@@ -262,6 +271,9 @@ struct ServeArgs {
     /// Truncate corrupt data found on start (losing what follows it) instead of refusing to start.
     #[arg(long)]
     repair: bool,
+    /// Require an access token from this file (one per line) on HTTP and Kafka (SASL/PLAIN).
+    #[arg(long)]
+    auth_tokens_file: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -293,12 +305,13 @@ fn main() -> Result<()> {
                     max_request_bytes: a.max_request_bytes,
                     max_connections: a.max_connections,
                     repair: a.repair,
+                    auth_tokens_file: a.auth_tokens_file,
                 };
                 let config = config::ServeConfig::load(a.config.as_deref(), &overrides)?;
                 serve::run(config).await
             }
             Command::Topics { server, command } => {
-                let c = client::Client::new(&server.server);
+                let c = server.client();
                 match command {
                     TopicsCommand::Create {
                         name,
@@ -366,7 +379,8 @@ fn main() -> Result<()> {
                 source,
                 data,
             } => {
-                client::Client::new(&server.server)
+                server
+                    .client()
                     .publish(
                         &topic,
                         &event_type,
@@ -377,7 +391,7 @@ fn main() -> Result<()> {
                     .await
             }
             Command::Stream { server, command } => {
-                let c = client::Client::new(&server.server);
+                let c = server.client();
                 match command {
                     StreamCommand::Append {
                         topic,
@@ -415,20 +429,14 @@ fn main() -> Result<()> {
                 from,
                 partition,
                 follow,
-            } => {
-                client::Client::new(&server.server)
-                    .tail(&topic, &from, partition, follow)
-                    .await
-            }
+            } => server.client().tail(&topic, &from, partition, follow).await,
             Command::Detector { server, command } => {
-                detector_cli::run(&client::Client::new(&server.server), command).await
+                detector_cli::run(&server.client(), command).await
             }
             Command::Projection { server, command } => {
-                projection_cli::run(&client::Client::new(&server.server), command).await
+                projection_cli::run(&server.client(), command).await
             }
-            Command::Sub { server, command } => {
-                sub_cli::run(&client::Client::new(&server.server), command).await
-            }
+            Command::Sub { server, command } => sub_cli::run(&server.client(), command).await,
             Command::Nab(args) => nab::run(args),
             Command::Bench { command } => bench::run(command).await,
         }

@@ -55,6 +55,12 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     // Before anything is announced: a SIGTERM from then on is a graceful stop.
     let shutdown = shutdown_signal()?;
     let fsync = config.fsync_policy()?;
+    let auth = match &config.auth_tokens_file {
+        Some(path) => Some(Arc::new(
+            spate_broker::auth::Tokens::load(path).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     // One server per data directory: a second one would corrupt the log.
@@ -189,6 +195,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         groups: Some(coordinator.clone()),
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
+        auth: auth.clone(),
     };
     let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
     let kafka_config = spate_kafka::KafkaConfig {
@@ -196,6 +203,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         advertised_port: i32::from(advertised_port),
         auto_create_topics: config.auto_create_topics,
         max_connections: config.max_connections,
+        auth,
         ..spate_kafka::KafkaConfig::default()
     };
     tokio::spawn(spate_kafka::run_coordinator_clock(

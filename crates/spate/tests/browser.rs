@@ -75,3 +75,21 @@ fn the_console_works_in_firefox() {
     }
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// A server with access tokens, in headless Chromium (`tests/interop/console_token.js`): the
+/// console takes the token from its address (`/#token=`) or asks for it, its WebSocket carries
+/// it, and the example page follows a topic with `?token=`.
+#[test]
+fn the_console_and_the_example_page_work_with_access_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let token = "browser-token-0123456789";
+    std::fs::write(&tokens, format!("{token}\n")).unwrap();
+    let server = common::start(
+        &dir.path().join("data"),
+        &["--auth-tokens-file", tokens.to_str().unwrap()],
+    );
+    let stdout = common::interop("node", "console_token.js", &[&server.url, token]);
+    assert!(stdout.contains("\"ok\":true"), "{stdout}");
+    assert_eq!(server.terminate().code(), Some(0));
+}

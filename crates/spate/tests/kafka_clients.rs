@@ -354,3 +354,22 @@ fn kafkas_own_java_tools_work_unchanged() {
     assert!(stdout.contains("java tools: all checks passed"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn kafka_clients_authenticate_with_sasl_plain_and_an_access_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "kafka-clients-token-0123456789\n").unwrap();
+    let server = common::start(
+        &dir.path().join("data"),
+        &["--auth-tokens-file", tokens.to_str().unwrap()],
+    );
+    // librdkafka and kafka-python: produce and consume with the token as the SASL/PLAIN
+    // password; a wrong password and no SASL are refused.
+    common::interop(
+        "python3",
+        "sasl.py",
+        &[&server.kafka, "kafka-clients-token-0123456789"],
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -867,3 +867,167 @@ async fn cli_manages_detectors_and_metrics_count_their_alerts() {
     assert!(!ok && err.contains("404"), "{err}");
     server.terminate();
 }
+
+#[tokio::test]
+async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let token = "ops-0123456789abcdef";
+    std::fs::write(
+        &tokens,
+        format!("# who may connect\n{token}\nci-fedcba9876543210\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = common::start(&data, &["--auth-tokens-file", tokens.to_str().unwrap()]);
+    let url = server.url.clone();
+    let http = reqwest::Client::new();
+    // Without a token, or with a wrong one: 401 with a Bearer challenge and problem details.
+    for given in [None, Some("ops-0123456789abcdeX")] {
+        let mut req = http.get(format!("{url}/v1/topics"));
+        if let Some(t) = given {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let challenge = r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            challenge.starts_with("Bearer realm=\"spate\""),
+            "{challenge}"
+        );
+        assert_eq!(challenge.contains("invalid_token"), given.is_some());
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            "application/problem+json"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["status"], 401);
+    }
+    for path in ["/metrics", "/v1/ws", "/v1/topics/t/sse", "/v1/nothing-here"] {
+        let r = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    // Pages that hold no data stay open.
+    for path in ["/healthz", "/", "/console/console.js", "/examples/live"] {
+        let r = http.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    // With a token in the header, or in the query (taken out before the handler's own checks).
+    let r = http
+        .post(format!("{url}/v1/topics"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"name": "t", "partitions": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .post(format!("{url}/v1/topics/t/events"))
+        .bearer_auth("ci-fedcba9876543210")
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"e1","source":"/s","type":"t.made"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .get(format!(
+            "{url}/v1/topics/t/events?partition=0&access_token={token}&limit=5"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let page: Value = r.json().await.unwrap();
+    assert_eq!(page["events"][0]["event"]["id"], "e1");
+    // A browser's EventSource and WebSocket put the token in the query.
+    let mut sse = http
+        .get(format!(
+            "{url}/v1/topics/t/sse?from=earliest&access_token={token}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains("\"e1\"") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), sse.chunk())
+            .await
+            .expect("an SSE message in time")
+            .unwrap()
+            .expect("the stream goes on");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(sse);
+    let ws_url = url.replace("http://", "ws://");
+    assert!(
+        tokio_tungstenite::connect_async(format!("{ws_url}/v1/ws"))
+            .await
+            .is_err(),
+        "a WebSocket without a token is refused"
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{ws_url}/v1/ws?access_token={token}"))
+            .await
+            .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"op":"subscribe","id":"s","topic":"t","from":"earliest"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(serde_json::from_str::<Value>(m.to_text().unwrap()).unwrap());
+    }
+    assert_eq!(got[0]["op"], "subscribed");
+    assert_eq!(got[1]["event"]["id"], "e1");
+    // The CLI takes the token from --token or SPATE_TOKEN.
+    let (ok, _, err) = cli(&url, &["topics", "list"], None);
+    assert!(!ok && err.contains("401"), "{err}");
+    let out = cli_ok(&url, &["topics", "list", "--token", token]);
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().next() == Some("t")),
+        "{out}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["topics", "list", "--server", &url])
+        .env("SPATE_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.terminate();
+
+    // A token file with a bad line keeps the server from starting, and says which line.
+    std::fs::write(&tokens, format!("{token}\nshort\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--kafka-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--auth-tokens-file")
+        .arg(&tokens)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && !err.contains(token), "{err}");
+}

@@ -106,6 +106,7 @@ async fn start_with(
         groups: None,
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
+        auth: None,
     };
     let task = tokio::spawn(async move {
         spate_http::serve(listener, state, async move {

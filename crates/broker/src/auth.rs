@@ -1,0 +1,108 @@
+//! Access tokens: when a server is given a token file, every HTTP, WebSocket and SSE request and
+//! every Kafka connection must present one of its tokens (HTTP: `Authorization: Bearer <token>`
+//! or `access_token=<token>` in the query; Kafka: SASL/PLAIN with the token as the password).
+//!
+//! The file holds one token per line; blank lines and lines starting with `#` are skipped. A
+//! token is 16 to 512 visible ASCII characters. Tokens are compared in constant time.
+
+use std::path::Path;
+
+/// The shortest token accepted: shorter ones are guessable.
+pub const TOKEN_BYTES_MIN: usize = 16;
+const TOKEN_BYTES_MAX: usize = 512;
+
+/// The tokens a server accepts.
+pub struct Tokens(Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} tokens)", self.0.len())
+    }
+}
+
+impl Tokens {
+    /// Reads a token file; an error names the line at fault (never the token).
+    pub fn load(path: &Path) -> Result<Tokens, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+        Tokens::parse(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+    }
+
+    /// Tokens from the text of a token file.
+    pub fn parse(text: &str) -> Result<Tokens, String> {
+        let mut tokens = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if !(TOKEN_BYTES_MIN..=TOKEN_BYTES_MAX).contains(&line.len())
+                || !line.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "line {}: a token is {TOKEN_BYTES_MIN} to {TOKEN_BYTES_MAX} visible ASCII \
+                     characters without spaces",
+                    i + 1
+                ));
+            }
+            tokens.push(line.as_bytes().to_vec());
+        }
+        if tokens.is_empty() {
+            return Err("no token in it".into());
+        }
+        Ok(Tokens(tokens))
+    }
+
+    /// Whether `given` is one of the tokens. Takes the same time whichever token it matches, or
+    /// where a wrong one differs.
+    pub fn accepts(&self, given: &[u8]) -> bool {
+        let mut found = 0u8;
+        for t in &self.0 {
+            found |= u8::from(constant_time_eq(t, given));
+        }
+        found == 1
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_take_comments_and_refuse_short_or_spaced_tokens() {
+        let t = Tokens::parse("# ops team\n\n  0123456789abcdef-ops  \nsecond-token-0123456789\n")
+            .unwrap();
+        assert!(t.accepts(b"0123456789abcdef-ops"));
+        assert!(t.accepts(b"second-token-0123456789"));
+        for wrong in [
+            &b""[..],
+            b"0123456789abcdef-op",
+            b"0123456789abcdef-opsx",
+            b"# ops team",
+        ] {
+            assert!(!t.accepts(wrong), "{wrong:?}");
+        }
+        for bad in [
+            "short",
+            "has a space in the token",
+            "",
+            "# only a comment\n",
+        ] {
+            assert!(Tokens::parse(bad).is_err(), "{bad:?}");
+        }
+        let e = Tokens::parse("ok-token-0123456789\ntoo-short\n").unwrap_err();
+        assert!(e.contains("line 2") && !e.contains("too-short"), "{e}");
+        assert_eq!(format!("{t:?}"), "Tokens(2 tokens)");
+    }
+}

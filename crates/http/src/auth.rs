@@ -1,0 +1,147 @@
+//! Access tokens on HTTP (see [`spate_broker::auth`]): with tokens configured, every request but
+//! those for the pages that hold no data (the console's files, the example page, the health
+//! check) must carry one, as `Authorization: Bearer <token>` or, for clients that cannot set
+//! headers (a browser's EventSource and WebSocket), `access_token=<token>` in the query, which is
+//! taken out of the query before the request goes on.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::{ApiError, AppState};
+
+/// Paths served without a token: they hold no data.
+fn open_path(path: &str) -> bool {
+    matches!(path, "/" | "/healthz" | "/examples/live") || path.starts_with("/console/")
+}
+
+/// The `access_token` of a query, percent-decoded, and the query without it.
+fn take_query_token(query: &str) -> (Option<String>, String) {
+    let mut token = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.strip_prefix("access_token=") {
+            Some(v) if token.is_none() => token = Some(percent_decode(v)),
+            Some(_) => {}
+            None => rest.push(pair),
+        }
+    }
+    (token, rest.join("&"))
+}
+
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unauthorized(given: bool) -> Response {
+    let (challenge, detail) = if given {
+        (
+            "Bearer realm=\"spate\", error=\"invalid_token\"",
+            "the access token is not one this server accepts",
+        )
+    } else {
+        (
+            "Bearer realm=\"spate\"",
+            "this server needs an access token: `Authorization: Bearer <token>`, or \
+             `access_token=<token>` in the query",
+        )
+    };
+    (
+        [(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        )],
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail),
+    )
+        .into_response()
+}
+
+/// Lets a request through when no tokens are configured, when it asks for a page without data,
+/// or when it carries an accepted token; answers 401 otherwise.
+pub(crate) async fn require_token(
+    State(s): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(tokens) = &s.auth else {
+        return next.run(req).await;
+    };
+    if open_path(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let (in_query, rest) = match req.uri().query() {
+        Some(q) if q.contains("access_token=") => take_query_token(q),
+        _ => (None, String::new()),
+    };
+    let given = bearer.or(in_query.clone());
+    match &given {
+        Some(t) if tokens.accepts(t.as_bytes()) => {}
+        _ => return unauthorized(given.is_some()),
+    }
+    if in_query.is_some() {
+        // Handlers refuse query parameters they do not know: the token is not theirs.
+        let path = req.uri().path();
+        let rebuilt = if rest.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{rest}")
+        };
+        if let Ok(uri) = rebuilt.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_token_is_decoded_and_taken_out() {
+        assert_eq!(
+            take_query_token("from=earliest&access_token=a%2Bb%3Dc&types=x.*"),
+            (
+                Some("a+b=c".to_string()),
+                "from=earliest&types=x.*".to_string()
+            )
+        );
+        assert_eq!(
+            take_query_token("access_token=t1&access_token=t2"),
+            (Some("t1".to_string()), String::new())
+        );
+        assert_eq!(take_query_token("a=1"), (None, "a=1".to_string()));
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

@@ -927,7 +927,7 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
     assert_eq!(r.status(), 201);
     let r = http
         .post(format!("{url}/v1/topics/t/events"))
-        .bearer_auth("ci-fedcba9876543210")
+        .header("authorization", "bearer ci-fedcba9876543210")
         .header("content-type", "application/cloudevents+json")
         .body(r#"{"specversion":"1.0","id":"e1","source":"/s","type":"t.made"}"#)
         .send()

@@ -267,14 +267,15 @@ fn sasl_authenticate(ctx: &Context, r: SaslAuthenticateRequest) -> SaslAuthentic
             "Authentication failed: malformed PLAIN credentials",
         );
     };
-    let user = String::from_utf8_lossy(user);
-    if !authzid.is_empty() && authzid != user.as_bytes() {
+    if !authzid.is_empty() && authzid != user {
         return fail(
             code::SASL_AUTHENTICATION_FAILED,
             "Authentication failed: authorization id differs from the user name",
         );
     }
     if !tokens.accepts(password) {
+        // The name as given, cut short: it is the client's text.
+        let user = String::from_utf8_lossy(&user[..user.len().min(128)]);
         tracing::info!(peer = %ctx.peer, %user, "kafka authentication failed");
         return fail(
             code::SASL_AUTHENTICATION_FAILED,

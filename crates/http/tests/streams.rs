@@ -21,6 +21,13 @@ struct Reply {
     body: Value,
 }
 
+async fn reply(r: reqwest::Response) -> Reply {
+    Reply {
+        status: r.status().as_u16(),
+        body: r.json().await.unwrap_or(Value::Null),
+    }
+}
+
 impl Client {
     fn new(addr: std::net::SocketAddr) -> Client {
         Client {
@@ -48,11 +55,7 @@ impl Client {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        Reply {
-            status,
-            body: r.json().await.unwrap_or(Value::Null),
-        }
+        reply(r).await
     }
 
     async fn get(&self, path: &str) -> Reply {
@@ -62,11 +65,7 @@ impl Client {
             .send()
             .await
             .unwrap();
-        let status = r.status().as_u16();
-        Reply {
-            status,
-            body: r.json().await.unwrap_or(Value::Null),
-        }
+        reply(r).await
     }
 
     async fn ids(&self, stream: &str) -> Vec<String> {
@@ -351,11 +350,7 @@ async fn a_deleted_stream_is_gone_until_appended_to_again_also_after_a_rebuild()
                 .send()
                 .await
                 .unwrap();
-            let status = r.status().as_u16();
-            Reply {
-                status,
-                body: r.json().await.unwrap_or(Value::Null),
-            }
+            reply(r).await
         }
     };
     assert_eq!(

@@ -371,5 +371,17 @@ fn kafka_clients_authenticate_with_sasl_plain_and_an_access_token() {
         "sasl.py",
         &[&server.kafka, "kafka-clients-token-0123456789"],
     );
+    // Kafka's own Java tools, with a JAAS configuration.
+    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
+    assert!(
+        Path::new(&jars).is_dir(),
+        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
+    );
+    let stdout = common::interop(
+        "bash",
+        "java_sasl.sh",
+        &[&server.kafka, &jars, "kafka-clients-token-0123456789"],
+    );
+    assert!(stdout.contains("a wrong password refused"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -9,7 +9,11 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::{ApiError, AppState};
+use std::sync::Arc;
+
+use spate_broker::auth::Tokens;
+
+use crate::ApiError;
 
 /// Paths served without a token: they hold no data.
 fn open_path(path: &str) -> bool {
@@ -81,16 +85,13 @@ fn unauthorized(given: bool) -> Response {
         .into_response()
 }
 
-/// Lets a request through when no tokens are configured, when it asks for a page without data,
-/// or when it carries an accepted token; answers 401 otherwise.
+/// Lets a request through when it asks for a page without data or carries an accepted token;
+/// answers 401 otherwise. The router has this layer only when tokens are configured.
 pub(crate) async fn require_token(
-    State(s): State<AppState>,
+    State(tokens): State<Arc<Tokens>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let Some(tokens) = &s.auth else {
-        return next.run(req).await;
-    };
     if open_path(req.uri().path()) {
         return next.run(req).await;
     }

@@ -3,7 +3,8 @@
 //! or `access_token=<token>` in the query; Kafka: SASL/PLAIN with the token as the password).
 //!
 //! The file holds one token per line; blank lines and lines starting with `#` are skipped. A
-//! token is 16 to 512 visible ASCII characters. Tokens are compared in constant time.
+//! token is 16 to 512 visible ASCII characters. Tokens are compared in constant time, by their
+//! SHA-256 digests, so that neither their content nor their length shows in the time taken.
 
 use std::path::Path;
 
@@ -11,8 +12,14 @@ use std::path::Path;
 pub const TOKEN_BYTES_MIN: usize = 16;
 const TOKEN_BYTES_MAX: usize = 512;
 
-/// The tokens a server accepts.
-pub struct Tokens(Vec<Vec<u8>>);
+/// The tokens a server accepts, kept as their SHA-256 digests: comparing digests of the same
+/// length takes the same time whatever the length of the token given.
+pub struct Tokens(Vec<[u8; 32]>);
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token).into()
+}
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,7 +52,7 @@ impl Tokens {
                     i + 1
                 ));
             }
-            tokens.push(line.as_bytes().to_vec());
+            tokens.push(digest(line.as_bytes()));
         }
         if tokens.is_empty() {
             return Err("no token in it".into());
@@ -56,18 +63,16 @@ impl Tokens {
     /// Whether `given` is one of the tokens. Takes the same time whichever token it matches, or
     /// where a wrong one differs.
     pub fn accepts(&self, given: &[u8]) -> bool {
+        let given = digest(given);
         let mut found = 0u8;
         for t in &self.0 {
-            found |= u8::from(constant_time_eq(t, given));
+            found |= u8::from(constant_time_eq(t, &given));
         }
         found == 1
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let mut diff = 0u8;
     for (x, y) in a.iter().zip(b) {
         diff |= x ^ y;

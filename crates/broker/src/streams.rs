@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use fjall::Readable;
 use spate_log::batch::NewRecord;
-use spate_log::{Partition, Topic};
+use spate_log::{Appended, Partition, Topic};
 use tokio::sync::watch;
 
 use crate::{Broker, BrokerError, Event, Result, batch, blocking, now_ms, partitioner};
@@ -471,6 +471,64 @@ impl PartitionStreams {
         }
         Ok((len, start, offsets))
     }
+
+    /// The conditional append of the stream endpoints. Takes the partition's writer (returned:
+    /// it holds the log end after the last append made through it) and, once the index covers
+    /// what other doors appended, reads the stream (see [`PartitionStreams::current`]); when
+    /// `fits` accepts its length and first version read, appends `encoded`, provided nothing
+    /// else was appended since the check, or else checks again.
+    async fn append_if(
+        &self,
+        ts: &TopicStreams,
+        stream: &str,
+        encoded: &[u8],
+        now: i64,
+        mut versions: impl FnMut(u64) -> Option<Range<u64>>,
+        fits: impl Fn(u64, u64) -> bool,
+    ) -> Result<(tokio::sync::MutexGuard<'_, u64>, Checked)> {
+        let mut writer_end = self.writer.lock().await;
+        loop {
+            // Everything other doors appended must be in the index before the check.
+            let end = self.partition.log_end_offset();
+            if end > *writer_end {
+                wait_applied(self, end).await?;
+            }
+            let (len, start, at) = self.current(&ts.store, stream, &mut versions)?;
+            if !fits(len, start) {
+                return Ok((writer_end, Checked::Refused { len, start, at }));
+            }
+            // A write to the page cache, done in place: handing it to a blocking thread costs
+            // two thread switches, more than the write (a segment roll's fsync may stall it).
+            let mut buf = encoded.to_vec();
+            match self
+                .partition
+                .append_unsynced_at(&mut buf, now, &ts.topic.config(), Some(end))
+            {
+                Ok(appended) => {
+                    *writer_end = appended.last_offset + 1;
+                    return Ok((writer_end, Checked::Appended { len, appended }));
+                }
+                Err(spate_log::Error::NotAtOffset { .. }) => *writer_end = (*writer_end).min(end),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// What [`PartitionStreams::append_if`] did.
+enum Checked {
+    /// Appended, the stream then holding `len` versions.
+    Appended { len: u64, appended: Appended },
+    /// Not appended: the stream as checked (its length, first version read, and the offsets
+    /// asked for).
+    Refused { len: u64, start: u64, at: Vec<u64> },
+}
+
+/// The refusal of a stream that is not at the expected version.
+fn wrong_version(len: u64, start: u64) -> BrokerError {
+    BrokerError::Stream(StreamError::WrongVersion {
+        current: (len > start).then(|| len - 1),
+    })
 }
 
 impl Broker {
@@ -669,27 +727,35 @@ impl Broker {
         let records: Vec<NewRecord> = events.iter().map(|e| e.to_record(now)).collect();
         let encoded = batch::encode(&records).expect("events are not empty");
         let n = events.len() as u64;
-        let mut writer_end = part.writer.lock().await;
-        let (current, appended) = loop {
-            // Everything other doors appended must be in the index before the check.
-            let end = part.partition.log_end_offset();
-            if end > *writer_end {
-                wait_applied(part, end).await?;
-            }
-            let mut first = None;
-            let (current, start, at) = part.current(&ts.store, stream, |start| {
-                first = match expected {
-                    Expected::NoStream => Some(start),
-                    Expected::Version(v) => Some(v + 1),
-                    Expected::Any | Expected::Exists => None,
-                };
-                first.map(|f| f..f + n)
-            })?;
-            if !expected.fits(current, start) {
+        let mut first = None;
+        let (writer, checked) = part
+            .append_if(
+                &ts,
+                stream,
+                &encoded,
+                now,
+                |start| {
+                    first = match expected {
+                        Expected::NoStream => Some(start),
+                        Expected::Version(v) => Some(v + 1),
+                        Expected::Any | Expected::Exists => None,
+                    };
+                    first.map(|f| f..f + n)
+                },
+                |len, start| expected.fits(len, start),
+            )
+            .await?;
+        let (current, appended) = match checked {
+            Checked::Appended { len, appended } => (len, appended),
+            Checked::Refused {
+                len: current,
+                start,
+                at,
+            } => {
                 // Whether this is a retry of an append already made is checked without holding
                 // the writer: events at versions below `current` never change, and reading them
                 // must not hold up the appends of other streams of the partition.
-                drop(writer_end);
+                drop(writer);
                 if let Some(first) = first
                     && first + n <= current
                     && same_ids(self, &part.partition, &ts.topic.name, index, &at, &events).await?
@@ -701,25 +767,7 @@ impl Broker {
                         offsets: at,
                     });
                 }
-                return Err(BrokerError::Stream(StreamError::WrongVersion {
-                    current: (current > start).then(|| current - 1),
-                }));
-            }
-            // Append only if nothing else was appended since the check.
-            // A write to the page cache, done in place: handing it to a blocking thread costs
-            // two thread switches, more than the write (a segment roll's fsync may stall it).
-            let mut buf = encoded.clone();
-            let appended = part
-                .partition
-                .append_unsynced_at(&mut buf, now, &ts.topic.config(), Some(end))
-                .map_err(BrokerError::from);
-            match appended {
-                Ok(a) => break (current, a),
-                Err(BrokerError::Log(spate_log::Error::NotAtOffset { .. })) => {
-                    *writer_end = (*writer_end).min(end);
-                    continue;
-                }
-                Err(e) => return Err(e),
+                return Err(wrong_version(current, start));
             }
         };
         {
@@ -733,8 +781,7 @@ impl Broker {
                 mem.pending.remove(stream);
             }
         }
-        *writer_end = appended.last_offset + 1;
-        drop(writer_end);
+        drop(writer);
         self.acknowledgeable(&part.partition, appended).await?;
         Ok(StreamAppend {
             first_version: current,
@@ -772,39 +819,25 @@ impl Broker {
         let encoded = batch::encode(&[marker.to_record(now)]).expect("one record");
         // The writer is held until the index has applied the deletion, so that no append checks
         // its version against the stream as it was before.
-        let mut writer_end = part.writer.lock().await;
-        let (len, appended) = loop {
-            let end = part.partition.log_end_offset();
-            if end > *writer_end {
-                wait_applied(part, end).await?;
-            }
-            let (len, start, _) = part.current(&ts.store, stream, |_| None)?;
-            if !expected.fits(len, start) {
-                return Err(BrokerError::Stream(StreamError::WrongVersion {
-                    current: (len > start).then(|| len - 1),
-                }));
-            }
-            if len == start {
-                return Ok(None);
-            }
-            let mut buf = encoded.clone();
-            match part
-                .partition
-                .append_unsynced_at(&mut buf, now, &ts.topic.config(), Some(end))
-                .map_err(BrokerError::from)
-            {
-                Ok(a) => break (len, a),
-                Err(BrokerError::Log(spate_log::Error::NotAtOffset { .. })) => {
-                    *writer_end = (*writer_end).min(end);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
+        let (writer, checked) = part
+            .append_if(
+                &ts,
+                stream,
+                &encoded,
+                now,
+                |_| None,
+                // A stream without events since its last deletion has nothing to delete.
+                |len, start| expected.fits(len, start) && len > start,
+            )
+            .await?;
+        let (len, appended) = match checked {
+            Checked::Appended { len, appended } => (len, appended),
+            Checked::Refused { len, start, .. } if expected.fits(len, start) => return Ok(None),
+            Checked::Refused { len, start, .. } => return Err(wrong_version(len, start)),
         };
-        *writer_end = appended.last_offset + 1;
         self.acknowledgeable(&part.partition, appended).await?;
         wait_applied(part, appended.last_offset + 1).await?;
-        drop(writer_end);
+        drop(writer);
         Ok(Some(StreamDeleted {
             version: len - 1,
             partition: index,

@@ -6,19 +6,8 @@
 set -euo pipefail
 BS=$1
 JARS=$2
-LOG=$(mktemp -d)
-trap 'rm -rf "$LOG"' EXIT
-cat > "$LOG/log4j2.properties" <<'L4J'
-status = warn
-appender.console.type = Console
-appender.console.name = STDERR
-appender.console.target = SYSTEM_ERR
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = %p %m%n
-rootLogger.level = WARN
-rootLogger.appenderRef.stderr.ref = STDERR
-L4J
-J() { java -cp "$JARS/*" -Dlog4j2.configurationFile="$LOG/log4j2.properties" "$@" 2> >(grep -v SLF4J >&2); }
+# shellcheck source=java_env.sh
+source "$(dirname "$0")/java_env.sh"
 
 J org.apache.kafka.tools.TopicCommand --bootstrap-server "$BS" --create --topic java --partitions 3 --replication-factor 1
 J org.apache.kafka.tools.TopicCommand --bootstrap-server "$BS" --list | grep -qx java

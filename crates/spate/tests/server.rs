@@ -49,7 +49,7 @@ async fn metrics_after_export(url: &str) -> String {
 }
 
 /// Runs `spate serve` on a data directory expecting it to exit (a refused start).
-fn serve_to_exit(data_dir: &std::path::Path) -> std::process::Output {
+fn serve_to_exit(data_dir: &std::path::Path, extra: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spate"))
         .args([
             "serve",
@@ -60,6 +60,7 @@ fn serve_to_exit(data_dir: &std::path::Path) -> std::process::Output {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -189,7 +190,7 @@ fn a_sigterm_right_after_start_is_a_graceful_stop() {
 fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _server = common::start(dir.path(), &[]);
-    let out = serve_to_exit(dir.path());
+    let out = serve_to_exit(dir.path(), &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another spate process"));
 }
@@ -217,7 +218,7 @@ fn corruption_refuses_start_until_repair() {
     bytes[100] ^= 0x08; // inside the first batch; two valid batches follow it
     std::fs::write(&segment, &bytes).unwrap();
 
-    let out = serve_to_exit(dir.path());
+    let out = serve_to_exit(dir.path(), &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1013,20 +1014,7 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
 
     // A token file with a bad line keeps the server from starting, and says which line.
     std::fs::write(&tokens, format!("{token}\nshort\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--kafka-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--auth-tokens-file")
-        .arg(&tokens)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&data, &["--auth-tokens-file".as_ref(), tokens.as_os_str()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") && !err.contains(token), "{err}");

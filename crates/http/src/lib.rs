@@ -261,10 +261,23 @@ async fn metrics(axum::extract::State(s): axum::extract::State<AppState>) -> imp
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
 pub async fn serve(
     listener: TcpListener,
-    mut state: AppState,
+    state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = LimitedListener::new(listener, state.limits.max_connections);
+    serve_with_tls(listener, state, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (HTTPS, and WSS for WebSockets).
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    mut state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut listener = LimitedListener::new(listener, state.limits.max_connections);
+    if let Some(acceptor) = tls {
+        listener = listener.with_tls(acceptor);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     state.stopping = Some(stop_rx);
     axum::serve(listener, router(state))

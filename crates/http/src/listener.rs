@@ -1,6 +1,7 @@
 //! A TCP listener that holds at most N connections open: a connection takes a permit when accepted
 //! and returns it when dropped, so a flood of clients waits in the accept queue instead of
-//! exhausting file descriptors and memory.
+//! exhausting file descriptors and memory. With TLS, connections are handed over once their
+//! handshake is done; handshakes run side by side, so a client that stalls in one holds up no other.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,10 +12,19 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// The longest a TLS handshake may take before the connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct LimitedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
+    /// TLS handshakes under way, each holding its connection's permit.
+    handshakes: JoinSet<Option<(LimitedStream, SocketAddr)>>,
 }
 
 impl LimitedListener {
@@ -22,13 +32,27 @@ impl LimitedListener {
         LimitedListener {
             inner,
             permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            tls: None,
+            handshakes: JoinSet::new(),
         }
     }
+
+    /// Serves TLS with `acceptor` on every connection.
+    pub fn with_tls(mut self, acceptor: TlsAcceptor) -> Self {
+        self.tls = Some(acceptor);
+        self
+    }
+}
+
+/// A connection, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// An accepted connection and its permit.
 pub struct LimitedStream {
-    stream: TcpStream,
+    stream: Conn,
     _permit: OwnedSemaphorePermit,
     /// An answer of hyper's own given a problem+json body (see [`with_problem_body`]), and how
     /// much of it was written.
@@ -40,29 +64,39 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         loop {
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (
-                        LimitedStream {
-                            stream,
-                            _permit: permit,
-                            rewritten: None,
-                        },
-                        addr,
-                    );
+            let LimitedListener {
+                inner,
+                permits,
+                tls,
+                handshakes,
+            } = self;
+            tokio::select! {
+                Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
+                    if let Ok(Some(accepted)) = done {
+                        return accepted;
+                    }
                 }
-                Err(e) => {
-                    // Errors such as EMFILE are transient; back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                (stream, addr, permit) = accept_tcp(inner, permits) => {
+                    let Some(acceptor) = tls.clone() else {
+                        return (LimitedStream::new(Conn::Plain(stream), permit), addr);
+                    };
+                    handshakes.spawn(async move {
+                        let handshake = acceptor.accept(stream);
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                            Ok(Ok(tls)) => {
+                                Some((LimitedStream::new(Conn::Tls(Box::new(tls)), permit), addr))
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::debug!(%addr, "TLS handshake timed out");
+                                None
+                            }
+                        }
+                    });
                 }
             }
         }
@@ -70,6 +104,99 @@ impl axum::serve::Listener for LimitedListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// Takes a permit, then a TCP connection.
+async fn accept_tcp(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, addr, permit);
+            }
+            Err(e) => {
+                // Errors such as EMFILE are transient; back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl LimitedStream {
+    fn new(stream: Conn, permit: OwnedSemaphorePermit) -> Self {
+        LimitedStream {
+            stream,
+            _permit: permit,
+            rewritten: None,
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
     }
 }
 

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use spate_broker::Broker;
 use spate_broker::groups::Coordinator;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -42,7 +42,22 @@ pub struct KafkaConfig {
     /// Access tokens: when set, a connection must authenticate with SASL/PLAIN, a token as the
     /// password, before any request but ApiVersions and the SASL ones.
     pub auth: Option<Arc<spate_broker::auth::Tokens>>,
+    /// TLS on every connection (Kafka's `SSL` and `SASL_SSL` security protocols).
+    pub tls: Option<Tls>,
 }
+
+/// The TLS side of the listener.
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+/// The longest a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for KafkaConfig {
     fn default() -> Self {
@@ -55,6 +70,7 @@ impl Default for KafkaConfig {
             auto_create_topics: false,
             default_partitions: 1,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -131,7 +147,23 @@ pub async fn serve(
         connections.spawn(async move {
             metrics::gauge!("spate_connections", "protocol" => "kafka").increment(1.0);
             spate_broker::stats::connections(1);
-            let result = connection(stream, ctx, stop).await;
+            let result = match &ctx.config.tls {
+                None => {
+                    let (rd, wr) = stream.into_split();
+                    connection(rd, wr, ctx, stop).await
+                }
+                Some(Tls(acceptor)) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(tls)) => {
+                            let (rd, wr) = tokio::io::split(tls);
+                            connection(rd, wr, ctx, stop).await
+                        }
+                        Ok(Err(e)) => Err(anyhow::anyhow!("TLS handshake failed: {e}")),
+                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                    }
+                }
+            };
             metrics::gauge!("spate_connections", "protocol" => "kafka").decrement(1.0);
             spate_broker::stats::connections(-1);
             if let Err(e) = result {
@@ -148,12 +180,18 @@ pub async fn serve(
     Ok(())
 }
 
-async fn connection(
-    stream: TcpStream,
+/// Serves one connection, given as its two halves: a plain one's own (no lock between the
+/// reader and the writer), a TLS one's from `tokio::io::split`.
+async fn connection<R, W>(
+    mut rd: R,
+    mut wr: W,
     ctx: handler::Context,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let (mut rd, mut wr) = stream.into_split();
+) -> anyhow::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Reply>(ctx.config.max_in_flight.max(1));
     let writer = tokio::spawn(async move {
         while let Some(reply) = rx.recv().await {

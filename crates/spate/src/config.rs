@@ -44,6 +44,10 @@ pub struct ServeConfig {
     /// A file of access tokens (one per line): when set, HTTP requests and Kafka connections
     /// must present one (see docs/security.md).
     pub auth_tokens_file: Option<PathBuf>,
+    /// A PEM certificate chain (leaf first): with `tls_key_file`, both listeners serve TLS only.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The longest initial rebalance delay accepted: 5 minutes, the Java consumer's default rebalance
@@ -51,7 +55,7 @@ pub struct ServeConfig {
 const GROUP_INITIAL_REBALANCE_DELAY_MAX_MS: u64 = 300_000;
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 16] = [
+pub const KEYS: [&str; 18] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -68,6 +72,8 @@ pub const KEYS: [&str; 16] = [
     "preallocate_bytes",
     "group_initial_rebalance_delay_ms",
     "auth_tokens_file",
+    "tls_cert_file",
+    "tls_key_file",
 ];
 
 impl Default for ServeConfig {
@@ -89,6 +95,8 @@ impl Default for ServeConfig {
             preallocate_bytes: 1 << 20,
             group_initial_rebalance_delay_ms: 300,
             auth_tokens_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -118,6 +126,10 @@ pub struct Overrides {
     pub repair: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_tokens_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -165,6 +177,10 @@ impl ServeConfig {
         anyhow::ensure!(
             config.group_initial_rebalance_delay_ms <= GROUP_INITIAL_REBALANCE_DELAY_MAX_MS,
             "group_initial_rebalance_delay_ms must be at most {GROUP_INITIAL_REBALANCE_DELAY_MAX_MS}"
+        );
+        anyhow::ensure!(
+            config.tls_cert_file.is_some() == config.tls_key_file.is_some(),
+            "tls_cert_file and tls_key_file go together: give both or neither"
         );
         Ok(config)
     }

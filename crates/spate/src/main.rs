@@ -15,6 +15,7 @@ mod nab;
 mod projection_cli;
 mod serve;
 mod sub_cli;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -274,6 +275,12 @@ struct ServeArgs {
     /// Require an access token from this file (one per line) on HTTP and Kafka (SASL/PLAIN).
     #[arg(long)]
     auth_tokens_file: Option<PathBuf>,
+    /// Serve TLS on both listeners with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    tls_key_file: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -306,6 +313,8 @@ fn main() -> Result<()> {
                     max_connections: a.max_connections,
                     repair: a.repair,
                     auth_tokens_file: a.auth_tokens_file,
+                    tls_cert_file: a.tls_cert_file,
+                    tls_key_file: a.tls_key_file,
                 };
                 let config = config::ServeConfig::load(a.config.as_deref(), &overrides)?;
                 serve::run(config).await

@@ -61,6 +61,10 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         )),
         None => None,
     };
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+        _ => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     // One server per data directory: a second one would corrupt the log.
@@ -119,8 +123,16 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         }
         None => (kafka_addr.ip().to_string(), kafka_addr.port()),
     };
-    println!("http: http://{http_addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("http: {scheme}://{http_addr}");
     println!("kafka: {kafka_addr}");
+    if let Some(cert) = &config.tls_cert_file {
+        println!("tls: both listeners, certificate {}", cert.display());
+    }
+    let (http_tls, kafka_tls) = match tls {
+        Some(t) => (Some(t.http), Some(spate_kafka::Tls(t.kafka))),
+        None => (None, None),
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -197,13 +209,19 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         stopping: None,
         auth: auth.clone(),
     };
-    let mut server = tokio::spawn(spate_http::serve(http, state, stopped(stop_rx.clone())));
+    let mut server = tokio::spawn(spate_http::serve_with_tls(
+        http,
+        state,
+        http_tls,
+        stopped(stop_rx.clone()),
+    ));
     let kafka_config = spate_kafka::KafkaConfig {
         advertised_host,
         advertised_port: i32::from(advertised_port),
         auto_create_topics: config.auto_create_topics,
         max_connections: config.max_connections,
         auth,
+        tls: kafka_tls,
         ..spate_kafka::KafkaConfig::default()
     };
     tokio::spawn(spate_kafka::run_coordinator_clock(

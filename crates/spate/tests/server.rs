@@ -1019,3 +1019,214 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") && !err.contains(token), "{err}");
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as `cert.pem` and `key.pem`
+/// into `dir`; the certificate's PEM.
+fn self_signed(dir: &std::path::Path) -> String {
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = generated.cert.pem();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), generated.key_pair.serialize_pem()).unwrap();
+    cert
+}
+
+/// A TLS client trusting `cert_pem` alone.
+fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// An ApiVersions v0 request over `stream`; its error code, after checking the correlation id.
+async fn kafka_api_versions<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<i16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut body = Vec::new();
+    body.extend(18i16.to_be_bytes()); // ApiVersions
+    body.extend(0i16.to_be_bytes()); // version 0
+    body.extend(41i32.to_be_bytes()); // correlation id
+    body.extend(4i16.to_be_bytes());
+    body.extend(b"test");
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend(body);
+    stream.write_all(&frame).await?;
+    let size = stream.read_i32().await?;
+    let mut response = vec![0; size as usize];
+    stream.read_exact(&mut response).await?;
+    assert_eq!(
+        response[..4],
+        41i32.to_be_bytes(),
+        "the correlation id comes back"
+    );
+    Ok(i16::from_be_bytes([response[4], response[5]]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_files() {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let cert_pem = self_signed(dir.path());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let server = common::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = server.url.clone();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let authority = url.trim_start_matches("https://").to_string();
+
+    // HTTPS with a client that trusts the certificate.
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let r = https
+        .post(format!("{url}/v1/topics"))
+        .json(&serde_json::json!({"name": "secure", "partitions": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = https
+        .post(format!("{url}/v1/topics/secure/events"))
+        .json(
+            &serde_json::json!({"specversion": "1.0", "id": "e1", "source": "/t",
+            "type": "t.created", "data": {"n": 1}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // A client that does not trust the certificate, and plain HTTP on the TLS port, get nothing.
+    assert!(reqwest::get(format!("{url}/healthz")).await.is_err());
+    let plain = reqwest::get(format!("http://{authority}/healthz")).await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP was served on the TLS port"
+    );
+
+    // WebSocket over TLS: the event published above, from the start of the topic.
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tls_connector(&cert_pem)
+        .connect(server_name.clone(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{authority}/v1/ws"), tls)
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"op":"subscribe","id":"s1","topic":"secure","from":"earliest"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let mut got = None;
+    while got.is_none() {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        if v["op"] == "event" {
+            got = Some(v);
+        }
+    }
+    assert_eq!(got.unwrap()["event"]["id"], "e1");
+
+    // Kafka over TLS answers; a plain Kafka request on the TLS port is not answered.
+    let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
+    let mut kafka = tls_connector(&cert_pem)
+        .connect(server_name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(kafka_api_versions(&mut kafka).await.unwrap(), 0);
+    let mut plain = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        kafka_api_versions(&mut plain),
+    )
+    .await
+    .expect("the connection is closed within 10 s");
+    assert!(
+        answer.is_err(),
+        "a plain request was answered on the TLS port"
+    );
+
+    // The CLI trusts the certificate through SSL_CERT_FILE.
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["topics", "list", "--server", &url])
+        .env("SSL_CERT_FILE", &cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("secure"));
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // Refused starts: one file without the other, a missing file, a key of another certificate.
+    let data = dir.path().join("refused");
+    let other = tempfile::tempdir().unwrap();
+    self_signed(other.path());
+    for (args, expected) in [
+        (
+            vec!["--tls-cert", cert.to_str().unwrap()],
+            "give both or neither".to_string(),
+        ),
+        (
+            vec![
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+            "cannot read the TLS certificate file /nonexistent/cert.pem".to_string(),
+        ),
+        (
+            vec![
+                "--tls-cert",
+                key.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+            format!("{} holds no PEM certificate", key.display()),
+        ),
+        (
+            vec![
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                other.path().join("key.pem").to_str().unwrap(),
+            ],
+            "does not fit the certificate".to_string(),
+        ),
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let out = serve_to_exit(&data, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains(&expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+    }
+}

@@ -385,3 +385,47 @@ fn kafka_clients_authenticate_with_sasl_plain_and_an_access_token() {
     assert!(stdout.contains("a wrong password refused"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn kafka_clients_connect_over_tls_and_sasl_ssl_verifying_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    common::self_signed(dir.path());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let data = dir.path().join("data");
+    let tls = ["--tls-cert", cert, "--tls-key", key];
+    let server = common::start(&data, &tls);
+    // librdkafka and kafka-python with security.protocol SSL.
+    common::interop("python3", "tls.py", &["ssl", &server.kafka, cert]);
+    // kcat (librdkafka's command line) lists the topic over TLS.
+    let out = Command::new("kcat")
+        .args(["-b", &server.kafka, "-X", "security.protocol=ssl", "-X"])
+        .arg(format!("ssl.ca.location={cert}"))
+        .args(["-L", "-t", "over-ssl", "-m", "10"])
+        .output()
+        .expect("kcat runs (scripts/test installs it)");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listing}");
+    assert!(
+        listing.contains("topic \"over-ssl\" with 3 partitions"),
+        "{listing}"
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+    // The same data over SASL_SSL: TLS and an access token.
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "tls-clients-token-0123456789\n").unwrap();
+    let mut args = tls.to_vec();
+    args.extend(["--auth-tokens-file", tokens.to_str().unwrap()]);
+    let server = common::start(&data, &args);
+    common::interop(
+        "python3",
+        "tls.py",
+        &[
+            "sasl_ssl",
+            &server.kafka,
+            cert,
+            "tls-clients-token-0123456789",
+        ],
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -1020,18 +1020,6 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
     assert!(err.contains("line 2") && !err.contains(token), "{err}");
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, written as `cert.pem` and `key.pem`
-/// into `dir`; the certificate's PEM.
-fn self_signed(dir: &std::path::Path) -> String {
-    let generated =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let cert = generated.cert.pem();
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), generated.key_pair.serialize_pem()).unwrap();
-    cert
-}
-
 /// A TLS client trusting `cert_pem` alone.
 fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
     use rustls::pki_types::CertificateDer;
@@ -1078,7 +1066,7 @@ async fn kafka_api_versions<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Un
 async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_files() {
     use futures_util::{SinkExt, StreamExt};
     let dir = tempfile::tempdir().unwrap();
-    let cert_pem = self_signed(dir.path());
+    let cert_pem = common::self_signed(dir.path());
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let server = common::start(
         &dir.path().join("data"),
@@ -1188,7 +1176,7 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
     // Refused starts: one file without the other, a missing file, a key of another certificate.
     let data = dir.path().join("refused");
     let other = tempfile::tempdir().unwrap();
-    self_signed(other.path());
+    common::self_signed(other.path());
     for (args, expected) in [
         (
             vec!["--tls-cert", cert.to_str().unwrap()],

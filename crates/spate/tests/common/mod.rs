@@ -230,3 +230,15 @@ pub async fn read_topic(
     }
     all
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as `cert.pem` and `key.pem`
+/// into `dir`; the certificate's PEM.
+pub fn self_signed(dir: &std::path::Path) -> String {
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = generated.cert.pem();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), generated.key_pair.serialize_pem()).unwrap();
+    cert
+}

@@ -410,6 +410,14 @@ fn kafka_clients_connect_over_tls_and_sasl_ssl_verifying_the_certificate() {
         listing.contains("topic \"over-ssl\" with 3 partitions"),
         "{listing}"
     );
+    // Kafka's own Java tools, with a PEM trust store.
+    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
+    assert!(
+        Path::new(&jars).is_dir(),
+        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
+    );
+    let stdout = common::interop("bash", "java_tls.sh", &[&server.kafka, &jars, cert]);
+    assert!(stdout.contains("100 records round-tripped"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
     // The same data over SASL_SSL: TLS and an access token.
     let tokens = dir.path().join("tokens");

@@ -153,14 +153,22 @@ pub async fn serve(
                     connection(rd, wr, ctx, stop).await
                 }
                 Some(Tls(acceptor)) => {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(tls)) => {
+                    let handshake =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let mut stopping = stop.clone();
+                    // A stop does not wait for handshakes, which have started nothing.
+                    let done = tokio::select! {
+                        done = handshake => Some(done),
+                        _ = stopping.wait_for(|s| *s) => None,
+                    };
+                    match done {
+                        Some(Ok(Ok(tls))) => {
                             let (rd, wr) = tokio::io::split(tls);
                             connection(rd, wr, ctx, stop).await
                         }
-                        Ok(Err(e)) => Err(anyhow::anyhow!("TLS handshake failed: {e}")),
-                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                        Some(Ok(Err(e))) => Err(anyhow::anyhow!("TLS handshake failed: {e}")),
+                        Some(Err(_)) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                        None => Ok(()),
                     }
                 }
             };

@@ -1081,8 +1081,14 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     let authority = url.trim_start_matches("https://").to_string();
 
+    // Connections that never start their handshakes hold up no other (within the 10 s a
+    // handshake may take, every request below has 5 s).
+    let _stalled_http = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let _stalled_kafka = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
+
     // HTTPS with a client that trusts the certificate.
     let https = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
         .build()
         .unwrap();
@@ -1171,7 +1177,10 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("secure"));
+    // A stop does not wait out the stalled handshakes' 10 s.
+    let stopping = std::time::Instant::now();
     assert_eq!(server.terminate().code(), Some(0));
+    assert!(stopping.elapsed() < std::time::Duration::from_secs(5));
 
     // Refused starts: one file without the other, a missing file, a key of another certificate.
     let data = dir.path().join("refused");

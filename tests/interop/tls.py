@@ -2,44 +2,41 @@
 
 usage: tls.py ssl BOOTSTRAP CA_FILE
        tls.py sasl_ssl BOOTSTRAP CA_FILE TOKEN
+       tls.py mtls BOOTSTRAP CA_FILE CLIENT_CERT CLIENT_KEY OTHER_CERT OTHER_KEY
 `ssl`: librdkafka (confluent-kafka) and kafka-python with security.protocol SSL create a topic,
 produce and consume back; a plaintext client and one that does not trust the certificate are
-refused. `sasl_ssl`: the same over SASL_SSL with an access token as the PLAIN password. Both
-clients check the broker's host name (127.0.0.1) against the certificate. Exits non-zero on any
-mismatch.
+refused. `sasl_ssl`: the same over SASL_SSL with an access token as the PLAIN password. `mtls`:
+the same over SSL presenting a client certificate; clients without one, or with OTHER_CERT (from
+another CA), are refused. Both clients check the broker's host name (127.0.0.1) against the
+certificate. Exits non-zero on any mismatch.
 """
 
 import sys
 import time
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from checks import refused
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 MODE, BOOTSTRAP, CA_FILE = sys.argv[1], sys.argv[2], sys.argv[3]
 TOKEN = sys.argv[4] if MODE == "sasl_ssl" else None
+CLIENT, OTHER = (sys.argv[4:6], sys.argv[6:8]) if MODE == "mtls" else (None, None)
+PROTOCOL = "SSL" if MODE == "mtls" else MODE.upper()
 TOPIC = f"over-{MODE}"
 
 
-def rdkafka_config():
+def rdkafka_config(client=CLIENT):
     config = {
         "bootstrap.servers": BOOTSTRAP,
-        "security.protocol": MODE.upper(),
+        "security.protocol": PROTOCOL,
         "ssl.ca.location": CA_FILE,
         "ssl.endpoint.identification.algorithm": "https",
     }
     if TOKEN:
         config.update({"sasl.mechanism": "PLAIN", "sasl.username": "app", "sasl.password": TOKEN})
+    if client:
+        config.update({"ssl.certificate.location": client[0], "ssl.key.location": client[1]})
     return config
-
-
-def refused(config, what):
-    # Quiet: the client logs every failed attempt.
-    admin = AdminClient({**config, "error_cb": lambda e: None, "log_level": 0})
-    try:
-        admin.list_topics(timeout=5)
-    except KafkaException:
-        return
-    sys.exit(f"{what}: metadata was served")
 
 
 def librdkafka():
@@ -70,8 +67,12 @@ def librdkafka():
     untrusted = {k: v for k, v in rdkafka_config().items() if k != "ssl.ca.location"}
     refused({**untrusted, "ssl.ca.location": "/etc/ssl/certs/ca-certificates.crt"},
             "a client that does not trust the certificate")
+    if MODE == "mtls":
+        refused(rdkafka_config(client=None), "a client without a certificate")
+        refused(rdkafka_config(client=OTHER), "a client with another CA's certificate")
     print(f"librdkafka: {MODE}: 1000 records produced (gzip) and consumed with keys and headers; "
-          "a plaintext client and an untrusting one were refused")
+          "a plaintext client and an untrusting one were refused"
+          + ("; so were clients without a certificate or with another CA's" if CLIENT else ""))
 
 
 def kafka_python():
@@ -79,10 +80,12 @@ def kafka_python():
 
     common = {
         "bootstrap_servers": BOOTSTRAP,
-        "security_protocol": MODE.upper(),
+        "security_protocol": PROTOCOL,
         "ssl_cafile": CA_FILE,
         "ssl_check_hostname": True,
     }
+    if CLIENT:
+        common.update({"ssl_certfile": CLIENT[0], "ssl_keyfile": CLIENT[1]})
     if TOKEN:
         common.update({"sasl_mechanism": "PLAIN", "sasl_plain_username": "app",
                        "sasl_plain_password": TOKEN})

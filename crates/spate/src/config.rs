@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// The PEM private key of `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: with TLS, clients must present a certificate one of them issued.
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 /// The longest initial rebalance delay accepted: 5 minutes, the Java consumer's default rebalance
@@ -55,7 +57,7 @@ pub struct ServeConfig {
 const GROUP_INITIAL_REBALANCE_DELAY_MAX_MS: u64 = 300_000;
 
 /// Every key the file and the environment may set.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     "data_dir",
     "http_addr",
     "kafka_addr",
@@ -74,6 +76,7 @@ pub const KEYS: [&str; 18] = [
     "auth_tokens_file",
     "tls_cert_file",
     "tls_key_file",
+    "tls_client_ca_file",
 ];
 
 impl Default for ServeConfig {
@@ -97,6 +100,7 @@ impl Default for ServeConfig {
             auth_tokens_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_client_ca_file: None,
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct Overrides {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -181,6 +187,10 @@ impl ServeConfig {
         anyhow::ensure!(
             config.tls_cert_file.is_some() == config.tls_key_file.is_some(),
             "tls_cert_file and tls_key_file go together: give both or neither"
+        );
+        anyhow::ensure!(
+            config.tls_client_ca_file.is_none() || config.tls_cert_file.is_some(),
+            "tls_client_ca_file needs TLS: give tls_cert_file and tls_key_file too"
         );
         Ok(config)
     }

@@ -281,6 +281,9 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long = "tls-key", value_name = "FILE")]
     tls_key_file: Option<PathBuf>,
+    /// With TLS, require client certificates issued by a CA in this PEM file (mutual TLS).
+    #[arg(long = "tls-client-ca", value_name = "FILE")]
+    tls_client_ca_file: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -315,6 +318,7 @@ fn main() -> Result<()> {
                     auth_tokens_file: a.auth_tokens_file,
                     tls_cert_file: a.tls_cert_file,
                     tls_key_file: a.tls_key_file,
+                    tls_client_ca_file: a.tls_client_ca_file,
                 };
                 let config = config::ServeConfig::load(a.config.as_deref(), &overrides)?;
                 serve::run(config).await

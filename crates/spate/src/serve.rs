@@ -62,7 +62,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         None => None,
     };
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
+        (Some(cert), Some(key)) => Some(crate::tls::load(
+            cert,
+            key,
+            config.tls_client_ca_file.as_deref(),
+        )?),
         _ => None,
     };
     std::fs::create_dir_all(&config.data_dir)
@@ -127,7 +131,14 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     println!("http: {scheme}://{http_addr}");
     println!("kafka: {kafka_addr}");
     if let Some(cert) = &config.tls_cert_file {
-        println!("tls: both listeners, certificate {}", cert.display());
+        match &config.tls_client_ca_file {
+            Some(ca) => println!(
+                "tls: both listeners, certificate {}, client certificates from {}",
+                cert.display(),
+                ca.display()
+            ),
+            None => println!("tls: both listeners, certificate {}", cert.display()),
+        }
     }
     let (http_tls, kafka_tls) = match tls {
         Some(t) => (Some(t.http), Some(spate_kafka::Tls(t.kafka))),

@@ -15,22 +15,47 @@ pub struct Acceptors {
     pub kafka: TlsAcceptor,
 }
 
-/// Reads the certificate chain (leaf first) and the key (PKCS#8, PKCS#1 or SEC1), and checks that
-/// they belong together. Errors name the file, never its contents.
-pub fn load(cert_file: &Path, key_file: &Path) -> Result<Acceptors> {
-    let certs = CertificateDer::pem_file_iter(cert_file)
+/// The PEM certificates of a file, at least one. `what` names the file in errors, which never
+/// quote its contents.
+fn certificates(file: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the TLS certificate file {}: {e}",
-                cert_file.display()
-            )
-        })?;
+        .map_err(|e| anyhow::anyhow!("cannot read the {what} file {}: {e}", file.display()))?;
     anyhow::ensure!(
         !certs.is_empty(),
-        "the TLS certificate file {} holds no PEM certificate",
-        cert_file.display()
+        "the {what} file {} holds no PEM certificate",
+        file.display()
     );
+    Ok(certs)
+}
+
+/// Reads the certificate chain (leaf first) and the key (PKCS#8, PKCS#1 or SEC1), and checks that
+/// they belong together; with `client_ca_file`, clients must present a certificate issued by one
+/// of the certificates in it. Errors name the file, never its contents.
+pub fn load(cert_file: &Path, key_file: &Path, client_ca_file: Option<&Path>) -> Result<Acceptors> {
+    let certs = certificates(cert_file, "TLS certificate")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let clients = match client_ca_file {
+        None => None,
+        Some(file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in certificates(file, "TLS client CA")? {
+                roots.add(ca).map_err(|e| {
+                    anyhow::anyhow!(
+                        "a certificate in the TLS client CA file {} cannot be a trust anchor: {e}",
+                        file.display()
+                    )
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .with_context(|| format!("the TLS client CA file {}", file.display()))?;
+            Some(verifier)
+        }
+    };
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
         anyhow::anyhow!(
             "cannot read a private key from the TLS key file {}: {e}",
@@ -38,11 +63,14 @@ pub fn load(cert_file: &Path, key_file: &Path) -> Result<Acceptors> {
         )
     })?;
     let config = |alpn: &[&[u8]]| -> Result<TlsAcceptor> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_no_client_auth()
+            .context("TLS protocol versions")?;
+        let builder = match &clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
             .with_single_cert(certs.clone(), key.clone_key())
             .with_context(|| {
                 format!(

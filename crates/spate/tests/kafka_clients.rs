@@ -387,7 +387,7 @@ fn kafka_clients_authenticate_with_sasl_plain_and_an_access_token() {
 }
 
 #[test]
-fn kafka_clients_connect_over_tls_and_sasl_ssl_verifying_the_certificate() {
+fn kafka_clients_connect_over_tls_sasl_ssl_and_mutual_tls_verifying_certificates() {
     let dir = tempfile::tempdir().unwrap();
     common::self_signed(dir.path());
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -435,5 +435,34 @@ fn kafka_clients_connect_over_tls_and_sasl_ssl_verifying_the_certificate() {
             "tls-clients-token-0123456789",
         ],
     );
+    assert_eq!(server.terminate().code(), Some(0));
+    // Mutual TLS: clients present certificates from the given CA.
+    common::client_certificates(dir.path());
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let ca = file("client-ca.pem");
+    let mut args = tls.to_vec();
+    args.extend(["--tls-client-ca", &ca]);
+    let server = common::start(&data, &args);
+    let (client, client_key) = (file("client.pem"), file("client-key.pem"));
+    let (other, other_key) = (file("stranger.pem"), file("stranger-key.pem"));
+    common::interop(
+        "python3",
+        "tls.py",
+        &[
+            "mtls",
+            &server.kafka,
+            cert,
+            &client,
+            &client_key,
+            &other,
+            &other_key,
+        ],
+    );
+    let stdout = common::interop(
+        "bash",
+        "java_tls.sh",
+        &[&server.kafka, &jars, cert, &client, &client_key],
+    );
+    assert!(stdout.contains("(java-mtls)"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));
 }

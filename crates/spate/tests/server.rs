@@ -48,6 +48,17 @@ async fn metrics_after_export(url: &str) -> String {
         .unwrap()
 }
 
+/// Creates a topic over the HTTP API, expecting 201.
+async fn create_topic(http: &reqwest::Client, url: &str, name: &str, partitions: u32) {
+    let r = http
+        .post(format!("{url}/v1/topics"))
+        .json(&serde_json::json!({"name": name, "partitions": partitions}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "creating topic {name}");
+}
+
 /// Runs `spate serve` on a data directory expecting it to exit (a refused start).
 fn serve_to_exit(data_dir: &std::path::Path, extra: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spate"))
@@ -398,13 +409,7 @@ async fn metrics_are_valid_prometheus_text_and_count_what_happened() {
     let server = common::start(dir.path(), &[]);
     let url = server.url.clone();
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{url}/v1/topics"))
-        .json(&serde_json::json!({"name": "m", "partitions": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    create_topic(&http, &url, "m", 2).await;
     // An SSE subscriber with a filter that fails on events lacking `data.n`.
     let mut sse = http
         .get(format!("{url}/v1/topics/m/sse?filter=data.n%20%3E%200"))
@@ -1020,20 +1025,32 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
     assert!(err.contains("line 2") && !err.contains(token), "{err}");
 }
 
-/// A TLS client trusting `cert_pem` alone.
-fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::CertificateDer;
+/// A TLS client trusting `cert_pem` alone, presenting the client certificate and key in the PEM
+/// files `client` when given.
+fn tls_connector(
+    cert_pem: &str,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> tokio_rustls::TlsConnector {
     use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
         .unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(cert).unwrap()],
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
 
@@ -1092,13 +1109,7 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
         .build()
         .unwrap();
-    let r = https
-        .post(format!("{url}/v1/topics"))
-        .json(&serde_json::json!({"name": "secure", "partitions": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    create_topic(&https, &url, "secure", 1).await;
     let r = https
         .post(format!("{url}/v1/topics/secure/events"))
         .json(
@@ -1120,7 +1131,7 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
     // WebSocket over TLS: the event published above, from the start of the topic.
     let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
     let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tls_connector(&cert_pem)
+    let tls = tls_connector(&cert_pem, None)
         .connect(server_name.clone(), tcp)
         .await
         .unwrap();
@@ -1148,7 +1159,7 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
 
     // Kafka over TLS answers; a plain Kafka request on the TLS port is not answered.
     let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
-    let mut kafka = tls_connector(&cert_pem)
+    let mut kafka = tls_connector(&cert_pem, None)
         .connect(server_name, tcp)
         .await
         .unwrap();
@@ -1225,5 +1236,101 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
         assert!(!out.status.success(), "{args:?} started");
         assert!(stderr.contains(&expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert_pem = common::self_signed(dir.path());
+    common::client_certificates(dir.path());
+    let file = |name: &str| dir.path().join(name);
+    let arg = |name: &str| file(name).to_str().unwrap().to_string();
+    let (cert, key, ca) = (arg("cert.pem"), arg("key.pem"), arg("client-ca.pem"));
+    let server = common::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+        ],
+    );
+    let url = server.url.clone();
+    let https = |identity: Option<&str>| {
+        let mut b = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap());
+        if let Some(name) = identity {
+            let mut pem = std::fs::read(file(&format!("{name}.pem"))).unwrap();
+            pem.extend(std::fs::read(file(&format!("{name}-key.pem"))).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    // HTTPS: the client the CA issued is served; no certificate or another CA's is not.
+    create_topic(&https(Some("client")), &url, "mutual", 1).await;
+    for who in [None, Some("stranger")] {
+        assert!(
+            https(who)
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_err(),
+            "{who:?} was served"
+        );
+    }
+    // Kafka: the same.
+    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    for (who, served) in [
+        (Some("client"), true),
+        (None, false),
+        (Some("stranger"), false),
+    ] {
+        let (c, k) = who.map_or((None, None), |n| {
+            (
+                Some(file(&format!("{n}.pem"))),
+                Some(file(&format!("{n}-key.pem"))),
+            )
+        });
+        let identity = c.as_deref().zip(k.as_deref());
+        let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
+        let answer = match tls_connector(&cert_pem, identity)
+            .connect(server_name.clone(), tcp)
+            .await
+        {
+            // Under TLS 1.3 the client finishes its side before the server judges its certificate.
+            Ok(mut tls) => kafka_api_versions(&mut tls).await,
+            Err(e) => Err(e),
+        };
+        assert_eq!(answer.is_ok(), served, "{who:?}: {answer:?}");
+    }
+    assert_eq!(server.terminate().code(), Some(0));
+    // Refused starts: a client CA without TLS, a missing client CA file.
+    let data = dir.path().join("refused");
+    for (args, expected) in [
+        (
+            vec!["--tls-client-ca", ca.as_str()],
+            "tls_client_ca_file needs TLS",
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "cannot read the TLS client CA file /nonexistent/ca.pem",
+        ),
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        let out = serve_to_exit(&data, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }

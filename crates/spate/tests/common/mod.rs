@@ -242,3 +242,32 @@ pub fn self_signed(dir: &std::path::Path) -> String {
     std::fs::write(dir.join("key.pem"), generated.key_pair.serialize_pem()).unwrap();
     cert
 }
+
+/// Client certificates for mutual TLS, written into `dir`: a CA (`client-ca.pem`), a client
+/// certificate it issued (`client.pem`, `client-key.pem`) and one another CA issued
+/// (`stranger.pem`, `stranger-key.pem`).
+pub fn client_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    use rcgen::{DnType, KeyUsagePurpose};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        (params.self_signed(&key).unwrap(), key)
+    };
+    let client = |file: &str, issuer: &(rcgen::Certificate, KeyPair)| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["client.example".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}-key.pem")), key.serialize_pem()).unwrap();
+    };
+    let (ours, theirs) = (ca("client CA"), ca("another CA"));
+    std::fs::write(dir.join("client-ca.pem"), ours.0.pem()).unwrap();
+    client("client", &ours);
+    client("stranger", &theirs);
+}

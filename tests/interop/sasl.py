@@ -1,18 +1,19 @@
 """Kafka clients authenticating to Spate with SASL/PLAIN, an access token as the password.
 
-usage: sasl.py BOOTSTRAP TOKEN
+usage: sasl.py BOOTSTRAP TOKEN READ_ONLY_TOKEN
 librdkafka (confluent-kafka) and kafka-python each create or use a topic, produce and consume
-back; a wrong password and no SASL at all are refused. Exits non-zero on any mismatch.
+back; a wrong password and no SASL at all are refused. With the read-only token, librdkafka
+consumes in a group but may not produce or create a topic. Exits non-zero on any mismatch.
 """
 
 import sys
 import time
 
 from checks import refused
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-BOOTSTRAP, TOKEN = sys.argv[1], sys.argv[2]
+BOOTSTRAP, TOKEN, READER = sys.argv[1], sys.argv[2], sys.argv[3]
 TOPIC = "secured"
 
 
@@ -84,6 +85,38 @@ def kafka_python():
     print("kafka-python: authenticated with SASL/PLAIN; 250 messages consumed; a wrong password was refused")
 
 
+def read_only():
+    c = Consumer({**sasl(READER), "group.id": "secured-reader", "auto.offset.reset": "earliest"})
+    c.subscribe([TOPIC])
+    got = []
+    deadline = time.time() + 60
+    while len(got) < 250 and time.time() < deadline:
+        for m in c.consume(100, 0.5):
+            if not m.error():
+                got.append(int(m.value()))
+    c.commit(asynchronous=False)
+    c.close()
+    if sorted(got) != list(range(250)):
+        sys.exit(f"read-only: consumed {len(got)} of 250")
+    errors = []
+    p = Producer({**sasl(READER), "acks": "all", "message.send.max.retries": 0})
+    p.produce(TOPIC, value=b"not allowed", on_delivery=lambda err, _: errors.append(err))
+    p.flush(30)
+    if len(errors) != 1 or errors[0] is None or errors[0].code() != KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        sys.exit(f"read-only: a produce was not refused with TOPIC_AUTHORIZATION_FAILED: {errors}")
+    admin = AdminClient(sasl(READER))
+    f = admin.create_topics([NewTopic("reader-made", num_partitions=1, replication_factor=1)])
+    try:
+        f["reader-made"].result(30)
+        sys.exit("read-only: a topic was created")
+    except Exception as e:  # noqa: BLE001 - the error kind is checked below
+        if "TOPIC_AUTHORIZATION_FAILED" not in str(e):
+            sys.exit(f"read-only: create_topics failed otherwise: {e}")
+    print("read-only token: 250 records consumed in a group and committed; a produce and a topic "
+          "creation refused with TOPIC_AUTHORIZATION_FAILED")
+
+
 if __name__ == "__main__":
     librdkafka()
     kafka_python()
+    read_only()

@@ -3,8 +3,9 @@
 //! or `access_token=<token>` in the query; Kafka: SASL/PLAIN with the token as the password).
 //!
 //! The file holds one token per line; blank lines and lines starting with `#` are skipped. A
-//! token is 16 to 512 visible ASCII characters. Tokens are compared in constant time, by their
-//! SHA-256 digests, so that neither their content nor their length shows in the time taken.
+//! token is 16 to 512 visible ASCII characters, optionally followed by `read-only` (see
+//! [`Access`]). Tokens are compared in constant time, by their SHA-256 digests, so that neither
+//! their content nor their length shows in the time taken.
 
 use std::path::Path;
 
@@ -12,9 +13,19 @@ use std::path::Path;
 pub const TOKEN_BYTES_MIN: usize = 16;
 const TOKEN_BYTES_MAX: usize = 512;
 
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Everything.
+    Full,
+    /// Read and consume: read topics and streams, follow them live, consume subscriptions and
+    /// Kafka consumer groups; not write events or change what the server holds.
+    ReadOnly,
+}
+
 /// The tokens a server accepts, kept as their SHA-256 digests: comparing digests of the same
 /// length takes the same time whatever the length of the token given.
-pub struct Tokens(Vec<[u8; 32]>);
+pub struct Tokens(Vec<([u8; 32], Access)>);
 
 fn digest(token: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
@@ -43,8 +54,10 @@ impl Tokens {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            if !(TOKEN_BYTES_MIN..=TOKEN_BYTES_MAX).contains(&line.len())
-                || !line.bytes().all(|b| b.is_ascii_graphic())
+            let mut words = line.split_ascii_whitespace();
+            let token = words.next().unwrap_or_default();
+            if !(TOKEN_BYTES_MIN..=TOKEN_BYTES_MAX).contains(&token.len())
+                || !token.bytes().all(|b| b.is_ascii_graphic())
             {
                 return Err(format!(
                     "line {}: a token is {TOKEN_BYTES_MIN} to {TOKEN_BYTES_MAX} visible ASCII \
@@ -52,7 +65,17 @@ impl Tokens {
                     i + 1
                 ));
             }
-            tokens.push(digest(line.as_bytes()));
+            let access = match (words.next(), words.next()) {
+                (None, _) => Access::Full,
+                (Some("read-only"), None) => Access::ReadOnly,
+                _ => {
+                    return Err(format!(
+                        "line {}: after the token only `read-only` may follow",
+                        i + 1
+                    ));
+                }
+            };
+            tokens.push((digest(token.as_bytes()), access));
         }
         if tokens.is_empty() {
             return Err("no token in it".into());
@@ -60,15 +83,27 @@ impl Tokens {
         Ok(Tokens(tokens))
     }
 
-    /// Whether `given` is one of the tokens. Takes the same time whichever token it matches, or
-    /// where a wrong one differs.
-    pub fn accepts(&self, given: &[u8]) -> bool {
+    /// What `given` may do, `None` when it is none of the tokens. Takes the same time whichever
+    /// token it matches, or where a wrong one differs.
+    pub fn access(&self, given: &[u8]) -> Option<Access> {
         let given = digest(given);
-        let mut found = 0u8;
-        for t in &self.0 {
-            found |= u8::from(constant_time_eq(t, &given));
+        let (mut full, mut read_only) = (0u8, 0u8);
+        for (t, access) in &self.0 {
+            let hit = u8::from(constant_time_eq(t, &given));
+            full |= hit & u8::from(*access == Access::Full);
+            read_only |= hit & u8::from(*access == Access::ReadOnly);
         }
-        found == 1
+        // The same token listed twice with both kinds of access gets everything.
+        match (full, read_only) {
+            (1, _) => Some(Access::Full),
+            (0, 1) => Some(Access::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// Whether `given` is one of the tokens (see [`Tokens::access`]).
+    pub fn accepts(&self, given: &[u8]) -> bool {
+        self.access(given).is_some()
     }
 }
 
@@ -109,5 +144,21 @@ mod tests {
         let e = Tokens::parse("ok-token-0123456789\ntoo-short\n").unwrap_err();
         assert!(e.contains("line 2") && !e.contains("too-short"), "{e}");
         assert_eq!(format!("{t:?}"), "Tokens(2 tokens)");
+    }
+
+    #[test]
+    fn a_token_may_be_read_only() {
+        let t =
+            Tokens::parse("full-token-0123456789\nreader-token-0123456789   read-only\n").unwrap();
+        assert_eq!(t.access(b"full-token-0123456789"), Some(Access::Full));
+        assert_eq!(t.access(b"reader-token-0123456789"), Some(Access::ReadOnly));
+        assert_eq!(t.access(b"reader-token-0123456789 read-only"), None);
+        for bad in [
+            "reader-token-0123456789 read",
+            "reader-token-0123456789 read-only extra",
+        ] {
+            let e = Tokens::parse(bad).unwrap_err();
+            assert!(e.contains("line 1") && !e.contains("reader-token"), "{e}");
+        }
     }
 }

@@ -5,13 +5,13 @@
 //! taken out of the query before the request goes on.
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use std::sync::Arc;
 
-use spate_broker::auth::Tokens;
+use spate_broker::auth::{Access, Tokens};
 
 use crate::ApiError;
 
@@ -60,6 +60,21 @@ fn percent_decode(v: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a read-only token may make this request: reads (a WebSocket refuses its `publish`
+/// op itself), filter previews, and consuming subscriptions.
+fn read_only_may(method: &Method, path: &str) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        return true;
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    method == Method::POST
+        && matches!(
+            segments.as_slice(),
+            ["v1", "subscriptions", _, "pull" | "ack" | "nack" | "extend"]
+                | ["v1", "topics", _, "preview"]
+        )
 }
 
 fn unauthorized(given: bool) -> Response {
@@ -111,10 +126,19 @@ pub(crate) async fn require_token(
         _ => (None, String::new()),
     };
     let given = bearer.or(in_query.clone());
-    match &given {
-        Some(t) if tokens.accepts(t.as_bytes()) => {}
-        _ => return unauthorized(given.is_some()),
+    let Some(access) = given.as_ref().and_then(|t| tokens.access(t.as_bytes())) else {
+        return unauthorized(given.is_some());
+    };
+    if access == Access::ReadOnly && !read_only_may(req.method(), req.uri().path()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this access token is read-only: it may read and consume, not write or change \
+             what the server holds",
+        )
+        .into_response();
     }
+    req.extensions_mut().insert(access);
     if in_query.is_some() {
         // Handlers refuse query parameters they do not know: the token is not theirs.
         let path = req.uri().path();

@@ -351,7 +351,12 @@ impl Drop for ConnectionGauge {
 }
 
 /// `GET /v1/ws`.
-pub async fn ws(State(s): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+pub async fn ws(
+    State(s): State<AppState>,
+    access: Option<axum::Extension<spate_broker::auth::Access>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let read_only = access.is_some_and(|a| a.0 == spate_broker::auth::Access::ReadOnly);
     upgrade
         .max_message_size(s.push.max_message_bytes)
         .max_frame_size(s.push.max_message_bytes)
@@ -364,7 +369,7 @@ pub async fn ws(State(s): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
             // Split here rather than in the task: the task's future would otherwise keep room
             // for the whole socket it splits.
             let (sink, stream) = socket.split();
-            connection(s, sink, stream)
+            connection(s, sink, stream, read_only)
         })
 }
 
@@ -390,6 +395,7 @@ async fn connection(
     s: AppState,
     mut sink: SplitSink<WebSocket, Message>,
     mut stream: SplitStream<WebSocket>,
+    read_only: bool,
 ) {
     let _guard = ConnectionGauge::new("websocket");
     let (tx, mut rx) = mpsc::channel::<Out>(s.push.send_queue.max(1));
@@ -457,6 +463,7 @@ async fn connection(
         subs: HashMap::new(),
         consumers: HashMap::new(),
         publishes: Arc::new(Semaphore::new(64)),
+        read_only,
     };
     let mut stopping = s.stopping.clone();
     loop {
@@ -564,6 +571,8 @@ struct Connection {
     /// Subscription consumers by subscription name.
     consumers: HashMap<String, (Arc<consume::Credit>, JoinHandle<()>)>,
     publishes: Arc<Semaphore>,
+    /// Opened with a read-only access token: no `publish`.
+    read_only: bool,
 }
 
 impl Connection {
@@ -602,6 +611,15 @@ impl Connection {
         match v.get("op").and_then(Value::as_str) {
             Some("subscribe") => self.subscribe(&v).await,
             Some("unsubscribe") => self.unsubscribe(&v).await,
+            Some("publish") if self.read_only => {
+                let tag = v.get("ref").and_then(Value::as_str).map(|r| ("ref", r));
+                self.reply(error(
+                    tag,
+                    "forbidden",
+                    "this access token is read-only: it may not publish",
+                ))
+                .await
+            }
             Some("publish") => self.publish(v).await,
             Some("consume") => self.consume(&v).await,
             Some("watch") => self.watch(&v).await,

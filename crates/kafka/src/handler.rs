@@ -67,6 +67,7 @@ use kafka_protocol::messages::{OffsetDeleteRequest, OffsetDeleteResponse};
 use kafka_protocol::messages::{SaslAuthenticateRequest, SaslAuthenticateResponse};
 use kafka_protocol::messages::{SaslHandshakeRequest, SaslHandshakeResponse};
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use spate_broker::auth::Access;
 use spate_broker::compressed::CompressedError;
 use spate_broker::groups::{Committed, Coordinator, GroupError, JoinRequest};
 use spate_broker::{Broker, BrokerError};
@@ -115,6 +116,9 @@ pub mod code {
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+    pub const GROUP_AUTHORIZATION_FAILED: i16 = 30;
+    pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
 }
 
 /// The Kafka error code for a group error.
@@ -193,8 +197,8 @@ pub struct Context {
     pub sasl: Sasl,
 }
 
-/// A connection's SASL state: nothing yet, PLAIN chosen (SaslHandshake), authenticated, or
-/// failed (the connection closes after the answer).
+/// A connection's SASL state: nothing yet, PLAIN chosen (SaslHandshake), authenticated (with a
+/// full or a read-only token), or failed (the connection closes after the answer).
 #[derive(Default)]
 pub struct Sasl(std::sync::atomic::AtomicU8);
 
@@ -202,6 +206,11 @@ const SASL_NONE: u8 = 0;
 const SASL_PLAIN: u8 = 1;
 const SASL_DONE: u8 = 2;
 const SASL_FAILED: u8 = 3;
+const SASL_READ_ONLY: u8 = 4;
+
+/// The message of requests a read-only token may not make.
+const READ_ONLY: &str = "this access token is read-only: it may read and consume, not write or \
+                         change what the server holds";
 
 impl Sasl {
     fn get(&self) -> u8 {
@@ -215,6 +224,16 @@ impl Sasl {
     /// Whether authentication failed: the connection is to close once the answer is sent.
     pub fn failed(&self) -> bool {
         self.get() == SASL_FAILED
+    }
+
+    fn authenticated(&self) -> bool {
+        matches!(self.get(), SASL_DONE | SASL_READ_ONLY)
+    }
+
+    /// Whether the connection authenticated with a read-only token: it may read and consume
+    /// (Fetch, consumer groups, offsets) but not produce, create, delete or alter.
+    fn read_only(&self) -> bool {
+        self.get() == SASL_READ_ONLY
     }
 }
 
@@ -273,7 +292,7 @@ fn sasl_authenticate(ctx: &Context, r: SaslAuthenticateRequest) -> SaslAuthentic
             "Authentication failed: authorization id differs from the user name",
         );
     }
-    if !tokens.accepts(password) {
+    let Some(access) = tokens.access(password) else {
         // The name as given, cut short: it is the client's text.
         let user = String::from_utf8_lossy(&user[..user.len().min(128)]);
         tracing::info!(peer = %ctx.peer, %user, "kafka authentication failed");
@@ -281,8 +300,11 @@ fn sasl_authenticate(ctx: &Context, r: SaslAuthenticateRequest) -> SaslAuthentic
             code::SASL_AUTHENTICATION_FAILED,
             "Authentication failed: invalid credentials",
         );
-    }
-    ctx.sasl.set(SASL_DONE);
+    };
+    ctx.sasl.set(match access {
+        Access::Full => SASL_DONE,
+        Access::ReadOnly => SASL_READ_ONLY,
+    });
     SaslAuthenticateResponse::default()
 }
 
@@ -426,7 +448,7 @@ pub async fn handle(ctx: &Context, frame: Bytes) -> anyhow::Result<Reply> {
     // With access tokens, nothing but version discovery and SASL before authentication: the
     // connection closes, as Kafka's does.
     if ctx.config.auth.is_some()
-        && ctx.sasl.get() != SASL_DONE
+        && !ctx.sasl.authenticated()
         && !matches!(
             request,
             RequestKind::ApiVersions(_)
@@ -557,7 +579,7 @@ async fn topic_for(
 ) -> Result<Arc<spate_log::Topic>, BrokerError> {
     match ctx.broker.topic(name) {
         Err(BrokerError::Log(LogError::UnknownTopic(_)))
-            if create && ctx.config.auto_create_topics =>
+            if create && ctx.config.auto_create_topics && !ctx.sasl.read_only() =>
         {
             let config = TopicConfig {
                 partitions: ctx.config.default_partitions,
@@ -742,7 +764,12 @@ async fn create_topics(ctx: &Context, r: CreateTopicsRequest) -> CreateTopicsRes
     for t in &r.topics {
         let name = name_of(&t.name).to_string();
         let result = CreatableTopicResult::default().with_name(t.name.clone());
-        let outcome = match topic_config(ctx, t) {
+        let config = if ctx.sasl.read_only() {
+            Err((code::TOPIC_AUTHORIZATION_FAILED, READ_ONLY.to_string()))
+        } else {
+            topic_config(ctx, t)
+        };
+        let outcome = match config {
             Err(e) => Err(e),
             Ok(config) => {
                 let partitions = config.partitions;
@@ -801,6 +828,14 @@ async fn delete_topics(ctx: &Context, r: DeleteTopicsRequest) -> DeleteTopicsRes
             );
             continue;
         };
+        if ctx.sasl.read_only() {
+            results.push(
+                result
+                    .with_error_code(code::TOPIC_AUTHORIZATION_FAILED)
+                    .with_error_message(Some(StrBytes::from_static_str(READ_ONLY))),
+            );
+            continue;
+        }
         results.push(
             match ctx.broker.delete_topic(name_of(&name).to_string()).await {
                 Ok(()) => result,
@@ -1169,6 +1204,7 @@ async fn delete_records(ctx: &Context, r: DeleteRecordsRequest) -> DeleteRecords
                 .with_partition_index(p.partition_index)
                 .with_low_watermark(-1);
             let outcome = match (u32::try_from(p.partition_index), p.offset) {
+                _ if ctx.sasl.read_only() => Err(code::TOPIC_AUTHORIZATION_FAILED),
                 (Err(_), _) => Err(code::UNKNOWN_TOPIC_OR_PARTITION),
                 (Ok(id), -1) => ctx
                     .broker
@@ -1325,6 +1361,14 @@ async fn alter_topic(
     alteration: Result<Alteration, (i16, String)>,
     validate_only: bool,
 ) -> (i16, Option<String>) {
+    if ctx.sasl.read_only() {
+        let code = if resource_type == RESOURCE_TOPIC {
+            code::TOPIC_AUTHORIZATION_FAILED
+        } else {
+            code::CLUSTER_AUTHORIZATION_FAILED
+        };
+        return (code, Some(READ_ONLY.into()));
+    }
     let alteration = match (resource_type, alteration) {
         (RESOURCE_TOPIC, Ok(a)) => a,
         (RESOURCE_TOPIC, Err((code, message))) => return (code, Some(message)),
@@ -1478,6 +1522,9 @@ fn init_producer_id(ctx: &Context, r: InitProducerIdRequest) -> InitProducerIdRe
     let response = InitProducerIdResponse::default()
         .with_producer_id(ProducerId(-1))
         .with_producer_epoch(-1);
+    if ctx.sasl.read_only() {
+        return response.with_error_code(code::CLUSTER_AUTHORIZATION_FAILED);
+    }
     if r.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
         // Transactions are not offered; idempotence alone is.
         return response.with_error_code(code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED);
@@ -1807,9 +1854,13 @@ fn offset_fetch(ctx: &Context, r: OffsetFetchRequest, version: i16) -> OffsetFet
 async fn delete_groups(ctx: &Context, r: DeleteGroupsRequest) -> DeleteGroupsResponse {
     let mut results = Vec::with_capacity(r.groups_names.len());
     for id in r.groups_names {
-        let code = match ctx.coordinator.delete_group(id.0.as_str()).await {
-            Ok(()) => code::NONE,
-            Err(e) => group_code(e),
+        let code = if ctx.sasl.read_only() {
+            code::GROUP_AUTHORIZATION_FAILED
+        } else {
+            match ctx.coordinator.delete_group(id.0.as_str()).await {
+                Ok(()) => code::NONE,
+                Err(e) => group_code(e),
+            }
         };
         results.push(
             DeletableGroupResult::default()
@@ -1821,6 +1872,9 @@ async fn delete_groups(ctx: &Context, r: DeleteGroupsRequest) -> DeleteGroupsRes
 }
 
 async fn offset_delete(ctx: &Context, r: OffsetDeleteRequest) -> OffsetDeleteResponse {
+    if ctx.sasl.read_only() {
+        return OffsetDeleteResponse::default().with_error_code(code::GROUP_AUTHORIZATION_FAILED);
+    }
     let topics = r
         .topics
         .iter()
@@ -1925,6 +1979,8 @@ async fn produce(
     // As Kafka does: acks other than -1, 0 and 1 get INVALID_REQUIRED_ACKS for every partition,
     // and nothing is written.
     let acks_valid = matches!(acks, -1..=1);
+    // A read-only token's records are refused the same way, with TOPIC_AUTHORIZATION_FAILED.
+    let denied = ctx.sasl.read_only();
     // Resolve every partition first, then write them all in one blocking call, in request order;
     // durability is waited for afterwards, off the connection's path.
     type Job = (Arc<Partition>, TopicConfig, Vec<u8>);
@@ -1932,13 +1988,14 @@ async fn produce(
     let mut names = Vec::with_capacity(r.topic_data.len());
     for (ti, t) in r.topic_data.into_iter().enumerate() {
         names.push(t.name.clone());
-        let topic = if acks_valid {
+        let topic = if acks_valid && !denied {
             Some(topic_for(ctx, name_of(&t.name), true).await)
         } else {
             None
         };
         for pd in t.partition_data {
             let job = match (&topic, pd.records) {
+                (None, _) if denied => Err(code::TOPIC_AUTHORIZATION_FAILED),
                 (None, _) => Err(code::INVALID_REQUIRED_ACKS),
                 (Some(Err(e)), _) => Err(error_code(e)),
                 // Committed offsets are written by the coordinator only.

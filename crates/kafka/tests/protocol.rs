@@ -1321,3 +1321,162 @@ async fn partitions_are_not_added_and_log_dirs_list_every_partition_with_its_siz
         }
     }
 }
+
+#[tokio::test]
+async fn a_read_only_token_fetches_but_every_change_is_refused_with_an_authorization_code() {
+    use kafka_protocol::messages::delete_records_request::{
+        DeleteRecordsPartition, DeleteRecordsTopic,
+    };
+    use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+    use kafka_protocol::messages::offset_delete_request::{
+        OffsetDeleteRequestPartition, OffsetDeleteRequestTopic,
+    };
+    use kafka_protocol::messages::{
+        CreateTopicsRequest, CreateTopicsResponse, DeleteGroupsRequest, DeleteGroupsResponse,
+        DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+        GroupId, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+        OffsetDeleteRequest, OffsetDeleteResponse, SaslAuthenticateRequest,
+        SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    };
+    let (addr, broker) = server_with(Some(
+        "full-token-0123456789\nreader-token-0123456789 read-only\n",
+    ))
+    .await;
+    topic(&broker, "t", 1).await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let h: SaslHandshakeResponse = call(
+        &mut s,
+        ApiKey::SaslHandshake,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+    )
+    .await;
+    assert_eq!(h.error_code, 0);
+    let a: SaslAuthenticateResponse = call(
+        &mut s,
+        ApiKey::SaslAuthenticate,
+        2,
+        &SaslAuthenticateRequest::default()
+            .with_auth_bytes(Bytes::from_static(b"\0reader\0reader-token-0123456789")),
+    )
+    .await;
+    assert_eq!(a.error_code, 0);
+    let name = || TopicName(StrBytes::from_static_str("t"));
+    // Reads are served.
+    let m: MetadataResponse = call(
+        &mut s,
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(None),
+    )
+    .await;
+    assert!(m.topics.iter().any(|t| t.name == Some(name())));
+    // Produce, at acks -1 and 0: TOPIC_AUTHORIZATION_FAILED, nothing written.
+    let mut batch = spate_log::batch::encode(&[spate_log::batch::NewRecord {
+        timestamp_ms: 1,
+        value: Some(b"v".to_vec()),
+        ..Default::default()
+    }])
+    .unwrap();
+    spate_log::batch::set_base_offset(&mut batch, 0);
+    let r: ProduceResponse =
+        call(&mut s, ApiKey::Produce, 9, &produce("t", 0, batch.clone())).await;
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 29);
+    s.write_all(&frame(
+        ApiKey::Produce,
+        9,
+        8,
+        &produce("t", 0, batch).with_acks(0),
+    ))
+    .await
+    .unwrap();
+    let p: InitProducerIdResponse = call(
+        &mut s,
+        ApiKey::InitProducerId,
+        1,
+        &InitProducerIdRequest::default(),
+    )
+    .await;
+    assert_eq!(p.error_code, 31, "CLUSTER_AUTHORIZATION_FAILED");
+    // Creating, deleting and altering topics, deleting records, groups and offsets.
+    let c: CreateTopicsResponse = call(
+        &mut s,
+        ApiKey::CreateTopics,
+        4,
+        &CreateTopicsRequest::default().with_topics(vec![
+            kafka_protocol::messages::create_topics_request::CreatableTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("new")))
+                .with_num_partitions(1)
+                .with_replication_factor(1),
+        ]),
+    )
+    .await;
+    assert_eq!(c.topics[0].error_code, 29);
+    let d: DeleteTopicsResponse = call(
+        &mut s,
+        ApiKey::DeleteTopics,
+        6,
+        &DeleteTopicsRequest::default()
+            .with_topics(vec![DeleteTopicState::default().with_name(Some(name()))]),
+    )
+    .await;
+    assert_eq!(d.responses[0].error_code, 29);
+    let r: DeleteRecordsResponse = call(
+        &mut s,
+        ApiKey::DeleteRecords,
+        1,
+        &DeleteRecordsRequest::default().with_topics(vec![
+            DeleteRecordsTopic::default()
+                .with_name(name())
+                .with_partitions(vec![
+                    DeleteRecordsPartition::default()
+                        .with_partition_index(0)
+                        .with_offset(-1),
+                ]),
+        ]),
+    )
+    .await;
+    assert_eq!(r.topics[0].partitions[0].error_code, 29);
+    let i: IncrementalAlterConfigsResponse = call(
+        &mut s,
+        ApiKey::IncrementalAlterConfigs,
+        0,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![incremental(
+            2,
+            "t",
+            &[("retention.ms", 0, Some("1000"))],
+        )]),
+    )
+    .await;
+    assert_eq!(i.responses[0].error_code, 29);
+    let g: DeleteGroupsResponse = call(
+        &mut s,
+        ApiKey::DeleteGroups,
+        1,
+        &DeleteGroupsRequest::default()
+            .with_groups_names(vec![GroupId(StrBytes::from_static_str("g"))]),
+    )
+    .await;
+    assert_eq!(g.results[0].error_code, 30);
+    let o: OffsetDeleteResponse = call(
+        &mut s,
+        ApiKey::OffsetDelete,
+        0,
+        &OffsetDeleteRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("g")))
+            .with_topics(vec![
+                OffsetDeleteRequestTopic::default()
+                    .with_name(name())
+                    .with_partitions(vec![
+                        OffsetDeleteRequestPartition::default().with_partition_index(0),
+                    ]),
+            ]),
+    )
+    .await;
+    assert_eq!(o.error_code, 30);
+    // Nothing changed: one topic, empty, with its settings.
+    let t = broker.topic("t").unwrap();
+    assert_eq!(t.partitions[0].high_watermark(), 0);
+    assert!(broker.topic("new").is_err());
+    assert_ne!(t.config().retention_ms, Some(1000));
+}

@@ -359,17 +359,29 @@ fn kafkas_own_java_tools_work_unchanged() {
 fn kafka_clients_authenticate_with_sasl_plain_and_an_access_token() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, "kafka-clients-token-0123456789\n").unwrap();
+    std::fs::write(
+        &tokens,
+        "kafka-clients-token-0123456789\nkafka-reader-token-0123456789 read-only\n",
+    )
+    .unwrap();
     let server = common::start(
         &dir.path().join("data"),
         &["--auth-tokens-file", tokens.to_str().unwrap()],
     );
     // librdkafka and kafka-python: produce and consume with the token as the SASL/PLAIN
-    // password; a wrong password and no SASL are refused.
-    common::interop(
+    // password; a wrong password and no SASL are refused; the read-only token consumes only.
+    let stdout = common::interop(
         "python3",
         "sasl.py",
-        &[&server.kafka, "kafka-clients-token-0123456789"],
+        &[
+            &server.kafka,
+            "kafka-clients-token-0123456789",
+            "kafka-reader-token-0123456789",
+        ],
+    );
+    assert!(
+        stdout.contains("read-only token: 250 records consumed"),
+        "{stdout}"
     );
     // Kafka's own Java tools, with a JAAS configuration.
     let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());

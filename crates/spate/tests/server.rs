@@ -1334,3 +1334,156 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_reads_and_consumes_but_changes_nothing() {
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let (full, reader) = ("full-0123456789abcdef", "reader-0123456789abcdef");
+    std::fs::write(&tokens, format!("{full}\n{reader} read-only\n")).unwrap();
+    let server = common::start(
+        &dir.path().join("data"),
+        &["--auth-tokens-file", tokens.to_str().unwrap()],
+    );
+    let url = server.url.clone();
+    let http = reqwest::Client::new();
+    let send = |token: &'static str, method: reqwest::Method, path: &str, body: Value| {
+        http.request(method, format!("{url}{path}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    use reqwest::Method;
+    let event = |id: &str| serde_json::json!({"specversion": "1.0", "id": id, "source": "/t", "type": "t.x", "data": {}});
+    // The full token sets up a topic, an event and a subscription.
+    let r = send(
+        full,
+        Method::POST,
+        "/v1/topics",
+        serde_json::json!({"name": "ro", "partitions": 1}),
+    );
+    assert_eq!(r.await.unwrap().status(), 201);
+    let r = send(full, Method::POST, "/v1/topics/ro/events", event("e1"));
+    assert_eq!(r.await.unwrap().status(), 201);
+    let r = send(
+        full,
+        Method::PUT,
+        "/v1/subscriptions/ro-sub",
+        serde_json::json!({"topic": "ro", "from": "earliest"}),
+    );
+    assert_eq!(r.await.unwrap().status(), 201);
+    // The read-only token: every write or definition change is 403, and changes nothing.
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/topics",
+            serde_json::json!({"name": "other", "partitions": 1}),
+        ),
+        (Method::POST, "/v1/topics/ro/events", event("e2")),
+        (Method::POST, "/v1/topics/ro/streams/s1/events", event("e3")),
+        (Method::DELETE, "/v1/topics/ro", Value::Null),
+        (
+            Method::POST,
+            "/v1/topics/ro/truncate",
+            serde_json::json!({"before": {"0": 1}}),
+        ),
+        (
+            Method::PUT,
+            "/v1/subscriptions/other",
+            serde_json::json!({"topic": "ro"}),
+        ),
+        (Method::DELETE, "/v1/subscriptions/ro-sub", Value::Null),
+        (
+            Method::POST,
+            "/v1/subscriptions/ro-sub/seek",
+            serde_json::json!({"to": "earliest"}),
+        ),
+        (
+            Method::POST,
+            "/v1/subscriptions/ro-sub/redrive",
+            serde_json::json!({}),
+        ),
+    ] {
+        let r = send(reader, method.clone(), path, body).await.unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["type"], "urn:spate:problem:forbidden", "{method} {path}");
+    }
+    // It reads and consumes.
+    let r = send(reader, Method::GET, "/v1/topics/ro/events", Value::Null);
+    let page: Value = r.await.unwrap().json().await.unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "{page}");
+    let r = send(
+        reader,
+        Method::POST,
+        "/v1/subscriptions/ro-sub/pull",
+        serde_json::json!({"max_messages": 10, "wait_ms": 2000}),
+    );
+    let pulled: Value = r.await.unwrap().json().await.unwrap();
+    let ack_id = pulled["messages"][0]["ack_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = send(
+        reader,
+        Method::POST,
+        "/v1/subscriptions/ro-sub/ack",
+        serde_json::json!({"ack_ids": [ack_id]}),
+    );
+    let acked: Value = r.await.unwrap().json().await.unwrap();
+    assert_eq!(acked["results"][0]["result"], "ok", "{acked}");
+    // Over a WebSocket it subscribes, and its publish is refused with a reason.
+    let ws_url = url.replacen("http", "ws", 1);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{ws_url}/v1/ws?access_token={reader}"))
+            .await
+            .unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Text(
+        r#"{"op":"publish","topic":"ro","ref":"r1","event":{"specversion":"1.0","id":"w1","source":"/t","type":"t.x"}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::Text(
+        r#"{"op":"subscribe","id":"s1","topic":"ro","from":"earliest"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let (mut refused, mut received) = (None, None);
+    while refused.is_none() || received.is_none() {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .expect("answers within 10 s")
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        match v["op"].as_str() {
+            Some("error") => refused = Some(v),
+            Some("event") => received = Some(v),
+            _ => {}
+        }
+    }
+    let refused = refused.unwrap();
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    assert_eq!(refused["ref"], "r1", "{refused}");
+    assert_eq!(received.unwrap()["event"]["id"], "e1");
+    // Nothing the read-only token tried was written.
+    let r = send(full, Method::GET, "/v1/topics", Value::Null);
+    let topics: Value = r.await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = topics["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .filter(|n| !n.starts_with("__"))
+        .collect();
+    assert_eq!(names, ["ro"], "{topics}");
+    let r = send(full, Method::GET, "/v1/topics/ro/events", Value::Null);
+    let page: Value = r.await.unwrap().json().await.unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "{page}");
+    let r = send(full, Method::GET, "/v1/subscriptions", Value::Null);
+    let subs: Value = r.await.unwrap().json().await.unwrap();
+    assert_eq!(subs["subscriptions"].as_array().unwrap().len(), 1, "{subs}");
+    assert_eq!(server.terminate().code(), Some(0));
+}

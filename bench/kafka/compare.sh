@@ -44,8 +44,15 @@ for _ in $(seq 100); do grep -q '^kafka:' "$SPATE_DATA/out" 2>/dev/null && break
 
 J() { java -cp "$JARS/*" -Dlog4j2.configurationFile="$LOG4J" "$@"; }
 
+# Before each run: the page cache's dirty data written out. Kafka acknowledges from the page cache,
+# and the kernel writes its data back tens of seconds later, into whichever run comes next; a
+# server whose acknowledgements wait for fsyncs would otherwise share the disk with the other's
+# write-back.
+settle() { sync; }
+
 run() { # server-address topic partitions size -> "producer-line|consumer-line"
   local bs=$1 t=$2 parts=$3 size=$4
+  settle
   J org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --create --topic "$t" \
     --partitions "$parts" --replication-factor 1 >/dev/null
   local p c
@@ -101,6 +108,7 @@ for conns in 1 4; do
           t="gen-c$conns-p$parts-s$size-r$r"
           J org.apache.kafka.tools.TopicCommand --bootstrap-server "$bs" --create --topic "$t" \
             --partitions "$parts" --replication-factor 1 >/dev/null
+          settle
           out=$(timeout 600 "$CARGO_TARGET_DIR/release/spate" bench kafka --bootstrap "$bs" \
             --topic "$t" --records "$N" --record-size "$size" --connections "$conns")
           p=$(echo "$out" | grep '^produce:'); c=$(echo "$out" | grep '^consume:')

@@ -25,6 +25,15 @@ fn run_python(client: &str) {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
+/// The folder of Kafka's jars (`SPATE_KAFKA_JARS`, which scripts/test sets after fetching them).
+fn kafka_jars() -> String {
+    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
+    assert!(
+        Path::new(&jars).is_dir(),
+        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
+    );
+    jars
+}
 #[test]
 fn confluent_kafka_produces_and_consumes() {
     run_python("confluent");
@@ -339,11 +348,7 @@ fn kafkajs_produces_and_consumes_with_a_group_of_two() {
 #[test]
 fn kafkas_own_java_tools_work_unchanged() {
     // scripts/test fetches the jars with ../shared/tools/kafka/kafka.sh and exports their folder.
-    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
-    assert!(
-        Path::new(&jars).is_dir(),
-        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
-    );
+    let jars = kafka_jars();
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let stdout = common::interop("bash", "java_tools.sh", &[&server.kafka, &jars]);
@@ -384,11 +389,7 @@ fn kafka_clients_authenticate_with_sasl_plain_and_an_access_token() {
         "{stdout}"
     );
     // Kafka's own Java tools, with a JAAS configuration.
-    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
-    assert!(
-        Path::new(&jars).is_dir(),
-        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
-    );
+    let jars = kafka_jars();
     let stdout = common::interop(
         "bash",
         "java_sasl.sh",
@@ -423,11 +424,7 @@ fn kafka_clients_connect_over_tls_sasl_ssl_and_mutual_tls_verifying_certificates
         "{listing}"
     );
     // Kafka's own Java tools, with a PEM trust store.
-    let jars = std::env::var("SPATE_KAFKA_JARS").unwrap_or_else(|_| "/tmp/kafka-jars/4.4.0".into());
-    assert!(
-        Path::new(&jars).is_dir(),
-        "Kafka's jars are missing in {jars}: run scripts/test, which fetches them"
-    );
+    let jars = kafka_jars();
     let stdout = common::interop("bash", "java_tls.sh", &[&server.kafka, &jars, cert]);
     assert!(stdout.contains("100 records round-tripped"), "{stdout}");
     assert_eq!(server.terminate().code(), Some(0));

@@ -51,6 +51,28 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// On every SIGHUP, reads the TLS certificate and key files again (new handshakes get them); a
+/// server without TLS has nothing to reload. Either way SIGHUP no longer ends the process.
+fn reload_on_sighup(certificate: Option<Arc<crate::tls::Certificate>>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &certificate {
+                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+                Some(c) => match c.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "SIGHUP: TLS certificate not reloaded; the current one stays"
+                    ),
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
 pub async fn run(config: ServeConfig) -> Result<()> {
     // Before anything is announced: a SIGTERM from then on is a graceful stop.
     let shutdown = shutdown_signal()?;
@@ -69,6 +91,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         )?),
         _ => None,
     };
+    reload_on_sighup(tls.as_ref().map(|t| t.certificate.clone()))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     // One server per data directory: a second one would corrupt the log.

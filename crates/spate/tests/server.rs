@@ -1487,3 +1487,74 @@ async fn a_read_only_token_reads_and_consumes_but_changes_nothing() {
     assert_eq!(subs["subscriptions"].as_array().unwrap().len(), 1, "{subs}");
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// Sends SIGHUP to the server.
+fn sighup(server: &common::Server) {
+    // SAFETY: a signal to our own child process, which has not been reaped yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(server.child.id() as libc::pid_t, libc::SIGHUP);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tls_certificate_and_keeps_the_current_one_when_the_files_are_bad() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = common::self_signed(dir.path());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let server = common::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let authority = server.url.trim_start_matches("https://").to_string();
+    // Whether a client trusting `pem` alone completes a handshake on the HTTP port.
+    let trusted = |pem: String| {
+        let authority = authority.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            tls_connector(&pem, None).connect(name, tcp).await.is_ok()
+        }
+    };
+    assert!(trusted(first.clone()).await);
+    // A renewed certificate in the same files: served after SIGHUP, to new connections.
+    let renewed = tempfile::tempdir().unwrap();
+    let second = common::self_signed(renewed.path());
+    std::fs::copy(renewed.path().join("cert.pem"), &cert).unwrap();
+    std::fs::copy(renewed.path().join("key.pem"), &key).unwrap();
+    assert!(trusted(first.clone()).await, "served before the SIGHUP");
+    sighup(&server);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !trusted(second.clone()).await {
+        assert!(std::time::Instant::now() < deadline, "not reloaded in 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!trusted(first).await, "the old certificate is still served");
+    // Bad files, the current certificate stays: no key.
+    std::fs::write(&key, "not a key").unwrap();
+    sighup(&server);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(trusted(second.clone()).await);
+    // A key of another certificate.
+    let other = tempfile::tempdir().unwrap();
+    common::self_signed(other.path());
+    std::fs::copy(other.path().join("key.pem"), &key).unwrap();
+    sighup(&server);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(trusted(second).await);
+    assert_eq!(server.terminate().code(), Some(0));
+    // Without TLS, SIGHUP reloads nothing and does not stop the server.
+    let plain = common::start(&dir.path().join("plain"), &[]);
+    sighup(&plain);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let r = reqwest::get(format!("{}/healthz", plain.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(plain.terminate().code(), Some(0));
+}

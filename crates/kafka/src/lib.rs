@@ -210,6 +210,9 @@ where
             };
             if let Some(mut chunks) = bytes {
                 out::write_chunks(&mut wr, &mut chunks).await?;
+                // TLS holds back what the socket did not take until the next write or a flush;
+                // the next write may never come. (A TCP socket's flush does nothing.)
+                wr.flush().await?;
             }
         }
         wr.shutdown().await?;

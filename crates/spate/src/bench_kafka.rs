@@ -25,7 +25,9 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use spate_log::batch::{self, NewRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+/// The reading and writing halves of a connection, plain or TLS.
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 use tokio::sync::{Semaphore, mpsc};
 
 const PRODUCE_VERSION: i16 = 9;
@@ -61,6 +63,10 @@ pub struct KafkaBenchArgs {
     /// Skip fetching the records back.
     #[arg(long)]
     no_consume: bool,
+    /// Connect over TLS, trusting the CA certificates in this PEM file (the listener's address
+    /// must be in its certificate).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: KafkaBenchArgs) -> Result<()> {
@@ -74,12 +80,13 @@ pub async fn run(args: KafkaBenchArgs) -> Result<()> {
 }
 
 async fn bench(a: KafkaBenchArgs) -> Result<()> {
-    let mut conn = Conn::connect(a.bootstrap).await?;
+    let tls = a.tls_ca.as_deref().map(connector).transpose()?;
+    let mut conn = Conn::connect(a.bootstrap, tls.as_ref()).await?;
     let partitions = conn.partitions(&a.topic).await?;
     let per_batch = (a.batch_bytes / a.record_size.max(1)).max(1) as u64;
     let per_request = per_batch * partitions as u64;
     let requests = a.records.div_ceil(per_request);
-    let produced = produce(&a, partitions, per_batch, requests).await?;
+    let produced = produce(&a, tls.as_ref(), partitions, per_batch, requests).await?;
     let records = requests * per_request;
     let mib = (records * a.record_size as u64) as f64 / (1024.0 * 1024.0);
     println!(
@@ -113,6 +120,7 @@ struct Produced {
 
 async fn produce(
     a: &KafkaBenchArgs,
+    tls: Option<&tokio_rustls::TlsConnector>,
     partitions: i32,
     per_batch: u64,
     requests: u64,
@@ -134,7 +142,7 @@ async fn produce(
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..a.connections {
-        let conn = Conn::connect(a.bootstrap).await?;
+        let conn = Conn::connect(a.bootstrap, tls).await?;
         let (a, next, template) = (a.clone(), next.clone(), template.clone());
         tasks.spawn(async move {
             produce_on(conn, &a, partitions, per_batch, requests, &next, &template).await
@@ -218,7 +226,11 @@ async fn produce_on(
             &request,
         )?;
         let sent = Instant::now();
-        if sent_tx.send((correlation, sent)).is_err() || wr.write_all(&out).await.is_err() {
+        // A flush pushes out what TLS holds back (nothing to do on plain TCP).
+        if sent_tx.send((correlation, sent)).is_err()
+            || wr.write_all(&out).await.is_err()
+            || wr.flush().await.is_err()
+        {
             break;
         }
     }
@@ -227,7 +239,7 @@ async fn produce_on(
 }
 
 async fn read_produce_responses(
-    mut rd: OwnedReadHalf,
+    mut rd: Reader,
     mut sent: mpsc::UnboundedReceiver<(i32, Instant)>,
     slots: &Semaphore,
     records_per_request: u64,
@@ -265,19 +277,33 @@ async fn read_produce_responses(
 
 /// A connection for the sequential requests (metadata, fetch).
 struct Conn {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: Reader,
+    wr: Writer,
     buf: BytesMut,
     correlation: i32,
 }
 
 impl Conn {
-    async fn connect(addr: SocketAddr) -> Result<Conn> {
+    async fn connect(addr: SocketAddr, tls: Option<&tokio_rustls::TlsConnector>) -> Result<Conn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         stream.set_nodelay(true)?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr): (Reader, Writer) = match tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let tls = connector
+                    .connect(name, stream)
+                    .await
+                    .with_context(|| format!("TLS handshake with {addr}"))?;
+                let (rd, wr) = tokio::io::split(tls);
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         Ok(Conn {
             rd,
             wr,
@@ -297,6 +323,7 @@ impl Conn {
         let mut out = BytesMut::new();
         frame(&mut out, api, version, self.correlation, request)?;
         self.wr.write_all(&out).await?;
+        self.wr.flush().await?;
         let mut body = read_frame(&mut self.rd, &mut self.buf).await?;
         let header = ResponseHeader::decode(&mut body, response_header_version)?;
         ensure!(
@@ -435,7 +462,7 @@ fn frame<Req: Encodable>(
     Ok(())
 }
 
-async fn read_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Bytes> {
+async fn read_frame(rd: &mut Reader, buf: &mut BytesMut) -> Result<Bytes> {
     loop {
         if buf.len() >= 4 {
             let len = i32::from_be_bytes(buf[0..4].try_into().expect("4 bytes"));
@@ -478,4 +505,23 @@ mod tests {
         assert_eq!(count_records(&bytes, &mut offset), 0);
         assert_eq!(offset, 16);
     }
+}
+
+/// A TLS client trusting the CA certificates of a PEM file.
+fn connector(ca_file: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("cannot read {}", ca_file.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("{} holds a bad certificate", ca_file.display()))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

@@ -1558,3 +1558,98 @@ async fn sighup_reloads_the_tls_certificate_and_keeps_the_current_one_when_the_f
     assert_eq!(r.status(), 200);
     assert_eq!(plain.terminate().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_responses_over_tls_arrive_whole_when_the_client_reads_late() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, FetchRequest, RequestHeader, TopicName};
+    use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let cert_pem = common::self_signed(dir.path());
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let server = common::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    create_topic(&https, &server.url, "big", 1).await;
+    // About 2 MB in the partition.
+    let pad = "x".repeat(100_000);
+    let events: Vec<Value> = (0..20)
+        .map(|i| {
+            serde_json::json!({"specversion": "1.0", "id": format!("e{i}"), "source": "/t",
+                "type": "t.big", "data": {"pad": pad}})
+        })
+        .collect();
+    let r = https
+        .post(format!("{}/v1/topics/big/events", server.url))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(&events).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Sixteen fetches of all of it, pipelined, and nothing read until the socket is full: each
+    // response must still arrive whole once the client reads.
+    let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tls_connector(&cert_pem, None)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let fetch = FetchRequest::default()
+        .with_max_wait_ms(0)
+        .with_min_bytes(1)
+        .with_max_bytes(4 << 20)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_static_str("big")))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(4 << 20),
+                ]),
+        ]);
+    for id in 1..=16 {
+        let mut body = bytes::BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(ApiKey::Fetch as i16)
+            .with_request_api_version(12)
+            .with_correlation_id(id)
+            .encode(&mut body, FetchRequest::header_version(12))
+            .unwrap();
+        fetch.encode(&mut body, 12).unwrap();
+        tls.write_all(&(body.len() as i32).to_be_bytes())
+            .await
+            .unwrap();
+        tls.write_all(&body).await.unwrap();
+    }
+    tls.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let read_all = async {
+        let mut total = 0;
+        for id in 1..=16i32 {
+            let size = tls.read_i32().await.unwrap();
+            let mut response = vec![0; size as usize];
+            tls.read_exact(&mut response).await.unwrap();
+            assert_eq!(response[..4], id.to_be_bytes(), "responses come in order");
+            total += response.len();
+        }
+        total
+    };
+    let total = tokio::time::timeout(std::time::Duration::from_secs(30), read_all)
+        .await
+        .expect("every response arrives within 30 s");
+    assert!(total > 16 * 2_000_000, "{total} bytes");
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -479,6 +479,25 @@ async fn read_frame(rd: &mut Reader, buf: &mut BytesMut) -> Result<Bytes> {
     }
 }
 
+/// A TLS client trusting the CA certificates of a PEM file.
+fn connector(ca_file: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("cannot read {}", ca_file.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("{} holds a bad certificate", ca_file.display()))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,23 +524,4 @@ mod tests {
         assert_eq!(count_records(&bytes, &mut offset), 0);
         assert_eq!(offset, 16);
     }
-}
-
-/// A TLS client trusting the CA certificates of a PEM file.
-fn connector(ca_file: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file)
-        .with_context(|| format!("cannot read {}", ca_file.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("{} holds a bad certificate", ca_file.display()))?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

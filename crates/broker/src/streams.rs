@@ -399,6 +399,14 @@ pub(crate) struct TopicStreams {
     parts: Vec<PartitionStreams>,
 }
 
+impl TopicStreams {
+    /// The partition of a stream (its key's), and its index.
+    fn part_of(&self, stream: &str) -> (u32, &PartitionStreams) {
+        let index = partitioner::partition_for_key(stream.as_bytes(), self.parts.len() as u32);
+        (index, &self.parts[index as usize])
+    }
+}
+
 /// The stream indexes of the topics in use.
 pub(crate) struct Streams {
     dir: PathBuf,
@@ -722,8 +730,7 @@ impl Broker {
                 max,
             });
         }
-        let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
-        let part = &ts.parts[index as usize];
+        let (index, part) = ts.part_of(stream);
         let records: Vec<NewRecord> = events.iter().map(|e| e.to_record(now)).collect();
         let encoded = batch::encode(&records).expect("events are not empty");
         let n = events.len() as u64;
@@ -814,8 +821,7 @@ impl Broker {
             .extensions
             .insert("partitionkey".into(), stream.to_string());
         marker.fill_defaults(now);
-        let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
-        let part = &ts.parts[index as usize];
+        let (index, part) = ts.part_of(stream);
         let encoded = batch::encode(&[marker.to_record(now)]).expect("one record");
         // The writer is held until the index has applied the deletion, so that no append checks
         // its version against the stream as it was before.
@@ -1023,8 +1029,7 @@ impl Broker {
     ) -> Result<(Arc<TopicStreams>, u32, T)> {
         check_stream_id(stream)?;
         let ts = self.topic_streams(topic).await?;
-        let index = partitioner::partition_for_key(stream.as_bytes(), ts.parts.len() as u32);
-        let part = &ts.parts[index as usize];
+        let (index, part) = ts.part_of(stream);
         wait_applied(part, part.partition.high_watermark()).await?;
         let (ts2, stream) = (ts.clone(), stream.to_string());
         let result = blocking(move || {

@@ -120,6 +120,33 @@ async fn assert_closed(s: &mut TcpStream) {
     assert!(matches!(n, Ok(0) | Err(_)), "connection should be closed");
 }
 
+/// A connection that has authenticated with SASL/PLAIN (`user`, `password`), both steps checked.
+async fn authenticated(addr: &str, user: &str, password: &str) -> TcpStream {
+    use kafka_protocol::messages::{
+        SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+        SaslHandshakeResponse,
+    };
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let h: SaslHandshakeResponse = call(
+        &mut s,
+        ApiKey::SaslHandshake,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+    )
+    .await;
+    assert_eq!(h.error_code, 0);
+    let a: SaslAuthenticateResponse = call(
+        &mut s,
+        ApiKey::SaslAuthenticate,
+        2,
+        &SaslAuthenticateRequest::default()
+            .with_auth_bytes(Bytes::from(format!("{user}\0{user}\0{password}"))),
+    )
+    .await;
+    assert_eq!(a.error_code, 0, "authenticated as {user}");
+    s
+}
+
 #[tokio::test]
 async fn with_tokens_connections_authenticate_with_sasl_plain_first() {
     use kafka_protocol::messages::{
@@ -202,18 +229,7 @@ async fn with_tokens_connections_authenticate_with_sasl_plain_first() {
     .await;
     assert_eq!(a.error_code, 34);
     // The token as the password: requests are served from then on.
-    let mut s = TcpStream::connect(&addr).await.unwrap();
-    let h: SaslHandshakeResponse =
-        call(&mut s, ApiKey::SaslHandshake, 1, &handshake("PLAIN")).await;
-    assert_eq!(h.error_code, 0);
-    let a: SaslAuthenticateResponse = call(
-        &mut s,
-        ApiKey::SaslAuthenticate,
-        2,
-        &plain("app", "app", token),
-    )
-    .await;
-    assert_eq!(a.error_code, 0);
+    let mut s = authenticated(&addr, "app", token).await;
     let m: MetadataResponse = call(&mut s, ApiKey::Metadata, 9, &metadata).await;
     assert!(
         m.topics
@@ -1335,32 +1351,14 @@ async fn a_read_only_token_fetches_but_every_change_is_refused_with_an_authoriza
         CreateTopicsRequest, CreateTopicsResponse, DeleteGroupsRequest, DeleteGroupsResponse,
         DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
         GroupId, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
-        OffsetDeleteRequest, OffsetDeleteResponse, SaslAuthenticateRequest,
-        SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+        OffsetDeleteRequest, OffsetDeleteResponse,
     };
     let (addr, broker) = server_with(Some(
         "full-token-0123456789\nreader-token-0123456789 read-only\n",
     ))
     .await;
     topic(&broker, "t", 1).await;
-    let mut s = TcpStream::connect(&addr).await.unwrap();
-    let h: SaslHandshakeResponse = call(
-        &mut s,
-        ApiKey::SaslHandshake,
-        1,
-        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
-    )
-    .await;
-    assert_eq!(h.error_code, 0);
-    let a: SaslAuthenticateResponse = call(
-        &mut s,
-        ApiKey::SaslAuthenticate,
-        2,
-        &SaslAuthenticateRequest::default()
-            .with_auth_bytes(Bytes::from_static(b"\0reader\0reader-token-0123456789")),
-    )
-    .await;
-    assert_eq!(a.error_code, 0);
+    let mut s = authenticated(&addr, "reader", "reader-token-0123456789").await;
     let name = || TopicName(StrBytes::from_static_str("t"));
     // Reads are served.
     let m: MetadataResponse = call(

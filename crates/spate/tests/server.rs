@@ -48,17 +48,6 @@ async fn metrics_after_export(url: &str) -> String {
         .unwrap()
 }
 
-/// Creates a topic over the HTTP API, expecting 201.
-async fn create_topic(http: &reqwest::Client, url: &str, name: &str, partitions: u32) {
-    let r = http
-        .post(format!("{url}/v1/topics"))
-        .json(&serde_json::json!({"name": name, "partitions": partitions}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "creating topic {name}");
-}
-
 /// Runs `spate serve` on a data directory expecting it to exit (a refused start).
 fn serve_to_exit(data_dir: &std::path::Path, extra: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spate"))
@@ -409,7 +398,7 @@ async fn metrics_are_valid_prometheus_text_and_count_what_happened() {
     let server = common::start(dir.path(), &[]);
     let url = server.url.clone();
     let http = reqwest::Client::new();
-    create_topic(&http, &url, "m", 2).await;
+    common::create_topic(&http, &url, "m", 2).await;
     // An SSE subscriber with a filter that fails on events lacking `data.n`.
     let mut sse = http
         .get(format!("{url}/v1/topics/m/sse?filter=data.n%20%3E%200"))
@@ -1025,6 +1014,33 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
     assert!(err.contains("line 2") && !err.contains(token), "{err}");
 }
 
+/// A server with TLS on both listeners (and `extra` flags), its self-signed certificate and key
+/// written into `dir` as `cert.pem` and `key.pem`; the server and the certificate's PEM.
+fn start_tls(dir: &std::path::Path, extra: &[&str]) -> (common::Server, String) {
+    let cert_pem = common::self_signed(dir);
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let mut args = vec![
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    (common::start(&dir.join("data"), &args), cert_pem)
+}
+
+/// An HTTP client trusting `cert_pem`, giving up on a request after 5 s.
+fn https_client(cert_pem: &str) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+}
+
+/// The name TLS clients check the test servers' certificates against.
+fn loopback() -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap()
+}
+
 /// A TLS client trusting `cert_pem` alone, presenting the client certificate and key in the PEM
 /// files `client` when given.
 fn tls_connector(
@@ -1083,17 +1099,8 @@ async fn kafka_api_versions<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Un
 async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_files() {
     use futures_util::{SinkExt, StreamExt};
     let dir = tempfile::tempdir().unwrap();
-    let cert_pem = common::self_signed(dir.path());
+    let (server, cert_pem) = start_tls(dir.path(), &[]);
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let server = common::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
     let url = server.url.clone();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     let authority = url.trim_start_matches("https://").to_string();
@@ -1104,12 +1111,8 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
     let _stalled_kafka = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
 
     // HTTPS with a client that trusts the certificate.
-    let https = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(5))
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .build()
-        .unwrap();
-    create_topic(&https, &url, "secure", 1).await;
+    let https = https_client(&cert_pem).build().unwrap();
+    common::create_topic(&https, &url, "secure", 1).await;
     let r = https
         .post(format!("{url}/v1/topics/secure/events"))
         .json(
@@ -1130,7 +1133,7 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
 
     // WebSocket over TLS: the event published above, from the start of the topic.
     let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
-    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let server_name = loopback();
     let tls = tls_connector(&cert_pem, None)
         .connect(server_name.clone(), tcp)
         .await
@@ -1242,27 +1245,14 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let cert_pem = common::self_signed(dir.path());
     common::client_certificates(dir.path());
     let file = |name: &str| dir.path().join(name);
     let arg = |name: &str| file(name).to_str().unwrap().to_string();
     let (cert, key, ca) = (arg("cert.pem"), arg("key.pem"), arg("client-ca.pem"));
-    let server = common::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--tls-client-ca",
-            &ca,
-        ],
-    );
+    let (server, cert_pem) = start_tls(dir.path(), &["--tls-client-ca", &ca]);
     let url = server.url.clone();
     let https = |identity: Option<&str>| {
-        let mut b = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(5))
-            .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap());
+        let mut b = https_client(&cert_pem);
         if let Some(name) = identity {
             let mut pem = std::fs::read(file(&format!("{name}.pem"))).unwrap();
             pem.extend(std::fs::read(file(&format!("{name}-key.pem"))).unwrap());
@@ -1271,7 +1261,7 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
         b.build().unwrap()
     };
     // HTTPS: the client the CA issued is served; no certificate or another CA's is not.
-    create_topic(&https(Some("client")), &url, "mutual", 1).await;
+    common::create_topic(&https(Some("client")), &url, "mutual", 1).await;
     for who in [None, Some("stranger")] {
         assert!(
             https(who)
@@ -1283,7 +1273,7 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
         );
     }
     // Kafka: the same.
-    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let server_name = loopback();
     for (who, served) in [
         (Some("client"), true),
         (None, false),
@@ -1488,36 +1478,18 @@ async fn a_read_only_token_reads_and_consumes_but_changes_nothing() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
-/// Sends SIGHUP to the server.
-fn sighup(server: &common::Server) {
-    // SAFETY: a signal to our own child process, which has not been reaped yet.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(server.child.id() as libc::pid_t, libc::SIGHUP);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_tls_certificate_and_keeps_the_current_one_when_the_files_are_bad() {
     let dir = tempfile::tempdir().unwrap();
-    let first = common::self_signed(dir.path());
+    let (server, first) = start_tls(dir.path(), &[]);
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let server = common::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
     let authority = server.url.trim_start_matches("https://").to_string();
     // Whether a client trusting `pem` alone completes a handshake on the HTTP port.
     let trusted = |pem: String| {
         let authority = authority.clone();
         async move {
             let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let name = loopback();
             tls_connector(&pem, None).connect(name, tcp).await.is_ok()
         }
     };
@@ -1528,7 +1500,7 @@ async fn sighup_reloads_the_tls_certificate_and_keeps_the_current_one_when_the_f
     std::fs::copy(renewed.path().join("cert.pem"), &cert).unwrap();
     std::fs::copy(renewed.path().join("key.pem"), &key).unwrap();
     assert!(trusted(first.clone()).await, "served before the SIGHUP");
-    sighup(&server);
+    server.signal(libc::SIGHUP);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !trusted(second.clone()).await {
         assert!(std::time::Instant::now() < deadline, "not reloaded in 10 s");
@@ -1537,20 +1509,20 @@ async fn sighup_reloads_the_tls_certificate_and_keeps_the_current_one_when_the_f
     assert!(!trusted(first).await, "the old certificate is still served");
     // Bad files, the current certificate stays: no key.
     std::fs::write(&key, "not a key").unwrap();
-    sighup(&server);
+    server.signal(libc::SIGHUP);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(trusted(second.clone()).await);
     // A key of another certificate.
     let other = tempfile::tempdir().unwrap();
     common::self_signed(other.path());
     std::fs::copy(other.path().join("key.pem"), &key).unwrap();
-    sighup(&server);
+    server.signal(libc::SIGHUP);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(trusted(second).await);
     assert_eq!(server.terminate().code(), Some(0));
     // Without TLS, SIGHUP reloads nothing and does not stop the server.
     let plain = common::start(&dir.path().join("plain"), &[]);
-    sighup(&plain);
+    plain.signal(libc::SIGHUP);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let r = reqwest::get(format!("{}/healthz", plain.url))
         .await
@@ -1566,22 +1538,9 @@ async fn kafka_responses_over_tls_arrive_whole_when_the_client_reads_late() {
     use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let cert_pem = common::self_signed(dir.path());
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let server = common::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
-    let https = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-        .build()
-        .unwrap();
-    create_topic(&https, &server.url, "big", 1).await;
+    let (server, cert_pem) = start_tls(dir.path(), &[]);
+    let https = https_client(&cert_pem).build().unwrap();
+    common::create_topic(&https, &server.url, "big", 1).await;
     // About 2 MB in the partition.
     let pad = "x".repeat(100_000);
     let events: Vec<Value> = (0..20)
@@ -1601,7 +1560,7 @@ async fn kafka_responses_over_tls_arrive_whole_when_the_client_reads_late() {
     // Sixteen fetches of all of it, pipelined, and nothing read until the socket is full: each
     // response must still arrive whole once the client reads.
     let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let name = loopback();
     let mut tls = tls_connector(&cert_pem, None)
         .connect(name, tcp)
         .await

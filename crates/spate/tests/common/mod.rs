@@ -73,14 +73,18 @@ impl Server {
         self.child.wait().expect("reap the server");
     }
 
-    /// SIGTERM, then wait (bounded) for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id() as libc::pid_t;
+    /// Sends `signal` (a `libc::SIG*`) to the server.
+    pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: sending a signal to our own child process, which has not been reaped yet.
         #[allow(unsafe_code)]
         unsafe {
-            libc::kill(pid, libc::SIGTERM);
+            libc::kill(self.child.id() as libc::pid_t, signal);
         }
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the server") {

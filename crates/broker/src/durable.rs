@@ -1,55 +1,70 @@
 //! Waiting for appends to become durable without holding a thread per waiter.
 //!
-//! Under the `batch` fsync policy an append is acknowledged once its partition's fsync covers it.
-//! Rather than parking a blocking thread per request on the log's condition variable, each
-//! partition has at most one blocking task running fsyncs while anyone waits (group commit: one
-//! fsync covers every append written before it started), and waiters are tasks woken through the
-//! partition's high watermark channel.
+//! Under the `batch` fsync policy an append is acknowledged once an fsync covers it. Rather than
+//! parking a blocking thread per request on the log's condition variable, the broker has one
+//! committer: at most one blocking task runs syncs while anyone waits, and waiters are tasks woken
+//! through their partition's high watermark channel. Each round of the committer covers every
+//! partition with appends waiting (group commit across partitions: their writes go to the device
+//! together and share one flush of its write cache, see [`spate_log::sync_together`]); appends
+//! that arrive during a round wait for the next.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use spate_log::{Appended, Partition};
 
 use crate::{Broker, BrokerError, Result};
 
-/// The fsync runner of one partition.
+/// The broker's fsync runner.
 #[derive(Default)]
-pub(crate) struct Syncer {
-    state: Mutex<SyncerState>,
+pub(crate) struct Committer {
+    state: Mutex<CommitterState>,
 }
 
 #[derive(Default)]
-struct SyncerState {
-    /// The highest offset (exclusive) someone waits to see durable.
-    wanted: u64,
-    /// Whether a task is running fsyncs.
+struct CommitterState {
+    /// Partitions someone waits on, by identity, with the highest offset (exclusive) someone
+    /// waits to see durable.
+    wanted: HashMap<usize, (Arc<Partition>, u64)>,
+    /// Whether a task is running rounds.
     running: bool,
 }
 
-impl Syncer {
-    /// Makes sure everything below `end` becomes durable: starts the fsync task unless one runs,
-    /// which then keeps going until no waiter is left behind.
+impl Committer {
+    /// Makes sure everything below `end` in `p` becomes durable: starts the committer's task
+    /// unless it runs, which then keeps going until no waiter is left behind.
     fn request(self: &Arc<Self>, p: &Arc<Partition>, end: u64) {
         {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.wanted = s.wanted.max(end);
+            let entry = s
+                .wanted
+                .entry(Arc::as_ptr(p) as usize)
+                .or_insert_with(|| (p.clone(), end));
+            entry.1 = entry.1.max(end);
             if s.running {
                 return;
             }
             s.running = true;
         }
-        let (syncer, p) = (self.clone(), p.clone());
+        let committer = self.clone();
         tokio::task::spawn_blocking(move || {
             spate_log::io::with_raised_priority(|| {
                 loop {
-                    // An fsync covers the whole log end at the time it starts; a failure poisons
-                    // the partition, which wakes the waiters.
-                    let failed = p.flush().is_err();
-                    let mut s = syncer.state.lock().unwrap_or_else(|e| e.into_inner());
-                    if failed || p.high_watermark() >= s.wanted {
-                        s.running = false;
-                        return;
-                    }
+                    let round: Vec<Arc<Partition>> = {
+                        let mut s = committer.state.lock().unwrap_or_else(|e| e.into_inner());
+                        // Covered, or never to be: a failed fsync poisons its partition, which
+                        // wakes its waiters.
+                        s.wanted.retain(|_, (p, end)| {
+                            p.high_watermark() < *end && !p.is_poisoned() && !p.is_closed()
+                        });
+                        if s.wanted.is_empty() {
+                            s.running = false;
+                            return;
+                        }
+                        s.wanted.values().map(|(p, _)| p.clone()).collect()
+                    };
+                    // Errors poison their partitions; the loop above then lets them go.
+                    let _ = spate_log::sync_together(&round);
                 }
             })
         });
@@ -62,7 +77,7 @@ impl Broker {
     pub fn sync_soon(&self, p: &Arc<Partition>, appended: Appended) {
         let end = appended.last_offset + 1;
         if p.acks_wait_for_fsync() && p.high_watermark() < end {
-            self.watched(p, |w| w.syncer.clone()).request(p, end);
+            self.committer.request(p, end);
         }
     }
 
@@ -78,8 +93,8 @@ impl Broker {
             return Ok(());
         }
         // Watch before asking, so that the fsync's advance is not missed.
-        let (mut hw, syncer) = self.watched(p, |w| (w.hw.clone(), w.syncer.clone()));
-        syncer.request(p, end);
+        let mut hw = self.watch(p);
+        self.committer.request(p, end);
         loop {
             if *hw.borrow_and_update() >= end {
                 return Ok(());

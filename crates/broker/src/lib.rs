@@ -411,8 +411,6 @@ pub fn read_offsets_with<T>(
 struct Watched {
     /// Its high watermark, updated as it advances.
     hw: tokio::sync::watch::Receiver<u64>,
-    /// Runs its fsyncs for appends waiting to be durable.
-    syncer: Arc<durable::Syncer>,
 }
 
 /// Bytes a batch may carry beyond its records' estimated sizes (header and varints).
@@ -421,9 +419,11 @@ const BATCH_SLACK_BYTES: u64 = 256;
 pub struct Broker {
     log: Arc<Log>,
     limits: Limits,
-    /// Partitions that someone waits on (their high watermark channel and fsync runner), keyed by
-    /// partition identity.
+    /// Partitions that someone waits on (their high watermark channel), keyed by partition
+    /// identity.
     watches: std::sync::Mutex<std::collections::HashMap<usize, Watched>>,
+    /// Runs the fsyncs that appends wait for, across partitions.
+    committer: Arc<durable::Committer>,
     /// Picks the partition of unkeyed events, one request at a time.
     spread: AtomicU32,
     /// The next idempotent producer id.
@@ -441,6 +441,7 @@ impl Broker {
             log,
             limits,
             watches: Default::default(),
+            committer: Default::default(),
             spread: AtomicU32::new(0),
             // Ids start from the clock (1024 per millisecond), so ids stay unique across restarts
             // without storing a counter.
@@ -558,10 +559,7 @@ impl Broker {
                 partition.add_listener(Box::new(move |hw| {
                     tx.send_replace(hw);
                 }));
-                Watched {
-                    hw: rx,
-                    syncer: Default::default(),
-                }
+                Watched { hw: rx }
             }))
     }
 

@@ -68,15 +68,39 @@ pub trait File: Send + Sync {
         }
         Ok(())
     }
-    /// Makes the file's data (and the size needed to read it) durable.
+    /// Makes the file's data (and the size needed to read it) durable. On a real disk this ends
+    /// with a flush of the device's write cache, which also makes durable what
+    /// [`File::wait_writeback`] wrote of other files in the same [`File::cache_domain`].
     fn sync(&self) -> io::Result<()>;
+    /// Starts writing the file's changed data to the device, without waiting and without its
+    /// metadata (see [`File::wait_writeback`]).
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Writes the file's changed data to the device and waits until the device has it, without
+    /// its metadata and without flushing the device's write cache: the data is durable once a
+    /// later [`File::sync`] of a file in the same [`File::cache_domain`] completes, and only
+    /// where it overwrote blocks whose allocation (and the file's length over them) was durable
+    /// before. Where no such weaker step exists, this is a full [`File::sync`].
+    fn wait_writeback(&self) -> io::Result<()> {
+        self.sync()
+    }
+    /// Files with the same domain sit behind one volatile write cache, which the [`File::sync`]
+    /// of any of them flushes; `None` when that is not known.
+    fn cache_domain(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The operating system's file system.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FsStorage;
 
-struct FsFile(std::fs::File);
+struct FsFile {
+    file: std::fs::File,
+    /// The device the file lives on (see [`File::cache_domain`]).
+    device: Option<u64>,
+}
 
 impl Storage for FsStorage {
     fn create_dir(&self, path: &Path) -> io::Result<()> {
@@ -90,7 +114,11 @@ impl Storage for FsStorage {
             .create(create)
             .truncate(false)
             .open(path)?;
-        Ok(Arc::new(FsFile(file)))
+        let device = {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata().ok().map(|m| m.dev())
+        };
+        Ok(Arc::new(FsFile { file, device }))
     }
 
     fn read_dir(&self, path: &Path) -> io::Result<Vec<String>> {
@@ -125,7 +153,7 @@ impl Storage for FsStorage {
 
 impl File for FsFile {
     fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, position)
+        self.file.read_exact_at(buf, position)
     }
 
     /// Reads into the vector's spare capacity: large reads do not first fill their buffer with
@@ -143,7 +171,7 @@ impl File for FsFile {
             // and has reserved; none of it is read before the bytes are counted as written.
             let n = unsafe {
                 libc::pread(
-                    self.0.as_raw_fd(),
+                    self.file.as_raw_fd(),
                     spare.as_mut_ptr().cast::<libc::c_void>(),
                     spare.len(),
                     at,
@@ -170,15 +198,15 @@ impl File for FsFile {
     }
 
     fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, position)
+        self.file.write_all_at(buf, position)
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
     #[cfg(target_os = "linux")]
@@ -187,7 +215,7 @@ impl File for FsFile {
         use std::os::fd::AsRawFd;
         let len = i64::try_from(len).map_err(io::Error::other)?;
         // SAFETY: fallocate reads no memory; the descriptor is open for the life of `self`.
-        let r = unsafe { libc::fallocate(self.0.as_raw_fd(), 0, 0, len) };
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len) };
         if r == 0 {
             return Ok(());
         }
@@ -195,8 +223,8 @@ impl File for FsFile {
         match e.raw_os_error() {
             // A file system without fallocate: a plain extension.
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                if self.0.metadata()?.len() < len as u64 {
-                    self.0.set_len(len as u64)?;
+                if self.file.metadata()?.len() < len as u64 {
+                    self.file.set_len(len as u64)?;
                 }
                 Ok(())
             }
@@ -205,7 +233,47 @@ impl File for FsFile {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn start_writeback(&self) -> io::Result<()> {
+        self.sync_range(libc::SYNC_FILE_RANGE_WRITE)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn wait_writeback(&self) -> io::Result<()> {
+        self.sync_range(
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    }
+
+    #[cfg(target_os = "linux")]
+    fn cache_domain(&self) -> Option<u64> {
+        self.device
+    }
+}
+
+impl FsFile {
+    /// `sync_file_range` over the whole file.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn sync_range(&self, flags: libc::c_uint) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        loop {
+            // SAFETY: reads no memory; the descriptor is open for the life of `self`. Offset 0
+            // with length 0 means the whole file.
+            let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, flags) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
 }
 

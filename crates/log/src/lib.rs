@@ -21,5 +21,7 @@ mod topics;
 
 pub use config::{FsyncPolicy, LogConfig, TopicConfig};
 pub use error::{Error, Result};
-pub use partition::{APPEND_BYTES_MAX, Appended, Listener, Partition, PartitionInfo};
+pub use partition::{
+    APPEND_BYTES_MAX, Appended, Listener, Partition, PartitionInfo, sync_together,
+};
 pub use topics::{Log, Topic};

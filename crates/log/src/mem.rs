@@ -33,12 +33,23 @@ struct Dir {
 struct FileData {
     live: Vec<u8>,
     durable: Vec<u8>,
+    /// What [`File::wait_writeback`] put in the device's write cache: the durable image with the
+    /// live bytes over it, within the durable length only (writeback commits no metadata). The
+    /// next sync of any file makes it durable.
+    written: Option<Vec<u8>>,
+    /// Where the live image's written blocks end: space that [`File::allocate`] reserved past it
+    /// reads as zeros but is not written, and writing there is a metadata change.
+    live_written: usize,
+    /// `live_written` as of the last sync: the reach of a writeback.
+    durable_written: usize,
 }
 
 /// An in-memory file.
 pub struct MemFile {
     data: Mutex<FileData>,
     faults: Arc<Mutex<Faults>>,
+    /// This file, for the list of files written back.
+    weak: std::sync::Weak<MemFile>,
 }
 
 #[derive(Default)]
@@ -47,6 +58,10 @@ struct Faults {
     crash_at_sync: Option<u64>,
     fail_sync_at: Option<u64>,
     crashed: bool,
+    /// Full file syncs (each a flush of the device's write cache) so far.
+    file_syncs: u64,
+    /// Files with data in the device's write cache (see `FileData::written`).
+    written_back: Vec<std::sync::Weak<MemFile>>,
 }
 
 impl Faults {
@@ -175,6 +190,12 @@ impl MemStorage {
         lock(&self.faults).syncs
     }
 
+    /// Full file syncs so far (each flushes the write cache; writebacks and directory syncs are
+    /// not counted).
+    pub fn file_syncs(&self) -> u64 {
+        lock(&self.faults).file_syncs
+    }
+
     /// Crashes the disk at the n-th sync point from now on (1-based): it fails, and so does every
     /// operation after it.
     pub fn crash_at_sync(&self, n: u64) {
@@ -225,12 +246,16 @@ impl MemStorage {
                                 bytes
                                     .extend_from_slice(&data.live[bytes.len()..bytes.len() + keep]);
                             }
-                            Arc::new(MemFile {
+                            Arc::new_cyclic(|weak| MemFile {
                                 data: Mutex::new(FileData {
                                     live: bytes.clone(),
+                                    live_written: bytes.len(),
+                                    durable_written: bytes.len(),
                                     durable: bytes,
+                                    written: None,
                                 }),
                                 faults: faults.clone(),
+                                weak: weak.clone(),
                             })
                         });
                         Node::File(copy.clone())
@@ -264,6 +289,9 @@ impl MemStorage {
                 let mut data = lock(&f.data);
                 edit(&mut data.live);
                 data.durable = data.live.clone();
+                data.live_written = data.live.len();
+                data.durable_written = data.live.len();
+                data.written = None;
                 Ok(())
             }
             _ => Err(not_found(path)),
@@ -319,9 +347,10 @@ impl Storage for MemStorage {
                 path.display()
             ))),
             None if create => {
-                let f = Arc::new(MemFile {
+                let f = Arc::new_cyclic(|weak| MemFile {
                     data: Mutex::new(FileData::default()),
                     faults: self.faults.clone(),
+                    weak: weak.clone(),
                 });
                 state
                     .dir_mut(parent)
@@ -429,6 +458,7 @@ impl File for MemFile {
             data.live.resize(end, 0);
         }
         data.live[start..end].copy_from_slice(buf);
+        data.live_written = data.live_written.max(end);
         Ok(())
     }
 
@@ -440,15 +470,58 @@ impl File for MemFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         lock(&self.faults).check()?;
         let len = usize::try_from(len).map_err(io::Error::other)?;
-        lock(&self.data).live.resize(len, 0);
+        let mut data = lock(&self.data);
+        data.live.resize(len, 0);
+        data.live_written = data.live_written.min(len);
+        Ok(())
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        lock(&self.faults).check()?;
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let mut data = lock(&self.data);
+        if data.live.len() < len {
+            data.live.resize(len, 0);
+        }
         Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {
-        lock(&self.faults).sync_point()?;
+        let written_back = {
+            let mut faults = lock(&self.faults);
+            faults.sync_point()?;
+            faults.file_syncs += 1;
+            std::mem::take(&mut faults.written_back)
+        };
+        // The device's write cache is flushed: what other files wrote back is durable too.
+        for f in written_back.iter().filter_map(|f| f.upgrade()) {
+            let mut data = lock(&f.data);
+            if let Some(w) = data.written.take() {
+                data.durable = w;
+            }
+        }
         let mut data = lock(&self.data);
         data.durable = data.live.clone();
+        data.durable_written = data.live_written;
+        data.written = None;
         Ok(())
+    }
+
+    fn wait_writeback(&self) -> io::Result<()> {
+        let mut faults = lock(&self.faults);
+        faults.sync_point()?;
+        let mut data = lock(&self.data);
+        let mut image = data.written.take().unwrap_or_else(|| data.durable.clone());
+        let n = image.len().min(data.live.len()).min(data.durable_written);
+        image[..n].copy_from_slice(&data.live[..n]);
+        data.written = Some(image);
+        drop(data);
+        faults.written_back.push(self.weak.clone());
+        Ok(())
+    }
+
+    fn cache_domain(&self) -> Option<u64> {
+        Some(0)
     }
 }
 

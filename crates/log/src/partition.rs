@@ -60,12 +60,30 @@ struct Writer {
     producers: Producers,
     /// The active segment's file length: its batches, then space allocated ahead of them.
     allocated: u64,
+    /// Where the active segment's written blocks end (its batches, then zeros written ahead of
+    /// them): an append below it overwrites blocks the file system has allocated and written, and
+    /// needs no metadata commit to be durable.
+    written: u64,
+    /// Counts the changes to the active segment's metadata (its length, its extents) that a sync
+    /// must commit; `SyncState::metadata_synced` says how many are durable.
+    metadata_changes: u64,
 }
 
 struct SyncState {
     /// Everything below this offset is durable.
     durable_offset: u64,
     syncing: bool,
+    /// The `Writer::metadata_changes` that the last full sync covered: while it is behind, only a
+    /// full sync (not a writeback shared with other partitions) makes new appends durable.
+    metadata_synced: u64,
+}
+
+/// A sync in progress (its partition's `SyncState::syncing` is set): what it covers.
+struct Ticket {
+    file: Arc<dyn crate::io::File>,
+    path: PathBuf,
+    end: u64,
+    metadata_changes: u64,
 }
 
 /// Called with the new high watermark whenever it advances, and with the unchanged one when the
@@ -187,6 +205,8 @@ impl Partition {
                 active_since_ms: None,
                 producers,
                 allocated,
+                written: allocated,
+                metadata_changes: 0,
             }),
             high_watermark: AtomicU64::new(next_offset),
             start: AtomicU64::new(0),
@@ -196,6 +216,7 @@ impl Partition {
             sync: Mutex::new(SyncState {
                 durable_offset: next_offset,
                 syncing: false,
+                metadata_synced: 0,
             }),
             synced: Condvar::new(),
             listeners: RwLock::new(Vec::new()),
@@ -584,11 +605,16 @@ impl Partition {
                 // a small append's fsync; large appends cover the space at once and would pay
                 // twice for the zeros.
                 let to = end.div_ceil(chunk) * chunk;
-                let result = if (batches.len() as u64) < chunk / ZERO_FILL_APPEND_FRACTION {
+                let zeros = (batches.len() as u64) < chunk / ZERO_FILL_APPEND_FRACTION;
+                let result = if zeros {
                     active.file.write_zeros(w.allocated.max(end), to)
                 } else {
                     active.file.allocate(to)
                 };
+                w.metadata_changes += 1;
+                if zeros && result.is_ok() {
+                    w.written = to;
+                }
                 if let Err(e) = result {
                     return Err(self.poison(Error::Io {
                         action: "extend segment",
@@ -604,6 +630,11 @@ impl Partition {
                     path: active.log_path.clone(),
                     source: e,
                 }));
+            }
+            if end > w.written {
+                // Past the written blocks: the file grew, or reserved space became written.
+                w.metadata_changes += 1;
+                w.written = end;
             }
             {
                 let mut st = active.state_mut();
@@ -689,6 +720,7 @@ impl Partition {
         write_lock(&self.segments).push(new.clone());
         w.active = new;
         w.allocated = 0;
+        w.written = 0;
         w.active_since_ms = None;
         if sync {
             // Everything before the new segment is durable now.
@@ -719,39 +751,77 @@ impl Partition {
             }
             s.syncing = true;
             drop(s);
-            let (file, path, end) = {
-                let w = lock(&self.writer);
-                (
-                    w.active.file.clone(),
-                    w.active.log_path.clone(),
-                    w.next_offset,
-                )
-            };
+            let t = self.ticket();
             let started = std::time::Instant::now();
-            let result = file.sync();
-            let took = started.elapsed();
-            self.metrics.fsync.record(took.as_secs_f64());
-            crate::stats::record_fsync(took);
+            let result = t.file.sync();
+            self.finish_sync(&t, true, result, started.elapsed())?;
             s = lock(&self.sync);
-            s.syncing = false;
-            match result {
-                Ok(()) => {
-                    s.durable_offset = s.durable_offset.max(end);
-                    if self.config.fsync == FsyncPolicy::Batch {
-                        self.advance_high_watermark(end);
-                    }
-                    self.synced.notify_all();
+        }
+    }
+
+    /// What a sync starting now covers: everything written so far.
+    fn ticket(&self) -> Ticket {
+        let w = lock(&self.writer);
+        Ticket {
+            file: w.active.file.clone(),
+            path: w.active.log_path.clone(),
+            end: w.next_offset,
+            metadata_changes: w.metadata_changes,
+        }
+    }
+
+    /// Ends the sync of `t`: on success everything below its end is durable (and, after a `full`
+    /// sync, the metadata changes it counted); a failure poisons the partition.
+    fn finish_sync(
+        &self,
+        t: &Ticket,
+        full: bool,
+        result: std::io::Result<()>,
+        took: std::time::Duration,
+    ) -> Result<()> {
+        self.metrics.fsync.record(took.as_secs_f64());
+        crate::stats::record_fsync(took);
+        let mut s = lock(&self.sync);
+        s.syncing = false;
+        match result {
+            Ok(()) => {
+                s.durable_offset = s.durable_offset.max(t.end);
+                if full {
+                    s.metadata_synced = s.metadata_synced.max(t.metadata_changes);
                 }
-                Err(e) => {
-                    drop(s);
-                    return Err(self.poison(Error::Io {
-                        action: "sync segment",
-                        path,
-                        source: e,
-                    }));
+                if self.config.fsync == FsyncPolicy::Batch {
+                    self.advance_high_watermark(t.end);
                 }
+                self.synced.notify_all();
+                Ok(())
+            }
+            Err(e) => {
+                drop(s);
+                Err(self.poison(Error::Io {
+                    action: "sync segment",
+                    path: t.path.clone(),
+                    source: e,
+                }))
             }
         }
+    }
+
+    /// Starts a sync of everything written so far for [`sync_together`]: `None` when it is
+    /// durable already, or when another sync runs (`busy` is then set). The bool says whether
+    /// it must be a full sync (metadata changes are pending).
+    fn claim_sync(&self, busy: &mut bool) -> Option<(Ticket, bool)> {
+        let t = self.ticket();
+        let mut s = lock(&self.sync);
+        if self.is_poisoned() || s.durable_offset >= t.end {
+            return None;
+        }
+        if s.syncing {
+            *busy = true;
+            return None;
+        }
+        s.syncing = true;
+        let full = t.metadata_changes > s.metadata_synced;
+        Some((t, full))
     }
 
     /// Makes everything written so far durable (the interval flusher and shutdown use this).
@@ -942,6 +1012,118 @@ impl Partition {
         };
         self.delete_segments(&doomed)
     }
+}
+
+/// Makes everything written to `partitions` so far durable, as [`Partition::flush`] on each
+/// would, but with one flush of the device's write cache for all of them rather than one per
+/// partition: the partitions' appends are written back to the device together
+/// ([`crate::io::File::wait_writeback`]), then one full sync flushes the cache. A partition whose
+/// segment changed its metadata since its last full sync (a longer file, newly written space, a
+/// new segment) gets a full sync of its own, which flushes the cache too. Returns the first error;
+/// a partition whose sync failed is poisoned.
+pub fn sync_together(partitions: &[Arc<Partition>]) -> Result<()> {
+    if let [p] = partitions {
+        return p.flush();
+    }
+    let mut busy = Vec::new();
+    let mut claims = Vec::new();
+    for p in partitions {
+        let mut is_busy = false;
+        if let Some((t, full)) = p.claim_sync(&mut is_busy) {
+            claims.push(Claim {
+                p,
+                domain: t.file.cache_domain(),
+                t,
+                full,
+                result: None,
+            });
+        }
+        if is_busy {
+            busy.push(p);
+        }
+    }
+    let started = std::time::Instant::now();
+    // The writes of every partition go to the device side by side; the syncs below wait for them.
+    let mut starts: Vec<_> = claims.iter().map(|c| c.t.file.start_writeback()).collect();
+    // Partitions that can share a flush, by cache domain; the rest sync alone.
+    let mut domains: Vec<u64> = claims.iter().filter_map(|c| c.domain).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    for d in domains {
+        let members: Vec<usize> = (0..claims.len())
+            .filter(|&i| claims[i].domain == Some(d))
+            .collect();
+        let shared: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| !claims[i].full)
+            .collect();
+        let mut flushers: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| claims[i].full)
+            .collect();
+        if shared.len() + flushers.len() < 2 || flushers.len() == members.len() {
+            continue;
+        }
+        // The last one's full sync flushes the cache when nobody else's does.
+        let (shared, last) = match flushers.is_empty() {
+            true => (&shared[..shared.len() - 1], shared.last().copied()),
+            false => (&shared[..], None),
+        };
+        flushers.extend(last);
+        for &i in shared {
+            let started = std::mem::replace(&mut starts[i], Ok(()));
+            claims[i].result = Some(started.and_then(|()| claims[i].t.file.wait_writeback()));
+        }
+        // Each full sync starts after every writeback above ended, so its cache flush covers them.
+        let mut flushed = false;
+        for &i in &flushers {
+            let r = claims[i].t.file.sync();
+            flushed |= r.is_ok();
+            claims[i].result = Some(r);
+        }
+        for &i in shared {
+            if !flushed && let Some(Ok(())) = claims[i].result {
+                claims[i].result = Some(Err(std::io::Error::other(
+                    "the device's write cache was not flushed",
+                )));
+            }
+            claims[i].full = false;
+        }
+        for &i in &flushers {
+            claims[i].full = true;
+        }
+    }
+    let mut first_error = None;
+    for c in &mut claims {
+        let result = match c.result.take() {
+            Some(r) => r,
+            None => {
+                c.full = true;
+                c.t.file.sync()
+            }
+        };
+        if let Err(e) = c.p.finish_sync(&c.t, c.full, result, started.elapsed()) {
+            first_error.get_or_insert(e);
+        }
+    }
+    for p in busy {
+        if let Err(e) = p.flush() {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// A partition's part in [`sync_together`].
+struct Claim<'a> {
+    p: &'a Arc<Partition>,
+    t: Ticket,
+    domain: Option<u64>,
+    /// Whether the sync must be (or was) a full one.
+    full: bool,
+    result: Option<std::io::Result<()>>,
 }
 
 fn size_of_active(w: &Writer) -> u64 {

@@ -333,14 +333,12 @@ impl Log {
 
     /// Makes everything written durable (interval flushes, shutdown).
     pub fn flush(&self) -> Result<()> {
-        for topic in self.topics() {
-            for p in &topic.partitions {
-                if !p.is_poisoned() {
-                    p.flush()?;
-                }
-            }
-        }
-        Ok(())
+        let partitions: Vec<_> = self
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions.iter().filter(|p| !p.is_poisoned()).cloned())
+            .collect();
+        crate::partition::sync_together(&partitions)
     }
 
     /// Applies every topic's retention. Returns the number of segments deleted.

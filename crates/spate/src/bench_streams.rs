@@ -123,10 +123,13 @@ impl Store for SpateStore {
             .body(event)
             .send()
             .await?;
-        match r.status().as_u16() {
+        let status = r.status().as_u16();
+        // Read the answer whole, as a client would.
+        let body = r.bytes().await?;
+        match status {
             201 => Ok(true),
             409 => Ok(false),
-            s => anyhow::bail!("append: {s} {}", r.text().await.unwrap_or_default()),
+            s => anyhow::bail!("append: {s} {}", String::from_utf8_lossy(&body)),
         }
     }
 
@@ -447,15 +450,19 @@ async fn run_store<S: Store>(
     Ok((o.appends_per_s, ms(&o.hist, 0.99)))
 }
 
+fn client(a: &StreamsBenchArgs) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(a.clients)
+        .build()?)
+}
+
 pub async fn run(a: StreamsBenchArgs) -> Result<()> {
     ensure!(
         a.streams > 0 && a.clients > 0,
         "--streams and --clients must be positive"
     );
     let server = crate::bench_push::start_server()?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.clients)
-        .build()?;
+    let http = client(&a)?;
     server.create_topic(&http, "es", a.partitions).await?;
     println!(
         "# spate bench streams: {} streams (Zipf s={}), {} clients, {} B events, {} s per phase, {} CPUs",
@@ -488,9 +495,7 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
         println!("| store | read 100-event stream p50 / p99 ms | reads/s |");
         println!("|---|---|---|");
         let spate = Arc::new(SpateStore {
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(a.clients)
-                .build()?,
+            http: client(&a)?,
             base: format!("http://{}", server.addr),
             attempts: AtomicU64::new(1 << 40),
         });

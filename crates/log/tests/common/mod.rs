@@ -37,9 +37,19 @@ pub fn small_topic() -> TopicConfig {
     }
 }
 
-/// Every record of a partition from `from` to its high watermark, as (offset, value).
+/// Every record of partition 0 from `from` to its high watermark, as (offset, value).
 pub fn read_all(log: &Log, topic: &str, from: u64) -> Vec<(u64, Vec<u8>)> {
-    let p = log.topic(topic).unwrap().partition(0).unwrap().clone();
+    read_partition(log, topic, 0, from)
+}
+
+/// Every record of a partition from `from` to its high watermark, as (offset, value).
+pub fn read_partition(log: &Log, topic: &str, partition: u32, from: u64) -> Vec<(u64, Vec<u8>)> {
+    let p = log
+        .topic(topic)
+        .unwrap()
+        .partition(partition)
+        .unwrap()
+        .clone();
     let mut out = Vec::new();
     let mut offset = from;
     while offset < p.high_watermark() {

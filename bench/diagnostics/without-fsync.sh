@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Diagnostic, not a configuration: runs a `spate bench` workload with fsync and fdatasync turned
-# into no-ops (an LD_PRELOAD shim built here), in the bench process and the server it starts. The
+# Diagnostic, not a configuration: runs a `spate bench` workload with fsync, fdatasync and
+# sync_file_range turned into no-ops (an LD_PRELOAD shim built here), in the bench process and the server it starts. The
 # difference from a normal run is what the fsyncs cost; what is left is the ceiling of the code
 # path itself on this machine. Acknowledged data is NOT durable in such a run.
 #
@@ -18,6 +18,9 @@ trap 'rm -rf "$SHIM_DIR"' EXIT
 cat > "$SHIM_DIR/nofsync.c" <<'C'
 int fsync(int fd) { (void)fd; return 0; }
 int fdatasync(int fd) { (void)fd; return 0; }
+int sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags) {
+  (void)fd; (void)offset; (void)nbytes; (void)flags; return 0;
+}
 C
 cc -shared -fPIC -O2 -o "$SHIM_DIR/nofsync.so" "$SHIM_DIR/nofsync.c"
 cargo build --release -q -p spate

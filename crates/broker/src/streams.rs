@@ -684,6 +684,7 @@ impl Broker {
         expected: Expected,
         mut events: Vec<Event>,
     ) -> Result<StreamAppend> {
+        let started = std::time::Instant::now();
         check_stream_id(stream)?;
         if events.is_empty() {
             return Err(BrokerError::Stream(StreamError::InvalidStream(
@@ -790,6 +791,8 @@ impl Broker {
         }
         drop(writer);
         self.acknowledgeable(&part.partition, appended).await?;
+        metrics::histogram!("spate_publish_to_durable_seconds", "protocol" => "http")
+            .record(started.elapsed().as_secs_f64());
         Ok(StreamAppend {
             first_version: current,
             last_version: current + n - 1,

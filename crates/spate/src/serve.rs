@@ -357,12 +357,12 @@ fn describe_metrics() {
     describe_histogram!(
         "spate_fsync_seconds",
         Unit::Seconds,
-        "Duration of each fsync of a segment."
+        "Duration of each sync of a partition (a round that syncs several together counts once for each)."
     );
     describe_histogram!(
         "spate_publish_to_durable_seconds",
         Unit::Seconds,
-        "From a publish or produce request's arrival to its records being durable."
+        "From a publish, stream append or produce request's arrival to its records being durable."
     );
     describe_histogram!(
         "spate_durable_to_delivered_seconds",

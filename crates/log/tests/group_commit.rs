@@ -57,23 +57,31 @@ fn settle(ps: &[Arc<Partition>], pending: &mut [Vec<Record>], acked: &mut [Vec<R
 
 type Record = (u64, Vec<u8>);
 
-#[test]
-fn small_appends_to_several_partitions_share_one_flush() {
-    let disk = MemStorage::new();
-    let log = open(&disk, config()).unwrap();
+/// A log whose topic got one append per partition, synced together; with the full syncs that
+/// round made.
+fn after_first_round(disk: &MemStorage) -> (Log, Vec<Arc<Partition>>, u64) {
+    let log = open(disk, config()).unwrap();
     log.create_topic("t", topic(), 0).unwrap();
     let ps = partitions(&log);
-    // First appends grow each segment file: every partition needs a full sync of its own.
     for p in &ps {
         append(p, b"first");
     }
     let before = disk.file_syncs();
     sync_together(&ps).unwrap();
-    assert_eq!(disk.file_syncs() - before, u64::from(PARTITIONS));
-    // Appends into space already written: one full sync flushes them all.
+    let syncs = disk.file_syncs() - before;
     for p in &ps {
         append(p, b"second");
     }
+    (log, ps, syncs)
+}
+
+#[test]
+fn small_appends_to_several_partitions_share_one_flush() {
+    let disk = MemStorage::new();
+    let (_log, ps, first_round) = after_first_round(&disk);
+    // The first appends grew each segment file: every partition needed a full sync of its own.
+    assert_eq!(first_round, u64::from(PARTITIONS));
+    // Appends into space already written: one full sync flushes them all.
     let before = disk.file_syncs();
     sync_together(&ps).unwrap();
     assert_eq!(disk.file_syncs() - before, 1);
@@ -89,16 +97,7 @@ fn small_appends_to_several_partitions_share_one_flush() {
 #[test]
 fn a_crash_before_the_flush_keeps_the_round_invisible() {
     let disk = MemStorage::new();
-    let log = open(&disk, config()).unwrap();
-    log.create_topic("t", topic(), 0).unwrap();
-    let ps = partitions(&log);
-    for p in &ps {
-        append(p, b"first");
-    }
-    sync_together(&ps).unwrap();
-    for p in &ps {
-        append(p, b"second");
-    }
+    let (_log, ps, _) = after_first_round(&disk);
     // Three writebacks, then the flush: the crash takes the flush.
     disk.crash_at_sync(u64::from(PARTITIONS));
     assert!(sync_together(&ps).is_err());

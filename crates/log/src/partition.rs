@@ -1067,11 +1067,14 @@ pub fn sync_together(partitions: &[Arc<Partition>]) -> Result<()> {
             continue;
         }
         // The last one's full sync flushes the cache when nobody else's does.
-        let (shared, last) = match flushers.is_empty() {
-            true => (&shared[..shared.len() - 1], shared.last().copied()),
-            false => (&shared[..], None),
+        let shared = if flushers.is_empty() {
+            let (&last, rest) = shared.split_last().expect("two members or more");
+            claims[last].full = true;
+            flushers.push(last);
+            rest
+        } else {
+            &shared[..]
         };
-        flushers.extend(last);
         for &i in shared {
             let started = std::mem::replace(&mut starts[i], Ok(()));
             claims[i].result = Some(started.and_then(|()| claims[i].t.file.wait_writeback()));
@@ -1089,10 +1092,6 @@ pub fn sync_together(partitions: &[Arc<Partition>]) -> Result<()> {
                     "the device's write cache was not flushed",
                 )));
             }
-            claims[i].full = false;
-        }
-        for &i in &flushers {
-            claims[i].full = true;
         }
     }
     let mut first_error = None;

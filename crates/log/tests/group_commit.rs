@@ -111,6 +111,19 @@ fn a_crash_before_the_flush_keeps_the_round_invisible() {
     }
 }
 
+#[test]
+fn a_failed_flush_fails_every_partition_that_waited_for_it() {
+    let disk = MemStorage::new();
+    let (_log, ps, _) = after_first_round(&disk);
+    // Three writebacks, then the flush, which fails.
+    disk.fail_sync_at(u64::from(PARTITIONS));
+    assert!(sync_together(&ps).is_err());
+    for p in &ps {
+        assert!(p.is_poisoned(), "partition {}", p.id);
+        assert_eq!(p.high_watermark(), 1, "partition {}", p.id);
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Round {
     /// (partition, value size) of each append in the round.

@@ -407,12 +407,6 @@ pub fn read_offsets_with<T>(
     Ok(out)
 }
 
-/// What the broker keeps for a partition someone waits on.
-struct Watched {
-    /// Its high watermark, updated as it advances.
-    hw: tokio::sync::watch::Receiver<u64>,
-}
-
 /// Bytes a batch may carry beyond its records' estimated sizes (header and varints).
 const BATCH_SLACK_BYTES: u64 = 256;
 
@@ -421,7 +415,7 @@ pub struct Broker {
     limits: Limits,
     /// Partitions that someone waits on (their high watermark channel), keyed by partition
     /// identity.
-    watches: std::sync::Mutex<std::collections::HashMap<usize, Watched>>,
+    watches: std::sync::Mutex<std::collections::HashMap<usize, tokio::sync::watch::Receiver<u64>>>,
     /// Runs the fsyncs that appends wait for, across partitions.
     committer: Arc<durable::Committer>,
     /// Picks the partition of unkeyed events, one request at a time.
@@ -542,25 +536,23 @@ impl Broker {
         &self,
         partition: &Arc<spate_log::Partition>,
     ) -> tokio::sync::watch::Receiver<u64> {
-        self.watched(partition, |w| w.hw.clone())
-    }
-
-    /// Runs `f` on the partition's entry, made on first use.
-    fn watched<T>(
-        &self,
-        partition: &Arc<spate_log::Partition>,
-        f: impl FnOnce(&Watched) -> T,
-    ) -> T {
         let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        f(watches
+        watches
             .entry(Arc::as_ptr(partition) as usize)
             .or_insert_with(|| {
-                let (tx, rx) = tokio::sync::watch::channel(partition.high_watermark());
+                let (tx, rx) = tokio::sync::watch::channel(0);
+                let tx = Arc::new(tx);
+                let sender = tx.clone();
+                // Keeps the highest value: listeners may be called out of order. A call with the
+                // same value (a poisoned partition) still wakes the receivers.
                 partition.add_listener(Box::new(move |hw| {
-                    tx.send_replace(hw);
+                    sender.send_modify(|v| *v = (*v).max(hw));
                 }));
-                Watched { hw: rx }
-            }))
+                // Read after the listener is in place, so that an advance in between is not lost.
+                tx.send_modify(|v| *v = (*v).max(partition.high_watermark()));
+                rx
+            })
+            .clone()
     }
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {

@@ -53,10 +53,10 @@ impl Committer {
                     let round: Vec<Arc<Partition>> = {
                         let mut s = committer.state.lock().unwrap_or_else(|e| e.into_inner());
                         // Covered, or never to be: a failed fsync poisons its partition, which
-                        // wakes its waiters.
-                        s.wanted.retain(|_, (p, end)| {
-                            p.high_watermark() < *end && !p.is_poisoned() && !p.is_closed()
-                        });
+                        // wakes its waiters. (A partition closed by its topic's deletion is still
+                        // synced: appends made before the deletion wait for it.)
+                        s.wanted
+                            .retain(|_, (p, end)| p.high_watermark() < *end && !p.is_poisoned());
                         if s.wanted.is_empty() {
                             s.running = false;
                             return;
@@ -113,5 +113,83 @@ impl Broker {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use spate_log::batch::{self, NewRecord};
+    use spate_log::mem::MemStorage;
+    use spate_log::{Log, LogConfig, TopicConfig};
+
+    use super::*;
+
+    fn broker() -> (MemStorage, Arc<Broker>) {
+        let disk = MemStorage::new();
+        let log = Log::open(
+            Arc::new(disk.clone()),
+            std::path::Path::new("/d"),
+            LogConfig::default(),
+        )
+        .unwrap();
+        let topic = TopicConfig {
+            partitions: 3,
+            ..TopicConfig::default()
+        };
+        log.create_topic("t", topic, 0).unwrap();
+        (
+            disk,
+            Arc::new(Broker::new(Arc::new(log), Default::default())),
+        )
+    }
+
+    fn append(p: &Partition) -> Appended {
+        let record = NewRecord {
+            timestamp_ms: 0,
+            key: None,
+            value: Some(b"v".to_vec()),
+            headers: Vec::new(),
+        };
+        let mut b = batch::encode(&[record]).unwrap();
+        p.append_unsynced(&mut b, 0, &TopicConfig::default())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_to_several_partitions_are_acknowledged_together_once_durable() {
+        let (disk, broker) = broker();
+        let parts = broker.topic("t").unwrap().partitions.clone();
+        let appended: Vec<Appended> = parts.iter().map(|p| append(p)).collect();
+        for (p, a) in parts.iter().zip(&appended) {
+            broker.sync_soon(p, *a);
+        }
+        for (p, a) in parts.iter().zip(&appended) {
+            broker.acknowledgeable(p, *a).await.unwrap();
+        }
+        // What was acknowledged survives a crash.
+        let after = Log::open(
+            Arc::new(disk.restart(spate_log::mem::Unsynced::Drop)),
+            std::path::Path::new("/d"),
+            LogConfig::default(),
+        )
+        .unwrap();
+        for p in &after.topic("t").unwrap().partitions {
+            assert_eq!(p.high_watermark(), 1, "partition {}", p.id);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_made_before_its_topic_was_deleted_is_still_acknowledged() {
+        let (_disk, broker) = broker();
+        let p = broker.topic("t").unwrap().partitions[0].clone();
+        let a = append(&p);
+        broker.log().delete_topic("t").unwrap();
+        assert!(p.is_closed());
+        tokio::time::timeout(Duration::from_secs(10), broker.acknowledgeable(&p, a))
+            .await
+            .expect("the append's fsync must not be dropped with its topic")
+            .unwrap();
     }
 }

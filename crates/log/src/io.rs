@@ -98,7 +98,8 @@ pub struct FsStorage;
 
 struct FsFile {
     file: std::fs::File,
-    /// The device the file lives on (see [`File::cache_domain`]).
+    /// The device the file lives on, where its file system overwrites in place (see
+    /// [`File::cache_domain`]).
     device: Option<u64>,
 }
 
@@ -114,10 +115,12 @@ impl Storage for FsStorage {
             .create(create)
             .truncate(false)
             .open(path)?;
-        let device = {
-            use std::os::unix::fs::MetadataExt;
-            file.metadata().ok().map(|m| m.dev())
-        };
+        let device = overwrites_in_place(&file)
+            .then(|| {
+                use std::os::unix::fs::MetadataExt;
+                file.metadata().ok().map(|m| m.dev())
+            })
+            .flatten();
         Ok(Arc::new(FsFile { file, device }))
     }
 
@@ -256,6 +259,32 @@ impl File for FsFile {
     }
 }
 
+/// Whether the file system writes data over written blocks in place, so that writing back an
+/// overwrite changes no metadata and a later flush of the device's cache makes it durable: ext2,
+/// ext3, ext4 and XFS (whose log files are never reflinked). Copy-on-write file systems (Btrfs,
+/// ZFS, bcachefs) write every overwrite elsewhere and must commit metadata for it, and others are
+/// not known: their files never share a flush ([`File::cache_domain`] is `None`).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn overwrites_in_place(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    const EXT_SUPER_MAGIC: u64 = 0xEF53;
+    const XFS_SUPER_MAGIC: u64 = 0x5846_5342;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes a `statfs` into the memory given; it is read only on success.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: initialized by the successful call above.
+    let kind = unsafe { st.assume_init() }.f_type as u64;
+    matches!(kind, EXT_SUPER_MAGIC | XFS_SUPER_MAGIC)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn overwrites_in_place(_: &std::fs::File) -> bool {
+    false
+}
+
 impl FsFile {
     /// `sync_file_range` over the whole file.
     #[cfg(target_os = "linux")]
@@ -353,6 +382,34 @@ mod tests {
     fn nice() -> i32 {
         // SAFETY: reads this thread's nice value.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn files_share_flushes_only_on_file_systems_that_overwrite_in_place() {
+        use super::{FsStorage, Storage};
+        // tmpfs is not among them (nor is any copy-on-write file system).
+        let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a tmpfs on Linux");
+        let f = FsStorage.open_file(&dir.path().join("a"), true).unwrap();
+        assert_eq!(f.cache_domain(), None);
+        // ext4 and XFS are; files on the same device share their domain.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let (a, b) = (
+            FsStorage.open_file(&a, true).unwrap(),
+            FsStorage.open_file(&b, true).unwrap(),
+        );
+        let kind = std::process::Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let kind = String::from_utf8_lossy(&kind.stdout).trim().to_string();
+        if kind.starts_with("ext") || kind == "xfs" {
+            assert!(a.cache_domain().is_some(), "{kind}");
+            assert_eq!(a.cache_domain(), b.cache_domain());
+        } else {
+            assert_eq!(a.cache_domain(), None, "{kind}");
+        }
     }
 
     #[test]

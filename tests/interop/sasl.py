@@ -27,6 +27,18 @@ def sasl(password):
     }
 
 
+def consumed(c, n):
+    """The values, as numbers, of what the subscribed consumer `c` receives until it has `n` or
+    60 s have passed."""
+    got = []
+    deadline = time.time() + 60
+    while len(got) < n and time.time() < deadline:
+        for m in c.consume(100, 0.5):
+            if not m.error():
+                got.append(int(m.value()))
+    return got
+
+
 def librdkafka():
     admin = AdminClient(sasl(TOKEN))
     for f in admin.create_topics([NewTopic(TOPIC, num_partitions=2, replication_factor=1)]).values():
@@ -38,12 +50,7 @@ def librdkafka():
         sys.exit("librdkafka: messages undelivered")
     c = Consumer({**sasl(TOKEN), "group.id": "secured-group", "auto.offset.reset": "earliest"})
     c.subscribe([TOPIC])
-    got = []
-    deadline = time.time() + 60
-    while len(got) < 200 and time.time() < deadline:
-        for m in c.consume(100, 0.5):
-            if not m.error():
-                got.append(int(m.value()))
+    got = consumed(c, 200)
     c.close()
     if sorted(got) != list(range(200)):
         sys.exit(f"librdkafka: consumed {len(got)} of 200")
@@ -88,12 +95,7 @@ def kafka_python():
 def read_only():
     c = Consumer({**sasl(READER), "group.id": "secured-reader", "auto.offset.reset": "earliest"})
     c.subscribe([TOPIC])
-    got = []
-    deadline = time.time() + 60
-    while len(got) < 250 and time.time() < deadline:
-        for m in c.consume(100, 0.5):
-            if not m.error():
-                got.append(int(m.value()))
+    got = consumed(c, 250)
     c.commit(asynchronous=False)
     c.close()
     if sorted(got) != list(range(250)):

@@ -57,6 +57,12 @@ fn settle(ps: &[Arc<Partition>], pending: &mut [Vec<Record>], acked: &mut [Vec<R
 
 type Record = (u64, Vec<u8>);
 
+fn assert_high_watermarks(ps: &[Arc<Partition>], hw: u64) {
+    for p in ps {
+        assert_eq!(p.high_watermark(), hw, "partition {}", p.id);
+    }
+}
+
 /// A log whose topic got one append per partition, synced together; with the full syncs that
 /// round made.
 fn after_first_round(disk: &MemStorage) -> (Log, Vec<Arc<Partition>>, u64) {
@@ -85,13 +91,9 @@ fn small_appends_to_several_partitions_share_one_flush() {
     let before = disk.file_syncs();
     sync_together(&ps).unwrap();
     assert_eq!(disk.file_syncs() - before, 1);
-    for p in &ps {
-        assert_eq!(p.high_watermark(), 2);
-    }
+    assert_high_watermarks(&ps, 2);
     let after = open(&disk.restart(Unsynced::Drop), config()).unwrap();
-    for p in partitions(&after) {
-        assert_eq!(p.high_watermark(), 2, "partition {}", p.id);
-    }
+    assert_high_watermarks(&partitions(&after), 2);
 }
 
 #[test]
@@ -101,14 +103,10 @@ fn a_crash_before_the_flush_keeps_the_round_invisible() {
     // Three writebacks, then the flush: the crash takes the flush.
     disk.crash_at_sync(u64::from(PARTITIONS));
     assert!(sync_together(&ps).is_err());
-    for p in &ps {
-        assert_eq!(p.high_watermark(), 1, "partition {}", p.id);
-    }
+    assert_high_watermarks(&ps, 1);
     // Written back but never flushed: gone, as from a disk's volatile cache.
     let after = open(&disk.restart(Unsynced::Drop), config()).unwrap();
-    for p in partitions(&after) {
-        assert_eq!(p.high_watermark(), 1, "partition {}", p.id);
-    }
+    assert_high_watermarks(&partitions(&after), 1);
 }
 
 #[test]
@@ -118,9 +116,9 @@ fn a_failed_flush_fails_every_partition_that_waited_for_it() {
     // Three writebacks, then the flush, which fails.
     disk.fail_sync_at(u64::from(PARTITIONS));
     assert!(sync_together(&ps).is_err());
+    assert_high_watermarks(&ps, 1);
     for p in &ps {
         assert!(p.is_poisoned(), "partition {}", p.id);
-        assert_eq!(p.high_watermark(), 1, "partition {}", p.id);
     }
 }
 

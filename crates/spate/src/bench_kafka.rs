@@ -25,10 +25,11 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use spate_log::batch::{self, NewRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+
 /// The reading and writing halves of a connection, plain or TLS.
 type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
 type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
-use tokio::sync::{Semaphore, mpsc};
 
 const PRODUCE_VERSION: i16 = 9;
 const FETCH_VERSION: i16 = 12;
@@ -481,14 +482,9 @@ async fn read_frame(rd: &mut Reader, buf: &mut BytesMut) -> Result<Bytes> {
 
 /// A TLS client trusting the CA certificates of a PEM file.
 fn connector(ca_file: &std::path::Path) -> Result<tokio_rustls::TlsConnector> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file)
-        .with_context(|| format!("cannot read {}", ca_file.display()))?
-    {
-        roots
-            .add(cert.with_context(|| format!("{} holds a bad certificate", ca_file.display()))?)?;
+    for cert in crate::tls::certificates(ca_file, "CA certificate")? {
+        roots.add(cert)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

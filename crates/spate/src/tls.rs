@@ -71,7 +71,7 @@ impl ResolvesServerCert for Certificate {
 
 /// The PEM certificates of a file, at least one. `what` names the file in errors, which never
 /// quote its contents.
-fn certificates(file: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn certificates(file: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| anyhow::anyhow!("cannot read the {what} file {}: {e}", file.display()))?;

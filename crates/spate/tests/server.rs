@@ -411,14 +411,7 @@ async fn metrics_are_valid_prometheus_text_and_count_what_happened() {
                 "type": "t", "data": if i < 3 { serde_json::json!({"n": i + 1}) } else { serde_json::json!({}) }})
         })
         .collect();
-    let r = http
-        .post(format!("{url}/v1/topics/m/events"))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(serde_json::to_vec(&events).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    common::publish_batch(&http, &url, "m", &events).await;
     // Three events match; read until all three arrived.
     let mut text = String::new();
     while text.matches("\"offset\"").count() < 3 {
@@ -865,7 +858,7 @@ async fn cli_manages_detectors_and_metrics_count_their_alerts() {
 
 #[tokio::test]
 async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     let token = "ops-0123456789abcdef";
@@ -976,12 +969,7 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
     .unwrap();
     let mut got = Vec::new();
     while got.len() < 2 {
-        let m = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        got.push(serde_json::from_str::<Value>(m.to_text().unwrap()).unwrap());
+        got.push(next_json(&mut ws).await);
     }
     assert_eq!(got[0]["op"], "subscribed");
     assert_eq!(got[1]["event"]["id"], "e1");
@@ -1016,6 +1004,25 @@ async fn access_tokens_guard_http_websocket_sse_and_the_cli() {
 
 /// A server with TLS on both listeners (and `extra` flags), its self-signed certificate and key
 /// written into `dir` as `cert.pem` and `key.pem`; the server and the certificate's PEM.
+/// The next message of a WebSocket, as JSON, within 10 s.
+async fn next_json<S>(ws: &mut S) -> Value
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+        .await
+        .expect("a WebSocket message within 10 s")
+        .expect("the WebSocket is open")
+        .unwrap();
+    serde_json::from_str(msg.to_text().unwrap()).unwrap()
+}
+
 fn start_tls(dir: &std::path::Path, extra: &[&str]) -> (common::Server, String) {
     let cert_pem = common::self_signed(dir);
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -1097,7 +1104,7 @@ async fn kafka_api_versions<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Un
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_files() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     let dir = tempfile::tempdir().unwrap();
     let (server, cert_pem) = start_tls(dir.path(), &[]);
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -1148,12 +1155,7 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
     .unwrap();
     let mut got = None;
     while got.is_none() {
-        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
-            .await
-            .expect("an event within 10 s")
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        let v = next_json(&mut ws).await;
         if v["op"] == "event" {
             got = Some(v);
         }
@@ -1327,7 +1329,7 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_token_reads_and_consumes_but_changes_nothing() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     let (full, reader) = ("full-0123456789abcdef", "reader-0123456789abcdef");
@@ -1442,12 +1444,7 @@ async fn a_read_only_token_reads_and_consumes_but_changes_nothing() {
     .unwrap();
     let (mut refused, mut received) = (None, None);
     while refused.is_none() || received.is_none() {
-        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
-            .await
-            .expect("answers within 10 s")
-            .unwrap()
-            .unwrap();
-        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        let v = next_json(&mut ws).await;
         match v["op"].as_str() {
             Some("error") => refused = Some(v),
             Some("event") => received = Some(v),
@@ -1549,14 +1546,7 @@ async fn kafka_responses_over_tls_arrive_whole_when_the_client_reads_late() {
                 "type": "t.big", "data": {"pad": pad}})
         })
         .collect();
-    let r = https
-        .post(format!("{}/v1/topics/big/events", server.url))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(serde_json::to_vec(&events).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    common::publish_batch(&https, &server.url, "big", &events).await;
     // Sixteen fetches of all of it, pipelined, and nothing read until the socket is full: each
     // response must still arrive whole once the client reads.
     let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();

@@ -187,6 +187,23 @@ pub async fn create_topic(client: &reqwest::Client, url: &str, name: &str, parti
     assert_eq!(r.status().as_u16(), 201, "create topic {name}");
 }
 
+/// Publishes a batch of CloudEvents to `topic` and checks that it was accepted.
+pub async fn publish_batch(
+    client: &reqwest::Client,
+    url: &str,
+    topic: &str,
+    events: &[serde_json::Value],
+) {
+    let r = client
+        .post(format!("{url}/v1/topics/{topic}/events"))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(events).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "publish to {topic}");
+}
+
 /// The seed of a randomized test: `SPATE_CRASH_SEED`, or one from the clock.
 pub fn seed() -> u64 {
     std::env::var("SPATE_CRASH_SEED")

@@ -54,6 +54,23 @@ impl Client {
         assert_eq!(r.status, 201, "{name}: {:?}", r.body);
     }
 
+    /// All rows of a projection (up to 1,000) once it has applied everything before
+    /// `position`, as (key, value).
+    async fn rows_after(&self, name: &str, position: &str) -> Vec<(Value, Value)> {
+        let r = self
+            .get(&format!(
+                "/v1/projections/{name}/rows?limit=1000&after_position={position}"
+            ))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["key"].clone(), r["value"].clone()))
+            .collect()
+    }
+
     async fn status_until(&self, name: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -552,6 +569,9 @@ async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
     let reduce = json!({"aggregate": {"n": "count()", "total": "sum(data.amount)", "top": "max(data.amount)"}});
     c.define("live", json!({"topic": "orders", "reduce": reduce}))
         .await;
+    let count = |rows: &[(Value, Value)]| -> u64 {
+        rows.iter().map(|(_, v)| v["n"].as_u64().unwrap()).sum()
+    };
     let writer = {
         let c = Client::new(server.addr);
         tokio::spawn(async move {
@@ -570,12 +590,18 @@ async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
                     .map(|(k, v)| (k.as_str(), v.clone()))
                     .collect();
                 position = c.publish("orders", &refs).await;
+                // Read-your-writes holds through the rebuilds: the rows read count every event
+                // published so far, never fewer (a generation taking over behind its
+                // predecessor would show fewer).
+                let rows = c.rows_after("live", &position).await;
+                assert_eq!(rows.len(), 37, "after batch {batch}");
+                assert_eq!(count(&rows), (batch + 1) * 50, "after batch {batch}");
             }
             position
         })
     };
-    // Rebuild twice while the writer runs.
-    for _ in 0..2 {
+    // Rebuild four times while the writer runs.
+    for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let r = c
             .send(reqwest::Method::POST, "/v1/projections/live/rebuild", None)
@@ -586,30 +612,10 @@ async fn a_rebuild_during_ingestion_ends_equal_to_a_fold_from_scratch() {
     // A projection defined after the fact folds the whole log from scratch.
     c.define("fresh", json!({"topic": "orders", "reduce": reduce}))
         .await;
-    let rows = |name: &'static str| {
-        let c = &c;
-        let position = position.clone();
-        async move {
-            let r = c
-                .get(&format!(
-                    "/v1/projections/{name}/rows?limit=1000&after_position={position}"
-                ))
-                .await;
-            assert_eq!(r.status, 200, "{:?}", r.body);
-            let rows: Vec<(Value, Value)> = r.body["rows"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| (r["key"].clone(), r["value"].clone()))
-                .collect();
-            rows
-        }
-    };
-    let live = rows("live").await;
+    let live = c.rows_after("live", &position).await;
     assert_eq!(live.len(), 37);
-    assert_eq!(live, rows("fresh").await);
-    let n: u64 = live.iter().map(|(_, v)| v["n"].as_u64().unwrap()).sum();
-    assert_eq!(n, 2000);
+    assert_eq!(live, c.rows_after("fresh", &position).await);
+    assert_eq!(count(&live), 2000);
     server.stop().await;
 }
 

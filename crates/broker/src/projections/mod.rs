@@ -125,7 +125,7 @@ struct Proj {
     /// Positions applied, for read-your-writes waits.
     applied: watch::Sender<Vec<u64>>,
     /// Set (under the commit lock) once replaced or deleted: its follower writes nothing more.
-    retired: Arc<std::sync::atomic::AtomicBool>,
+    retired: std::sync::atomic::AtomicBool,
     /// Rows as last committed, so the follower need not read and decode them again.
     cache: Arc<Mutex<HashMap<String, Row>>>,
     /// Each row change, in order, once committed: for watchers.
@@ -174,9 +174,16 @@ impl Proj {
         self.pending.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Marks it replaced or deleted (under the commit lock) and wakes whoever waits for its
+    /// positions, so that they turn to its successor.
     fn retire(&self) {
         self.retired
             .store(true, std::sync::atomic::Ordering::Release);
+        self.applied.send_modify(|_| {});
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Where its state is stored.
@@ -424,8 +431,7 @@ impl Projections {
         blocking(move || {
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(old) = previous {
-                old.retired
-                    .store(true, std::sync::atomic::Ordering::Release);
+                old.retire();
             }
             metas
                 .insert(key, value)
@@ -481,15 +487,30 @@ impl Projections {
     }
 
     /// Makes a caught-up rebuild the projection: its state moves to the projection's key in one
-    /// atomic batch, the generation before it retires and its rows are deleted.
-    async fn promote(&self, name: &str, p: &Arc<Proj>) -> Result<()> {
+    /// atomic batch, the generation before it retires and its rows are deleted. Not before it
+    /// has applied at least what that generation has (on the same topic): a reader never sees
+    /// the projection go back, and a position reached stays reached. `false` when it did not
+    /// take over (not yet, or abandoned).
+    async fn promote(&self, name: &str, p: &Arc<Proj>) -> Result<bool> {
         let old = self.projs().get(name).cloned();
         let (db, metas, commit) = (self.db.clone(), self.metas.clone(), self.commit.clone());
         let (q, old_q, key) = (p.clone(), old.clone(), name.to_string());
         let promoted = blocking(move || {
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
-            if q.retired.load(std::sync::atomic::Ordering::Acquire) {
+            if q.is_retired() {
                 return Ok(false);
+            }
+            if let Some(o) = &old_q {
+                let (new, old) = (q.meta(), o.meta());
+                let behind = new.topic_created_ms == old.topic_created_ms
+                    && old
+                        .positions
+                        .iter()
+                        .enumerate()
+                        .any(|(i, at)| new.positions.get(i).is_none_or(|n| n < at));
+                if behind {
+                    return Ok(false);
+                }
             }
             let mut batch = db.batch();
             batch.insert(&metas, key.as_bytes().to_vec(), encode(&*q.meta()));
@@ -505,7 +526,7 @@ impl Projections {
         })
         .await?;
         if !promoted {
-            return Ok(());
+            return Ok(false);
         }
         self.projs().insert(name.to_string(), p.clone());
         self.pending_map().remove(name);
@@ -513,7 +534,7 @@ impl Projections {
             self.drop_rows(name, o.meta().generation);
         }
         tracing::info!(projection = name, "rebuild caught up and took over");
-        Ok(())
+        Ok(true)
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {
@@ -525,10 +546,10 @@ impl Projections {
             .ok_or_else(|| ProjectionError::NotFound(name.to_string()))?;
         let metas = self.metas.clone();
         let key = name.as_bytes().to_vec();
-        let (commit, retired) = (self.commit.clone(), p.retired.clone());
+        let (commit, q) = (self.commit.clone(), p.clone());
         blocking(move || {
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
-            retired.store(true, std::sync::atomic::Ordering::Release);
+            q.retire();
             metas
                 .remove(key)
                 .map_err(|e| BrokerError::Internal(format!("projection store: {e}")))
@@ -606,25 +627,35 @@ impl Projections {
         })
     }
 
-    /// Waits (at most `wait`) until the projection has applied everything before `token`.
+    /// Waits (at most `wait`) until the projection has applied everything before `token`. A
+    /// generation replaced meanwhile hands the wait on to its successor.
     pub async fn wait_for(&self, name: &str, token: &str, wait: Duration) -> Result<()> {
-        let p = self.get(name)?;
+        let deadline = tokio::time::Instant::now() + wait;
         let (topic, want) = parse_position(token)?;
-        if topic != p.compiled.definition.topic {
-            return Err(ProjectionError::Invalid(format!(
-                "the position is on topic {topic}; projection {name} reads {}",
-                p.compiled.definition.topic
-            )));
-        }
-        let mut rx = p.applied.subscribe();
         let reached = |v: &Vec<u64>| {
             want.iter()
                 .all(|(part, o)| v.get(*part as usize).is_some_and(|a| a >= o))
         };
-        match tokio::time::timeout(wait, rx.wait_for(reached)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(ProjectionError::NotFound(name.to_string())),
-            Err(_) => Err(ProjectionError::Timeout(wait)),
+        loop {
+            let p = self.get(name)?;
+            if topic != p.compiled.definition.topic {
+                return Err(ProjectionError::Invalid(format!(
+                    "the position is on topic {topic}; projection {name} reads {}",
+                    p.compiled.definition.topic
+                )));
+            }
+            let mut rx = p.applied.subscribe();
+            let done = rx.wait_for(|v| reached(v) || p.is_retired());
+            let now = match tokio::time::timeout_at(deadline, done).await {
+                Ok(Ok(v)) => reached(&v),
+                Ok(Err(_)) => return Err(ProjectionError::NotFound(name.to_string())),
+                Err(_) => return Err(ProjectionError::Timeout(wait)),
+            };
+            if now {
+                return Ok(());
+            }
+            // Retired: its successor is put in its place just after.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -687,13 +718,24 @@ impl Projections {
 
     /// One row, or `None`.
     pub async fn row(&self, name: &str, key: &str) -> Result<Option<Row>> {
-        let p = self.get(name)?;
-        let k = row_key(name, p.meta().generation, key);
-        // A point read is served from the store's memory or page cache in microseconds: it runs
-        // on the request's task rather than paying for a hop to the blocking pool.
-        let v = self.rows.get(k)?;
-        v.map(|v| serde_json::from_slice(&v).map_err(|e| ProjectionError::Store(e.to_string())))
-            .transpose()
+        loop {
+            let p = self.get(name)?;
+            let k = row_key(name, p.meta().generation, key);
+            // A point read is served from the store's memory or page cache in microseconds: it
+            // runs on the request's task rather than paying for a hop to the blocking pool.
+            let v = self.rows.get(k)?;
+            // A generation replaced meanwhile may have lost the row to the deletion of its rows:
+            // read its successor's.
+            if p.is_retired() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            return v
+                .map(|v| {
+                    serde_json::from_slice(&v).map_err(|e| ProjectionError::Store(e.to_string()))
+                })
+                .transpose();
+        }
     }
 
     /// Rows whose key starts with `prefix`, in key order, after key `after`, at most `limit`; and
@@ -705,7 +747,26 @@ impl Projections {
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<(String, Row)>, bool)> {
-        let p = self.get(name)?;
+        loop {
+            let p = self.get(name)?;
+            let found = self.rows_of(name, &p, prefix, after, limit).await?;
+            // A generation replaced meanwhile may have lost rows to the deletion of its rows:
+            // read its successor's.
+            if !p.is_retired() {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn rows_of(
+        &self,
+        name: &str,
+        p: &Proj,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, Row)>, bool)> {
         let base = row_prefix(name, p.meta().generation);
         let start = match after {
             Some(a) if a.as_bytes() >= prefix.as_bytes() => {
@@ -761,7 +822,7 @@ impl Projections {
 
     fn current(&self, name: &str, p: &Arc<Proj>) -> bool {
         !*self.stopped.borrow()
-            && !p.retired.load(std::sync::atomic::Ordering::Acquire)
+            && !p.is_retired()
             && (self.projs().get(name).is_some_and(|c| Arc::ptr_eq(c, p))
                 || self
                     .pending_map()
@@ -793,11 +854,16 @@ impl Projections {
                 continue;
             }
             if p.is_pending() && p.caught_up() {
-                if let Err(e) = self.promote(&name, &p).await {
-                    tracing::warn!(projection = %name, error = %e, "switching to a rebuild failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                match self.promote(&name, &p).await {
+                    Ok(true) => continue,
+                    // Still behind the generation it replaces: it follows on.
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(projection = %name, error = %e, "switching to a rebuild failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
                 }
-                continue;
             }
             match self.follow_step(&name, &p).await {
                 Ok(true) => backoff = Duration::from_millis(100),
@@ -873,7 +939,7 @@ impl Projections {
         let (rows, db, metas) = (self.rows.clone(), self.db.clone(), self.metas.clone());
         let key_name = name.to_string();
         let meta_key = p.meta_key(name);
-        let (commit, retired, cache) = (self.commit.clone(), p.retired.clone(), p.cache.clone());
+        let (commit, q, cache) = (self.commit.clone(), p.clone(), p.cache.clone());
         // Every change is kept, in order, only while someone watches.
         let watched = p.changes.receiver_count() > 0;
         let outcome = blocking(move || {
@@ -929,13 +995,16 @@ impl Projections {
             }
             batch.insert(&metas, meta_key, encode(&meta));
             let _held = commit.lock().unwrap_or_else(|e| e.into_inner());
-            if retired.load(std::sync::atomic::Ordering::Acquire) {
+            if q.is_retired() {
                 return Ok((meta, false, Vec::new()));
             }
             if let Err(e) = batch.commit() {
                 cache.clear();
                 return Err(BrokerError::Internal(format!("projection store: {e}")));
             }
+            // What is committed is its state from now on, also for a rebuild's promotion, which
+            // compares under the lock.
+            *q.meta() = meta.clone();
             if cache.len() + touched.len() > ROW_CACHE_MAX {
                 cache.clear();
             }

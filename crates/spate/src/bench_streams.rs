@@ -97,8 +97,11 @@ trait Store: Send + Sync + 'static {
 }
 
 struct SpateStore {
+    /// For setting up (publishing other streams' events).
     http: reqwest::Client,
     base: String,
+    /// For the measured requests: keep-alive connections, one per client at a time.
+    pool: crate::loadgen_http::HttpPool,
     /// Makes every attempt's event id unique, so that a conflict is not taken for a retry.
     attempts: AtomicU64,
 }
@@ -114,45 +117,50 @@ impl Store for SpateStore {
             "{{\"specversion\":\"1.0\",\"id\":\"{stream}-{version}-{attempt}\",\"source\":\"/bench\",\"type\":\"bench.appended\",\"data\":{{\"pad\":\"{data}\"}}}}"
         );
         let r = self
-            .http
-            .post(format!(
-                "{}/v1/topics/es/streams/{stream}/events?expected_version={expected}",
-                self.base
-            ))
-            .header("content-type", "application/cloudevents+json")
-            .body(event)
-            .send()
+            .pool
+            .request(
+                "POST",
+                &format!("/v1/topics/es/streams/{stream}/events?expected_version={expected}"),
+                Some("application/cloudevents+json"),
+                event.as_bytes(),
+            )
             .await?;
-        let status = r.status().as_u16();
-        // Read the answer whole, as a client would.
-        let body = r.bytes().await?;
-        match status {
+        match r.status {
             201 => Ok(true),
             409 => Ok(false),
-            s => anyhow::bail!("append: {s} {}", String::from_utf8_lossy(&body)),
+            s => anyhow::bail!("append: {s} {}", String::from_utf8_lossy(&r.body)),
         }
     }
 
     async fn read(&self, stream: String) -> Result<usize> {
         // Count the events without parsing the whole body (the PostgreSQL side does not parse
         // its rows either).
-        let body = self
-            .http
-            .get(format!(
-                "{}/v1/topics/es/streams/{stream}/events?limit=1000",
-                self.base
-            ))
-            .send()
-            .await?
-            .text()
+        let r = self
+            .pool
+            .request(
+                "GET",
+                &format!("/v1/topics/es/streams/{stream}/events?limit=1000"),
+                None,
+                b"",
+            )
             .await?;
+        ensure!(r.status == 200, "read: {}", r.status);
+        let body = std::str::from_utf8(&r.body)?;
         Ok(body.matches("\"version\":").count())
     }
 }
 
 struct PgStore {
-    clients: Vec<tokio_postgres::Client>,
+    /// Connections, each with its statements prepared once (as a driver's statement cache
+    /// would): an append is then one round trip.
+    clients: Vec<PgClient>,
     next: AtomicU64,
+}
+
+struct PgClient {
+    client: tokio_postgres::Client,
+    insert: tokio_postgres::Statement,
+    select: tokio_postgres::Statement,
 }
 
 impl PgStore {
@@ -173,16 +181,34 @@ impl PgStore {
                created timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (stream_id, version));",
         )
         .await?;
-        for c in &clients {
-            c.batch_execute("SET synchronous_commit = on").await?;
+        let mut prepared = Vec::new();
+        for client in clients {
+            client.batch_execute("SET synchronous_commit = on").await?;
+            let insert = client
+                .prepare(
+                    "INSERT INTO events (stream_id, version, event_id, type, data)
+                     VALUES ($1, $2, $3, 'bench.appended', $4::text::jsonb)",
+                )
+                .await?;
+            let select = client
+                .prepare(
+                    "SELECT version, event_id, type, data::text FROM events
+                     WHERE stream_id = $1 ORDER BY version",
+                )
+                .await?;
+            prepared.push(PgClient {
+                client,
+                insert,
+                select,
+            });
         }
         Ok(PgStore {
-            clients,
+            clients: prepared,
             next: AtomicU64::new(0),
         })
     }
 
-    fn client(&self) -> &tokio_postgres::Client {
+    fn client(&self) -> &PgClient {
         let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.clients.len();
         &self.clients[i]
     }
@@ -191,11 +217,11 @@ impl PgStore {
 impl Store for PgStore {
     async fn append(&self, stream: String, version: u64, data: Arc<String>) -> Result<bool> {
         let data = format!("{{\"pad\":\"{data}\"}}");
-        let r = self
-            .client()
+        let c = self.client();
+        let r = c
+            .client
             .execute(
-                "INSERT INTO events (stream_id, version, event_id, type, data)
-                 VALUES ($1, $2, $3, 'bench.appended', $4::text::jsonb)",
+                &c.insert,
                 &[
                     &stream,
                     &(version as i64),
@@ -214,14 +240,8 @@ impl Store for PgStore {
     }
 
     async fn read(&self, stream: String) -> Result<usize> {
-        let rows = self
-            .client()
-            .query(
-                "SELECT version, event_id, type, data::text FROM events
-                 WHERE stream_id = $1 ORDER BY version",
-                &[&stream],
-            )
-            .await?;
+        let c = self.client();
+        let rows = c.client.query(&c.select, &[&stream]).await?;
         Ok(rows.len())
     }
 }
@@ -481,6 +501,7 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
     let spate = Arc::new(SpateStore {
         http,
         base: format!("http://{}", server.addr),
+        pool: crate::loadgen_http::HttpPool::new(&server.addr),
         attempts: AtomicU64::new(0),
     });
     let mut cpu_notes = Vec::new();
@@ -497,6 +518,7 @@ pub async fn run(a: StreamsBenchArgs) -> Result<()> {
         let spate = Arc::new(SpateStore {
             http: client(&a)?,
             base: format!("http://{}", server.addr),
+            pool: crate::loadgen_http::HttpPool::new(&server.addr),
             attempts: AtomicU64::new(1 << 40),
         });
         fill_others(&spate, a.others).await?;

@@ -11,6 +11,7 @@ mod bench_subs;
 mod client;
 mod config;
 mod detector_cli;
+mod loadgen_http;
 mod nab;
 mod projection_cli;
 mod serve;

@@ -68,6 +68,8 @@ pub struct AppState {
     pub stopping: Option<tokio::sync::watch::Receiver<bool>>,
     /// The access tokens requests must present; `None`: no authentication.
     pub auth: Option<Arc<spate_broker::auth::Tokens>>,
+    /// Where push deliveries run; `None`: on the server's runtime.
+    pub deliveries: Option<Arc<push::DeliveryRuntime>>,
 }
 
 /// A response whose body is JSON text written by hand.

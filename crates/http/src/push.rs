@@ -30,6 +30,76 @@ use tokio::task::JoinHandle;
 
 use crate::{ApiError, ApiResult, AppState, consume};
 
+/// A runtime of its own for push deliveries: WebSocket subscriptions, projection watches,
+/// subscription consumers and the connections' writers. With thousands of subscribers their
+/// tasks would otherwise fill the server runtime's run queues, and every other piece of work (a
+/// publish and its reply, an append, a Kafka request) would wait behind a pass over all of them;
+/// on their own runtime the operating system shares the CPU between the two. Dropped, it stops
+/// at once without waiting for its tasks.
+pub struct DeliveryRuntime {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl DeliveryRuntime {
+    /// A runtime with `workers` threads.
+    pub fn new(workers: usize) -> std::io::Result<Arc<DeliveryRuntime>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name("spate-push")
+            .enable_all()
+            .build()?;
+        Ok(Arc::new(DeliveryRuntime { rt: Some(rt) }))
+    }
+
+    fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.rt {
+            Some(rt) => rt.spawn(f),
+            None => tokio::spawn(f),
+        }
+    }
+}
+
+impl Drop for DeliveryRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Spawns delivery work on the server's delivery runtime (the current one without it).
+fn spawn_delivery<F>(s: &AppState, f: F) -> JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match &s.deliveries {
+        Some(d) => d.spawn(f),
+        None => tokio::spawn(f),
+    }
+}
+
+/// The sending half of a WebSocket, shared by the connection's writer and the tasks that reply
+/// to publishes and acks.
+type Sink = Arc<tokio::sync::Mutex<SplitSink<WebSocket, Message>>>;
+
+/// Writes a reply to the socket at once, beside the queue of deliveries: a reply to a publish or
+/// an ack does not wait behind queued events, nor for the writer's turn on the delivery runtime.
+/// A socket that takes nothing for `stall` is the writer's to close.
+async fn reply_now(sink: &Sink, stall: Duration, v: Value) {
+    let _ = tokio::time::timeout(stall, async {
+        sink.lock()
+            .await
+            .send(Message::Text(Utf8Bytes::from(v.to_string())))
+            .await
+    })
+    .await;
+}
+
 /// Settings of the push channels.
 #[derive(Debug, Clone)]
 pub struct PushLimits {
@@ -393,16 +463,19 @@ async fn close_with(closer: &Closer, code: u16, mut reason: String) {
 
 async fn connection(
     s: AppState,
-    mut sink: SplitSink<WebSocket, Message>,
+    sink: SplitSink<WebSocket, Message>,
     mut stream: SplitStream<WebSocket>,
     read_only: bool,
 ) {
+    let sink: Sink = Arc::new(tokio::sync::Mutex::new(sink));
     let _guard = ConnectionGauge::new("websocket");
     let (tx, mut rx) = mpsc::channel::<Out>(s.push.send_queue.max(1));
     let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<(u16, String)>();
     let closer: Closer = Arc::new(tokio::sync::Mutex::new(Some(close_tx)));
     let stall = s.push.max_behind;
+    let out = sink.clone();
     let writer = async move {
+        let sink = out;
         let close = loop {
             let out = tokio::select! {
                 biased;
@@ -420,6 +493,7 @@ async fn connection(
                 batch.push(t);
             }
             let write = async {
+                let mut sink = sink.lock().await;
                 for t in batch {
                     sink.feed(Message::Text(Utf8Bytes::from(t))).await?;
                 }
@@ -451,13 +525,20 @@ async fn connection(
                 reason: Utf8Bytes::from(reason),
             }));
             // Queued bytes go first; a client still reading gets the frame within a few seconds.
-            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                sink.lock().await.send(frame).await
+            })
+            .await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            sink.lock().await.close().await
+        })
+        .await;
     };
-    let writer = tokio::spawn(writer);
+    let writer = spawn_delivery(&s, writer);
     let mut conn = Connection {
         s: s.clone(),
+        sink,
         tx: tx.clone(),
         closer,
         subs: HashMap::new(),
@@ -565,6 +646,7 @@ fn known_fields(op: &str, v: &Value) -> Result<(), String> {
 
 struct Connection {
     s: AppState,
+    sink: Sink,
     tx: mpsc::Sender<Out>,
     closer: Closer,
     subs: HashMap<String, JoinHandle<()>>,
@@ -807,13 +889,16 @@ impl Connection {
                 "topic_created_ms": created}),
         };
         self.reply(reply).await;
-        let handle = tokio::spawn(run_subscription(
-            id.clone(),
-            feed,
-            self.tx.clone(),
-            self.closer.clone(),
-            self.s.push.max_behind,
-        ));
+        let handle = spawn_delivery(
+            &self.s,
+            run_subscription(
+                id.clone(),
+                feed,
+                self.tx.clone(),
+                self.closer.clone(),
+                self.s.push.max_behind,
+            ),
+        );
         self.subs.insert(id, handle);
     }
 
@@ -869,7 +954,7 @@ impl Connection {
             .await;
         let (tx, projection) = (self.tx.clone(), projection.to_string());
         let watch_id = id.clone();
-        let handle = tokio::spawn(async move {
+        let handle = spawn_delivery(&self.s, async move {
             let head = format!(
                 "{{\"op\":\"row\",\"id\":{},\"projection\":{},",
                 Value::from(id.as_str()),
@@ -969,7 +1054,7 @@ impl Connection {
             return self.reply(error(tag, api.kind, api.detail.clone())).await;
         }
         let credit = consume::Credit::new(name.to_string(), max);
-        let handle = tokio::spawn(consume::run(subs, credit.clone(), self.tx.clone()));
+        let handle = spawn_delivery(&self.s, consume::run(subs, credit.clone(), self.tx.clone()));
         self.consumers.insert(name.to_string(), (credit, handle));
         self.reply(json!({"op": "consuming", "subscription": name}))
             .await;
@@ -1037,7 +1122,8 @@ impl Connection {
         let Ok(permit) = self.publishes.clone().acquire_owned().await else {
             return;
         };
-        let tx = self.tx.clone();
+        // The queue's sender keeps the writer from closing the socket before the reply is out.
+        let (tx, sink, stall) = (self.tx.clone(), self.sink.clone(), self.s.push.max_behind);
         tokio::spawn(async move {
             let ids = [ack_id.clone()];
             let result = if nack {
@@ -1062,8 +1148,8 @@ impl Connection {
                     error(Some(("ack_id", &ack_id)), api.kind, api.detail.clone())
                 }
             };
-            let _ = tx.send(Out::Text(reply.to_string())).await;
-            drop(permit);
+            reply_now(&sink, stall, reply).await;
+            drop((tx, permit));
         });
     }
 
@@ -1130,7 +1216,9 @@ impl Connection {
         let Ok(permit) = self.publishes.clone().acquire_owned().await else {
             return;
         };
+        // The queue's sender keeps the writer from closing the socket before the reply is out.
         let (broker, tx) = (self.s.broker.clone(), self.tx.clone());
+        let (sink, stall) = (self.sink.clone(), self.s.push.max_behind);
         tokio::spawn(async move {
             let reply = match broker.publish(&topic, vec![event]).await {
                 Ok(placed) => {
@@ -1153,8 +1241,8 @@ impl Connection {
                     )
                 }
             };
-            let _ = tx.send(Out::Text(reply.to_string())).await;
-            drop(permit);
+            reply_now(&sink, stall, reply).await;
+            drop((tx, permit));
         });
     }
 }

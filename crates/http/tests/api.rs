@@ -45,6 +45,7 @@ fn app_with(limits: HttpLimits, max_event_bytes: u64) -> App {
             subscriptions: None,
             stopping: None,
             auth: None,
+            deliveries: None,
         }),
         disk,
     }
@@ -943,6 +944,7 @@ async fn the_internal_offsets_topic_can_be_read_but_not_written_or_deleted() {
             subscriptions: None,
             stopping: None,
             auth: None,
+            deliveries: None,
         }),
         disk,
     };

@@ -242,6 +242,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
         auth: auth.clone(),
+        deliveries: Some(spate_http::push::DeliveryRuntime::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )?),
     };
     let mut server = tokio::spawn(spate_http::serve_with_tls(
         http,

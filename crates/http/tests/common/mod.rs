@@ -107,6 +107,7 @@ async fn start_with(
         subscriptions: Some(subscriptions.clone()),
         stopping: None,
         auth: None,
+        deliveries: Some(spate_http::push::DeliveryRuntime::new(2).unwrap()),
     };
     let task = tokio::spawn(async move {
         spate_http::serve(listener, state, async move {

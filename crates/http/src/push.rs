@@ -37,6 +37,8 @@ use crate::{ApiError, ApiResult, AppState, consume};
 /// on their own runtime the operating system shares the CPU between the two. Dropped, it stops
 /// at once without waiting for its tasks.
 pub struct DeliveryRuntime {
+    handle: tokio::runtime::Handle,
+    /// Taken on drop only.
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -48,18 +50,10 @@ impl DeliveryRuntime {
             .thread_name("spate-push")
             .enable_all()
             .build()?;
-        Ok(Arc::new(DeliveryRuntime { rt: Some(rt) }))
-    }
-
-    fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        match &self.rt {
-            Some(rt) => rt.spawn(f),
-            None => tokio::spawn(f),
-        }
+        Ok(Arc::new(DeliveryRuntime {
+            handle: rt.handle().clone(),
+            rt: Some(rt),
+        }))
     }
 }
 
@@ -78,7 +72,7 @@ where
     F::Output: Send + 'static,
 {
     match &s.deliveries {
-        Some(d) => d.spawn(f),
+        Some(d) => d.handle.spawn(f),
         None => tokio::spawn(f),
     }
 }

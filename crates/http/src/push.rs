@@ -1047,11 +1047,12 @@ impl Connection {
             let api: ApiError = e.into();
             return self.reply(error(tag, api.kind, api.detail.clone())).await;
         }
+        // The reply goes first: the consumer's messages may be queued as soon as it runs.
+        self.reply(json!({"op": "consuming", "subscription": name}))
+            .await;
         let credit = consume::Credit::new(name.to_string(), max);
         let handle = spawn_delivery(&self.s, consume::run(subs, credit.clone(), self.tx.clone()));
         self.consumers.insert(name.to_string(), (credit, handle));
-        self.reply(json!({"op": "consuming", "subscription": name}))
-            .await;
     }
 
     async fn settle(&mut self, v: &Value, nack: bool) {
@@ -1151,7 +1152,9 @@ impl Connection {
         if let Some(name) = v.get("subscription").and_then(Value::as_str) {
             return match self.consumers.remove(name) {
                 Some((_, h)) => {
+                    // Ended before the reply: nothing of it follows `unsubscribed`.
                     h.abort();
+                    let _ = h.await;
                     self.reply(json!({"op": "unsubscribed", "subscription": name}))
                         .await
                 }
@@ -1172,7 +1175,9 @@ impl Connection {
         };
         match self.subs.remove(id) {
             Some(h) => {
+                // Ended before the reply: no event of it follows `unsubscribed`.
                 h.abort();
+                let _ = h.await;
                 self.reply(json!({"op": "unsubscribed", "id": id})).await;
             }
             None => {

@@ -77,6 +77,37 @@ async fn websocket_subscribe_publish_and_receive() {
 }
 
 #[tokio::test]
+async fn nothing_of_a_subscription_follows_its_unsubscribed_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("orders", 2).await;
+    server.publish("orders", 0, 3000).await;
+    let mut ws = server.ws().await;
+    // Unsubscribed while it still streams its backlog, a few times over.
+    for round in 0..5 {
+        let id = format!("s{round}");
+        ws.send(json!({"op": "subscribe", "id": id, "topic": "orders", "from": "earliest"}))
+            .await;
+        assert_eq!(ws.recv().await["op"], "subscribed");
+        let first = ws.recv().await;
+        assert_eq!((&first["op"], &first["sub"]), (&json!("event"), &json!(id)));
+        ws.send(json!({"op": "unsubscribe", "id": id})).await;
+        loop {
+            let m = ws.recv().await;
+            if m["op"] == "unsubscribed" {
+                assert_eq!(m["id"], id);
+                break;
+            }
+            assert_eq!(m["sub"], id, "{m}");
+        }
+        if let Some(m) = ws.recv_within(Duration::from_millis(200)).await {
+            panic!("{m} after the unsubscribed reply of {id}");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn websocket_errors_are_replies_not_disconnects() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), PushLimits::default()).await;

@@ -1025,9 +1025,8 @@ impl Projections {
             .increment(next.saturating_sub(from));
         metrics::counter!("spate_projection_errors_total", "projection" => name.to_string())
             .absolute(meta.errors);
-        let positions = meta.positions.clone();
-        *p.meta() = meta;
-        p.applied.send_replace(positions);
+        // The state itself was stored with the commit.
+        p.applied.send_replace(meta.positions);
         for c in changes {
             let _ = p.changes.send(Arc::new(c));
         }

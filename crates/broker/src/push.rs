@@ -236,6 +236,12 @@ impl Broker {
         rx
     }
 
+    /// How many feeds of `topic` hold a place on its live ring now (for diagnostics and tests).
+    pub fn live_feeds(&self, topic: &str) -> usize {
+        let hubs = self.hubs.hubs.lock().unwrap_or_else(|e| e.into_inner());
+        hubs.get(topic).map_or(0, |h| h.sender.receiver_count())
+    }
+
     fn stop_hub_if_unused(&self, name: &str, id: u64, force: bool) -> bool {
         let mut hubs = self.hubs.hubs.lock().unwrap_or_else(|e| e.into_inner());
         let Some(h) = hubs.get(name) else { return true };

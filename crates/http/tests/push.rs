@@ -433,6 +433,76 @@ async fn sse_resumes_with_last_event_id_also_across_a_restart() {
 }
 
 #[tokio::test]
+async fn an_idle_sse_stream_gets_heartbeats_and_ends_when_its_client_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        PushLimits {
+            heartbeat: Duration::from_millis(100),
+            ..PushLimits::default()
+        },
+    )
+    .await;
+    server.topic("t", 1).await;
+    let res = reqwest::Client::new()
+        .get(format!("http://{}/v1/topics/t/sse", server.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "no-cache");
+    let mut body = Box::pin(res.bytes_stream());
+    let mut text = String::new();
+    // Nothing is published: all that comes is comments, one per heartbeat interval.
+    let until = tokio::time::Instant::now() + Duration::from_millis(650);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(until, body.next()).await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let blocks: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(text.ends_with("\n\n"), "{text:?}");
+    assert!(blocks.iter().all(|b| b.starts_with(':')), "{text:?}");
+    assert!(
+        (3..=7).contains(&blocks.len()),
+        "{} comments in {text:?}",
+        blocks.len()
+    );
+    assert_eq!(server.broker.live_feeds("t"), 1);
+
+    // An event still comes through after the comments.
+    server.publish("t", 0, 1).await;
+    let mut text = String::new();
+    while !text.contains("data:") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("the event")
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.contains("id: 0:0@"), "{text:?}");
+    drop(body);
+    server.stop().await;
+
+    // A client that goes while the topic is idle and no heartbeat is due (the default interval,
+    // 15 s): its stream ends at once and leaves the live ring.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("t", 1).await;
+    let sse = Sse::open(server.addr, "", None).await;
+    assert_eq!(server.broker.live_feeds("t"), 1);
+    drop(sse);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while server.broker.live_feeds("t") != 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the stream outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_slow_websocket_consumer_is_cut_off_while_others_get_everything() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(

@@ -5,7 +5,8 @@
 //!   stamped with its send time); subscribers measure send-to-delivery. Publish-to-ack (durable)
 //!   is measured beside it, and, per event, how long after its ack the first subscriber got it:
 //!   the part of delivery beyond the fsync.
-//! - Fan-out: the same with many subscribers, each on its own connection.
+//! - Fan-out: the same with many subscribers, each on its own connection (WebSocket, or SSE with
+//!   `--protocol sse`).
 //! - Memory: the server's resident memory before and after opening idle connections.
 
 use std::sync::Arc;
@@ -41,6 +42,16 @@ pub struct PushBenchArgs {
     /// Also measure a normal subscriber beside one reading 1 KiB/s.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     slow_consumer: bool,
+    /// How the subscribers of the latency and fan-out runs connect: `websocket` or `sse` (the
+    /// publisher always uses a WebSocket).
+    #[arg(long, value_enum, default_value_t = Protocol::Websocket)]
+    protocol: Protocol,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Websocket,
+    Sse,
 }
 
 pub(crate) struct Server {
@@ -190,9 +201,13 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
     let server = start_server()?;
     let http = reqwest::Client::new();
     println!(
-        "# spate bench push: {} s per run, {} CPUs, server with --fsync batch",
+        "# spate bench push: {} s per run, {} CPUs, server with --fsync batch, subscribers over {}",
         a.seconds,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        match a.protocol {
+            Protocol::Websocket => "WebSocket",
+            Protocol::Sse => "SSE",
+        }
     );
     // Memory per idle connection, first, on the fresh server (later runs leave freed memory in
     // the allocator that new connections would reuse).
@@ -230,7 +245,10 @@ pub async fn run(a: PushBenchArgs) -> Result<()> {
             rate,
             subscribers,
             a.seconds,
-            Extra::default(),
+            Extra {
+                protocol: a.protocol,
+                ..Extra::default()
+            },
         )
         .await?;
         println!(
@@ -284,7 +302,11 @@ async fn slow_consumer(server: &Server, http: &reqwest::Client, seconds: f64) ->
             1000,
             1,
             seconds,
-            Extra { pad: 1000, slow },
+            Extra {
+                pad: 1000,
+                slow,
+                protocol: Protocol::Websocket,
+            },
         )
         .await?;
         sampler.abort();
@@ -338,10 +360,117 @@ struct Outcome {
 
 /// Extra load in a run: padding per event, and a subscriber reading about 1 KiB/s beside the
 /// measured ones.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Extra {
     pad: usize,
     slow: bool,
+    protocol: Protocol,
+}
+
+impl Default for Extra {
+    fn default() -> Self {
+        Extra {
+            pad: 0,
+            slow: false,
+            protocol: Protocol::Websocket,
+        }
+    }
+}
+
+/// A subscriber's connection.
+enum Subscriber {
+    Ws(Box<Socket>),
+    Sse(SseReader),
+}
+
+/// An SSE stream read over a plain HTTP/1.1 connection, line by line.
+struct SseReader {
+    s: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl SseReader {
+    /// Opens `GET /v1/topics/{topic}/sse` (from the latest position) and reads the response head:
+    /// the stream is live when it returns.
+    async fn open(addr: &str, topic: &str) -> Result<SseReader> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        s.write_all(
+            format!("GET /v1/topics/{topic}/sse HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let head = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            ensure!(buf.len() < 64 * 1024, "no response head");
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk)).await??;
+            ensure!(n > 0, "the server closed the SSE connection");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        ensure!(
+            buf.starts_with(b"HTTP/1.1 200"),
+            "SSE: {}",
+            String::from_utf8_lossy(&buf[..head])
+        );
+        Ok(SseReader { s, buf, at: head })
+    }
+
+    /// The next `data:` line's text (an event message); `None` when the stream ends.
+    async fn next_data(&mut self) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(nl) = self.buf[self.at..].iter().position(|&b| b == b'\n') {
+                let line = &self.buf[self.at..self.at + nl];
+                self.at += nl + 1;
+                if let Some(data) = line.strip_prefix(b"data: ") {
+                    return Some(String::from_utf8_lossy(data).into_owned());
+                }
+                continue;
+            }
+            self.buf.drain(..self.at);
+            self.at = 0;
+            let len = self.buf.len();
+            self.buf.resize(len + 16 * 1024, 0);
+            let n = self.s.read(&mut self.buf[len..]).await.unwrap_or(0);
+            self.buf.truncate(len + n);
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+}
+
+/// What a subscriber saw: its deliveries, latency samples (sampled subscribers) and arrival
+/// times per event (the first subscriber).
+struct Tally {
+    n: u64,
+    local: Option<Histogram<u64>>,
+    arrivals: Option<Vec<(u64, u64)>>,
+}
+
+impl Tally {
+    fn seen(&mut self, msg: &str, epoch: Instant) {
+        // Only the sampled subscribers read the clock and the stamp.
+        if (self.local.is_some() || self.arrivals.is_some())
+            && let Some(sent) = stamp(msg)
+        {
+            let now = epoch.elapsed().as_nanos() as u64;
+            if let Some(h) = &mut self.local {
+                h.saturating_record(now.saturating_sub(sent).max(1));
+            }
+            if let Some(arrivals) = &mut self.arrivals
+                && let Some(k) = event_number(msg)
+            {
+                arrivals.push((k, now));
+            }
+        }
+        self.n += 1;
+    }
 }
 
 async fn one_run(
@@ -366,60 +495,73 @@ async fn one_run(
     let sample_every = subscribers.div_ceil(1000).max(1);
     let mut subs = tokio::task::JoinSet::new();
     for i in 0..subscribers {
-        let mut s = connect(addr).await?;
-        s.send(Message::Text(
-            json!({"op": "subscribe", "id": format!("s{i}"), "topic": topic})
-                .to_string()
-                .into(),
-        ))
-        .await?;
-        expect_op(&mut s, "subscribed").await?;
+        let conn = match extra.protocol {
+            Protocol::Websocket => {
+                let mut s = connect(addr).await?;
+                s.send(Message::Text(
+                    json!({"op": "subscribe", "id": format!("s{i}"), "topic": topic})
+                        .to_string()
+                        .into(),
+                ))
+                .await?;
+                expect_op(&mut s, "subscribed").await?;
+                Subscriber::Ws(Box::new(s))
+            }
+            Protocol::Sse => Subscriber::Sse(SseReader::open(addr, topic).await?),
+        };
         let (delivery, delivered) = (delivery.clone(), delivered.clone());
         let mut stop = stop_rx.clone();
         let sampled = i % sample_every == 0;
         // Each task gives back when its events arrived; only the first subscriber keeps them.
         subs.spawn(async move {
-            let mut local = sampled.then(new_histogram);
-            let mut arrivals = Vec::new();
-            let mut n = 0u64;
-            while n < total {
-                let msg = tokio::select! {
-                    biased;
-                    m = s.next() => match m {
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(_)) => continue,
-                        _ => break,
-                    },
-                    _ = stop.wait_for(|stopped| *stopped) => break,
-                };
-                // Stopped (or the run is gone) while messages still come.
-                if stop.has_changed().unwrap_or(true) {
-                    break;
-                }
-                if !msg.starts_with("{\"op\":\"event\",") {
-                    continue;
-                }
-                // Only the sampled subscribers read the clock and the stamp.
-                if (local.is_some() || i == 0)
-                    && let Some(sent) = stamp(&msg)
-                {
-                    let now = epoch.elapsed().as_nanos() as u64;
-                    if let Some(h) = &mut local {
-                        h.saturating_record(now.saturating_sub(sent).max(1));
-                    }
-                    if i == 0
-                        && let Some(k) = event_number(&msg)
-                    {
-                        arrivals.push((k, now));
+            let mut tally = Tally {
+                n: 0,
+                local: sampled.then(new_histogram),
+                arrivals: (i == 0).then(Vec::new),
+            };
+            match conn {
+                Subscriber::Ws(mut s) => {
+                    while tally.n < total {
+                        let msg = tokio::select! {
+                            biased;
+                            m = s.next() => match m {
+                                Some(Ok(Message::Text(t))) => t,
+                                Some(Ok(_)) => continue,
+                                _ => break,
+                            },
+                            _ = stop.wait_for(|stopped| *stopped) => break,
+                        };
+                        // Stopped (or the run is gone) while messages still come.
+                        if stop.has_changed().unwrap_or(true) {
+                            break;
+                        }
+                        if msg.starts_with("{\"op\":\"event\",") {
+                            tally.seen(&msg, epoch);
+                        }
                     }
                 }
-                n += 1;
+                Subscriber::Sse(mut r) => {
+                    while tally.n < total {
+                        let msg = tokio::select! {
+                            biased;
+                            m = r.next_data() => match m {
+                                Some(t) => t,
+                                None => break,
+                            },
+                            _ = stop.wait_for(|stopped| *stopped) => break,
+                        };
+                        if stop.has_changed().unwrap_or(true) {
+                            break;
+                        }
+                        tally.seen(&msg, epoch);
+                    }
+                }
             }
-            delivered.fetch_add(n, Ordering::Relaxed);
-            if let Some(h) = local {
+            delivered.fetch_add(tally.n, Ordering::Relaxed);
+            if let Some(h) = tally.local {
                 delivery.lock().await.add(&h).expect("same bounds");
             }
-            arrivals
+            tally.arrivals.unwrap_or_default()
         });
     }
     // The publisher: `publish` ops at a fixed rate, acks read on the same socket.

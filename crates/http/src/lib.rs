@@ -28,7 +28,7 @@ use spate_broker::Broker;
 use tokio::net::TcpListener;
 
 pub use error::{ApiError, ApiResult};
-pub use listener::LimitedListener;
+pub use listener::{LimitedListener, LimitedStream, SseListener};
 
 /// Limits of the HTTP front end.
 #[derive(Debug, Clone)]
@@ -276,16 +276,39 @@ pub async fn serve_with_tls(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
     let mut listener = LimitedListener::new(listener, state.limits.max_connections);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    state.stopping = Some(stop_rx.clone());
+    // Plain connections that open an SSE stream are served on the delivery runtime (TLS ones,
+    // which cannot be looked into before their handshake, where they are accepted).
+    let sse_server = match (&tls, &state.deliveries) {
+        (None, Some(deliveries)) => {
+            let (sse_listener, streams) = SseListener::new(addr);
+            listener = listener.with_streams(streams);
+            let mut stop = stop_rx;
+            let app = router(state.clone());
+            Some(deliveries.spawn(async move {
+                axum::serve(sse_listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            }))
+        }
+        _ => None,
+    };
     if let Some(acceptor) = tls {
         listener = listener.with_tls(acceptor);
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    state.stopping = Some(stop_rx);
-    axum::serve(listener, router(state))
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         })
-        .await
+        .await;
+    if let Some(sse_server) = sse_server {
+        sse_server.await.map_err(std::io::Error::other)??;
+    }
+    served
 }

@@ -2,6 +2,10 @@
 //! and returns it when dropped, so a flood of clients waits in the accept queue instead of
 //! exhausting file descriptors and memory. With TLS, connections are handed over once their
 //! handshake is done; handshakes run side by side, so a client that stalls in one holds up no other.
+//!
+//! With a place to send them ([`LimitedListener::with_streams`]), plain connections whose first
+//! request opens an SSE stream are handed over there instead (see [`SseListener`]): they are
+//! served on the delivery runtime, so thousands of them do not hold up the server's other work.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +15,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -25,7 +29,14 @@ pub struct LimitedListener {
     tls: Option<TlsAcceptor>,
     /// TLS handshakes under way, each holding its connection's permit.
     handshakes: JoinSet<Option<(LimitedStream, SocketAddr)>>,
+    /// Where connections that open an SSE stream go, when somewhere.
+    streams: Option<mpsc::UnboundedSender<(LimitedStream, SocketAddr)>>,
+    /// Plain connections whose first request is being looked at, when `streams` is set.
+    sniffs: JoinSet<Option<(LimitedStream, SocketAddr)>>,
 }
+
+/// How long a new connection may stay silent before it is served where it was accepted.
+const SNIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl LimitedListener {
     pub fn new(inner: TcpListener, max_connections: usize) -> Self {
@@ -34,7 +45,19 @@ impl LimitedListener {
             permits: Arc::new(Semaphore::new(max_connections.max(1))),
             tls: None,
             handshakes: JoinSet::new(),
+            streams: None,
+            sniffs: JoinSet::new(),
         }
+    }
+
+    /// Hands plain connections whose first request is `GET /v1/topics/{topic}/sse` to `streams`
+    /// (an [`SseListener`]'s sender) rather than accepting them here.
+    pub fn with_streams(
+        mut self,
+        streams: mpsc::UnboundedSender<(LimitedStream, SocketAddr)>,
+    ) -> Self {
+        self.streams = Some(streams);
+        self
     }
 
     /// Serves TLS with `acceptor` on every connection.
@@ -70,6 +93,8 @@ impl axum::serve::Listener for LimitedListener {
                 permits,
                 tls,
                 handshakes,
+                streams,
+                sniffs,
             } = self;
             tokio::select! {
                 Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
@@ -77,9 +102,25 @@ impl axum::serve::Listener for LimitedListener {
                         return accepted;
                     }
                 }
+                Some(done) = sniffs.join_next(), if !sniffs.is_empty() => {
+                    if let Ok(Some(accepted)) = done {
+                        return accepted;
+                    }
+                }
                 (stream, addr, permit) = accept_tcp(inner, permits) => {
                     let Some(acceptor) = tls.clone() else {
-                        return (LimitedStream::new(Conn::Plain(stream), permit), addr);
+                        let conn = LimitedStream::new(Conn::Plain(stream), permit);
+                        let Some(streams) = streams.clone() else {
+                            return (conn, addr);
+                        };
+                        sniffs.spawn(async move {
+                            if opens_sse(&conn).await {
+                                // Back here if the other side is gone (the server stops).
+                                return streams.send((conn, addr)).err().map(|e| e.0);
+                            }
+                            Some((conn, addr))
+                        });
+                        continue;
                     };
                     handshakes.spawn(async move {
                         let handshake = acceptor.accept(stream);
@@ -104,6 +145,69 @@ impl axum::serve::Listener for LimitedListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// Whether a plain connection's first request, as far as it has arrived, is
+/// `GET /v1/topics/{topic}/sse`: looked at without being taken off the socket.
+async fn opens_sse(conn: &LimitedStream) -> bool {
+    let Conn::Plain(stream) = &conn.stream else {
+        return false;
+    };
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut buf)).await {
+        Ok(Ok(n)) => is_sse_request(&buf[..n]),
+        _ => false,
+    }
+}
+
+/// Whether `head` begins a request line `GET /v1/topics/<topic>/sse[?...] `.
+fn is_sse_request(head: &[u8]) -> bool {
+    let Some(rest) = head.strip_prefix(b"GET /v1/topics/") else {
+        return false;
+    };
+    let Some(end) = rest.iter().position(|&b| b == b' ' || b == b'?') else {
+        return false;
+    };
+    let path = &rest[..end];
+    path.len() > b"/sse".len() && path.ends_with(b"/sse") && !path[..path.len() - 4].contains(&b'/')
+}
+
+/// The connections a [`LimitedListener`] handed over because they open an SSE stream, as a
+/// listener of their own (served by a second `axum::serve` on the delivery runtime).
+pub struct SseListener {
+    rx: mpsc::UnboundedReceiver<(LimitedStream, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+impl SseListener {
+    /// A listener and the sender to give [`LimitedListener::with_streams`]; `addr` is the
+    /// address the connections were accepted on.
+    pub fn new(
+        addr: SocketAddr,
+    ) -> (
+        SseListener,
+        mpsc::UnboundedSender<(LimitedStream, SocketAddr)>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (SseListener { rx, addr }, tx)
+    }
+}
+
+impl axum::serve::Listener for SseListener {
+    type Io = LimitedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(accepted) => accepted,
+            // The main listener is gone: nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 
@@ -330,7 +434,30 @@ impl AsyncWrite for LimitedStream {
 
 #[cfg(test)]
 mod tests {
-    use super::with_problem_body;
+    use super::{is_sse_request, with_problem_body};
+
+    #[test]
+    fn only_a_get_of_a_topics_sse_path_is_an_sse_request() {
+        for yes in [
+            "GET /v1/topics/orders/sse HTTP/1.1\r\n",
+            "GET /v1/topics/orders/sse?from=earliest&filter=x HTTP/1.1\r\nhost: a\r\n",
+            "GET /v1/topics/a.b-c/sse ",
+        ] {
+            assert!(is_sse_request(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "GET /v1/topics/orders/sse",
+            "GET /v1/topics//sse HTTP/1.1\r\n",
+            "GET /v1/topics/sse HTTP/1.1\r\n",
+            "GET /v1/topics/orders/events HTTP/1.1\r\n",
+            "GET /v1/topics/a/b/sse HTTP/1.1\r\n",
+            "POST /v1/topics/orders/sse HTTP/1.1\r\n",
+            "GET /v1/ws HTTP/1.1\r\n",
+            "",
+        ] {
+            assert!(!is_sse_request(no.as_bytes()), "{no}");
+        }
+    }
 
     #[test]
     fn only_hypers_own_empty_answers_get_a_problem_body() {

@@ -57,6 +57,17 @@ impl DeliveryRuntime {
     }
 }
 
+impl DeliveryRuntime {
+    /// Runs `f` on the delivery runtime.
+    pub fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(f)
+    }
+}
+
 impl Drop for DeliveryRuntime {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {
@@ -72,7 +83,7 @@ where
     F::Output: Send + 'static,
 {
     match &s.deliveries {
-        Some(d) => d.handle.spawn(f),
+        Some(d) => d.spawn(f),
         None => tokio::spawn(f),
     }
 }

@@ -94,3 +94,77 @@ async fn requests_the_http_layer_refuses_get_problem_details() {
     .await;
     assert_eq!(got, 200, "{body}");
 }
+
+/// Reads what the client sent first on an accepted connection.
+async fn first_line(conn: &mut spate_http::LimitedStream) -> String {
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn connections_that_open_an_sse_stream_are_handed_over_with_their_request_unread() {
+    use axum::serve::Listener;
+    use spate_http::{LimitedListener, SseListener};
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let (mut sse, streams) = SseListener::new(addr);
+    let mut main = LimitedListener::new(tcp, 16).with_streams(streams);
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let acceptor = tokio::spawn(async move {
+        loop {
+            let (conn, _) = main.accept().await;
+            if accepted_tx.send(conn).is_err() {
+                return;
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(10);
+
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    a.write_all(b"GET /v1/topics/orders/sse?from=earliest HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut conn, _) = tokio::time::timeout(wait, sse.accept()).await.unwrap();
+    assert_eq!(
+        first_line(&mut conn).await,
+        "GET /v1/topics/orders/sse?from=earliest HTTP/1.1"
+    );
+
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    b.write_all(b"GET /v1/topics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut conn = tokio::time::timeout(wait, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_line(&mut conn).await, "GET /v1/topics HTTP/1.1");
+
+    // A client that says nothing at first is served where it was accepted, after a second.
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let mut conn = tokio::time::timeout(wait, accepted.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    c.write_all(b"GET /v1/topics/orders/sse HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        first_line(&mut conn).await,
+        "GET /v1/topics/orders/sse HTTP/1.1"
+    );
+    // Nothing else reached the SSE side.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), sse.accept())
+            .await
+            .is_err()
+    );
+    acceptor.abort();
+}

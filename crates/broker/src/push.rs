@@ -8,6 +8,10 @@
 //! missing events from the log instead, then rejoins the ring. Memory per subscriber is bounded by
 //! one page of the log, however far behind it is. A feed that stays behind for longer than its
 //! limit ends with [`FeedError::SlowConsumer`].
+//!
+//! Pages read while catching up start at multiples of the page size and are shared through a
+//! bounded [`PageCache`]: subscribers that fall behind together (a fan-out the machine cannot keep
+//! up with, or many clients resuming after a restart) decode and render each page once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,6 +28,8 @@ use crate::{Broker, BrokerError, Event, Result, blocking, read_events};
 pub const LIVE_RING_EVENTS: usize = 4096;
 /// Events read from the log per page while catching up.
 const CATCH_UP_PAGE_EVENTS: usize = 256;
+/// What the shared catch-up pages may hold in all, about (see [`PageCache`]).
+const PAGE_CACHE_BYTES: usize = 64 << 20;
 /// New events the live path reads without leaving the runtime's thread.
 const LIVE_INLINE_EVENTS: u64 = CATCH_UP_PAGE_EVENTS as u64;
 
@@ -70,6 +76,91 @@ struct Hub {
 pub(crate) struct Hubs {
     hubs: Mutex<HashMap<String, Hub>>,
     next_id: std::sync::atomic::AtomicU64,
+    pages: Arc<PageCache>,
+}
+
+/// A page of one partition read for catching up, rendered once: events from the page's first
+/// offset (a multiple of [`CATCH_UP_PAGE_EVENTS`]) up to `next_offset`.
+struct Page {
+    events: Vec<Arc<LiveEvent>>,
+    next_offset: u64,
+}
+
+/// Topic name, topic creation time, partition, first offset.
+type PageKey = (String, i64, u32, u64);
+
+/// Catch-up pages shared by feeds, the oldest dropped first past [`PAGE_CACHE_BYTES`] (a page in
+/// use stays alive with its users). Feeds that want a page being read wait for that read.
+#[derive(Default)]
+pub(crate) struct PageCache {
+    inner: Mutex<PageCacheInner>,
+}
+
+#[derive(Default)]
+struct PageCacheInner {
+    pages: HashMap<PageKey, Arc<tokio::sync::OnceCell<Arc<Page>>>>,
+    /// Pages read, oldest first, with their size.
+    order: VecDeque<(PageKey, usize)>,
+    bytes: usize,
+}
+
+impl PageCache {
+    /// The page of partition `i` of `topic` that starts at `first`, read if no feed has.
+    async fn page(&self, topic: &Arc<Topic>, i: u32, first: u64) -> Result<Arc<Page>> {
+        let key: PageKey = (topic.name.clone(), topic.created_ms, i, first);
+        let cell = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.pages.entry(key.clone()).or_default().clone()
+        };
+        let mut read_here = false;
+        let page = cell
+            .get_or_try_init(|| {
+                read_here = true;
+                let (p, name) = (topic.partitions[i as usize].clone(), topic.name.clone());
+                blocking(move || {
+                    let page = read_events(&p, &name, i, first, CATCH_UP_PAGE_EVENTS)?;
+                    Ok(Arc::new(Page {
+                        events: page
+                            .events
+                            .into_iter()
+                            .map(|e| Arc::new(LiveEvent::new(e.partition, e.offset, e.event)))
+                            .collect(),
+                        next_offset: page.next_offset,
+                    }))
+                })
+            })
+            .await;
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match &page {
+            Ok(page) if read_here => {
+                let size = page
+                    .events
+                    .iter()
+                    .map(|e| 2 * e.json.len() + 256)
+                    .sum::<usize>();
+                inner.order.push_back((key, size));
+                inner.bytes += size;
+                while inner.bytes > PAGE_CACHE_BYTES
+                    && let Some((old, size)) = inner.order.pop_front()
+                {
+                    inner.pages.remove(&old);
+                    inner.bytes -= size;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // Nothing kept for a read that failed: the next feed tries again.
+                if inner
+                    .pages
+                    .get(&key)
+                    .is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized())
+                {
+                    inner.pages.remove(&key);
+                }
+            }
+        }
+        page.cloned()
+    }
 }
 
 /// Where a feed starts.
@@ -118,6 +209,7 @@ pub struct Feed {
     /// Events below these offsets exist and must be read from the log (catching up).
     target: Vec<u64>,
     rx: broadcast::Receiver<Arc<LiveEvent>>,
+    pages: Arc<PageCache>,
     filter: Arc<Filter>,
     ready: VecDeque<(Arc<LiveEvent>, Option<u64>)>,
     /// For a feed of one stream: its key and the version of its next event.
@@ -199,6 +291,7 @@ impl Broker {
             cursor,
             target,
             rx,
+            pages: self.hubs.pages.clone(),
             filter,
             ready: VecDeque::new(),
             stream: None,
@@ -462,6 +555,23 @@ impl Feed {
             self.topic.name.clone(),
             self.cursor[i],
         );
+        // A whole page behind the end is read for all feeds (see `PageCache`).
+        let page_size = CATCH_UP_PAGE_EVENTS as u64;
+        let first = from - from % page_size;
+        if p.high_watermark() >= first + page_size
+            && let Ok(page) = self.pages.page(&self.topic, i as u32, first).await
+            && from < page.next_offset
+        {
+            for e in page.events.iter().filter(|e| e.offset >= from) {
+                if let Some(version) = self.admit(e) {
+                    self.ready.push_back((e.clone(), version));
+                }
+            }
+            self.cursor[i] = page.next_offset;
+            return Ok(());
+        }
+        // Otherwise (near the end, past what the shared page holds, or its read failed) a page
+        // of this feed's own, from its cursor.
         let page =
             blocking(move || read_events(&p, &name, i as u32, from, CATCH_UP_PAGE_EVENTS)).await;
         let page = match page {
@@ -499,5 +609,124 @@ impl Feed {
         }
         self.cursor[i] = page.next_offset.max(from);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use spate_log::mem::MemStorage;
+    use spate_log::{Log, LogConfig, TopicConfig};
+
+    use super::*;
+
+    async fn broker_with(events: u64) -> Arc<Broker> {
+        let log = Log::open(
+            Arc::new(MemStorage::new()),
+            std::path::Path::new("/d"),
+            LogConfig::default(),
+        )
+        .unwrap();
+        log.create_topic("t", TopicConfig::default(), 0).unwrap();
+        let broker = Arc::new(Broker::new(Arc::new(log), Default::default()));
+        for chunk in (0..events).collect::<Vec<_>>().chunks(100) {
+            let batch = chunk
+                .iter()
+                .map(|n| Event {
+                    event_type: if n % 3 == 0 { "three" } else { "other" }.into(),
+                    id: Some(format!("e{n}")),
+                    ..Event::default()
+                })
+                .collect();
+            broker.publish("t", batch).await.unwrap();
+        }
+        broker
+    }
+
+    async fn drain(feed: &mut Feed, n: usize) -> Vec<Arc<LiveEvent>> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let e = tokio::time::timeout(Duration::from_secs(10), feed.next())
+                .await
+                .expect("an event")
+                .unwrap();
+            out.push(e);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn feeds_catching_up_share_whole_pages_and_each_gets_exactly_its_events() {
+        let broker = broker_with(1000).await;
+        let all = Arc::new(Filter::new(None, None).unwrap());
+        let open = |start: FeedStart, filter: Arc<Filter>| {
+            let broker = broker.clone();
+            async move {
+                broker
+                    .feed("t", start, filter, Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            }
+        };
+        let mut a = open(FeedStart::Earliest, all.clone()).await;
+        let mut b = open(FeedStart::Earliest, all.clone()).await;
+        // From the middle of a page.
+        let mut c = open(FeedStart::Offsets(HashMap::from([(0, 300)])), all.clone()).await;
+        let threes = Arc::new(Filter::new(None, Some("three")).unwrap());
+        let mut d = open(FeedStart::Offsets(HashMap::from([(0, 301)])), threes).await;
+        let from_a = drain(&mut a, 1000).await;
+        let from_b = drain(&mut b, 1000).await;
+        let from_c = drain(&mut c, 700).await;
+        let from_d = drain(&mut d, 233).await;
+        let offsets = |v: &[Arc<LiveEvent>]| v.iter().map(|e| e.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(&from_a), (0..1000).collect::<Vec<_>>());
+        assert_eq!(offsets(&from_b), (0..1000).collect::<Vec<_>>());
+        assert_eq!(offsets(&from_c), (300..1000).collect::<Vec<_>>());
+        assert_eq!(
+            offsets(&from_d),
+            (301..1000).filter(|n| n % 3 == 0).collect::<Vec<_>>()
+        );
+        for (i, e) in from_a.iter().enumerate() {
+            assert_eq!(e.event.id.as_deref(), Some(format!("e{i}").as_str()));
+        }
+        // The three whole pages (0, 256, 512) were read once and shared; the last one, which
+        // ends at the log's end, by each feed for itself.
+        for i in 0..768 {
+            assert!(Arc::ptr_eq(&from_a[i], &from_b[i]), "offset {i}");
+        }
+        assert!(Arc::ptr_eq(&from_a[300], &from_c[0]));
+        assert!(!Arc::ptr_eq(&from_a[800], &from_b[800]));
+        let cached = broker.hubs.pages.inner.lock().unwrap();
+        let mut firsts: Vec<u64> = cached.order.iter().map(|(k, _)| k.3).collect();
+        firsts.sort();
+        assert_eq!(firsts, [0, 256, 512]);
+    }
+
+    #[tokio::test]
+    async fn the_shared_pages_stay_within_their_budget() {
+        let broker = broker_with(0).await;
+        let topic = broker.topic("t").unwrap();
+        // Events of about 40 KiB: a page of 256 of them is accounted at about 27 MB, so three
+        // pages pass the 64 MiB budget.
+        let pad = "x".repeat(40_000);
+        for _ in 0..12 {
+            let batch = (0..64)
+                .map(|_| Event {
+                    event_type: "big".into(),
+                    datacontenttype: Some("text/plain".into()),
+                    data: Some(pad.clone().into_bytes()),
+                    ..Event::default()
+                })
+                .collect();
+            broker.publish("t", batch).await.unwrap();
+        }
+        for first in [0, 256, 512] {
+            let page = broker.hubs.pages.page(&topic, 0, first).await.unwrap();
+            assert!(!page.events.is_empty());
+            let cached = broker.hubs.pages.inner.lock().unwrap();
+            assert!(cached.bytes <= PAGE_CACHE_BYTES, "{}", cached.bytes);
+            assert_eq!(cached.pages.len(), cached.order.len());
+        }
+        let cached = broker.hubs.pages.inner.lock().unwrap();
+        assert!(cached.order.len() < 3, "{} pages kept", cached.order.len());
     }
 }

@@ -1123,6 +1123,9 @@ impl DurableStream<'_> {
     }
 }
 
+/// Events this close to a partition's end are read without leaving the runtime's thread.
+const INLINE_READ_EVENTS: u64 = 4096;
+
 /// Whether the events at `offsets` have the ids of `events`, in order (waiting for them to be
 /// durable, as a retry may come before the original append's fsync).
 async fn same_ids(
@@ -1147,7 +1150,8 @@ async fn same_ids(
         return Err(BrokerError::Stream(StreamError::Unavailable));
     }
     let (p, name, offsets) = (partition.clone(), topic.to_string(), offsets.to_vec());
-    let ids: Vec<Option<String>> = blocking(move || {
+    let recent = partition.high_watermark() - offsets[0] <= INLINE_READ_EVENTS;
+    let read = move || {
         offsets
             .iter()
             .map(|&o| {
@@ -1159,9 +1163,15 @@ async fn same_ids(
                     .filter(|e| e.offset == o)
                     .and_then(|e| e.event.id))
             })
-            .collect()
-    })
-    .await?;
+            .collect::<Result<Vec<Option<String>>>>()
+    };
+    // A conflict is nearly always with events just appended: they are in the page cache, and
+    // reading them here costs less than handing the read to a thread and back.
+    let ids = if recent {
+        read()?
+    } else {
+        blocking(read).await?
+    };
     Ok(ids
         .iter()
         .zip(events)

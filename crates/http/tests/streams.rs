@@ -274,6 +274,32 @@ async fn expected_version_semantics_idempotent_retries_and_reads() {
     assert_eq!(r.status().as_u16(), 400);
     assert_eq!(c.get("/v1/topics/nope/streams/s").await.status, 404);
     assert_eq!(c.ids("s").await, ["a", "b", "c", "d", "e", "f"]);
+
+    // A retry recognized long after: thousands of events of another stream of the partition
+    // later (the original events are then read from the log away from its end).
+    let mut other = None;
+    for i in 0..64 {
+        let id = format!("o{i}");
+        let r = c.append(&id, "no_stream", &["probe"]).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        if r.body["partition"] == first["partition"] {
+            other = Some(id);
+            break;
+        }
+    }
+    let other = other.expect("a stream in the same partition");
+    let ids: Vec<String> = (0..1100).map(|i| format!("p{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for _ in 0..4 {
+        let r = c.append(&other, "any", &ids).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = c.append("s", "no_stream", &["a", "b", "c"]).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body, first);
+    let r = c.append("s", "no_stream", &["a", "x"]).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["current_version"], 5);
     server.stop().await;
 }
 

@@ -458,34 +458,70 @@ impl Feed {
             }
             match self.rx.recv().await {
                 Ok(e) => {
-                    let i = e.partition as usize;
-                    if e.offset < self.cursor[i] {
-                        continue;
-                    }
-                    if e.offset > self.cursor[i] {
-                        // Events between the cursor and this one are in the log.
-                        self.target[i] = self.target[i].max(e.offset + 1);
-                        continue;
-                    }
-                    self.cursor[i] = e.offset + 1;
-                    self.behind_since = None;
-                    if let Some(version) = self.admit(&e) {
-                        self.position[i] = e.offset + 1;
-                        self.version = version;
+                    if let Some(e) = self.take_live(e) {
                         return Ok(e);
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Fell more than the ring behind: read the rest from the log.
-                    self.behind_since.get_or_insert_with(Instant::now);
-                    for (i, p) in self.topic.partitions.iter().enumerate() {
-                        self.target[i] = self.target[i].max(p.high_watermark());
-                    }
-                }
+                Err(broadcast::error::RecvError::Lagged(_)) => self.lagged(),
                 Err(broadcast::error::RecvError::Closed) => {
                     return Err(FeedError::TopicDeleted(self.topic.name.clone()));
                 }
             }
+        }
+    }
+
+    /// The next event that passes the filter when one is at hand (read from the log already, or
+    /// waiting on the live ring), without waiting: `None` where [`Feed::next`] would wait, read
+    /// the log or end. For writing out in one go what has piled up.
+    pub fn try_next(&mut self) -> Option<Arc<LiveEvent>> {
+        loop {
+            if let Some((e, version)) = self.ready.pop_front() {
+                self.position[e.partition as usize] = e.offset + 1;
+                self.version = version;
+                return Some(e);
+            }
+            if self.cursor.iter().zip(&self.target).any(|(c, t)| c < t) {
+                return None;
+            }
+            match self.rx.try_recv() {
+                Ok(e) => {
+                    if let Some(e) = self.take_live(e) {
+                        return Some(e);
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.lagged();
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// An event from the live ring: handed out if it is the next of its partition and passes.
+    fn take_live(&mut self, e: Arc<LiveEvent>) -> Option<Arc<LiveEvent>> {
+        let i = e.partition as usize;
+        if e.offset < self.cursor[i] {
+            return None;
+        }
+        if e.offset > self.cursor[i] {
+            // Events between the cursor and this one are in the log.
+            self.target[i] = self.target[i].max(e.offset + 1);
+            return None;
+        }
+        self.cursor[i] = e.offset + 1;
+        self.behind_since = None;
+        let version = self.admit(&e)?;
+        self.position[i] = e.offset + 1;
+        self.version = version;
+        Some(e)
+    }
+
+    /// Fell more than the ring behind: the rest is read from the log.
+    fn lagged(&mut self) {
+        self.behind_since.get_or_insert_with(Instant::now);
+        for (i, p) in self.topic.partitions.iter().enumerate() {
+            self.target[i] = self.target[i].max(p.high_watermark());
         }
     }
 

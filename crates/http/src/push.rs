@@ -10,14 +10,16 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
@@ -165,18 +167,16 @@ fn parse_cursor(cursor: &str) -> Result<HashMap<u32, u64>, String> {
     Ok(out)
 }
 
-/// The cursor after an event: the last offset delivered per partition, then `@` and the creation
-/// time of the topic that handed them out.
-fn cursor_of(position: &[u64], topic_created_ms: i64) -> String {
-    let mut out = position
-        .iter()
-        .enumerate()
-        .map(|(p, next)| format!("{p}:{}", *next as i64 - 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    out.push('@');
-    out.push_str(&topic_created_ms.to_string());
-    out
+/// Appends the cursor after an event: the last offset delivered per partition, then `@` and the
+/// creation time of the topic that handed them out.
+fn push_cursor(out: &mut String, position: &[u64], topic_created_ms: i64) {
+    for (p, next) in position.iter().enumerate() {
+        if p > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{p}:{}", *next as i64 - 1);
+    }
+    let _ = write!(out, "@{topic_created_ms}");
 }
 
 /// Splits the topic's creation time off a cursor (`...@<ms>`); cursors without one are taken
@@ -298,9 +298,14 @@ pub async fn sse(
             .map_err(feed_error)?
     };
     let guard = ConnectionGauge::new("sse");
-    let stream = sse_stream(feed, guard, s.stopping.clone());
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(s.push.heartbeat).text(""))
+    let stream = sse_stream(feed, guard, s.stopping.clone(), s.push.heartbeat);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
         .into_response())
 }
 
@@ -314,39 +319,113 @@ pub(crate) async fn stopped(stopping: &mut Option<tokio::sync::watch::Receiver<b
     }
 }
 
+/// Events written to an SSE stream in one chunk at most, when more than one is at hand.
+const SSE_CHUNK_EVENTS: usize = 64;
+/// Bytes after which a chunk takes no further event.
+const SSE_CHUNK_BYTES: usize = 32 << 10;
+
+struct SseState {
+    feed: Feed,
+    _guard: ConnectionGauge,
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
+    deliveries: Deliveries,
+    /// One timer for the stream's life (resetting one per event cost more than the event).
+    tick: tokio::time::Interval,
+    /// Nothing sent since the last tick.
+    quiet: bool,
+    done: bool,
+}
+
+/// The chunks of an SSE stream: events (as many as are at hand, up to a limit, in one chunk), a
+/// comment (`:`) at each heartbeat tick with nothing sent since the one before, and a last
+/// `error` event when the feed ends.
 fn sse_stream(
     feed: Feed,
     guard: ConnectionGauge,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let state = (feed, guard, stopping, Deliveries::of("sse"));
-    futures_util::stream::unfold(Some(state), |state| async move {
-        let (mut feed, guard, mut stopping, mut deliveries) = state?;
-        let next = tokio::select! {
-            next = feed.next() => next,
-            _ = stopped(&mut stopping) => return None,
-        };
-        match next {
-            Ok(e) => {
-                let mut data = String::with_capacity(e.json.len() + 80);
-                data.push('{');
-                push_event_end(&mut data, feed.version(), &e);
-                let id = match feed.version() {
-                    Some(v) => format!("{v}@{}", feed.topic_created_ms()),
-                    None => cursor_of(feed.position(), feed.topic_created_ms()),
-                };
-                deliveries.delivered(&e);
-                let event = SseEvent::default().id(id).data(data);
-                Some((Ok(event), Some((feed, guard, stopping, deliveries))))
-            }
-            Err(err) => {
-                let event = SseEvent::default().event("error").data(
-                    json!({"code": error_code(&err), "message": err.to_string()}).to_string(),
-                );
-                Some((Ok(event), None))
-            }
+    heartbeat: Duration,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let heartbeat = heartbeat.max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = SseState {
+        feed,
+        _guard: guard,
+        stopping,
+        deliveries: Deliveries::of("sse"),
+        tick,
+        quiet: true,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stopped(&mut st.stopping) => return None,
+                _ = st.tick.tick() => {
+                    if st.quiet {
+                        return Some((Ok(Bytes::from_static(b":\n\n")), st));
+                    }
+                    st.quiet = true;
+                    continue;
+                }
+                next = st.feed.next() => next,
+            };
+            let chunk = match next {
+                Ok(e) => {
+                    let mut out = String::with_capacity(e.json.len() + 128);
+                    push_sse_event(&mut out, &st.feed, &e);
+                    st.deliveries.delivered(&e);
+                    let mut n = 1;
+                    while n < SSE_CHUNK_EVENTS
+                        && out.len() < SSE_CHUNK_BYTES
+                        && let Some(e) = st.feed.try_next()
+                    {
+                        push_sse_event(&mut out, &st.feed, &e);
+                        st.deliveries.delivered(&e);
+                        n += 1;
+                    }
+                    st.quiet = false;
+                    out
+                }
+                Err(err) => {
+                    st.done = true;
+                    let data = json!({"code": error_code(&err), "message": err.to_string()});
+                    format!("event: error\ndata: {data}\n\n")
+                }
+            };
+            return Some((Ok(Bytes::from(chunk)), st));
         }
     })
+}
+
+/// Appends one event as an SSE message: `id:` its cursor, `data:` the event message on one line.
+fn push_sse_event(out: &mut String, feed: &Feed, e: &LiveEvent) {
+    out.push_str("id: ");
+    match feed.version() {
+        Some(v) => {
+            push_u64(out, v);
+            let _ = write!(out, "@{}", feed.topic_created_ms());
+        }
+        None => push_cursor(out, feed.position(), feed.topic_created_ms()),
+    }
+    out.push_str("\ndata: {");
+    let data = out.len() - 1;
+    push_event_end(out, feed.version(), e);
+    // Line breaks in the JSON can only be whitespace between its tokens (inside strings they are
+    // escaped): as spaces they keep the message on one `data:` line and mean the same JSON.
+    if out.as_bytes()[data..]
+        .iter()
+        .any(|&b| b == b'\n' || b == b'\r')
+    {
+        let flat = out[data..].replace(['\n', '\r'], " ");
+        out.truncate(data);
+        out.push_str(&flat);
+    }
+    out.push_str("\n\n");
 }
 
 fn error_code(e: &FeedError) -> &'static str {
@@ -1341,7 +1420,8 @@ mod tests {
         }
         // What an event's cursor says reads back as the position after it, in the topic
         // created then.
-        let cursor = cursor_of(&[42, 0, 1], 1_700_000_000_123);
+        let mut cursor = String::new();
+        push_cursor(&mut cursor, &[42, 0, 1], 1_700_000_000_123);
         assert_eq!(cursor, "0:41,1:-1,2:0@1700000000123");
         let (offsets, created) = split_cursor(&cursor).unwrap();
         assert_eq!(created, Some(1_700_000_000_123));

@@ -503,6 +503,31 @@ async fn an_idle_sse_stream_gets_heartbeats_and_ends_when_its_client_goes() {
 }
 
 #[tokio::test]
+async fn an_sse_message_stays_on_one_data_line_when_the_event_data_has_line_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), PushLimits::default()).await;
+    server.topic("t", 1).await;
+    // JSON data is stored as sent, line breaks and all.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/topics/t/events", server.addr))
+        .header("ce-type", "pretty")
+        .header("ce-source", "/test")
+        .header("ce-id", "p1")
+        .header("content-type", "application/json")
+        .body("{\r\n  \"n\": 1,\n  \"s\": \"a\\nb\"\n}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    server.publish("t", 2, 1).await;
+    let mut sse = Sse::open(server.addr, "from=earliest", None).await;
+    let (events, _) = sse.take(2).await;
+    assert_eq!(events[0]["event"]["data"], json!({"n": 1, "s": "a\nb"}));
+    assert_eq!(events[1]["event"]["data"], json!({"n": 2}));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_slow_websocket_consumer_is_cut_off_while_others_get_everything() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(

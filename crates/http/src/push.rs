@@ -378,14 +378,14 @@ fn sse_stream(
                 Ok(e) => {
                     let mut out = String::with_capacity(e.json.len() + 128);
                     push_sse_event(&mut out, &st.feed, &e);
-                    st.deliveries.delivered(&e);
+                    st.deliveries.delivered(e.seen_at);
                     let mut n = 1;
                     while n < SSE_CHUNK_EVENTS
                         && out.len() < SSE_CHUNK_BYTES
                         && let Some(e) = st.feed.try_next()
                     {
                         push_sse_event(&mut out, &st.feed, &e);
-                        st.deliveries.delivered(&e);
+                        st.deliveries.delivered(e.seen_at);
                         n += 1;
                     }
                     st.quiet = false;
@@ -459,11 +459,12 @@ impl Deliveries {
         }
     }
 
-    fn delivered(&mut self, e: &LiveEvent) {
+    /// One delivery of an event seen durable at `seen_at`.
+    fn delivered(&mut self, seen_at: std::time::Instant) {
         self.count.increment(1);
         spate_broker::stats::delivered(1);
         if self.n.is_multiple_of(LATENCY_SAMPLE_EVERY) {
-            self.latency.record(e.seen_at.elapsed().as_secs_f64());
+            self.latency.record(seen_at.elapsed().as_secs_f64());
         }
         self.n += 1;
     }
@@ -1346,26 +1347,34 @@ async fn run_subscription(
 ) {
     let sub = serde_json::to_string(&id).unwrap_or_default();
     let mut deliveries = Deliveries::of("websocket");
+    // The events at hand are queued together (one reservation of room in the queue for all).
+    let most = WS_BATCH_EVENTS.min(tx.max_capacity()).max(1);
+    let mut batch: Vec<(String, std::time::Instant)> = Vec::with_capacity(most);
     loop {
         let reason = match feed.next().await {
             Ok(e) => {
-                let mut msg = String::with_capacity(e.json.len() + sub.len() + 96);
-                msg.push_str("{\"op\":\"event\",\"sub\":");
-                msg.push_str(&sub);
-                msg.push(',');
-                push_event_end(&mut msg, feed.version(), &e);
+                batch.push((event_message(&sub, &feed, &e), e.seen_at));
+                while batch.len() < most
+                    && let Some(e) = feed.try_next()
+                {
+                    batch.push((event_message(&sub, &feed, &e), e.seen_at));
+                }
+                let n = batch.len();
                 // Queued at once when there is room; only a full queue starts the clock (a timer
                 // per delivery costs more than the delivery at fan-out rates).
-                let sent = match tx.try_send(Out::Text(msg)) {
-                    Ok(()) => Ok(Ok(())),
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    Err(mpsc::error::TrySendError::Full(out)) => {
-                        tokio::time::timeout(max_behind, tx.send(out)).await
+                let room = match tx.try_reserve_many(n) {
+                    Ok(permits) => Ok(Ok(permits)),
+                    Err(mpsc::error::TrySendError::Closed(())) => return,
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        tokio::time::timeout(max_behind, tx.reserve_many(n)).await
                     }
                 };
-                match sent {
-                    Ok(Ok(())) => {
-                        deliveries.delivered(&e);
+                match room {
+                    Ok(Ok(permits)) => {
+                        for (permit, (msg, seen_at)) in permits.zip(batch.drain(..)) {
+                            permit.send(Out::Text(msg));
+                            deliveries.delivered(seen_at);
+                        }
                         continue;
                     }
                     Ok(Err(_)) => return,
@@ -1386,6 +1395,19 @@ async fn run_subscription(
         close_with(&closer, CLOSE_SLOW_CONSUMER, reason).await;
         return;
     }
+}
+
+/// Events of a subscription queued together at most.
+const WS_BATCH_EVENTS: usize = 64;
+
+/// A subscription's `event` message.
+fn event_message(sub: &str, feed: &Feed, e: &LiveEvent) -> String {
+    let mut msg = String::with_capacity(e.json.len() + sub.len() + 96);
+    msg.push_str("{\"op\":\"event\",\"sub\":");
+    msg.push_str(sub);
+    msg.push(',');
+    push_event_end(&mut msg, feed.version(), e);
+    msg
 }
 
 #[cfg(test)]

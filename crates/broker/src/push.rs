@@ -738,6 +738,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn events_at_hand_come_from_try_next_in_order_and_waiting_is_left_to_next() {
+        let broker = broker_with(700).await;
+        let all = Arc::new(Filter::new(None, None).unwrap());
+        let mut feed = broker
+            .feed("t", FeedStart::Earliest, all, Duration::from_secs(60))
+            .await
+            .unwrap();
+        // Nothing read from the log yet: try_next does not read, it leaves that to next.
+        assert!(feed.try_next().is_none());
+        let mut got = Vec::new();
+        while got.len() < 700 {
+            let e = tokio::time::timeout(Duration::from_secs(10), feed.next())
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(e.offset);
+            while let Some(e) = feed.try_next() {
+                got.push(e.offset);
+            }
+        }
+        assert_eq!(got, (0..700).collect::<Vec<_>>());
+        assert_eq!(feed.position(), [700]);
+        assert!(feed.try_next().is_none());
+        // Live events: the first waited for, the rest (if already on the ring) at hand.
+        for chunk in [0..5u64, 5..10] {
+            let batch = chunk
+                .map(|n| Event {
+                    event_type: "live".into(),
+                    id: Some(format!("l{n}")),
+                    ..Event::default()
+                })
+                .collect();
+            broker.publish("t", batch).await.unwrap();
+        }
+        let mut live = Vec::new();
+        while live.len() < 10 {
+            let e = tokio::time::timeout(Duration::from_secs(10), feed.next())
+                .await
+                .unwrap()
+                .unwrap();
+            live.push(e.offset);
+            while let Some(e) = feed.try_next() {
+                live.push(e.offset);
+            }
+        }
+        assert_eq!(live, (700..710).collect::<Vec<_>>());
+        assert_eq!(feed.position(), [710]);
+    }
+
+    #[tokio::test]
     async fn the_shared_pages_stay_within_their_budget() {
         let broker = broker_with(0).await;
         let topic = broker.topic("t").unwrap();

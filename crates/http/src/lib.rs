@@ -280,10 +280,9 @@ pub async fn serve_with_tls(
     let mut listener = LimitedListener::new(listener, state.limits.max_connections);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     state.stopping = Some(stop_rx.clone());
-    // Plain connections that open an SSE stream are served on the delivery runtime (TLS ones,
-    // which cannot be looked into before their handshake, where they are accepted).
-    let sse_server = match (&tls, &state.deliveries) {
-        (None, Some(deliveries)) => {
+    // Connections that open an SSE stream are served on the delivery runtime.
+    let sse_server = match &state.deliveries {
+        Some(deliveries) => {
             let (sse_listener, streams) = SseListener::new(addr);
             listener = listener.with_streams(streams);
             let mut stop = stop_rx;
@@ -296,7 +295,7 @@ pub async fn serve_with_tls(
                     .await
             }))
         }
-        _ => None,
+        None => None,
     };
     if let Some(acceptor) = tls {
         listener = listener.with_tls(acceptor);

@@ -3,9 +3,9 @@
 //! exhausting file descriptors and memory. With TLS, connections are handed over once their
 //! handshake is done; handshakes run side by side, so a client that stalls in one holds up no other.
 //!
-//! With a place to send them ([`LimitedListener::with_streams`]), plain connections whose first
-//! request opens an SSE stream are handed over there instead (see [`SseListener`]): they are
-//! served on the delivery runtime, so thousands of them do not hold up the server's other work.
+//! With a place to send them ([`LimitedListener::with_streams`]), connections whose first request
+//! opens an SSE stream are handed over there instead (see [`SseListener`]): they are served on the
+//! delivery runtime, so thousands of them do not hold up the server's other work.
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,7 +31,8 @@ pub struct LimitedListener {
     handshakes: JoinSet<Option<(LimitedStream, SocketAddr)>>,
     /// Where connections that open an SSE stream go, when somewhere.
     streams: Option<mpsc::UnboundedSender<(LimitedStream, SocketAddr)>>,
-    /// Plain connections whose first request is being looked at, when `streams` is set.
+    /// Plain connections whose first request is being looked at, when `streams` is set (TLS ones
+    /// are looked at in their handshake's task).
     sniffs: JoinSet<Option<(LimitedStream, SocketAddr)>>,
 }
 
@@ -50,7 +51,7 @@ impl LimitedListener {
         }
     }
 
-    /// Hands plain connections whose first request is `GET /v1/topics/{topic}/sse` to `streams`
+    /// Hands connections whose first request is `GET /v1/topics/{topic}/sse` to `streams`
     /// (an [`SseListener`]'s sender) rather than accepting them here.
     pub fn with_streams(
         mut self,
@@ -80,6 +81,9 @@ pub struct LimitedStream {
     /// An answer of hyper's own given a problem+json body (see [`with_problem_body`]), and how
     /// much of it was written.
     rewritten: Option<(Vec<u8>, usize)>,
+    /// Bytes read from a TLS connection to look at its first request, and how many of them
+    /// have been read again since.
+    replay: Option<(Vec<u8>, usize)>,
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -113,20 +117,19 @@ impl axum::serve::Listener for LimitedListener {
                         let Some(streams) = streams.clone() else {
                             return (conn, addr);
                         };
-                        sniffs.spawn(async move {
-                            if opens_sse(&conn).await {
-                                // Back here if the other side is gone (the server stops).
-                                return streams.send((conn, addr)).err().map(|e| e.0);
-                            }
-                            Some((conn, addr))
-                        });
+                        sniffs.spawn(hand_over_sse(conn, addr, streams));
                         continue;
                     };
+                    let streams = streams.clone();
                     handshakes.spawn(async move {
                         let handshake = acceptor.accept(stream);
                         match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
                             Ok(Ok(tls)) => {
-                                Some((LimitedStream::new(Conn::Tls(Box::new(tls)), permit), addr))
+                                let conn = LimitedStream::new(Conn::Tls(Box::new(tls)), permit);
+                                match streams {
+                                    Some(streams) => hand_over_sse(conn, addr, streams).await,
+                                    None => Some((conn, addr)),
+                                }
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%addr, error = %e, "TLS handshake failed");
@@ -148,16 +151,42 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// Whether a plain connection's first request, as far as it has arrived, is
-/// `GET /v1/topics/{topic}/sse`: looked at without being taken off the socket.
-async fn opens_sse(conn: &LimitedStream) -> bool {
-    let Conn::Plain(stream) = &conn.stream else {
-        return false;
-    };
+/// Sends `conn` to `streams` if its first request opens an SSE stream; otherwise gives it back
+/// (also when the other side is gone: the server stops).
+async fn hand_over_sse(
+    mut conn: LimitedStream,
+    addr: SocketAddr,
+    streams: mpsc::UnboundedSender<(LimitedStream, SocketAddr)>,
+) -> Option<(LimitedStream, SocketAddr)> {
+    if opens_sse(&mut conn).await {
+        return streams.send((conn, addr)).err().map(|e| e.0);
+    }
+    Some((conn, addr))
+}
+
+/// Whether a connection's first request, as far as it has arrived, is
+/// `GET /v1/topics/{topic}/sse`: looked at without being taken off a plain socket, read and kept
+/// for the connection's first reads on a TLS one.
+async fn opens_sse(conn: &mut LimitedStream) -> bool {
     let mut buf = [0u8; 512];
-    match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut buf)).await {
-        Ok(Ok(n)) => is_sse_request(&buf[..n]),
-        _ => false,
+    match &mut conn.stream {
+        Conn::Plain(stream) => {
+            match tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut buf)).await {
+                Ok(Ok(n)) => is_sse_request(&buf[..n]),
+                _ => false,
+            }
+        }
+        // A TLS stream cannot be peeked at: what is read is given back by the first reads.
+        Conn::Tls(stream) => {
+            use tokio::io::AsyncReadExt;
+            match tokio::time::timeout(SNIFF_TIMEOUT, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    conn.replay = Some((buf[..n].to_vec(), 0));
+                    is_sse_request(&buf[..n])
+                }
+                _ => false,
+            }
+        }
     }
 }
 
@@ -242,6 +271,7 @@ impl LimitedStream {
             stream,
             _permit: permit,
             rewritten: None,
+            replay: None,
         }
     }
 }
@@ -310,6 +340,15 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some((bytes, at)) = &mut self.replay {
+            let n = (bytes.len() - *at).min(buf.remaining());
+            buf.put_slice(&bytes[*at..*at + n]);
+            *at += n;
+            if *at == bytes.len() {
+                self.replay = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

@@ -1162,6 +1162,26 @@ async fn tls_serves_https_wss_and_kafka_and_refuses_plain_connections_and_bad_fi
     }
     assert_eq!(got.unwrap()["event"]["id"], "e1");
 
+    // SSE over TLS: its first request is read to see where to serve it, then given back whole.
+    let mut sse = https
+        .get(format!("{url}/v1/topics/secure/sse?from=earliest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), sse.chunk())
+            .await
+            .expect("an SSE message")
+            .unwrap()
+            .expect("the stream goes on");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.starts_with("id: 0:0@"), "{text}");
+    assert!(text.contains("\"id\":\"e1\""), "{text}");
+    drop(sse);
+
     // Kafka over TLS answers; a plain Kafka request on the TLS port is not answered.
     let tcp = tokio::net::TcpStream::connect(&server.kafka).await.unwrap();
     let mut kafka = tls_connector(&cert_pem, None)

@@ -737,6 +737,22 @@ mod tests {
         assert_eq!(firsts, [0, 256, 512]);
     }
 
+    /// Offsets of at least `n` events: one waited for with `next`, then those at hand, in turns.
+    async fn next_then_at_hand(feed: &mut Feed, n: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let e = tokio::time::timeout(Duration::from_secs(10), feed.next())
+                .await
+                .unwrap()
+                .unwrap();
+            out.push(e.offset);
+            while let Some(e) = feed.try_next() {
+                out.push(e.offset);
+            }
+        }
+        out
+    }
+
     #[tokio::test]
     async fn events_at_hand_come_from_try_next_in_order_and_waiting_is_left_to_next() {
         let broker = broker_with(700).await;
@@ -747,17 +763,7 @@ mod tests {
             .unwrap();
         // Nothing read from the log yet: try_next does not read, it leaves that to next.
         assert!(feed.try_next().is_none());
-        let mut got = Vec::new();
-        while got.len() < 700 {
-            let e = tokio::time::timeout(Duration::from_secs(10), feed.next())
-                .await
-                .unwrap()
-                .unwrap();
-            got.push(e.offset);
-            while let Some(e) = feed.try_next() {
-                got.push(e.offset);
-            }
-        }
+        let got = next_then_at_hand(&mut feed, 700).await;
         assert_eq!(got, (0..700).collect::<Vec<_>>());
         assert_eq!(feed.position(), [700]);
         assert!(feed.try_next().is_none());
@@ -772,17 +778,7 @@ mod tests {
                 .collect();
             broker.publish("t", batch).await.unwrap();
         }
-        let mut live = Vec::new();
-        while live.len() < 10 {
-            let e = tokio::time::timeout(Duration::from_secs(10), feed.next())
-                .await
-                .unwrap()
-                .unwrap();
-            live.push(e.offset);
-            while let Some(e) = feed.try_next() {
-                live.push(e.offset);
-            }
-        }
+        let live = next_then_at_hand(&mut feed, 10).await;
         assert_eq!(live, (700..710).collect::<Vec<_>>());
         assert_eq!(feed.position(), [710]);
     }

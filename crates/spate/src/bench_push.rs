@@ -394,30 +394,14 @@ impl SseReader {
     /// Opens `GET /v1/topics/{topic}/sse` (from the latest position) and reads the response head:
     /// the stream is live when it returns.
     async fn open(addr: &str, topic: &str) -> Result<SseReader> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        s.write_all(
-            format!("GET /v1/topics/{topic}/sse HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes(),
+        let path = format!("/v1/topics/{topic}/sse");
+        let (s, buf) = tokio::time::timeout(
+            Duration::from_secs(30),
+            crate::loadgen_http::open_stream(addr, &path),
         )
-        .await?;
-        let mut buf = Vec::with_capacity(16 * 1024);
-        let head = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            ensure!(buf.len() < 64 * 1024, "no response head");
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk)).await??;
-            ensure!(n > 0, "the server closed the SSE connection");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        ensure!(
-            buf.starts_with(b"HTTP/1.1 200"),
-            "SSE: {}",
-            String::from_utf8_lossy(&buf[..head])
-        );
-        Ok(SseReader { s, buf, at: head })
+        .await
+        .context("no SSE response head within 30 s")??;
+        Ok(SseReader { s, buf, at: 0 })
     }
 
     /// The next `data:` line's text (an event message); `None` when the stream ends.

@@ -58,31 +58,9 @@ impl HttpPool {
     ) -> Result<Response> {
         let mut conn = match self.take() {
             Some(c) => c,
-            None => {
-                let stream = TcpStream::connect(&self.addr)
-                    .await
-                    .with_context(|| format!("cannot connect to {}", self.addr))?;
-                stream.set_nodelay(true)?;
-                Conn {
-                    stream,
-                    buf: Vec::with_capacity(4096),
-                }
-            }
+            None => Conn::open(&self.addr).await?,
         };
-        let mut req = Vec::with_capacity(body.len() + 160);
-        req.extend_from_slice(method.as_bytes());
-        req.push(b' ');
-        req.extend_from_slice(path.as_bytes());
-        req.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        req.extend_from_slice(self.addr.as_bytes());
-        if let Some(ct) = content_type {
-            req.extend_from_slice(b"\r\ncontent-type: ");
-            req.extend_from_slice(ct.as_bytes());
-        }
-        req.extend_from_slice(b"\r\ncontent-length: ");
-        req.extend_from_slice(body.len().to_string().as_bytes());
-        req.extend_from_slice(b"\r\n\r\n");
-        req.extend_from_slice(body);
+        let req = request_bytes(method, &self.addr, path, content_type, body);
         conn.stream.write_all(&req).await?;
         let (response, keep) = read_response(&mut conn).await?;
         if keep {
@@ -92,26 +70,94 @@ impl HttpPool {
     }
 }
 
-/// Reads one response; `true` when the connection may carry another.
-async fn read_response(c: &mut Conn) -> Result<(Response, bool)> {
-    let head_end = loop {
+/// Sends `GET path` to `addr` on a connection of its own and reads the response head: for a
+/// response that streams (SSE). The connection and the bytes read past the head.
+pub async fn open_stream(addr: &str, path: &str) -> Result<(TcpStream, Vec<u8>)> {
+    let mut c = Conn::open(addr).await?;
+    c.stream
+        .write_all(&request_bytes("GET", addr, path, None, b""))
+        .await?;
+    let head_end = read_head(&mut c).await?;
+    let (status, _) = status_of(&c.buf[..head_end])?;
+    ensure!(
+        status == 200,
+        "GET {path}: {}",
+        String::from_utf8_lossy(&c.buf[..head_end])
+    );
+    c.buf.drain(..head_end);
+    Ok((c.stream, c.buf))
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Result<Conn> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+}
+
+/// A request, written whole.
+fn request_bytes(
+    method: &str,
+    host: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut req = Vec::with_capacity(body.len() + 160);
+    req.extend_from_slice(method.as_bytes());
+    req.push(b' ');
+    req.extend_from_slice(path.as_bytes());
+    req.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    req.extend_from_slice(host.as_bytes());
+    if let Some(ct) = content_type {
+        req.extend_from_slice(b"\r\ncontent-type: ");
+        req.extend_from_slice(ct.as_bytes());
+    }
+    req.extend_from_slice(b"\r\ncontent-length: ");
+    req.extend_from_slice(body.len().to_string().as_bytes());
+    req.extend_from_slice(b"\r\n\r\n");
+    req.extend_from_slice(body);
+    req
+}
+
+/// Reads until a whole response head is buffered; where it ends.
+async fn read_head(c: &mut Conn) -> Result<usize> {
+    loop {
         if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
+            return Ok(i + 4);
         }
         ensure!(
             c.buf.len() <= HEAD_MAX,
             "response head over {HEAD_MAX} bytes"
         );
         fill(c).await?;
-    };
-    let head = std::str::from_utf8(&c.buf[..head_end]).context("response head is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
+    }
+}
+
+/// A response head's status and text.
+fn status_of(head: &[u8]) -> Result<(u16, &str)> {
+    let head = std::str::from_utf8(head).context("response head is not UTF-8")?;
+    let status_line = head.split("\r\n").next().unwrap_or_default();
+    let status = status_line
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line {status_line:?}"))?;
+    Ok((status, head))
+}
+
+/// Reads one response; `true` when the connection may carry another.
+async fn read_response(c: &mut Conn) -> Result<(Response, bool)> {
+    let head_end = read_head(c).await?;
+    let (status, head) = status_of(&c.buf[..head_end])?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
     let mut length = None;
     let mut keep = status_line.starts_with("HTTP/1.1");
     for line in lines {

@@ -44,11 +44,15 @@ pub struct LiveEvent {
     /// When the event was seen durable (for latency metrics).
     pub seen_at: Instant,
     input: OnceLock<FilterInput>,
+    /// Whether `json` spans lines (JSON data stored as sent may have line breaks between its
+    /// tokens), found once rather than by every subscriber that writes it out.
+    line_breaks: bool,
 }
 
 impl LiveEvent {
     pub fn new(partition: u32, offset: u64, event: Event) -> LiveEvent {
         let json = event.json_string();
+        let line_breaks = json.bytes().any(|b| b == b'\n' || b == b'\r');
         LiveEvent {
             partition,
             offset,
@@ -56,7 +60,13 @@ impl LiveEvent {
             json,
             seen_at: Instant::now(),
             input: OnceLock::new(),
+            line_breaks,
         }
+    }
+
+    /// Whether [`LiveEvent::json`] holds a line break.
+    pub fn json_has_line_breaks(&self) -> bool {
+        self.line_breaks
     }
 
     /// The event's CEL variables, built at most once however many filters look at it.
@@ -595,15 +605,12 @@ impl Feed {
         let page_size = CATCH_UP_PAGE_EVENTS as u64;
         let first = from - from % page_size;
         if p.high_watermark() >= first + page_size
+            && first >= p.log_start_offset()
             && let Ok(page) = self.pages.page(&self.topic, i as u32, first).await
             && from < page.next_offset
         {
-            for e in page.events.iter().filter(|e| e.offset >= from) {
-                if let Some(version) = self.admit(e) {
-                    self.ready.push_back((e.clone(), version));
-                }
-            }
-            self.cursor[i] = page.next_offset;
+            let events = page.events.iter().filter(|e| e.offset >= from).cloned();
+            self.queue(i, from, events, page.next_offset);
             return Ok(());
         }
         // Otherwise (near the end, past what the shared page holds, or its read failed) a page
@@ -637,14 +644,29 @@ impl Feed {
             self.target[i] = from;
             return Ok(());
         }
-        for e in page.events {
-            let e = Arc::new(LiveEvent::new(e.partition, e.offset, e.event));
+        let events = page
+            .events
+            .into_iter()
+            .map(|e| Arc::new(LiveEvent::new(e.partition, e.offset, e.event)));
+        self.queue(i, from, events, page.next_offset);
+        Ok(())
+    }
+
+    /// Queues the events of a page of partition `i` read from `from` that pass, and moves the
+    /// cursor past the page.
+    fn queue(
+        &mut self,
+        i: usize,
+        from: u64,
+        events: impl Iterator<Item = Arc<LiveEvent>>,
+        next_offset: u64,
+    ) {
+        for e in events {
             if let Some(version) = self.admit(&e) {
                 self.ready.push_back((e, version));
             }
         }
-        self.cursor[i] = page.next_offset.max(from);
-        Ok(())
+        self.cursor[i] = next_offset.max(from);
     }
 }
 

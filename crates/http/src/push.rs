@@ -57,9 +57,7 @@ impl DeliveryRuntime {
             rt: Some(rt),
         }))
     }
-}
 
-impl DeliveryRuntime {
     /// Runs `f` on the delivery runtime.
     pub fn spawn<F>(&self, f: F) -> JoinHandle<F::Output>
     where
@@ -417,10 +415,7 @@ fn push_sse_event(out: &mut String, feed: &Feed, e: &LiveEvent) {
     push_event_end(out, feed.version(), e);
     // Line breaks in the JSON can only be whitespace between its tokens (inside strings they are
     // escaped): as spaces they keep the message on one `data:` line and mean the same JSON.
-    if out.as_bytes()[data..]
-        .iter()
-        .any(|&b| b == b'\n' || b == b'\r')
-    {
+    if e.json_has_line_breaks() {
         let flat = out[data..].replace(['\n', '\r'], " ");
         out.truncate(data);
         out.push_str(&flat);
